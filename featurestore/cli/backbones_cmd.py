@@ -1,0 +1,43 @@
+"""`fs backbones list|show`."""
+from __future__ import annotations
+
+import click
+
+from .. import backbones
+from ..config import describe
+from ._common import emit, json_option, table
+
+
+@click.group("backbones")
+def backbones_group() -> None:
+    """The registered backbones and their parameters."""
+
+
+@backbones_group.command("list")
+@json_option
+def list_cmd(as_json: bool) -> None:
+    """Name, modality and description of every registered backbone."""
+    rows = []
+    for name in backbones.names():
+        cls = backbones.get(name)
+        default = cls.default_model if isinstance(cls.__dict__.get("default_model"), str) else "(packaged)"
+        rows.append({"name": name, "modality": cls.modality, "default_model": default or "-",
+                     "description": cls.description})
+    emit(rows) if as_json else click.echo(table(rows))
+
+
+@backbones_group.command("show")
+@click.argument("name")
+@json_option
+def show_cmd(name: str, as_json: bool) -> None:
+    """The parameters backbone NAME takes (pass them as --param KEY=VALUE)."""
+    cls = backbones.get(name)
+    rows = [{"param": n, "type": t, "default": d, "help": h} for n, t, d, h in describe(cls.Config)]
+    if as_json:
+        return emit({"name": name, "modality": cls.modality, "params": rows})
+    click.echo(f"{name} ({cls.modality}): {cls.description}\n")
+    click.echo(table(rows))
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(backbones_group)

@@ -1,0 +1,61 @@
+"""`fs extract`: the CLI face of jobs.extract."""
+from __future__ import annotations
+
+import click
+
+from ..config import parse_params
+from ._common import emit, get_store, json_option, params_option, progress
+
+FAILED_EXIT = 10  # the job finished, but some items could not be encoded
+
+
+@click.command("extract")
+@click.option("--dataset", required=True, help="Registered dataset name.")
+@click.option("--modality", type=click.Choice(["text", "image", "audio"]), required=True)
+@click.option("--backbone", required=True, help="Backbone name (fs backbones list).")
+@click.option("--model", default="", help="Hub id or local folder (default: the backbone's own).")
+@click.option("--adapter", default="", type=click.Path(file_okay=False), help="A peft (LoRA) adapter folder.")
+@params_option
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--limit", default=0, type=click.IntRange(0), help="Only the first N manifest rows.")
+@click.option("--split", "splits", multiple=True, help="Only this split; repeat for several.")
+@click.option("--retry-errors", is_flag=True, help="Retry items that failed in an earlier run.")
+@json_option
+@click.pass_context
+def extract_cmd(ctx, dataset, modality, backbone, model, adapter, params, batch_size, device, limit, splits,
+                retry_errors, as_json):
+    """Encode a dataset's inputs with a backbone into the feature cache.
+
+    Inputs already cached under the same fingerprint are not recomputed; a killed run
+    resumes where it stopped. Exit status: 0 when every item was encoded, 10 when the
+    job finished but some items failed (they are recorded with their reason: fs info FP).
+    """
+    from jobs.extract import ExtractConfig, run
+
+    store = get_store(ctx, create=True)
+    p = parse_params(params)
+    if model:
+        p["model"] = model
+    if adapter:
+        p["adapter"] = adapter
+    config = ExtractConfig(dataset=dataset, modality=modality, backbone=backbone, params=p, batch_size=batch_size,
+                           device=device, limit=limit, splits=tuple(splits), retry_errors=retry_errors)
+    result = run(config, store, progress=progress, log=lambda s: None if as_json else click.echo(s, err=True))
+    if as_json:
+        emit(result.to_dict())
+    else:
+        if result.cache_hit:
+            click.echo(f"cache hit: all {result.unique} inputs of {dataset}/{modality} are already in "
+                       f"{result.fingerprint}; no model work done")
+        else:
+            click.echo(f"{result.fingerprint}: {result.computed} computed, {result.cached} cached, "
+                       f"{result.failed_new} failed in {result.seconds:.1f}s ({result.items_per_s:.1f} items/s)")
+        if result.failed_total:
+            click.echo(f"{result.failed_total} item(s) of {dataset} failed; reasons: fs info {result.fingerprint}")
+    if result.failed_total:
+        ctx.exit(FAILED_EXIT)
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(extract_cmd)

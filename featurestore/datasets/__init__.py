@@ -1,0 +1,106 @@
+"""Datasets in the store: a manifest (parquet) plus a small JSON of facts about it."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+
+from .._io import publish, read_json, tmp_path, write_json_atomic
+from ..backbones.base import MODALITIES
+from ..errors import DatasetError, NotFoundError
+from ..hashing import file_digest
+from ..store import Store, check_name, now_iso
+from .adapters import read_folder, read_manifest_file
+from .demo import build_demo
+from .manifest import add_content_keys, resolve_paths
+
+__all__ = ["Dataset", "add_dataset", "get_dataset", "list_datasets", "read_manifest_file", "read_folder",
+           "build_demo", "BUILTINS"]
+
+BUILTINS: dict[str, Callable[[], pl.DataFrame]] = {"demo": build_demo}
+
+
+@dataclasses.dataclass
+class Dataset:
+    """A registered dataset: its manifest table and facts about it (`dataset.json`)."""
+
+    name: str
+    info: dict
+    manifest: pl.DataFrame
+
+    @property
+    def manifest_hash(self) -> str:
+        return self.info["manifest_hash"]
+
+    @property
+    def label_set(self) -> list[str]:
+        return self.info.get("label_set", [])
+
+    @property
+    def multilabel_set(self) -> list[str]:
+        return self.info.get("multilabel_set", [])
+
+    @property
+    def modalities(self) -> list[str]:
+        return [m for m in MODALITIES if self.info["modalities"].get(m, 0)]
+
+    def split(self, name: str) -> pl.DataFrame:
+        return self.manifest.filter(pl.col("split") == name)
+
+    def splits(self) -> dict[str, int]:
+        return self.info.get("splits", {})
+
+
+def _facts(df: pl.DataFrame) -> dict:
+    labels = sorted(df["label"].drop_nulls().unique().to_list())
+    multi = sorted(df["labels"].explode().drop_nulls().unique().to_list())
+    return {
+        "n_items": len(df),
+        "splits": dict(sorted(df.group_by("split").len().iter_rows())),
+        "modalities": {m: int(len(df) - df[m].null_count()) for m in MODALITIES},
+        "label_set": labels,
+        "multilabel_set": multi,
+        "va_labels": {c: int(len(df) - df[c].null_count()) for c in ("valence", "arousal")},
+    }
+
+
+def add_dataset(store: Store, name: str, df: pl.DataFrame, *, root: str | Path | None, source: str,
+                replace: bool = False, allow_outside_root: bool = False,
+                progress: Callable | None = None) -> Dataset:
+    """Register a normalised manifest under `name`: resolve paths, hash contents, publish."""
+    folder = store.dataset_dir(check_name(name, "dataset"))
+    if (folder / "manifest.parquet").exists() and not replace:
+        raise DatasetError(f"dataset {name!r} already exists in {store.root}; pass --replace to overwrite "
+                           "its manifest (cached features are kept: they are keyed by content)")
+    if root is not None:
+        df = resolve_paths(df, Path(root), allow_outside_root=allow_outside_root, source=source)
+    elif any(df[m].null_count() < len(df) for m in ("image", "audio")):
+        raise DatasetError(f"{source}: has file paths but no dataset root; pass --root DIR")
+    df = add_content_keys(df, progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "manifest.parquet"
+    tmp = tmp_path(target)
+    df.write_parquet(tmp, statistics=False)
+    publish(tmp, target)
+    info = {"name": name, "source": source, "root": str(Path(root).resolve()) if root else None,
+            "created_at": now_iso(), "manifest_hash": file_digest(target), **_facts(df)}
+    write_json_atomic(folder / "dataset.json", info)
+    return Dataset(name, info, df)
+
+
+def get_dataset(store: Store, name: str) -> Dataset:
+    folder = store.dataset_dir(name)
+    if not (folder / "dataset.json").is_file():
+        known = ", ".join(list_datasets(store)) or "none"
+        raise NotFoundError(f"dataset {name!r} is not in store {store.root}; known: {known} "
+                            "(add one with `fs datasets add`)")
+    return Dataset(name, read_json(folder / "dataset.json"), pl.read_parquet(folder / "manifest.parquet"))
+
+
+def list_datasets(store: Store) -> list[str]:
+    root = store.datasets_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "dataset.json").is_file())

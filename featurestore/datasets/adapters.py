@@ -1,0 +1,72 @@
+"""Dataset adapters: each turns one kind of source into a canonical manifest table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from ..errors import DatasetError
+from .manifest import SPLIT_ALIASES, normalise
+
+__all__ = ["read_manifest_file", "read_folder", "IMAGE_EXT", "AUDIO_EXT"]
+
+IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+
+
+def read_manifest_file(path: str | Path) -> pl.DataFrame:
+    """A user's CSV, JSONL or parquet manifest, normalised."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"manifest {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            df = pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema_length=10000)
+        elif suffix in (".jsonl", ".ndjson"):
+            df = _read_jsonl(path)
+        elif suffix in (".parquet", ".pq"):
+            df = pl.read_parquet(path)
+        else:
+            raise DatasetError(f"manifest {str(path)!r}: unknown format {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
+    except pl.exceptions.PolarsError as exc:
+        raise DatasetError(f"manifest {str(path)!r} cannot be parsed: {exc}") from None
+    return normalise(df, source=f"manifest {str(path)!r}")
+
+
+def _read_jsonl(path: Path) -> pl.DataFrame:
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"manifest {str(path)!r} line {lineno}: not JSON ({exc.msg})") from None
+    return pl.from_dicts(rows, infer_schema_length=None)
+
+
+def read_folder(root: str | Path) -> pl.DataFrame:
+    """`root/<class>/<file>` or `root/<split>/<class>/<file>`, images or audio by extension."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"folder {str(root)!r} does not exist")
+    tops = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    split_names = {"train", "val", "test", *SPLIT_ALIASES}
+    by_split = bool(tops) and all(p.name.lower() in split_names for p in tops)
+    rows = []
+    for split_dir in (tops if by_split else [root]):
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for f in sorted(class_dir.rglob("*")):
+                ext = f.suffix.lower()
+                modality = "image" if ext in IMAGE_EXT else "audio" if ext in AUDIO_EXT else None
+                if modality is None or not f.is_file():
+                    continue
+                rel = f.relative_to(root).as_posix()
+                rows.append({"item_id": rel, "label": class_dir.name, modality: rel,
+                             **({"split": split_dir.name} if by_split else {})})
+    if not rows:
+        raise DatasetError(f"folder {str(root)!r} holds no images ({sorted(IMAGE_EXT)}) or audio "
+                           f"({sorted(AUDIO_EXT)}) under <class>/ or <split>/<class>/ folders")
+    return normalise(pl.from_dicts(rows, infer_schema_length=None), source=f"folder {str(root)!r}")

@@ -1,0 +1,151 @@
+"""The canonical dataset manifest: one row per item, stored as parquet.
+
+Columns (every adapter produces exactly these, plus any extra columns it keeps):
+
+| column | type | meaning |
+| --- | --- | --- |
+| item_id | str | unique within the dataset |
+| split | str | train / val / test (or any name) |
+| label | str, null | single-label target |
+| labels | list[str], null | multi-label target |
+| valence, arousal | f64, null | VA labels on [-1, 1] |
+| group | str, null | speaker, session or subject: items that must share a split |
+| text, image, audio | str, null | per modality the source: the text itself, or a file path |
+| text_key, image_key, audio_key | str, null | content key of that source (null if unreadable) |
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable
+
+import polars as pl
+
+from ..backbones.base import MODALITIES
+from ..errors import DatasetError
+from ..hashing import content_key
+
+__all__ = ["CANONICAL", "normalise", "add_content_keys", "resolve_paths", "split_by_hash", "SPLIT_ALIASES"]
+
+CANONICAL = {
+    "item_id": pl.String, "split": pl.String, "label": pl.String, "labels": pl.List(pl.String),
+    "valence": pl.Float64, "arousal": pl.Float64, "group": pl.String,
+    **{m: pl.String for m in MODALITIES},
+}
+_ALIASES = {"id": "item_id", "speaker": "group", "session": "group", "subject": "group",
+            "emotion": "label", "class": "label", "image_path": "image", "audio_path": "audio",
+            "path": None}
+SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "dev": "val", "testing": "test"}
+
+
+def _rename_aliases(df: pl.DataFrame) -> pl.DataFrame:
+    renames = {}
+    for col in df.columns:
+        target = _ALIASES.get(col.lower(), col.lower() if col.lower() in CANONICAL else None)
+        if target and target not in df.columns and target not in renames.values():
+            renames[col] = target
+    return df.rename(renames)
+
+
+def _labels_column(df: pl.DataFrame) -> pl.DataFrame:
+    if "labels" not in df.columns:
+        return df
+    dtype = df.schema["labels"]
+    if dtype == pl.String:  # "joy|trust" or "joy;trust" or "joy,trust" in CSV
+        return df.with_columns(
+            pl.col("labels").str.replace_all(r"[;,]", "|").str.split("|")
+            .list.eval(pl.element().str.strip_chars()).list.eval(pl.element().filter(pl.element() != ""))
+        )
+    return df.with_columns(pl.col("labels").cast(pl.List(pl.String)))
+
+
+def normalise(df: pl.DataFrame, *, source: str, default_split: str | None = None) -> pl.DataFrame:
+    """Bring a user's table to the canonical schema, or explain what is wrong with it."""
+    df = _labels_column(_rename_aliases(df))
+    if "item_id" not in df.columns:
+        raise DatasetError(f"{source}: no 'id' or 'item_id' column; columns are {df.columns}")
+    df = df.with_columns(pl.col("item_id").cast(pl.String))
+    if df["item_id"].null_count():
+        raise DatasetError(f"{source}: {df['item_id'].null_count()} rows have no item id")
+    dup = df["item_id"].filter(df["item_id"].is_duplicated()).unique().head(5).to_list()
+    if dup:
+        raise DatasetError(f"{source}: duplicate item ids, e.g. {dup}; every item needs its own id")
+    if not any(m in df.columns for m in MODALITIES):
+        raise DatasetError(f"{source}: no modality column; give at least one of {list(MODALITIES)} "
+                           "(a text, or a path to an image or audio file)")
+    if "split" not in df.columns:
+        df = df.with_columns(split=pl.lit(default_split) if default_split else split_by_hash(df))
+    df = df.with_columns(pl.col("split").cast(pl.String).str.to_lowercase().replace(SPLIT_ALIASES))
+    for col, dtype in CANONICAL.items():
+        if col not in df.columns:
+            df = df.with_columns(pl.lit(None, dtype=dtype).alias(col))
+        else:
+            try:
+                df = df.with_columns(pl.col(col).cast(dtype))
+            except pl.exceptions.PolarsError as exc:
+                raise DatasetError(f"{source}: column {col!r} cannot be read as {dtype}: {exc}") from None
+    for col in ("valence", "arousal"):
+        bad = df.filter(pl.col(col).is_not_null() & ((pl.col(col) < -1) | (pl.col(col) > 1)))
+        if len(bad):
+            raise DatasetError(f"{source}: {len(bad)} rows have {col} outside [-1, 1], e.g. item "
+                               f"{bad['item_id'][0]!r} = {bad[col][0]}; rescale VA labels to [-1, 1]")
+    extra = [c for c in df.columns if c not in CANONICAL]
+    return df.select(list(CANONICAL) + extra)
+
+
+def split_by_hash(df: pl.DataFrame, fractions=(0.8, 0.1, 0.1)) -> pl.Series:
+    """A seed-free, stable split: by a hash of the group (or the item id) into train/val/test."""
+    basis = df["group"] if "group" in df.columns and df["group"].null_count() < len(df) else df["item_id"]
+    out = []
+    for value in basis.cast(pl.String).fill_null("").to_list():
+        u = int.from_bytes(hashlib.sha256(value.encode()).digest()[:8], "big") / 2**64
+        out.append("train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test")
+    return pl.Series("split", out)
+
+
+def resolve_paths(df: pl.DataFrame, root: Path, *, allow_outside_root: bool, source: str) -> pl.DataFrame:
+    """Make file paths absolute against the dataset root, refusing ones that escape it."""
+    root = root.resolve()
+    for m in ("image", "audio"):
+        if df[m].null_count() == len(df):
+            continue
+        resolved, escaping = [], []
+        for item, p in zip(df["item_id"].to_list(), df[m].to_list()):
+            if p is None:
+                resolved.append(None)
+                continue
+            path = Path(os.path.expanduser(p))
+            path = (path if path.is_absolute() else root / path).resolve()
+            if not allow_outside_root and not path.is_relative_to(root):
+                escaping.append(f"{item}: {p}")
+            resolved.append(str(path))
+        if escaping:
+            raise DatasetError(
+                f"{source}: {len(escaping)} {m} paths escape the dataset root {root}, e.g. "
+                f"{escaping[:3]}; move the files under the root, pass --root, or allow it with "
+                "--allow-outside-root")
+        df = df.with_columns(pl.Series(m, resolved, dtype=pl.String))
+    return df
+
+
+def _file_key(modality: str, path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return content_key(modality, Path(path).read_bytes())
+    except OSError:
+        return None  # recorded as a bad item ("cannot read file") at extraction
+
+
+def add_content_keys(df: pl.DataFrame, progress: Iterable | None = None) -> pl.DataFrame:
+    """Compute `<modality>_key` for every source: a hash of the file bytes or normalised text."""
+    cols = {}
+    for m in MODALITIES:
+        values = df[m].to_list()
+        if m == "text":
+            cols[f"{m}_key"] = [content_key(m, v) if v is not None and v.strip() else None for v in values]
+        else:
+            it = progress(values, desc=f"hashing {m} files") if progress and df[m].null_count() < len(df) else values
+            cols[f"{m}_key"] = [_file_key(m, v) for v in it]
+    return df.with_columns([pl.Series(k, v, dtype=pl.String) for k, v in cols.items()])

@@ -1,0 +1,99 @@
+"""The reader API: a dataset split as arrays aligned to manifest rows.
+
+    data = load_split(store, "demo", "train", {"text": "minilm"})
+    data.features["text"]   # [N, 384] float32, zeros where the item has no row
+    data.masks["text"]      # [N] bool: which items have a row
+    data.label, data.labels # targets as strings, in manifest order
+
+Every head takes features as `dict modality -> array` plus masks, so any subset of
+modalities trains and predicts the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import numpy as np
+
+from .backbones.base import MODALITIES
+from .datasets import Dataset, get_dataset
+from .errors import ConfigError, DatasetError
+from .features import FeatureSet, resolve_features
+from .store import Store
+
+__all__ = ["SplitData", "load_split", "parse_feature_refs"]
+
+
+@dataclasses.dataclass
+class SplitData:
+    """One split of one dataset, aligned to its manifest rows."""
+
+    dataset: str
+    split: str
+    item_ids: np.ndarray
+    features: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray]
+    fingerprints: dict[str, str]
+    label: np.ndarray  # object array of str or None
+    labels: list[list[str]]  # multi-label targets ([] where none)
+    valence: np.ndarray  # float64, NaN where unknown
+    arousal: np.ndarray
+    groups: np.ndarray
+    manifest_hash: str
+    keys: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    sequences: dict[str, list] = dataclasses.field(default_factory=dict)
+    va: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # modality -> [N, 2], NaN unknown
+    va_sources: dict[str, str] = dataclasses.field(default_factory=dict)  # modality -> VA scorer source
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.features)
+
+
+def parse_feature_refs(spec: str | Mapping[str, str]) -> dict[str, str]:
+    """`"text=minilm,image=clip-image"` -> `{"text": "minilm", "image": "clip-image"}`."""
+    if isinstance(spec, Mapping):
+        return dict(spec)
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        mod, sep, ref = part.partition("=")
+        if not sep or mod not in MODALITIES or not ref:
+            raise ConfigError(f"features {part!r} should be MODALITY=BACKBONE_OR_FINGERPRINT with a modality "
+                              f"in {list(MODALITIES)}, e.g. text=minilm")
+        out[mod] = ref
+    if not out:
+        raise ConfigError("no features given; use e.g. --features text=minilm")
+    return out
+
+
+def load_split(store: Store, dataset: str | Dataset, split: str, features: str | Mapping[str, str], *,
+               sequences: bool = False, dtype=np.float32, allow_empty: bool = False) -> SplitData:
+    """Read one split's features (by fingerprint or backbone name per modality) aligned to its rows."""
+    ds = dataset if isinstance(dataset, Dataset) else get_dataset(store, dataset)
+    rows = ds.split(split)
+    if not len(rows) and not allow_empty:
+        raise DatasetError(f"dataset {ds.name!r} has no items in split {split!r}; splits: {ds.splits()}")
+    refs = parse_feature_refs(features)
+    feats, masks, fps, keys, seqs = {}, {}, {}, {}, {}
+    for mod, ref in refs.items():
+        fs: FeatureSet = resolve_features(store, ref, modality=mod)
+        if fs.modality != mod:
+            raise ConfigError(f"features {ref!r} are {fs.modality} features, asked for as {mod}")
+        k = rows[f"{mod}_key"].fill_null("").to_numpy().astype("S32")
+        feats[mod], masks[mod] = fs.read_pooled(k, dtype=dtype)
+        fps[mod], keys[mod] = fs.fingerprint, k
+        if sequences:
+            seqs[mod], _ = fs.read_sequences(k, dtype=dtype)
+    return SplitData(
+        dataset=ds.name, split=split, item_ids=rows["item_id"].to_numpy().astype(str),
+        features=feats, masks=masks, fingerprints=fps,
+        label=rows["label"].to_numpy().astype(object),
+        labels=[list(v) if v is not None else [] for v in rows["labels"].to_list()],
+        valence=rows["valence"].fill_null(np.nan).to_numpy().astype(np.float64),
+        arousal=rows["arousal"].fill_null(np.nan).to_numpy().astype(np.float64),
+        groups=rows["group"].to_numpy().astype(object), manifest_hash=ds.manifest_hash,
+        keys=keys, sequences=seqs,
+    )

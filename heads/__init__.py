@@ -1,0 +1,20 @@
+"""The head registry: the names users type after `--method`.
+
+Adding a head is one module in this folder plus one line in `_BUILTIN` (CONTRIBUTING.md).
+"""
+from __future__ import annotations
+
+from featurestore.registry import Registry
+
+from .base import Features, Head, Targets
+
+__all__ = ["Features", "Head", "Targets", "REGISTRY", "register", "get", "create", "names"]
+
+_BUILTIN: dict[str, str] = {
+}
+REGISTRY: Registry[type[Head]] = Registry("head", _BUILTIN, list_hint="fs heads list")
+register, get, names = REGISTRY.register, REGISTRY.get, REGISTRY.names
+
+
+def create(name: str, **params) -> Head:
+    return get(name)(**params)
