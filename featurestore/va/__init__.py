@@ -1,0 +1,1 @@
+"""Valence-arousal (VA): per-modality VA scores cached beside the embeddings, and label VA."""
