@@ -34,6 +34,7 @@ class FeatureSet:
         self.folder = store.feature_dir(fingerprint)
         self.segments = SegmentSet(self.folder)
         self._index: KeyIndex | None = None
+        self._index_names: tuple[str, ...] = ()
 
     # ---- spec ----------------------------------------------------------------------
     @property
@@ -84,8 +85,11 @@ class FeatureSet:
 
     # ---- reading -------------------------------------------------------------------
     def index(self, *, refresh: bool = False) -> KeyIndex:
-        if self._index is None or refresh:
+        """The key index, rebuilt whenever the set of published segments has changed."""
+        names = tuple(s.path.name for s in self.segments.segments())
+        if self._index is None or refresh or names != self._index_names:
             self._index = self.segments.index()
+            self._index_names = names
         return self._index
 
     def has(self, keys: Sequence[str]) -> np.ndarray:

@@ -21,10 +21,12 @@ FAILED_EXIT = 10  # the job finished, but some items could not be encoded
 @click.option("--limit", default=0, type=click.IntRange(0), help="Only the first N manifest rows.")
 @click.option("--split", "splits", multiple=True, help="Only this split; repeat for several.")
 @click.option("--retry-errors", is_flag=True, help="Retry items that failed in an earlier run.")
+@click.option("--segment-rows", default=4096, show_default=True, type=click.IntRange(1),
+              help="Publish a segment after this many rows (smaller: less lost on a kill).")
 @json_option
 @click.pass_context
 def extract_cmd(ctx, dataset, modality, backbone, model, adapter, params, batch_size, device, limit, splits,
-                retry_errors, as_json):
+                retry_errors, segment_rows, as_json):
     """Encode a dataset's inputs with a backbone into the feature cache.
 
     Inputs already cached under the same fingerprint are not recomputed; a killed run
@@ -40,7 +42,8 @@ def extract_cmd(ctx, dataset, modality, backbone, model, adapter, params, batch_
     if adapter:
         p["adapter"] = adapter
     config = ExtractConfig(dataset=dataset, modality=modality, backbone=backbone, params=p, batch_size=batch_size,
-                           device=device, limit=limit, splits=tuple(splits), retry_errors=retry_errors)
+                           device=device, limit=limit, splits=tuple(splits), retry_errors=retry_errors,
+                           segment_rows=segment_rows)
     result = run(config, store, progress=progress, log=lambda s: None if as_json else click.echo(s, err=True))
     if as_json:
         emit(result.to_dict())

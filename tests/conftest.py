@@ -1,0 +1,32 @@
+"""Shared fixtures: real stores on tmp disk, the packaged MiniLM loaded once per session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture
+def store(tmp_path):
+    from featurestore.store import open_store
+
+    return open_store(tmp_path / "store", create=True)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The packaged all-MiniLM-L6-v2, loaded once (a real model, offline)."""
+    from featurestore import backbones
+
+    return backbones.create("minilm").load()
+
+
+@pytest.fixture(scope="session")
+def demo_df():
+    from featurestore.datasets import build_demo
+
+    return build_demo()

@@ -1,0 +1,199 @@
+"""fs extract on real models: dedup, cache hits, bad items, kill-and-resume, verify."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from featurestore.datasets import add_dataset, read_manifest_file
+from featurestore.errors import ConfigError
+from featurestore.features import FeatureSet, list_feature_sets
+from featurestore.reader import load_split
+from jobs.extract import ExtractConfig, run
+
+
+class Counting:
+    """Wraps a real backbone and counts forward passes (instrumentation, not a mock)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode(self, items):
+        self.calls += 1
+        return self.inner.encode(items)
+
+
+def words_dataset(store, demo_df, n=40, name="words"):
+    df = demo_df.head(n)
+    return add_dataset(store, name, df, root=None, source="test")
+
+
+def test_minilm_on_real_words_then_cache_hit(store, demo_df, minilm):
+    words_dataset(store, demo_df)
+    cfg = ExtractConfig(dataset="words", modality="text", backbone="minilm", batch_size=8)
+    bb = Counting(minilm)
+    first = run(cfg, store, backbone=bb)
+    assert first.computed == 40 and first.failed_new == 0 and bb.calls == 5
+    again = Counting(minilm)
+    second = run(cfg, store, backbone=again)
+    assert second.cache_hit and second.cached == 40 and again.calls == 0
+    data = load_split(store, "words", "train", {"text": "minilm"})
+    assert data.masks["text"].all()
+    emb = data.features["text"]
+    assert emb.dtype == np.float32 and emb.shape[1] == 384
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=2e-3)  # MiniLM is L2-normalised
+
+
+def test_identical_inputs_across_datasets_are_computed_once(store, demo_df, minilm):
+    words_dataset(store, demo_df, 20, "a")
+    b = demo_df.head(30).with_columns(pl.col("item_id") + "-b")  # 20 shared texts, 10 new
+    add_dataset(store, "b", b, root=None, source="t")
+    run(ExtractConfig(dataset="a", modality="text", backbone="minilm"), store, backbone=minilm)
+    res = run(ExtractConfig(dataset="b", modality="text", backbone="minilm"), store, backbone=minilm)
+    assert (res.cached, res.computed) == (20, 10)
+
+
+def test_related_words_are_closer_with_the_real_model(minilm):
+    e = minilm.encode([minilm.prepare(w) for w in ("furious", "angry", "delighted")]).pooled
+    assert e[0] @ e[1] > e[0] @ e[2]
+
+
+def test_bad_text_items_are_recorded_and_the_job_goes_on(store, tmp_path, minilm):
+    (tmp_path / "m.jsonl").write_text('{"id": "ok", "text": "calm"}\n{"id": "blank", "text": "   "}\n'
+                                      '{"id": "none", "label": "x"}\n')
+    add_dataset(store, "t", read_manifest_file(tmp_path / "m.jsonl"), root=None, source="t")
+    res = run(ExtractConfig(dataset="t", modality="text", backbone="minilm"), store, backbone=minilm)
+    assert (res.computed, res.failed_new, res.failed_total) == (1, 1, 1)
+    (err,) = FeatureSet(store, res.fingerprint).errors()
+    assert (err.item_id, err.reason) == ("blank", "empty text")
+    again = run(ExtractConfig(dataset="t", modality="text", backbone="minilm"), store, backbone=minilm)
+    assert again.cache_hit and again.failed_total == 1  # known failures are not retried or re-recorded
+    assert len(FeatureSet(store, res.fingerprint).errors()) == 1
+
+
+def test_undecodable_text_bytes_are_a_bad_item(minilm):
+    from featurestore.errors import BadItemError
+
+    with pytest.raises(BadItemError, match="not valid UTF-8"):
+        minilm.prepare(b"\xff\xfe\xfa")
+
+
+def _png(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 48), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_images_are_recorded_with_reasons(store, tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "good1.png").write_bytes(_png("white"))
+    (root / "good2.png").write_bytes(_png("gray"))
+    (root / "empty.png").write_bytes(b"")
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "truncated.png").write_bytes(_png("black")[:60])
+    rows = ["good1", "good2", "empty", "corrupt", "truncated", "gone"]
+    (root / "m.csv").write_text("id,image,label\n" + "".join(f"{r},{r}.png,x\n" for r in rows))
+    add_dataset(store, "imgs", read_manifest_file(root / "m.csv"), root=root, source="t")
+    res = run(ExtractConfig(dataset="imgs", modality="image", backbone="fer", batch_size=4), store)
+    assert (res.computed, res.failed_new) == (2, 4)
+    reasons = {e.item_id: e.reason for e in FeatureSet(store, res.fingerprint).errors()}
+    assert set(reasons) == {"empty", "corrupt", "truncated", "gone"}
+    assert "missing file" in reasons["gone"]
+    assert all(reasons[k] for k in ("empty", "corrupt", "truncated"))
+
+
+def test_bad_audio_is_recorded(store, tmp_path):
+    root = tmp_path / "aud"
+    root.mkdir()
+    t = np.linspace(0, 1, 16000, dtype=np.float32)
+    sf.write(root / "tone.wav", 0.3 * np.sin(2 * np.pi * 220 * t), 16000)
+    sf.write(root / "empty.wav", np.zeros(0, np.float32), 16000)
+    (root / "junk.wav").write_bytes(os.urandom(300))
+    (root / "m.csv").write_text("id,audio\ntone,tone.wav\nempty,empty.wav\njunk,junk.wav\n")
+    add_dataset(store, "aud", read_manifest_file(root / "m.csv"), root=root, source="t")
+    res = run(ExtractConfig(dataset="aud", modality="audio", backbone="resemblyzer"), store)
+    assert (res.computed, res.failed_new) == (1, 2)
+
+
+def test_wrong_modality_backbone_is_refused_before_work(store, demo_df, minilm):
+    words_dataset(store, demo_df, 5)
+    with pytest.raises(ConfigError, match="encodes text, not image"):
+        run(ExtractConfig(dataset="words", modality="image", backbone="minilm"), store, backbone=minilm)
+    assert list_feature_sets(store) == []
+
+
+def test_file_changed_after_add_is_a_bad_item_not_a_wrong_row(store, tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "a.png").write_bytes(_png("white"))
+    (root / "m.csv").write_text("id,image\na,a.png\n")
+    add_dataset(store, "imgs", read_manifest_file(root / "m.csv"), root=root, source="t")
+    (root / "a.png").write_bytes(_png("black"))
+    res = run(ExtractConfig(dataset="imgs", modality="image", backbone="fer"), store)
+    (err,) = FeatureSet(store, res.fingerprint).errors()
+    assert "changed since the dataset was added" in err.reason
+
+
+def _fs(*args, store, **kw):
+    return subprocess.Popen([sys.executable, "-m", "featurestore.cli", "--store", str(store), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_bit_identical_rows(tmp_path, demo_df):
+    n, args = 700, ["extract", "--dataset", "demo", "--modality", "text", "--backbone", "minilm",
+                    "--batch-size", "16", "--segment-rows", "32"]
+    stores = {}
+    for name in ("killed", "clean"):
+        from featurestore.store import open_store
+
+        s = open_store(tmp_path / name, create=True)
+        add_dataset(s, "demo", demo_df.head(n), root=None, source="t")
+        stores[name] = s
+    clean = _fs(*args, store=stores["clean"].root)
+    victim = _fs(*args, store=stores["killed"].root)
+    deadline = time.time() + 120
+    fp_dir = stores["killed"].features_dir()
+    while time.time() < deadline:
+        segs = list(fp_dir.glob("*/seg-*.h5")) if fp_dir.exists() else []
+        if len(segs) >= 3:
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert clean.wait(timeout=300) == 0, clean.stderr.read()
+    (fs_killed,) = list_feature_sets(stores["killed"])
+    partial = len(fs_killed.index(refresh=True).unique_keys())
+    assert 0 < partial < n, "the kill must land mid-run for this test to mean anything"
+    resumed = _fs(*args, "--json", store=stores["killed"].root)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    import json
+
+    summary = json.loads(out)
+    assert summary["cached"] == partial and summary["computed"] == n - partial
+    (fs_clean,) = list_feature_sets(stores["clean"])
+    assert fs_clean.fingerprint == fs_killed.fingerprint
+    from featurestore.datasets import get_dataset
+
+    keys = np.array(get_dataset(stores["clean"], "demo").manifest["text_key"].to_list(), dtype="S32")
+    a, pa = fs_killed.read_pooled(keys)
+    b, pb = fs_clean.read_pooled(keys)
+    assert pa.all() and pb.all()
+    assert a.tobytes() == b.tobytes()  # bit-identical
+    assert len(fs_killed.index(refresh=True)._keys) == n  # no duplicate rows
+    verify = _fs("verify", store=stores["killed"].root)
+    assert verify.wait(timeout=60) == 0, verify.stdout.read()

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+
+from featurestore.errors import IntegrityError
+from featurestore.hashing import content_key
+from featurestore.segments import ErrorRecord, SegmentSet
+
+
+def keys(n, tag="t"):
+    return [content_key("text", f"{tag}{i}") for i in range(n)]
+
+
+def test_roundtrip_aligned_with_absent_and_repeated_keys(tmp_path):
+    segset = SegmentSet(tmp_path)
+    k = keys(10)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(10, 4)).astype(np.float16)
+    seqs = [rng.normal(size=(i + 1, 4)).astype(np.float16) for i in range(10)]
+    segset.write(k[:6], {"pooled": a[:6]}, {"seq": seqs[:6]})
+    segset.write(k[6:], {"pooled": a[6:]}, {"seq": seqs[6:]})
+    want = [k[3], "", k[9], content_key("text", "absent"), k[3]]
+    out, present = segset.read(want, "pooled")
+    assert present.tolist() == [True, False, True, False, True]
+    np.testing.assert_array_equal(out[[0, 2, 4]], a[[3, 9, 3]])
+    assert not out[[1, 3]].any()
+    rows, present = segset.read_ragged(want, "seq")
+    np.testing.assert_array_equal(rows[0], seqs[3])
+    np.testing.assert_array_equal(rows[2], seqs[9])
+    assert rows[1] is None and rows[3] is None
+    assert segset.verify(expect={"pooled": (4,)}) == []
+
+
+def test_segment_name_is_its_checksum_and_a_flipped_byte_is_detected(tmp_path):
+    segset = SegmentSet(tmp_path)
+    path = segset.write(keys(50), {"pooled": np.ones((50, 8), np.float32)})
+    assert segset.verify() == []
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    problems = segset.verify()
+    assert len(problems) == 1 and "checksum mismatch" in problems[0].message
+
+
+def test_errors_travel_with_their_segment(tmp_path):
+    segset = SegmentSet(tmp_path)
+    segset.write(keys(1), {"pooled": np.zeros((1, 2), np.float32)},
+                 errors=[ErrorRecord("", "ds", "item-7", "missing file: /x.png")])
+    (err,) = segset.errors()
+    assert (err.dataset, err.item_id, err.reason) == ("ds", "item-7", "missing file: /x.png")
+
+
+def test_compact_merges_dedupes_and_keeps_values(tmp_path):
+    segset = SegmentSet(tmp_path)
+    k = keys(30)
+    a = np.arange(30 * 3, dtype=np.float32).reshape(30, 3)
+    for lo in range(0, 30, 10):
+        segset.write(k[lo:lo + 10], {"pooled": a[lo:lo + 10]})
+    segset.write(k[:5], {"pooled": a[:5]})  # as if a compaction had been interrupted
+    assert any("also in" in p.message for p in segset.verify())
+    merged, path = segset.compact()
+    assert merged == 4 and len(segset.segments()) == 1
+    out, present = segset.read(k, "pooled")
+    assert present.all()
+    np.testing.assert_array_equal(out, a)
+    assert segset.verify() == []
+
+
+def test_temp_files_from_killed_writers_are_reported_and_removed(tmp_path):
+    segset = SegmentSet(tmp_path)
+    segset.write(keys(2), {"pooled": np.zeros((2, 2), np.float32)})
+    (tmp_path / ".segment.h5.deadbeef.tmp").write_bytes(b"partial")
+    assert any("unpublished" in p.message for p in segset.verify())
+    assert len(segset.remove_temp_files()) == 1
+    assert segset.verify() == []
+
+
+def test_unknown_array_name_is_a_clear_error(tmp_path):
+    segset = SegmentSet(tmp_path)
+    segset.write(keys(2), {"pooled": np.zeros((2, 2), np.float32)})
+    with pytest.raises(IntegrityError, match="no array 'va'"):
+        segset.read(keys(2), "va")

@@ -1,0 +1,41 @@
+import json
+
+import pytest
+
+from featurestore._io import file_lock, write_json_atomic
+from featurestore.errors import ConfigError, LockedError, NotFoundError, StoreVersionError
+from featurestore.store import FORMAT_VERSION, Store, check_name, open_store
+
+
+def test_init_writes_versioned_store_json(tmp_path):
+    store = open_store(tmp_path / "s", create=True)
+    meta = json.loads(store.meta_path.read_text())
+    assert meta["format"] == "featurestore" and meta["format_version"] == FORMAT_VERSION
+    assert Store(tmp_path / "s").init() is False  # second init is a no-op
+
+
+def test_refuses_other_format_version(tmp_path):
+    store = open_store(tmp_path / "s", create=True)
+    write_json_atomic(store.meta_path, {**store.meta(), "format_version": FORMAT_VERSION + 1})
+    with pytest.raises(StoreVersionError, match=f"version {FORMAT_VERSION + 1}"):
+        open_store(tmp_path / "s")
+
+
+def test_missing_store_says_how_to_create(tmp_path):
+    with pytest.raises(NotFoundError, match="fs --store .* init"):
+        open_store(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", ".hidden", "x" * 200])
+def test_names_that_would_escape_folders_are_refused(bad):
+    with pytest.raises(ConfigError):
+        check_name(bad, "dataset")
+
+
+def test_file_lock_is_exclusive(tmp_path):
+    with file_lock(tmp_path / ".lock", "thing"):
+        with pytest.raises(LockedError, match="locked by another process"):
+            with file_lock(tmp_path / ".lock", "thing"):
+                pass
+    with file_lock(tmp_path / ".lock", "thing"):  # released after the first holder exits
+        pass
