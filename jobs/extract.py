@@ -63,7 +63,8 @@ class ExtractResult:
     failed_new: int = 0  # failed in this run
     failed_total: int = 0  # items of this dataset with a recorded failure
     seconds: float = 0.0
-    model_seconds: float = 0.0
+    model_seconds: float = 0.0  # inside backbone.encode
+    extract_seconds: float = 0.0  # the whole batch loop: decode, encode, checks, writes
     segments: int = 0
 
     @property
@@ -72,7 +73,8 @@ class ExtractResult:
 
     @property
     def items_per_s(self) -> float:
-        return self.computed / self.seconds if self.seconds > 0 else 0.0
+        """Throughput of the extraction loop (model loading excluded)."""
+        return self.computed / self.extract_seconds if self.extract_seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "cache_hit": self.cache_hit, "items_per_s": round(self.items_per_s, 2)}
@@ -204,7 +206,9 @@ def run(config: ExtractConfig, store: Store, *, backbone: Backbone | None = None
         result.failed_new += len(unreadable)
         if todo:
             log(f"{fs.fingerprint}: {len(todo)} to compute, {result.cached} cached")
+            t_loop = time.perf_counter()
             _extract(bb, config, todo, writer, result, progress)
+            result.extract_seconds = time.perf_counter() - t_loop
         result.segments += bool(writer.flush())
         result.failed_total = len({(e.dataset, e.item_id) for e in fs.errors() if e.dataset == config.dataset})
     result.seconds = time.perf_counter() - t0

@@ -1,0 +1,41 @@
+"""Helpers for the benchmarks: timing, a scratch store, synthetic text items."""
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def best_of(fn, repeat: int = 3) -> float:
+    """Best wall time of `repeat` runs (seconds): the least-disturbed measurement."""
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def phrases(n: int) -> list[str]:
+    """n distinct short texts made of real lexicon words (deterministic)."""
+    from featurestore.datasets.demo import nrc_lexicon
+
+    words = sorted(nrc_lexicon())
+    out = []
+    for a, b in itertools.product(words, words[::7]):
+        if a != b:
+            out.append(f"{a} {b}")
+        if len(out) == n:
+            return out
+    raise ValueError(f"cannot make {n} phrases")

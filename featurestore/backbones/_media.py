@@ -1,0 +1,94 @@
+"""Decoding of raw image and audio bytes, shared by the image and audio backbones.
+
+Every failure becomes a `BadItemError` with a reason, so extraction records the item and
+goes on. Resampling is done here, in numpy, with one fixed windowed-sinc method: the
+numbers must not depend on which optional audio library happens to be installed.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+from ..errors import BadItemError
+
+__all__ = ["decode_image", "decode_audio", "resample", "RESAMPLER"]
+
+#: the resampling method, as recorded in the backbones' preprocessing()
+RESAMPLER = "sinc-hann(zeros=6,rolloff=0.99)"
+_ZEROS, _ROLLOFF = 6, 0.99
+
+
+def decode_image(raw: bytes):
+    """Bytes -> RGB `PIL.Image`, fully loaded (so a truncated file fails here, not later)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not raw:
+        raise BadItemError("image file is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(raw))
+        img.load()
+        img = img.convert("RGB")
+    except UnidentifiedImageError:
+        raise BadItemError("not a recognised image format") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadItemError(f"image cannot be decoded ({type(exc).__name__}: {exc})") from None
+    if img.width < 1 or img.height < 1:
+        raise BadItemError(f"image has no pixels ({img.width}x{img.height})")
+    return img
+
+
+def decode_audio(raw: bytes, target_sr: int) -> np.ndarray:
+    """Bytes -> mono float32 `[T]` at `target_sr` (channels averaged, then resampled)."""
+    import soundfile as sf
+
+    if not raw:
+        raise BadItemError("audio file is empty (0 bytes)")
+    try:
+        data, sr = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile raises LibsndfileError (a RuntimeError), TypeError, ...
+        raise BadItemError(f"audio cannot be decoded ({type(exc).__name__}: {exc})") from None
+    if sr <= 0:
+        raise BadItemError(f"audio has an invalid sample rate ({sr})")
+    if data.shape[0] == 0 or data.shape[1] == 0:
+        raise BadItemError("audio has no samples")
+    if not np.isfinite(data).all():
+        raise BadItemError("audio contains NaN or infinite samples")
+    wav = data.mean(axis=1, dtype=np.float64)
+    out = resample(wav, int(sr), int(target_sr)).astype(np.float32)
+    if out.size == 0:
+        raise BadItemError(f"audio is too short to resample ({data.shape[0]} samples at {sr} Hz)")
+    return out
+
+
+def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """Band-limited polyphase resampling by windowed-sinc interpolation, in float64.
+
+    The kernel is torchaudio's `sinc_interp_hann` (6 zero crossings, cutoff at 0.99 of the
+    lower Nyquist rate, zeros beyond the edges), evaluated at each output's exact position;
+    outputs of one phase share a kernel, so each phase is one strided matrix-vector product.
+    Output length is ceil(len * sr_out / sr_in), as torchaudio's.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if sr_in == sr_out:
+        return x.copy()
+    g = math.gcd(sr_in, sr_out)
+    up, down = sr_out // g, sr_in // g
+    n_out = -(-len(x) * up // down)  # ceil, as torchaudio
+    base = min(sr_in, sr_out) * _ROLLOFF  # cutoff frequency in Hz (x2)
+    width = math.ceil(_ZEROS * sr_in / base)  # half-width of the kernel, in input samples
+    taps = np.arange(-width, width + 2)  # input offsets from floor(position)
+    padded = np.pad(x, (width + 1, width + 2 + down))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, len(taps))  # windows[i] = x[i-width-1 ...]
+    out = np.empty(n_out, dtype=np.float64)
+    # output n sits at input position n*down/up; outputs of one phase (n mod up) share a kernel
+    for phase in range(min(up, n_out)):
+        first = (phase * down) // up  # floor of the position of output `phase`
+        frac = ((phase * down) % up) / up
+        t = np.clip((taps - frac) * (base / sr_in), -_ZEROS, _ZEROS)  # distance in cutoff periods
+        kernel = np.sinc(t) * np.cos(t * math.pi / _ZEROS / 2) ** 2 * (base / sr_in)
+        count = len(range(phase, n_out, up))
+        rows = windows[first + 1: first + 1 + count * down: down]  # output phase+m*up reads x[m*down+first+taps]
+        out[phase::up] = rows @ kernel
+    return out

@@ -1,0 +1,141 @@
+"""CLIP image and text encoders: pooled rows are the projected (joint-space) embeddings.
+
+Both towers pool the way CLIP was trained (the vision CLS token, the text EOS token, each
+through its projection), so `pooling` does not apply here. Sequences are the patch or
+token states sent through the same final norm and projection, so every sequence row has
+the width `dim` of a pooled row and lives in the same joint space.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from ..config import field
+from ..errors import BadItemError
+from ..hashing import normalise_text
+from . import _hf, _media
+from .base import Backbone, BackboneConfig, Encoded
+
+__all__ = ["CLIPImage", "CLIPText", "ClipConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipConfig(BackboneConfig):
+    normalize: bool = field(False, "L2-normalise pooled vectors (as CLIP does before cosine similarity)")
+    max_length: int = field(77, "text: maximum tokens after truncation (CLIP's context is 77)")
+
+
+class _CLIPBase(Backbone):
+    Config = ClipConfig
+    default_model = "openai/clip-vit-base-patch32"
+
+    def weights_hash(self) -> str:
+        return self._weights
+
+    @property
+    def dim(self) -> int:
+        self.load()
+        return int(self.model.config.projection_dim)
+
+    def _finish(self, pooled, states, lengths) -> Encoded:
+        """Normalise pooled rows and cut each item's projected states to `seq_cap`."""
+        import torch
+
+        pooled = pooled.float()
+        if self.config.normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        seqs = None
+        if self.config.seq_cap > 0:
+            seqs = [_hf.to_numpy(s[: min(int(n), self.config.seq_cap)]) for s, n in zip(states, lengths)]
+        return Encoded(_hf.to_numpy(pooled), seqs)
+
+
+class CLIPImage(_CLIPBase):
+    """CLIP vision tower with projection; images resized and centre-cropped by CLIP's processor."""
+
+    name = "clip-image"
+    modality = "image"
+    description = "CLIP image encoder (projected embeddings), default openai/clip-vit-base-patch32"
+
+    def _load(self) -> None:
+        from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
+
+        what = f"backbone {self.name}"
+        # the PIL backend everywhere: the torchvision one gives slightly different pixels
+        self.processor = _hf.from_pretrained(AutoImageProcessor, self.model_ref, what=what, backend="pil")
+        model = _hf.from_pretrained(CLIPVisionModelWithProjection, self.model_ref, what=what)
+        self._weights = _hf.weights_digest(self.model_ref, model)
+        self.model = _hf.apply_adapter(model, self.config.adapter, what=what).to(self.device).eval()
+
+    def preprocessing(self) -> dict:
+        p = self.processor
+        return {"decode": "pil-rgb", "processor": type(p).__name__,
+                "size": dict(p.size) if p.size else None,
+                "crop_size": dict(p.crop_size) if getattr(p, "crop_size", None) else None,
+                "resample": int(p.resample) if p.resample is not None else None,
+                "mean": list(p.image_mean), "std": list(p.image_std),
+                "pooled": "image_embeds", "sequences": "patches->post_layernorm->visual_projection"}
+
+    def prepare(self, raw: bytes | str):
+        if isinstance(raw, str):
+            raise BadItemError("expected image bytes, got text")
+        return _media.decode_image(raw)
+
+    def encode(self, items: Sequence) -> Encoded:
+        import torch
+
+        pixels = self.processor(images=list(items), return_tensors="pt")["pixel_values"].to(self.device)
+        with torch.inference_mode(), _hf.autocast(self.device):
+            out = self.model(pixel_values=pixels)
+            states = None
+            if self.config.seq_cap > 0:  # patch tokens (CLS dropped), into the joint space
+                vision = self.model.vision_model
+                states = self.model.visual_projection(vision.post_layernorm(out.last_hidden_state[:, 1:]))
+        lengths = [states.shape[1]] * len(items) if states is not None else None
+        return self._finish(out.image_embeds, states, lengths)
+
+
+class CLIPText(_CLIPBase):
+    """CLIP text tower with projection; pooled at the EOS token as CLIP was trained."""
+
+    name = "clip-text"
+    modality = "text"
+    description = "CLIP text encoder (projected embeddings), default openai/clip-vit-base-patch32"
+
+    def _load(self) -> None:
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        what = f"backbone {self.name}"
+        self.tokenizer = _hf.from_pretrained(AutoTokenizer, self.model_ref, what=what)
+        model = _hf.from_pretrained(CLIPTextModelWithProjection, self.model_ref, what=what)
+        self._weights = _hf.weights_digest(self.model_ref, model)
+        self.model = _hf.apply_adapter(model, self.config.adapter, what=what).to(self.device).eval()
+        limit = int(self.model.config.max_position_embeddings)
+        self._max_length = min(self.config.max_length, limit)
+
+    def preprocessing(self) -> dict:
+        return {"tokenizer": type(self.tokenizer).__name__, "normalise_text": "nfc+whitespace",
+                "truncation": True, "max_length": self._max_length,
+                "pooled": "text_embeds", "sequences": "tokens->text_projection"}
+
+    def prepare(self, raw: bytes | str) -> str:
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadItemError(f"text is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        text = normalise_text(raw)
+        if not text:
+            raise BadItemError("empty text")
+        return text
+
+    def encode(self, items: Sequence[str]) -> Encoded:
+        import torch
+
+        batch = self.tokenizer(list(items), padding=True, truncation=True,
+                               max_length=self._max_length, return_tensors="pt").to(self.device)
+        with torch.inference_mode(), _hf.autocast(self.device):
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            states = self.model.text_projection(out.last_hidden_state) if self.config.seq_cap > 0 else None
+        lengths = batch["attention_mask"].sum(1).tolist()
+        return self._finish(out.text_embeds, states, lengths)
