@@ -29,7 +29,8 @@ from ._io import TMP_SUFFIX, publish, tmp_path
 from .errors import IntegrityError
 from .hashing import KEY_BYTES, file_digest
 
-__all__ = ["SegmentSet", "SegmentWriter", "Segment", "ErrorRecord", "Problem", "KEY_DTYPE"]
+__all__ = ["SegmentSet", "SegmentWriter", "Segment", "ErrorRecord", "Problem", "KEY_DTYPE", "KeyIndex",
+           "key_prefix64"]
 
 KEY_DTYPE = np.dtype(f"S{KEY_BYTES}")
 _STR = h5py.string_dtype("utf-8")
@@ -208,16 +209,52 @@ class SegmentSet:
         want = _as_keys(keys)
         seg_of, row_of, present = index.lookup(want)
         shape, stored = index.shape_of(name)
+        if len(want) * 4 >= index.total_rows:  # most of the cache: one sequential scan, one gather
+            _, everything = self.scan(name)
+            rows = np.where(present, index.seg_starts[np.maximum(seg_of, 0)] + row_of, 0)
+            out = np.take(everything, rows, axis=0)
+            out[~present] = 0
+            return (out if dtype is None else out.astype(dtype, copy=False)), present
         out = np.zeros((len(want),) + shape, dtype=dtype or stored)
+        order = np.argsort(seg_of, kind="stable")  # group wanted rows by segment in one pass
+        bounds = np.searchsorted(seg_of[order], np.arange(len(index.segments) + 1))
         for s, seg in enumerate(index.segments):
-            sel = np.flatnonzero(seg_of == s)
+            sel = order[bounds[s]:bounds[s + 1]]
             if not len(sel):
                 continue
-            rows = row_of[sel]
             with seg.open() as f:
-                ds = f[f"arrays/{name}"]
-                out[sel] = _take_rows(ds, rows)
+                block = _take_rows(f[f"arrays/{name}"], row_of[sel])
+            if len(sel) == len(want):  # one segment holds everything: a single gather
+                out[...] = block
+            else:
+                out[sel] = block
         return out, present
+
+    def scan(self, name: str, *, dtype=None) -> tuple[np.ndarray, np.ndarray]:
+        """All stored rows of `name` and their keys, in storage order (no alignment, no dedup)."""
+        segs = self.segments()
+        shapes = []
+        for seg in segs:
+            with seg.open() as f:
+                shapes.append((f[f"arrays/{name}"].shape, f[f"arrays/{name}"].dtype))
+        if not segs:
+            return np.empty(0, KEY_DTYPE), np.empty((0,), dtype or np.float32)
+        total = sum(sh[0][0] for sh in shapes)
+        out = np.empty((total,) + shapes[0][0][1:], dtype=dtype or shapes[0][1])
+        keys = np.empty(total, KEY_DTYPE)
+        lo = 0
+        for seg, (shape, stored) in zip(segs, shapes):
+            hi = lo + shape[0]
+            with seg.open() as f:
+                f["keys"].read_direct(keys, dest_sel=np.s_[lo:hi])
+                ds = f[f"arrays/{name}"]
+                if hi > lo:
+                    if np.dtype(stored) == out.dtype:
+                        ds.read_direct(out, dest_sel=np.s_[lo:hi])
+                    else:
+                        out[lo:hi] = ds[...]
+            lo = hi
+        return keys, out
 
     def read_ragged(self, keys: Sequence[str] | np.ndarray, name: str, *, dtype=None,
                     index: "KeyIndex | None" = None) -> tuple[list[np.ndarray | None], np.ndarray]:
@@ -293,15 +330,45 @@ class SegmentSet:
         return removed
 
 
+_HEX = np.zeros(256, np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+
+
+def key_prefix64(keys: np.ndarray) -> np.ndarray:
+    """The first 64 bits of hex content keys as uint64: sorts and searches ~10x faster than bytes."""
+    if not len(keys):
+        return np.empty(0, np.uint64)
+    raw = np.ascontiguousarray(keys, dtype=KEY_DTYPE).view(np.uint8).reshape(len(keys), KEY_BYTES)[:, :16]
+    nib = _HEX[raw]
+    packed = np.ascontiguousarray((nib[:, 0::2] << 4) | nib[:, 1::2])
+    return packed.view(">u8").ravel().astype(np.uint64)
+
+
 class KeyIndex:
-    """Where each key lives: a sorted view over the keys of all segments."""
+    """Where each key lives: the keys of all segments, sorted by a 64-bit prefix.
+
+    Lookups search the prefix and then confirm the full key, so a prefix shared by two
+    different keys (astronomically rare) can only make a key look absent, never wrong;
+    `build` detects that case and falls back to searching the full keys.
+    """
 
     def __init__(self, segments: list[Segment], keys: np.ndarray, seg_ids: np.ndarray,
                  rows: np.ndarray, shapes: dict):
         self.segments = segments
-        order = np.argsort(keys, kind="stable")  # stable: the first copy of a key wins
+        prefix = key_prefix64(keys)
+        order = np.argsort(prefix, kind="stable")  # stable: the first copy of a key wins
         self._keys, self._seg, self._row = keys[order], seg_ids[order], rows[order]
+        self._prefix = prefix[order]
+        same = self._prefix[1:] == self._prefix[:-1]
+        if same.any() and (self._keys[1:][same] != self._keys[:-1][same]).any():
+            order = np.argsort(self._keys, kind="stable")
+            self._keys, self._seg, self._row = self._keys[order], self._seg[order], self._row[order]
+            self._prefix = None  # search full keys
         self._shapes = shapes
+        counts = np.bincount(seg_ids, minlength=len(segments)) if len(seg_ids) else np.zeros(len(segments), int)
+        self.seg_starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.total_rows = int(len(keys))
 
     @classmethod
     def build(cls, segments: list[Segment]) -> "KeyIndex":
@@ -337,14 +404,19 @@ class KeyIndex:
         return self._shapes[name]
 
     def lookup(self, want: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        pos = np.searchsorted(self._keys, want, side="left")
-        pos_c = np.minimum(pos, max(len(self._keys) - 1, 0))
-        present = (len(self._keys) > 0) & (pos < len(self._keys))
-        if len(self._keys):
-            present &= self._keys[pos_c] == want
-        present &= want != b""
-        seg_of = np.where(present, self._seg[pos_c] if len(self._keys) else -1, -1)
-        row_of = np.where(present, self._row[pos_c] if len(self._keys) else -1, -1)
+        """(segment id, row, present) for each wanted key; -1 where absent."""
+        n = len(self._keys)
+        if not n:
+            none = np.full(len(want), -1)
+            return none, none, np.zeros(len(want), bool)
+        if self._prefix is not None:
+            pos = np.searchsorted(self._prefix, key_prefix64(want), side="left")
+        else:
+            pos = np.searchsorted(self._keys, want, side="left")
+        pos = np.minimum(pos, n - 1)
+        present = (self._keys[pos] == want) & (want != b"")
+        seg_of = np.where(present, self._seg[pos], -1)
+        row_of = np.where(present, self._row[pos], -1)
         return seg_of, row_of, present
 
 
@@ -352,7 +424,10 @@ def _take_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     """Rows of an HDF5 dataset in the given order, reading as little as is sensible."""
     n = ds.shape[0]
     if len(rows) * 20 >= n:  # many rows: one sequential read beats scattered ones
-        return ds[...][rows]
+        block = ds[...]
+        if len(rows) == n and (rows[1:] > rows[:-1]).all():
+            return block  # all rows in storage order: no gather at all
+        return block[rows]
     uniq, inverse = np.unique(rows, return_inverse=True)
     return ds[uniq][inverse]
 

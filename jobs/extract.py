@@ -38,7 +38,7 @@ class ExtractConfig:
     device: str = field("auto", "auto | cpu | cuda[:N]")
     limit: int = field(0, "only the first N manifest rows (0: all)")
     splits: tuple = field((), "only these splits (empty: all)")
-    segment_rows: int = field(4096, "publish a segment after this many rows")
+    segment_rows: int = field(16384, "publish a segment after this many rows")
     segment_seconds: float = field(30.0, "... or after this many seconds, whichever comes first")
     retry_errors: bool = field(False, "retry items that failed in an earlier run")
 
