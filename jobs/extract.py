@@ -181,7 +181,7 @@ def run(config: ExtractConfig, store: Store, *, backbone: Backbone | None = None
     bb = backbone or backbones.create(config.backbone, config.params, device=config.device)
     if bb.modality != config.modality:
         raise ConfigError(f"backbone {bb.name!r} encodes {bb.modality}, not {config.modality}; "
-                          f"pick a {config.modality} backbone (fs backbones list)")
+                          f"pick {'an' if config.modality[0] in 'aeiou' else 'a'} {config.modality} backbone (fs backbones list)")
     items, unreadable, n_rows = plan(store, config)
     bb.load()
     spec = bb.spec()
