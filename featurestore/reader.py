@@ -70,8 +70,13 @@ def parse_feature_refs(spec: str | Mapping[str, str]) -> dict[str, str]:
 
 
 def load_split(store: Store, dataset: str | Dataset, split: str, features: str | Mapping[str, str], *,
-               sequences: bool = False, dtype=np.float32, allow_empty: bool = False) -> SplitData:
-    """Read one split's features (by fingerprint or backbone name per modality) aligned to its rows."""
+               sequences: bool = False, dtype=np.float32, allow_empty: bool = False,
+               va: bool | Mapping[str, str] = False) -> SplitData:
+    """Read one split's features (by fingerprint or backbone name per modality) aligned to its rows.
+
+    `va=True` adds, per modality, the VA scores of the most recent VA source that covers
+    the items; a mapping `{modality: source or scorer}` picks them (see featurestore.va.cache).
+    """
     ds = dataset if isinstance(dataset, Dataset) else get_dataset(store, dataset)
     rows = ds.split(split)
     if not len(rows) and not allow_empty:
@@ -87,6 +92,11 @@ def load_split(store: Store, dataset: str | Dataset, split: str, features: str |
         fps[mod], keys[mod] = fs.fingerprint, k
         if sequences:
             seqs[mod], _ = fs.read_sequences(k, dtype=dtype)
+    va_values, va_sources = {}, {}
+    if va:
+        from .va.cache import split_va
+
+        va_values, va_sources = split_va(store, rows, va)
     return SplitData(
         dataset=ds.name, split=split, item_ids=rows["item_id"].to_numpy().astype(str),
         features=feats, masks=masks, fingerprints=fps,
@@ -95,5 +105,5 @@ def load_split(store: Store, dataset: str | Dataset, split: str, features: str |
         valence=rows["valence"].fill_null(np.nan).to_numpy().astype(np.float64),
         arousal=rows["arousal"].fill_null(np.nan).to_numpy().astype(np.float64),
         groups=rows["group"].to_numpy().astype(object), manifest_hash=ds.manifest_hash,
-        keys=keys, sequences=seqs,
+        keys=keys, sequences=seqs, va=va_values, va_sources=va_sources,
     )

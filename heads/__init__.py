@@ -11,6 +11,12 @@ from .base import Features, Head, Targets
 __all__ = ["Features", "Head", "Targets", "REGISTRY", "register", "get", "create", "names"]
 
 _BUILTIN: dict[str, str] = {
+    "concept": "heads.concept:ConceptHead",
+    "scl": "heads.scl:SCL",
+    "linear": "heads.linear:Linear",
+    "mlp": "heads.mlp:MLP",
+    "univa": "heads.univa:UniVA",
+    "xgboost": "heads.xgb:XGBoost",
 }
 REGISTRY: Registry[type[Head]] = Registry("head", _BUILTIN, list_hint="fs heads list")
 register, get, names = REGISTRY.register, REGISTRY.get, REGISTRY.names

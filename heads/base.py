@@ -84,12 +84,13 @@ class Targets:
     kind: TargetKind
     y: np.ndarray
     classes: list[str] = dataclasses.field(default_factory=list)
+    label_va: np.ndarray | None = None  # [C, 2] VA of each class on [-1, 1] (the label VA table), if known
 
     def __len__(self) -> int:
         return len(self.y)
 
     def take(self, idx: np.ndarray) -> "Targets":
-        return Targets(self.kind, self.y[idx], list(self.classes))
+        return Targets(self.kind, self.y[idx], list(self.classes), self.label_va)
 
     @property
     def n_outputs(self) -> int:
@@ -103,6 +104,8 @@ class Head(abc.ABC):
     Config: ClassVar[type]
     supports: ClassVar[frozenset[str]] = frozenset({"single", "multi", "binary"})
     description: ClassVar[str] = ""
+    uses_sequences: ClassVar[bool] = False  # the job loads ragged sequences when the store has them
+    uses_va: ClassVar[bool] = False  # the job loads per-modality VA scores for it
 
     def __init__(self, **params: Any):
         config = from_strings(self.Config, params, what=f"head {self.name!r}") if params else self.Config()
@@ -130,6 +133,15 @@ class Head(abc.ABC):
     @property
     def config(self) -> Any:
         return self.Config(**self.get_params())
+
+    @classmethod
+    def example_params(cls, workdir: Path) -> dict[str, Any]:
+        """Parameters under which this head trains on small synthetic features (the contract tests).
+
+        A head that needs a resource (a replay memory, a concept bank) builds a tiny one in
+        `workdir` and returns the parameters naming it; most heads need nothing.
+        """
+        return {}
 
     # ---- to implement ----------------------------------------------------------------
     @abc.abstractmethod
@@ -172,8 +184,11 @@ class Head(abc.ABC):
 
     def predict(self, X: Features, *, threshold: float | None = None) -> np.ndarray:
         """single/binary: class indices; multi: {0,1} [N, C]; va: [N, 2]."""
-        p = self.predict_proba(X)
-        kind = self.meta_["kind"]
+        return self.decide(self.predict_proba(X), self.meta_["kind"], threshold)
+
+    @staticmethod
+    def decide(p: np.ndarray, kind: str, threshold: float | None = None) -> np.ndarray:
+        """Scores from `predict_proba` -> predictions (multi: >= threshold, at least the top label)."""
         if kind == "multi":
             t = 0.5 if threshold is None else threshold
             out = (p >= t).astype(np.int64)

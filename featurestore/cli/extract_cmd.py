@@ -21,12 +21,15 @@ FAILED_EXIT = 10  # the job finished, but some items could not be encoded
 @click.option("--limit", default=0, type=click.IntRange(0), help="Only the first N manifest rows.")
 @click.option("--split", "splits", multiple=True, help="Only this split; repeat for several.")
 @click.option("--retry-errors", is_flag=True, help="Retry items that failed in an earlier run.")
-@click.option("--segment-rows", default=4096, show_default=True, type=click.IntRange(1),
+@click.option("--segment-rows", default=16384, show_default=True, type=click.IntRange(1),
               help="Publish a segment after this many rows (smaller: less lost on a kill).")
+@click.option("--va", "va_scorer", default="", metavar="NAME",
+              help="Then score VA for the same dataset/modality (a scorer of fs va list, or a fitted VA model).")
+@click.option("--va-param", "va_params", multiple=True, metavar="KEY=VALUE", help="A parameter of the --va scorer.")
 @json_option
 @click.pass_context
 def extract_cmd(ctx, dataset, modality, backbone, model, adapter, params, batch_size, device, limit, splits,
-                retry_errors, segment_rows, as_json):
+                retry_errors, segment_rows, va_scorer, va_params, as_json):
     """Encode a dataset's inputs with a backbone into the feature cache.
 
     Inputs already cached under the same fingerprint are not recomputed; a killed run
@@ -44,9 +47,11 @@ def extract_cmd(ctx, dataset, modality, backbone, model, adapter, params, batch_
     config = ExtractConfig(dataset=dataset, modality=modality, backbone=backbone, params=p, batch_size=batch_size,
                            device=device, limit=limit, splits=tuple(splits), retry_errors=retry_errors,
                            segment_rows=segment_rows)
+    scorer = _va_scorer(store, va_scorer, va_params, modality, device) if va_scorer else None
     result = run(config, store, progress=progress, log=lambda s: None if as_json else click.echo(s, err=True))
+    va_result = _va_pass(store, scorer, config) if scorer else None
     if as_json:
-        emit(result.to_dict())
+        emit(result.to_dict() | ({"va": va_result.to_dict()} if va_result else {}))
     else:
         if result.cache_hit:
             click.echo(f"cache hit: all {result.unique} inputs of {dataset}/{modality} are already in "
@@ -56,8 +61,28 @@ def extract_cmd(ctx, dataset, modality, backbone, model, adapter, params, batch_
                        f"{result.failed_new} failed in {result.seconds:.1f}s ({result.items_per_s:.1f} items/s)")
         if result.failed_total:
             click.echo(f"{result.failed_total} item(s) of {dataset} failed; reasons: fs info {result.fingerprint}")
-    if result.failed_total:
+        if va_result:
+            click.echo(f"VA {va_result.source}: {va_result.computed} scored, {va_result.cached} cached, "
+                       f"{va_result.failed_total} failed (fs va info {va_result.source})")
+    if result.failed_total or (va_result and va_result.failed_total):
         ctx.exit(FAILED_EXIT)
+
+
+def _va_scorer(store, name, params, modality, device):
+    """The --va scorer, refused before extraction starts if it cannot score this modality."""
+    from jobs.va import make_scorer
+
+    scorer = make_scorer(store, name, parse_params(params), device=device)
+    scorer.check_modality(modality)
+    return scorer
+
+
+def _va_pass(store, scorer, config):
+    from jobs.va import VAConfig, run as run_va
+
+    return run_va(VAConfig(dataset=config.dataset, modality=config.modality, scorer=scorer.name,
+                           device=config.device, limit=config.limit, splits=config.splits), store,
+                  scorer=scorer, progress=progress)
 
 
 def register(cli: click.Group) -> None:

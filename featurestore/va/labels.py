@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["NRC_VAD_01", "SYNONYMS", "default_table", "label_va_table", "class_means"]
+__all__ = ["NRC_VAD_01", "SYNONYMS", "default_table", "label_va_table", "class_means", "dataset_label_va"]
 
 NRC_VAD_01: dict[str, tuple[float, float]] = {
     "happy": (1.000, 0.735), "sad": (0.225, 0.333), "anger": (0.167, 0.865), "surprise": (0.875, 0.875),
@@ -80,3 +80,15 @@ def class_means(labels: Sequence[Sequence[str]] | Sequence[str | None], valence:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN classes give NaN, handled above
         return {c: tuple(np.nanmean(np.array(vals, float), axis=0)) for c, vals in acc.items()}
+
+
+def dataset_label_va(dataset, classes: Sequence[str] | None = None) -> np.ndarray:
+    """`[C, 2]` label VA for a registered dataset's classes (default: its label set, else its
+    multi-label set), with the dataset's `label_va` overrides and its VA-label class means."""
+    info = dataset.info
+    classes = list(classes if classes is not None else (info.get("label_set") or info.get("multilabel_set") or []))
+    df = dataset.manifest
+    labels = [sorted({*([one] if one else []), *(many or [])}) for one, many in
+              zip(df["label"].to_list(), df["labels"].to_list())]
+    means = class_means(labels, df["valence"].fill_null(np.nan).to_numpy(), df["arousal"].fill_null(np.nan).to_numpy())
+    return label_va_table(classes, overrides=info.get("label_va"), label_means=means)

@@ -1,0 +1,125 @@
+"""`fs train-head`, `fs runs`, `fs eval`, `fs heads list|show`: heads trained from the cache."""
+from __future__ import annotations
+
+import click
+
+from ..config import describe, parse_params
+from ..reader import parse_feature_refs
+from ._common import emit, get_store, json_option, params_option, table
+
+
+def _metric_rows(metrics: dict) -> list[dict]:
+    return [{"metric": k, "value": v} for k, v in metrics.items() if not isinstance(v, (list, dict))]
+
+
+@click.command("train-head")
+@click.option("--method", required=True, help="Head name (fs heads list).")
+@click.option("--dataset", required=True, help="Registered dataset name.")
+@click.option("--features", required=True, metavar="MOD=BACKBONE[,...]",
+              help="Cached features per modality: a backbone name (its newest fingerprint) or a fingerprint.")
+@params_option
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the head and of validation carving.")
+@click.option("--target", default="label", show_default=True, type=click.Choice(["label", "labels", "va"]),
+              help="label: single-label (binary with two classes); labels: multi-label; va: regression.")
+@click.option("--val-fraction", default=0.1, show_default=True, type=float,
+              help="Fraction of train carved as validation when the dataset has no validation split.")
+@click.option("--run-id", default="", help="Name of the run folder (default: generated).")
+@json_option
+@click.pass_context
+def train_head_cmd(ctx, method, dataset, features, params, seed, target, val_fraction, run_id, as_json):
+    """Train a head on the train split, early-stop on validation, evaluate on test once, save the run."""
+    from jobs.train_head import TrainHeadConfig, run
+
+    store = get_store(ctx)
+    config = TrainHeadConfig(method=method, dataset=dataset, features=parse_feature_refs(features), params=parse_params(params),
+                             target=target, seed=seed, val_fraction=val_fraction, run_id=run_id)
+    result = run(config, store, log=None if as_json else lambda s: click.echo(s, err=True))
+    if as_json:
+        return emit(result.to_dict())
+    click.echo(f"run {result.run_id} ({result.method} on {result.dataset}, {result.kind}) in {result.seconds:.1f}s")
+    click.echo(table(_metric_rows(result.to_dict()["metrics"])))
+    if "confusion_matrix" in result.metrics:
+        click.echo(f"confusion matrix: {result.folder / 'confusion.png'}")
+
+
+@click.command("runs")
+@json_option
+@click.pass_context
+def runs_cmd(ctx, as_json):
+    """List saved runs; a run whose feature fingerprint has since been superseded is marked stale."""
+    from jobs.train_head import list_runs
+
+    rows = list_runs(get_store(ctx))
+    if as_json:
+        return emit({"runs": rows})
+    click.echo(table(rows, ["run", "method", "dataset", "target", "metric", "score", "stale", "features"]))
+
+
+@click.command("eval")
+@click.argument("run_id", metavar="RUN")
+@click.option("--dataset", required=True, help="Dataset to evaluate on (its labels must be in the run's set).")
+@click.option("--split", default="test", show_default=True)
+@json_option
+@click.pass_context
+def eval_cmd(ctx, run_id, dataset, split, as_json):
+    """Evaluate a saved run on a dataset split, with the exact features it was trained on."""
+    from jobs.train_head import evaluate
+
+    result = evaluate(run_id, dataset, get_store(ctx), split=split)
+    if as_json:
+        return emit(result)
+    click.echo(f"run {run_id} on {dataset}/{split} ({result['n']} items)")
+    if result["stale"]:
+        click.echo(f"stale: features superseded by {result['stale']}")
+    click.echo(table(_metric_rows(result["metrics"])))
+
+
+@click.group("heads")
+def heads_group():
+    """Registered heads and their parameters."""
+
+
+@heads_group.command("list")
+@json_option
+def heads_list_cmd(as_json):
+    """List registered heads."""
+    import heads
+
+    rows = []
+    for name in heads.names():
+        cls = heads.get(name)
+        rows.append({"head": name, "targets": ",".join(sorted(cls.supports)), "description": cls.description})
+    if as_json:
+        return emit({"heads": rows})
+    click.echo(table(rows))
+
+
+@heads_group.command("show")
+@click.argument("name")
+@json_option
+def heads_show_cmd(name, as_json):
+    """A head's parameters, with defaults and help."""
+    import heads
+
+    cls = heads.get(name)
+    rows = [{"param": n, "type": t, "default": d, "help": h} for n, t, d, h in describe(cls.Config)]
+    if as_json:
+        return emit({"head": name, "description": cls.description, "targets": sorted(cls.supports), "params": rows})
+    click.echo(f"{name}: {cls.description}\ntargets: {', '.join(sorted(cls.supports))}\n")
+    click.echo(table(rows))
+
+
+def _ls_runs(store) -> dict:
+    from jobs.train_head import list_runs
+
+    return {"runs": [{k: r[k] for k in ("run", "method", "dataset", "metric", "score", "stale")}
+                     for r in list_runs(store)]}
+
+
+def register(cli: click.Group) -> None:
+    from .store_cmd import _LS_EXTRAS
+
+    for cmd in (train_head_cmd, runs_cmd, eval_cmd, heads_group):
+        cli.add_command(cmd)
+    if _ls_runs not in _LS_EXTRAS:
+        _LS_EXTRAS.append(_ls_runs)

@@ -1,0 +1,210 @@
+"""`model`: VA from any transformers model with a regression head.
+
+Loads a hub id or a local folder with AutoModelForAudioClassification,
+AutoModelForSequenceClassification (text) or AutoModelForImageClassification; which one
+follows from the model type in its config.json (`modality=auto`), so the modality is
+known, and a wrong one refused, before any weights are read.
+
+The output columns are found by name in `config.id2label` (`valence`/`arousal`, also
+`v`/`a`, `pleasure`/`activation`; case-insensitive): an MSP-Podcast wav2vec2 whose head
+says {0: arousal, 1: dominance, 2: valence} gives valence from column 2. A model whose
+labels are generic (`LABEL_0`, ...) needs `labels=arousal,dominance,valence`. A model
+with a valence column only gives arousal NaN (unknown), and vice versa.
+
+Outputs are mapped linearly from `range=LOW..HIGH` (default 0..1, the range of the
+MSP-Podcast dimension models) to [-1, 1] and clipped there; a NaN or infinite output is
+passed on unclipped, so the job records the item as an error instead of storing it.
+A checkpoint that lacks its head's weights (a custom head class that the Auto classes
+cannot load) is refused rather than scored with a randomly initialised head.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..backbones import _hf, _media
+from ..config import field
+from ..errors import BackboneError, BadItemError, ConfigError
+from ..hashing import normalise_text
+from .base import ScorerConfig, VAScorer, parse_range, to_unit_range
+
+__all__ = ["ModelScorer", "ModelConfig", "detect_modalities", "head_columns"]
+
+_MAPPINGS = {  # modality -> (transformers Auto class, name of its model-type mapping)
+    "audio": ("AutoModelForAudioClassification", "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES"),
+    "text": ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    "image": ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
+}
+_PROCESSORS = {"audio": "AutoFeatureExtractor", "text": "AutoTokenizer", "image": "AutoImageProcessor"}
+_NAMES = {"valence": ("valence", "v", "pleasure", "pleasantness"), "arousal": ("arousal", "a", "activation")}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(ScorerConfig):
+    model: str = field("", "hub id or local folder of a transformers model with a regression head")
+    modality: str = field("auto", "auto (from the model type) | text | image | audio")
+    range: str = field("0..1", "the model's output range as LOW..HIGH, mapped linearly to [-1, 1] "
+                                "(0..1 for the MSP-Podcast dimension models, -1..1 for none)")
+    labels: str = field("", "output names in order, e.g. arousal,dominance,valence, when the config's "
+                            "id2label does not name them")
+    max_seconds: float = field(30.0, "audio: score only the first this many seconds (0: all)")
+    max_length: int = field(512, "text: maximum tokens after truncation")
+
+    def __post_init__(self):
+        if self.modality not in ("auto", *_MAPPINGS):
+            raise ConfigError(f"modality={self.modality!r} must be auto, text, image or audio")
+        parse_range(self.range, "range")
+        if self.max_seconds < 0 or self.max_length < 1:
+            raise ConfigError("max_seconds must be 0 or more and max_length at least 1")
+
+
+def detect_modalities(config: Any) -> tuple[str, ...]:
+    """Modalities whose Auto*Classification class knows this config's model type."""
+    from transformers.models.auto import modeling_auto
+
+    kind = getattr(config, "model_type", "")
+    return tuple(m for m, (_, table) in _MAPPINGS.items() if kind in getattr(modeling_auto, table))
+
+
+def head_columns(id2label: dict, num_labels: int, labels: str = "") -> dict[str, int]:
+    """{"valence": column, "arousal": column} from the output names (missing: not provided)."""
+    names = [s.strip().lower() for s in labels.split(",")] if labels else \
+        [str(id2label.get(i, id2label.get(str(i), ""))).strip().lower() for i in range(num_labels)]
+    if labels and len(names) != num_labels:
+        raise ConfigError(f"labels={labels!r} names {len(names)} outputs; the model has {num_labels}")
+    cols = {dim: next(names.index(n) for n in aliases if n in names)
+            for dim, aliases in _NAMES.items() if any(n in names for n in aliases)}
+    if not cols:
+        raise ConfigError(f"the model's outputs are named {names}: none is valence or arousal; name them in "
+                          "order with --param labels=..., e.g. labels=arousal,dominance,valence")
+    return cols
+
+
+class ModelScorer(VAScorer):
+    """A transformers regression model; columns picked by name from config.id2label."""
+
+    name = "model"
+    description = ("text/image/audio: any transformers model with a valence/arousal regression head, "
+                   "--param model=HUB_ID_OR_FOLDER")
+    modality_hint = "text, image or audio (from the model type)"
+    Config = ModelConfig
+    volatile = ("model",)
+
+    def _hf_config(self):
+        if getattr(self, "_cfg", None) is None:
+            from transformers import AutoConfig
+
+            self._cfg = _hf.from_pretrained(AutoConfig, self.config.model, what="VA scorer model")
+        return self._cfg
+
+    def modalities(self) -> tuple[str, ...]:
+        found = detect_modalities(self._hf_config())
+        kind = getattr(self._hf_config(), "model_type", "?")
+        if not found:
+            raise ConfigError(f"VA scorer model: model type {kind!r} of {self.config.model!r} has no text, image "
+                              "or audio classification head in transformers, so it cannot give VA scores")
+        if self.config.modality != "auto":
+            if self.config.modality not in found:
+                raise ConfigError(f"VA scorer model: {self.config.model!r} ({kind}) is a {'/'.join(found)} model, "
+                                  f"not {self.config.modality}")
+            return (self.config.modality,)
+        return found[:1] if len(found) == 1 else found
+
+    def _load(self) -> None:
+        import transformers
+
+        what = "VA scorer model"
+        cfg = self._hf_config()
+        found = self.modalities()
+        if len(found) > 1:
+            raise ConfigError(f"{what}: {self.config.model!r} could be any of {list(found)}; "
+                              "pick one with --param modality=...")
+        self.modality = found[0]
+        if getattr(cfg, "problem_type", None) in ("single_label_classification", "multi_label_classification"):
+            raise ConfigError(f"{what}: {self.config.model!r} is a classifier (problem_type={cfg.problem_type}), "
+                              "not a regression model; VA needs continuous outputs")
+        self.columns = head_columns(cfg.id2label or {}, int(cfg.num_labels), self.config.labels)
+        auto, _ = _MAPPINGS[self.modality]
+        model, info = _hf.from_pretrained(getattr(transformers, auto), self.config.model, what=what,
+                                          output_loading_info=True)
+        if info.get("missing_keys"):
+            raise BackboneError(f"{what}: {self.config.model!r} has no weights for {sorted(info['missing_keys'])}; "
+                                f"its head is not the one {auto} builds (often a custom class in the model's own "
+                                "code), so its outputs would be random. Convert the head, or use `learned`")
+        self.processor = _hf.from_pretrained(getattr(transformers, _PROCESSORS[self.modality]), self.config.model,
+                                             what=what)
+        self._weights = _hf.weights_digest(self.config.model, model)
+        self.model = model.to(self.device).eval()
+        self.sampling_rate = int(getattr(self.processor, "sampling_rate", 0) or 0)
+        kernels, strides = getattr(cfg, "conv_kernel", None), getattr(cfg, "conv_stride", None)
+        if kernels and strides:
+            from ..backbones.wav2vec2 import _receptive_field
+            self.min_samples = _receptive_field(kernels, strides)
+        else:
+            self.min_samples = 1
+
+    def provides(self) -> tuple[bool, bool]:
+        self.load()
+        return "valence" in self.columns, "arousal" in self.columns
+
+    def spec(self) -> dict:
+        self.load()
+        prep: dict = {"processor": type(self.processor).__name__}
+        if self.modality == "audio":
+            prep |= {"decode": "soundfile-mono-mean", "resampler": _media.RESAMPLER,
+                     "sampling_rate": self.sampling_rate, "pad_short_to": self.min_samples,
+                     "batching": "one clip per forward"}
+        return {"weights_hash": self._weights, "architecture": type(self.model).__name__,
+                "columns": self.columns, "num_labels": int(self.model.config.num_labels),
+                "preprocessing": prep, "origin": {"model": self.config.model}}
+
+    def prepare(self, raw: bytes | str, modality: str) -> Any:
+        self.load()
+        if modality == "text":
+            text = normalise_text(raw.decode("utf-8", errors="strict") if isinstance(raw, bytes) else raw)
+            if not text:
+                raise BadItemError("empty text")
+            return text
+        if isinstance(raw, str):
+            raise BadItemError(f"expected {modality} bytes, got text")
+        if modality == "image":
+            return _media.decode_image(raw)
+        wav = _media.decode_audio(raw, self.sampling_rate)
+        if self.config.max_seconds > 0:
+            wav = wav[: int(round(self.config.max_seconds * self.sampling_rate))]
+        if len(wav) < self.min_samples:
+            wav = np.pad(wav, (0, self.min_samples - len(wav)))
+        return wav
+
+    def score(self, batch: Sequence[Any], modality: str) -> np.ndarray:
+        self.load()
+        outputs = self._audio(batch) if modality == "audio" else self._batched(batch, modality)
+        lo, hi = parse_range(self.config.range, "range")
+        out = np.full((len(batch), 2), np.nan)
+        for j, dim in enumerate(("valence", "arousal")):
+            if dim in self.columns:
+                out[:, j] = to_unit_range(outputs[:, self.columns[dim]], lo, hi)
+        return np.where(np.isfinite(out), np.clip(out, -1.0, 1.0), out)
+
+    def _forward(self, inputs) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode(), _hf.autocast(self.device):
+            logits = self.model(**inputs.to(self.device)).logits
+        return _hf.to_numpy(logits).astype(np.float64)
+
+    def _audio(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+        # One clip per forward pass: padding changes the numbers of group-norm encoders.
+        rows = [self._forward(self.processor(w, sampling_rate=self.sampling_rate, return_tensors="pt"))[0]
+                for w in batch]
+        return np.stack(rows)
+
+    def _batched(self, batch: Sequence[Any], modality: str) -> np.ndarray:
+        if modality == "text":
+            inputs = self.processor(list(batch), padding=True, truncation=True,
+                                    max_length=self.config.max_length, return_tensors="pt")
+        else:
+            inputs = self.processor(images=list(batch), return_tensors="pt")
+        return self._forward(inputs)

@@ -1,0 +1,111 @@
+"""UniVA's losses (paper 002, section 3), vectorised over the batch: no Python loops over pairs.
+
+- `va_pairs`: eq. 3, which pairs are positive (VA distance < delta) and which are comparable.
+- `contrastive_loss`: eq. 4-5 over V views, for any positive mask (VA-CL, label SupCon, self).
+- `prior_matrix` / `correlation_prior`: eq. 8-9, the emotion-correlation prior eta.
+- `kl_multilabel`: eq. 10, KL from the normalised label distribution to the prediction.
+
+Eq. 4 sums over anchors; here the sum is averaged over the anchors that count, so the loss
+does not grow with the batch size (the authors' code averages too). An anchor counts when it
+is valid and has at least one positive; a batch with none gives 0, never NaN.
+"""
+from __future__ import annotations
+
+__all__ = ["va_pairs", "label_pairs", "contrastive_loss", "prior_matrix", "correlation_prior", "kl_multilabel"]
+
+_FAR = -1e9  # finite "minus infinity": masked logits stay finite, so gradients stay finite
+
+
+def _wide(t):
+    """At least float32 (autocast may hand in bfloat16); float64 stays float64."""
+    import torch
+
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def va_pairs(va, delta: float):
+    """Eq. 3 on a batch of per-modality VA `[B, 2]` (NaN unknown) -> (positive, comparable) `[B, B]` bool.
+
+    The distance uses the dimensions known for both items (both, for fully scored items, as in
+    eq. 3); a pair with no dimension known for both is not comparable and drops out.
+    """
+    import torch
+
+    known = ~va.isnan()
+    both = known[:, None, :] & known[None, :, :]  # [B, B, 2]
+    diff = (va.nan_to_num()[:, None, :] - va.nan_to_num()[None, :, :]) * both
+    dist = diff.pow(2).sum(-1).sqrt()
+    comparable = both.any(-1)
+    return comparable & (dist < delta), comparable
+
+
+def label_pairs(y):
+    """Sup-CL: positives share exactly the same label (single) or label set (multi)."""
+    import torch
+
+    if y.dim() == 1:
+        pos = y[:, None] == y[None, :]
+    else:
+        pos = (y[:, None, :] == y[None, :, :]).all(-1)
+    return pos, torch.ones_like(pos)
+
+
+def contrastive_loss(views, positive, comparable, valid, tau: float):
+    """Eq. 4-5. `views` `[V, B, H]` (view v of sample b); `positive`, `comparable` `[B, B]`; `valid` `[B]`.
+
+    Every view of every valid sample is an anchor x_i; A(x_i) is every other valid view whose pair
+    with x_i is comparable; P(x_i) those among A(x_i) that are positive. The other views of the
+    anchor's own sample are positives when `positive` says a sample is close to itself.
+    """
+    import torch
+
+    V, B, _ = views.shape
+    z = _wide(views.reshape(V * B, -1))
+    sample = torch.arange(V * B, device=z.device) % B
+    valid_v = valid[sample]
+    allowed = comparable[sample][:, sample] & valid_v[:, None] & valid_v[None, :]
+    allowed &= ~torch.eye(V * B, dtype=torch.bool, device=z.device)
+    pos = positive[sample][:, sample] & allowed
+    logits = (z @ z.T / tau).masked_fill(~allowed, _FAR)
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    n_pos = pos.sum(1)
+    anchors = valid_v & (n_pos > 0)
+    if not bool(anchors.any()):
+        return z.sum() * 0.0
+    mean_pos = torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(1) / n_pos.clamp(min=1)
+    return -mean_pos[anchors].mean()
+
+
+def prior_matrix(label_va):
+    """Eq. 8: cosine similarity of the classes' (V, A) points `[C, 2]`; a class at the origin gets 0."""
+    import torch
+
+    v = torch.as_tensor(label_va, dtype=torch.float32)
+    norm = v.norm(dim=1, keepdim=True)
+    unit = torch.where(norm > 0, v / norm.clamp(min=1e-12), torch.zeros_like(v))
+    return unit @ unit.T
+
+
+def correlation_prior(p, M):
+    """Eq. 9 per batch: mean over items of sum_{j,l} M_jl (p_j - p_l)^2, via the Laplacian of M."""
+    p = _wide(p)
+    M = M.to(p.dtype)
+    # sum_jl M_jl (p_j - p_l)^2 = sum_j p_j^2 (rowsum_j + colsum_j) - 2 p^T M p
+    weights = M.sum(1) + M.sum(0)
+    return ((p * p) @ weights - 2 * ((p @ M) * p).sum(1)).mean()
+
+
+def kl_multilabel(log_p, y):
+    """Eq. 10: KL(y_norm || p) with y normalised to a distribution; items with no label drop out."""
+    import torch
+    import torch.nn.functional as F
+
+    if y.dim() == 1:
+        y = F.one_hot(y, log_p.shape[1]).float()
+    log_p = _wide(log_p)
+    y = y.to(log_p.dtype)
+    total = y.sum(1, keepdim=True)
+    target = y / total.clamp(min=1e-12)
+    per_item = F.kl_div(log_p, target, reduction="none").sum(1)
+    has = total.squeeze(1) > 0
+    return per_item[has].mean() if bool(has.any()) else log_p.sum() * 0.0

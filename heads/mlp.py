@@ -1,0 +1,39 @@
+"""`mlp`: a small multilayer perceptron over the concatenated modalities."""
+from __future__ import annotations
+
+import dataclasses
+
+from featurestore.config import field
+from featurestore.errors import ConfigError
+
+from ._torch import TorchHead, TorchParams
+
+__all__ = ["MLP", "MLPConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPConfig(TorchParams):
+    hidden: int = field(256, "width of each hidden layer")
+    layers: int = field(2, "number of hidden layers")
+    dropout: float = field(0.2, "dropout after each hidden layer")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.hidden < 1 or self.layers < 1 or not 0 <= self.dropout < 1:
+            raise ConfigError(f"hidden={self.hidden} and layers={self.layers} must be >= 1, "
+                              f"dropout={self.dropout} in [0, 1)")
+
+
+class MLP(TorchHead):
+    name = "mlp"
+    Config = MLPConfig
+    description = "MLP (Linear-GELU-Dropout blocks) over the standardised, concatenated modalities"
+
+    def _network(self, in_dim: int, out_dim: int):
+        import torch.nn as nn
+
+        blocks, width = [], in_dim
+        for _ in range(self.layers):
+            blocks += [nn.Linear(width, self.hidden), nn.GELU(), nn.Dropout(self.dropout)]
+            width = self.hidden
+        return nn.Sequential(*blocks, nn.Linear(width, out_dim))

@@ -1,0 +1,255 @@
+"""`fs train-head`: train a registered head from cached features, evaluate once, save the run.
+
+```
+heads/<run-id>/model.safetensors   the head's learned tensors
+heads/<run-id>/config.json         head name, parameters, meta (dims, classes, kind)
+heads/<run-id>/metrics.json        test metrics (once), best validation score, training history
+heads/<run-id>/lineage.json        feature fingerprints, dataset + manifest hash, seed, validation carving
+heads/<run-id>/confusion.png | per_class_f1.png | va.png
+```
+The run folder is written under a temporary name and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+import heads
+from featurestore import __version__
+from featurestore._io import read_json, write_json_atomic
+from featurestore.config import field
+from featurestore.errors import ConfigError, NotFoundError
+from featurestore.features import superseded_by
+from featurestore.reader import parse_feature_refs
+from featurestore.store import Store, check_name, now_iso
+from heads import metrics
+from heads._data import TARGETS, features_of, prepare, usable
+
+__all__ = ["TrainHeadConfig", "TrainResult", "run", "evaluate", "list_runs", "run_folder", "make_head"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainHeadConfig:
+    method: str = field("linear", "registered head name (fs heads list)")
+    dataset: str = field("", "registered dataset name")
+    features: dict = field({}, "modality -> backbone name or fingerprint, e.g. {'text': 'minilm'}")
+    params: dict = field({}, "head parameters as strings or values (fs heads show NAME)")
+    target: str = field("label", "label (single/binary) | labels (multi-label) | va (regression)")
+    seed: int = field(0, "seed of the head and of validation carving")
+    val_fraction: float = field(0.1, "fraction of train carved as validation when the dataset has none")
+    eval_split: str = field("test", "split evaluated once after training")
+    run_id: str = field("", "name of the run folder (default: method-dataset-time-random)")
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ConfigError(f"target {self.target!r} is not one of {list(TARGETS)}")
+        if not self.dataset:
+            raise ConfigError("no dataset given; use --dataset NAME (fs datasets list)")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_id: str
+    folder: Path
+    method: str
+    dataset: str
+    kind: str
+    metrics: dict
+    val_score: float | None
+    seconds: float
+    lineage: dict
+
+    def to_dict(self) -> dict:
+        return {"run": self.run_id, "folder": str(self.folder), "method": self.method, "dataset": self.dataset,
+                "kind": self.kind, "metrics": _clean(self.metrics), "val_score": _clean(self.val_score),
+                "seconds": round(self.seconds, 3), "lineage": self.lineage}
+
+
+def make_head(method: str, params: dict, seed: int) -> heads.Head:
+    """The head with `params` (unknown names list the head's parameters) and the run seed."""
+    cls = heads.get(method)
+    params = dict(params)
+    if "seed" in cls.param_names() and "seed" not in params:
+        params["seed"] = seed
+    return cls(**params)
+
+
+def run_folder(store: Store, run_id: str) -> Path:
+    folder = store.heads_dir() / check_name(run_id, "run")
+    if not (folder / "config.json").is_file():
+        known = ", ".join(p.name for p in _run_dirs(store)) or "none"
+        raise NotFoundError(f"run {run_id!r} is not in {store.heads_dir()}; known: {known} (fs runs)")
+    return folder
+
+
+def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train on train, early-stop on validation, evaluate on `eval_split` once, save the run."""
+    start = time.perf_counter()
+    say = log or (lambda s: None)
+    head = make_head(config.method, config.params, config.seed)  # bad --param fails here, before any reading
+    refs = parse_feature_refs(config.features)
+    data = prepare(store, config.dataset, refs, target=config.target, val_fraction=config.val_fraction,
+                   seed=config.seed, sequences=head.uses_sequences and getattr(head, "sequences", True),
+                   va=head.uses_va, eval_split=config.eval_split)
+    if data.kind not in head.supports:
+        raise ConfigError(f"head {config.method!r} does not train {data.kind!r} targets (--target "
+                          f"{config.target}); it supports {sorted(head.supports)}")
+    (Xtr, ytr), (Xv, yv) = data.splits["train"], data.splits["val"]
+    say(f"training {config.method} on {len(ytr)} items ({data.kind}, {len(data.classes)} classes), "
+        f"validating on {len(yv)}")
+    head.fit(Xtr, ytr, eval_set=(Xv, yv))
+    Xte, yte = data.splits[config.eval_split]
+    pred, proba = head.predict(Xte), head.predict_proba(Xte)
+    test = metrics.evaluate(yte, pred, proba)
+    val = metrics.primary(yv, head.predict(Xv), head.predict_proba(Xv))
+    run_id = config.run_id or _new_run_id(config.method, config.dataset)
+    lineage = {
+        "dataset": config.dataset, "manifest_hash": data.manifest_hash, "features": refs,
+        "fingerprints": data.fingerprints, "target": config.target, "kind": data.kind, "classes": data.classes,
+        "seed": config.seed, "validation": data.validation, "eval_split": config.eval_split,
+        "dropped_without_target": data.dropped, "dropped_without_features": data.no_features,
+        "va_sources": data.va_sources, "n_train": len(ytr), "n_eval": len(yte),
+        "label_va_note": data.label_va_note, "created_at": now_iso(), "featurestore": __version__,
+    }
+    history = getattr(head, "history_", None)
+    doc = {"method": config.method, "kind": data.kind, "primary": metrics.PRIMARY[data.kind],
+           config.eval_split: test, "val_primary": val, "history": history}
+    folder = _publish_run(store, run_id, head, doc, lineage, (yte, pred, proba))
+    say(f"saved run {run_id} to {folder}")
+    return TrainResult(run_id, folder, config.method, config.dataset, data.kind, test, val,
+                       time.perf_counter() - start, lineage)
+
+
+def _new_run_id(method: str, dataset: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return f"{method}-{dataset}-{stamp}-{uuid.uuid4().hex[:6]}"[:128]
+
+
+def _publish_run(store: Store, run_id: str, head: heads.Head, doc: dict, lineage: dict, evaluated) -> Path:
+    final = store.heads_dir() / check_name(run_id, "run")
+    if final.exists():
+        raise ConfigError(f"run {run_id!r} already exists in {store.heads_dir()}; choose another run id")
+    tmp = store.heads_dir() / f".{run_id}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        head.save(tmp)
+        write_json_atomic(tmp / "metrics.json", _clean(doc))
+        write_json_atomic(tmp / "lineage.json", lineage)
+        plot(tmp, head.meta_["kind"], list(head.meta_.get("classes", [])), *evaluated)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# ---- plots -------------------------------------------------------------------------
+def plot(folder: Path, kind: str, classes: list[str], targets, pred: np.ndarray, proba: np.ndarray) -> Path:
+    """confusion.png (single/binary), per_class_f1.png (multi) or va.png (regression), with matplotlib Agg."""
+    from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no global backend state
+
+    fig = Figure(figsize=(max(4, 0.6 * len(classes) + 2), max(3.5, 0.5 * len(classes) + 2)))
+    ax = fig.add_subplot()
+    if kind in ("single", "binary"):
+        cm = metrics.confusion_matrix(targets.y, pred, len(classes))
+        ax.imshow(cm, cmap="Blues")
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        ax.set_yticks(range(len(classes)), classes)
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        name = "confusion.png"
+    elif kind == "multi":
+        f1 = metrics.per_class_f1(targets.y, pred)
+        ax.barh(range(len(classes)), f1)
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("F1")
+        name = "per_class_f1.png"
+    else:
+        for d, label in enumerate(("valence", "arousal")):
+            ok = np.isfinite(targets.y[:, d])
+            ax.scatter(targets.y[ok, d], pred[ok, d], s=4, label=label)
+        ax.set_xlabel("true")
+        ax.set_ylabel("predicted")
+        ax.legend()
+        name = "va.png"
+    fig.tight_layout()
+    fig.savefig(folder / name, dpi=100)
+    return folder / name
+
+
+# ---- saved runs --------------------------------------------------------------------
+def _run_dirs(store: Store) -> list[Path]:
+    root = store.heads_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / "config.json").is_file())
+
+
+def staleness(store: Store, lineage: dict) -> dict[str, str]:
+    """modality -> newer fingerprint, for each fingerprint the run used that has been superseded."""
+    out = {}
+    for mod, fp in lineage.get("fingerprints", {}).items():
+        newer = superseded_by(store, fp)
+        if newer:
+            out[mod] = newer
+    return out
+
+
+def list_runs(store: Store) -> list[dict]:
+    rows = []
+    for folder in _run_dirs(store):
+        try:
+            lineage = read_json(folder / "lineage.json")
+            doc = read_json(folder / "metrics.json")
+        except (OSError, json.JSONDecodeError):
+            continue
+        split = lineage.get("eval_split", "test")
+        stale = staleness(store, lineage)
+        rows.append({"run": folder.name, "method": doc.get("method"), "dataset": lineage.get("dataset"),
+                     "target": lineage.get("target"), "metric": doc.get("primary"),
+                     "score": (doc.get(split) or {}).get(doc.get("primary")),
+                     "features": ",".join(f"{m}={fp}" for m, fp in lineage.get("fingerprints", {}).items()),
+                     "stale": bool(stale), "superseded_by": stale, "created_at": lineage.get("created_at")})
+    return rows
+
+
+def evaluate(run_id: str, dataset: str, store: Store, *, split: str = "test") -> dict:
+    """Evaluate a saved run on a split of a dataset, reading the exact fingerprints it was trained on."""
+    from featurestore.reader import load_split
+
+    folder = run_folder(store, run_id)
+    head = heads.Head.load(folder)
+    lineage = read_json(folder / "lineage.json")
+    classes = list(head.meta_.get("classes", []))
+    seq = bool(head.meta_.get("seq_dims"))
+    data = load_split(store, dataset, split, lineage["fingerprints"], sequences=seq)
+    head._check_features(features_of(data, va_from_labels=False))  # wrong widths: a clear error before any work
+    X, y, _, no_target, no_features = usable(data, lineage["target"], classes, sequences=seq)
+    result = metrics.evaluate(y, head.predict(X), head.predict_proba(X))
+    return _clean({"run": run_id, "dataset": dataset, "split": split, "n": len(y), "dropped_without_target": no_target,
+                   "dropped_without_features": no_features, "kind": head.meta_["kind"],
+                   "metrics": result, "stale": staleness(store, lineage)})
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN -> None, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

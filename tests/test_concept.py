@@ -1,0 +1,212 @@
+"""Concepts (eq. 6) and the concept-guided head, then the whole run on a real store: two datasets
+with no paired items (MiniLM texts, and image features written under a fingerprint of their own)
+-> scl -> derived features -> memory -> concept head -> queries by raw text, id and batch."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from featurestore.backbones.base import fingerprint_of
+from featurestore.datasets import add_dataset
+from featurestore.datasets.manifest import normalise
+from featurestore.errors import IntegrityError
+from featurestore.features import POOLED, FeatureSet
+from featurestore.memory import open_memory
+from featurestore.reader import load_split
+from heads import create
+from heads.base import Features, Head, Targets
+from heads.concepts import ConceptBank
+
+# ---- concepts ------------------------------------------------------------------------------
+
+
+def small_bank():
+    rng = np.random.default_rng(0)
+    groups = {("image", "a"): rng.normal(size=(5, 4)), ("image", "b"): rng.normal(size=(3, 4)),
+              ("text", "a"): rng.normal(size=(2, 4)), ("audio", "b"): rng.normal(size=(4, 4))}
+    return ConceptBank.from_groups(["a", "b", "c"], groups, 4), groups
+
+
+def test_sampled_concepts_match_eq6_computed_item_by_item():
+    bank, groups = small_bank()
+    y = np.array([0, 1, 1, 0, 2])
+    got, valid = bank.sample(y, np.random.default_rng(7), k=8)
+    u = np.random.default_rng(7).random((len(bank.modalities), len(y), 8))  # the same draws, by hand
+    for b, c in enumerate(y):
+        per_mod = []
+        for i, m in enumerate(bank.modalities):
+            pool = groups.get((m, bank.classes[c]))
+            if pool is not None:
+                per_mod.append(np.mean([pool[int(v * len(pool))] for v in u[i, b]], 0))
+        if per_mod:
+            np.testing.assert_allclose(got[b], np.mean(per_mod, 0), atol=1e-6)
+    assert valid.tolist() == [True, True, True, True, False] and not got[4].any()
+    again, _ = bank.sample(y, np.random.default_rng(7), k=8)
+    np.testing.assert_array_equal(got, again)  # seeded
+
+
+def test_no_generalisation_draws_one_pool_member_and_means_cover_every_member():
+    bank, groups = small_bank()
+    one, valid = bank.sample(np.array([0] * 50 + [1] * 50), np.random.default_rng(1), mode="no_generalisation")
+    members_a = np.concatenate([groups[("image", "a")], groups[("text", "a")]])
+    assert all(np.isclose(members_a, row, atol=1e-6).all(1).any() for row in one[:50])
+    assert valid.all()
+    means, ok = bank.means()
+    want_b = (groups[("image", "b")].mean(0) + groups[("audio", "b")].mean(0)) / 2
+    np.testing.assert_allclose(means[1], want_b, atol=1e-6)
+    assert ok.tolist() == [True, True, False]
+
+
+# ---- the whole run -------------------------------------------------------------------------
+IMG = ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+
+
+def build_store(store, demo_df, minilm, root: Path):
+    from jobs.extract import ExtractConfig, run as extract
+
+    words = pl.concat([demo_df.filter(pl.col("label") == c).head(60) for c in ("positive", "negative", "neutral")])
+    words = words.with_columns(split=pl.Series(["val" if i % 5 == 0 else "train" for i in range(len(words))]))
+    add_dataset(store, "words", words, root=None, source="test")
+    extract(ExtractConfig(dataset="words", modality="text", backbone="minilm", batch_size=64), store, backbone=minilm)
+    rows = []
+    for i in range(168):
+        c = IMG[i % 7]
+        path = root / "faces" / c / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"face {i}".encode())
+        rows.append({"item_id": f"{c}/{i}.png", "image": f"{c}/{i}.png", "label": c,
+                     "split": "val" if i % 5 == 0 else "train"})
+    faces = add_dataset(store, "faces", normalise(pl.from_dicts(rows), source="test"), root=root / "faces",
+                        source="test")
+    spec = {"backbone": "toy-image", "modality": "image", "dim": 24, "config": {"dtype": "float16"}}
+    fs = FeatureSet(store, fingerprint_of("toy-image", spec))
+    fs.folder.mkdir(parents=True)
+    fs.ensure_spec(spec)
+    rng = np.random.default_rng(0)
+    y = np.array([IMG.index(c) for c in faces.manifest["label"]])
+    writer = fs.segments.writer(dtypes={POOLED: "float16"})
+    writer.add(faces.manifest["image_key"].to_list(), {POOLED: rng.normal(size=(7, 24))[y] + 0.5 * rng.normal(size=(len(y), 24))})
+    writer.flush()
+    return fs.fingerprint
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_df, minilm):
+    from featurestore.store import open_store
+    from jobs.build_memory import BuildMemoryConfig, run as build_memory
+    from jobs.train_scl import TrainSCLConfig, run as train_scl
+
+    root = tmp_path_factory.mktemp("concepts")
+    store = open_store(root / "store", create=True)
+    image_fp = build_store(store, demo_df, minilm, root)
+    params = {"joint_epochs": "3", "seq_epochs": "15", "lr": "3e-3", "width": "64", "proj_width": "64",
+              "batch_size": "32", "device": "cpu"}
+    result = train_scl(TrainSCLConfig(data=("words:text=minilm", f"faces:image={image_fp}"), run="scl1",
+                                      params=params), store)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiny data: a class may have an empty pool
+        memory = build_memory(BuildMemoryConfig(name="m1", run="scl1", top_p=0.5), store)
+    return store, result, memory, image_fp
+
+
+def test_scl_run_writes_derived_features_that_verify_and_read(trained):
+    from featurestore.cli.store_cmd import verify_store
+
+    store, result, _, image_fp = trained
+    assert set(result.derived) == {"text", "image"} and result.written == {"text": 180, "image": 168}
+    assert verify_store(store) == []
+    for m, fp in result.derived.items():
+        spec = {k: v for k, v in FeatureSet(store, fp).spec.items() if k not in ("fingerprint", "created_at")}
+        assert spec["backbone"] == "scl" and spec["encoder_hash"] == result.encoder_hash and spec["dim"] == 64
+        assert fingerprint_of("scl", spec) == fp
+    faces = load_split(store, "faces", "val", {"image": result.derived["image"]})
+    assert faces.masks["image"].all() and faces.features["image"].shape[1] == 64
+    assert result.metrics["val"]["faces"]["image"] > 0.4
+
+
+def test_memory_holds_both_datasets_with_pools(trained):
+    store, result, memory, _ = trained
+    mem = open_memory(store, "m1")
+    assert len(mem) == memory.n == 134 + 144  # train rows of words + faces
+    assert set(mem.meta["dataset"].unique()) == {"words", "faces"}
+    assert mem.spec["fingerprints"] == result.derived and mem.kind == "flat"
+    pooled = mem.meta.filter(pl.col("pool"))
+    assert pooled["correct"].all() and len(pooled) > 0
+
+
+def test_concept_head_trains_through_the_head_api_in_every_mode(trained, tmp_path):
+    store, _, _, _ = trained
+    data = load_split(store, "words", "train", {"text": "minilm"})
+    classes = sorted(set(data.label))
+    X = Features(data.features, data.masks)
+    y = Targets(kind="single", y=np.array([classes.index(c) for c in data.label]), classes=classes)
+    folder = str(store.memory_dir() / "m1")
+    for mode in ("replay", "no_selectivity", "no_generalisation"):
+        head = create("concept", memory=folder, mode=mode, epochs=6, device="cpu").fit(X, y)
+        assert head.meta_["concept_dim"] == 64 and head.meta_["scl_run"] == "scl1"
+        assert (head.predict(X) == y.y).mean() > 0.6
+    head.save(tmp_path / "h")
+    again = Head.load(tmp_path / "h")
+    np.testing.assert_allclose(again.predict_proba(X), head.predict_proba(X), atol=1e-6)
+    assert again.concept_features(X).shape == (len(X), 64)
+    # multimodal: both modalities concatenated (each row has one of them)
+    faces = load_split(store, "faces", "train", {"image": trained[3]})
+    both = Features({"text": np.concatenate([data.features["text"], np.zeros((len(faces), 384), np.float32)]),
+                     "image": np.concatenate([np.zeros((len(data), 24), np.float32), faces.features["image"]])},
+                    {"text": np.arange(len(data) + len(faces)) < len(data),
+                     "image": np.arange(len(data) + len(faces)) >= len(data)})
+    labels = sorted(set(classes) | set(IMG))
+    yy = Targets(kind="single", y=np.array([labels.index(c) for c in list(data.label) + list(faces.label)]),
+                 classes=labels)
+    multi = create("concept", memory=folder, epochs=4, device="cpu").fit(both, yy)
+    assert multi.predict_proba(both).shape == (len(yy), len(labels))
+
+
+def test_query_by_raw_text_id_and_batch(trained, tmp_path):
+    from jobs.query import Querier
+
+    store, result, _, image_fp = trained
+    q = Querier(store, "m1", k=4, device="cpu")
+    ans = q.text("what a wonderful, happy day")
+    assert {e["emotion"] for e in ans["emotions"]} <= set(q.classes) and len(ans["emotions"]) >= 3
+    sims = [e["similarity"] for e in ans["emotions"]]
+    assert sims == sorted(sims, reverse=True)
+    assert len(ans["neighbours"]) == 4 and {"id", "item_id", "dataset", "label"} <= set(ans["neighbours"][0])
+    # a train word finds itself first, from its cached features
+    word = open_memory(store, "m1").meta.filter(pl.col("dataset") == "words")["item_id"][0]
+    hit = q.item(f"words:{word}")
+    assert hit["neighbours"][0]["item_id"] == word and hit["neighbours"][0]["similarity"] > 0.999
+    with pytest.raises(IntegrityError, match=image_fp):
+        q.features("image", np.zeros((1, 24)), fingerprint="toy-image-0000000000000000")
+    lines = ['{"text": "dreadful"}', "not json", "", '{"id": "words:no-such-item"}', '{"image": "/nope.png"}',
+             f'{{"id": "faces:{open_memory(store, "m1").meta.filter(pl.col("dataset") == "faces")["item_id"][0]}"}}']
+    out = q.batch(lines)
+    assert [r["line"] for r in out] == [1, 2, 4, 5, 6]
+    assert "emotions" in out[0] and "emotions" in out[4]
+    assert "not JSON" in out[1]["error"] and "no-such-item" in out[2]["error"] and "/nope.png" in out[3]["error"]
+
+
+def test_cli_memory_list_info_and_query_json(trained, tmp_path):
+    from featurestore.cli import cli
+
+    store = trained[0]
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["--store", str(store.root), "memory", "list", "--json"])
+    assert listed.exit_code == 0 and json.loads(listed.output)[0]["name"] == "m1"
+    info = runner.invoke(cli, ["--store", str(store.root), "memory", "info", "m1"])
+    assert info.exit_code == 0 and "scl1" in info.output
+    batch = tmp_path / "q.jsonl"
+    batch.write_text('{"text": "joy"}\n{"oops": 1}\n')
+    res = runner.invoke(cli, ["--store", str(store.root), "query", "--batch", str(batch), "--memory", "m1",
+                              "--k", "2", "--json", "--device", "cpu"])
+    assert res.exit_code == 11, res.output  # one bad line
+    payload = json.loads(res.output[res.output.index("{"):])
+    assert len(payload["results"][0]["neighbours"]) == 2 and "error" in payload["results"][1]
+    missing = runner.invoke(cli, ["--store", str(store.root), "query", "--text", "x", "--memory", "nope"])
+    assert missing.exit_code == 4 and "nope" in missing.output

@@ -1,0 +1,209 @@
+"""Contract tests run over every registered head (`heads.names()`), so heads added later are covered.
+
+`HeadContract` is the base class: a head whose inputs differ from the generic synthetic data can
+subclass it and override `make_data`. Everything here is real (torch, xgboost, safetensors).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import heads
+from featurestore.errors import ConfigError, FeatureStoreError
+from heads import Features, Head, Targets
+
+CLASSES = ["happy", "sad", "anger"]  # names the label VA table knows
+DIMS = {"text": 12, "audio": 6}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared CPU: one intra-op thread avoids oversubscription stalls."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fast_params(cls: type[Head]) -> dict:
+    names = set(cls.param_names())
+    quick = {"epochs": 4, "n_estimators": 8, "patience": 2, "hidden": 16, "batch_size": 32}
+    out = {k: v for k, v in quick.items() if k in names}
+    if "heads" in names and "hidden" in out:
+        out["heads"] = 2
+    return out
+
+
+def synthetic(kind: str, n: int = 96, seed: int = 0) -> tuple[Features, Targets]:
+    rng = np.random.default_rng(seed)
+    cls = rng.integers(0, 3, n)
+    pooled = {m: rng.normal(size=(n, d)).astype(np.float32) for m, d in DIMS.items()}
+    pooled["text"][:, 0] += 2 * cls
+    masks = {"text": np.ones(n, bool), "audio": rng.random(n) > 0.25}
+    va = {m: np.c_[cls / 2 - 0.5, rng.uniform(-1, 1, n)].astype(np.float32) for m in DIMS}
+    X = Features(pooled, masks, va=va)
+    if kind == "single":
+        return X, Targets("single", cls, CLASSES)
+    if kind == "binary":
+        return X, Targets("binary", (cls > 0).astype(np.int64), ["negative", "positive"],
+                          label_va=np.array([[-0.8, 0.2], [0.8, 0.3]]))
+    if kind == "multi":
+        y = np.eye(3, dtype=np.float32)[cls]
+        y[:, 2] = np.maximum(y[:, 2], rng.random(n) < 0.3)
+        return X, Targets("multi", y, CLASSES)
+    return X, Targets("va", np.c_[cls / 2 - 0.5, np.full(n, np.nan)].astype(np.float32))
+
+
+class HeadContract:
+    """What every head promises. Subclasses set `name` (or are parametrised by the `name` fixture)."""
+
+    def make_data(self, kind: str, seed: int = 0) -> tuple[Features, Targets]:
+        return synthetic(kind, seed=seed)
+
+    def kind(self, cls) -> str:
+        return next(k for k in ("single", "multi", "binary", "va") if k in cls.supports)
+
+    def params(self, cls) -> dict:
+        return {**fast_params(cls), **cls.example_params(self.workdir)}
+
+    def fitted(self, name: str, kind: str | None = None) -> tuple[Head, Features, Targets]:
+        cls = heads.get(name)
+        kind = kind or self.kind(cls)
+        X, y = self.make_data(kind)
+        Xv, yv = self.make_data(kind, seed=1)
+        head = heads.create(name, **self.params(cls))
+        try:
+            fitted = head.fit(X, y, eval_set=(Xv, yv))
+        except ConfigError as exc:
+            if cls.example_params.__func__ is Head.example_params.__func__:
+                pytest.skip(f"head {name!r} cannot train on generic features without setup ({exc}); "
+                            "give it an `example_params` classmethod")
+            raise
+        assert fitted is head
+        return head, Xv, yv
+
+    @pytest.fixture(autouse=True)
+    def _workdir(self, tmp_path_factory):
+        self.workdir = tmp_path_factory.mktemp("head-example")
+
+    def test_init_stores_params_only(self, name):
+        cls = heads.get(name)
+        head = cls()
+        assert head.get_params() == dataclasses.asdict(cls.Config())
+        assert not [k for k in vars(head) if k.endswith("_") and not k.startswith("_")]
+        with pytest.raises(FeatureStoreError):
+            head.predict_proba(self.make_data(self.kind(cls))[0])
+
+    def test_get_set_params_round_trip(self, name):
+        cls = heads.get(name)
+        head = heads.create(name, **self.params(cls))
+        params = head.get_params()
+        clone = cls().set_params(**params)
+        assert clone.get_params() == params
+        with pytest.raises(ConfigError, match="known"):
+            head.set_params(no_such_param=1)
+        with pytest.raises(ConfigError, match="known"):
+            cls(no_such_param="1")
+
+    def test_fit_predict_shapes_for_every_supported_kind(self, name):
+        for kind in sorted(heads.get(name).supports):
+            head, X, y = self.fitted(name, kind)
+            proba, pred = head.predict_proba(X), head.predict(X)
+            assert proba.shape == (len(X), y.n_outputs)
+            assert np.isfinite(proba).all()
+            if kind in ("single", "binary"):
+                np.testing.assert_allclose(proba.sum(1), 1, atol=1e-5)
+                assert pred.shape == (len(X),) and set(pred) <= set(range(len(y.classes)))
+            elif kind == "multi":
+                assert pred.shape == proba.shape and set(np.unique(pred)) <= {0, 1}
+                assert (pred.sum(1) >= 1).all()
+            assert np.isfinite(head.score(X, y))
+
+    def test_save_load_gives_identical_predictions(self, name, tmp_path):
+        head, X, _ = self.fitted(name)
+        head.save(tmp_path / "run")
+        assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "config.json").is_file()
+        loaded = Head.load(tmp_path / "run")
+        assert type(loaded) is type(head) and loaded.get_params() == head.get_params()
+        np.testing.assert_array_equal(loaded.predict_proba(X), head.predict_proba(X))
+        np.testing.assert_array_equal(loaded.predict(X), head.predict(X))
+
+    def test_same_seed_same_predictions(self, name):
+        a, X, _ = self.fitted(name)
+        b, _, _ = self.fitted(name)
+        np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=1e-6)
+
+    def test_missing_modalities(self, name):
+        head, X, _ = self.fitted(name)
+        only_text = Features({"text": X.pooled["text"]}, {"text": X.masks["text"]})
+        none_audio = Features(dict(X.pooled), {"text": X.masks["text"], "audio": np.zeros(len(X), bool)},
+                              va=dict(X.va))
+        for Xm in (only_text, none_audio):
+            proba = head.predict_proba(Xm)
+            assert proba.shape[0] == len(X) and np.isfinite(proba).all()
+        # absent modality == present-but-masked modality
+        np.testing.assert_allclose(head.predict_proba(only_text), head.predict_proba(none_audio), atol=1e-5)
+
+    def test_refuses_wrong_dims_and_unknown_modalities(self, name):
+        head, X, _ = self.fitted(name)
+        wrong = Features({"text": np.zeros((4, DIMS["text"] + 1), np.float32)}, {})
+        with pytest.raises(ConfigError, match="12-d"):
+            head.predict_proba(wrong)
+        extra = Features({**{m: a[:4] for m, a in X.pooled.items()}, "image": np.zeros((4, 3), np.float32)}, {})
+        with pytest.raises(ConfigError, match="image"):
+            head.predict_proba(extra)
+
+
+@pytest.fixture(params=heads.names())
+def name(request):
+    return request.param
+
+
+class TestEveryRegisteredHead(HeadContract):
+    pass
+
+
+def test_builtin_heads_are_registered():
+    assert {"linear", "mlp", "xgboost", "univa"} <= set(heads.names())
+
+
+def test_nan_features_are_refused_before_training():
+    X, _ = synthetic("single")
+    X.pooled["text"][3, 2] = np.nan
+    with pytest.raises(ConfigError, match="NaN"):
+        Features(X.pooled, X.masks)
+
+
+def test_head_refuses_target_kinds_it_does_not_support():
+    X, y = synthetic("va")
+    with pytest.raises(ConfigError, match="supports"):
+        heads.create("univa").fit(X, y)
+
+
+def test_carve_validation_is_seeded_and_group_aware():
+    from heads._data import carve_validation
+
+    groups = np.array([f"spk{i % 10}" for i in range(100)], object)
+    tr1, va1, rec = carve_validation(100, fraction=0.2, seed=3, groups=groups)
+    tr2, va2, _ = carve_validation(100, fraction=0.2, seed=3, groups=groups)
+    np.testing.assert_array_equal(va1, va2)
+    assert rec["by"] == "group" and rec["n_val"] == 20 and rec["seed"] == 3
+    assert not set(groups[tr1]) & set(groups[va1])
+    _, va3, rec3 = carve_validation(100, fraction=0.2, seed=3, groups=np.full(100, None, object))
+    assert rec3["by"] == "item" and len(va3) == 20
+
+
+def test_tensor_batches_are_slices_of_one_tensor():
+    import torch
+
+    from heads._data import TensorSet
+
+    t = torch.arange(10.0)[:, None]
+    ts = TensorSet({"x": t}, 10)
+    first = next(ts.batches(4))["x"]
+    assert first.data_ptr() == t.data_ptr()  # a view, not a copy
+    seen = torch.cat([b["x"] for b in ts.batches(3, shuffle=True, generator=torch.Generator().manual_seed(0))])
+    assert sorted(seen.flatten().tolist()) == list(range(10))

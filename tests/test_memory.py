@@ -1,0 +1,101 @@
+"""The FAISS replay memory against numpy brute force: exact and IVF search, add/remove by id,
+save/load, pools."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from featurestore.errors import ConfigError
+from featurestore.memory import Memory, MemoryConfig, mark_pools, pool_counts
+from featurestore.memory._index import exact_topk, recall_at
+
+
+def clustered(n, dim=32, clusters=40, spread=0.35, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    x = centres[rng.integers(0, clusters, n)] + spread * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def brute(base, ids, queries, k):
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    rows = exact_topk(base, q.astype(np.float32), k)
+    return ids[rows], np.take_along_axis(q @ base.T, rows, 1)
+
+
+def test_exact_search_matches_numpy_brute_force():
+    x, queries = np.split(clustered(520), [500])
+    ids = np.arange(1000, 1500)
+    mem = Memory(32)
+    mem.add(ids, x * 3.0, {"class": ["a"] * 500})  # stored normalised: cosine
+    assert mem.kind == "flat" and len(mem) == 500
+    scores, found = mem.search(queries, 10)
+    want_ids, want_scores = brute(x, ids, queries, 10)
+    np.testing.assert_array_equal(found, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+
+
+def test_ivf_above_threshold_reaches_recall_and_removes_by_id(tmp_path):
+    x, queries = np.split(clustered(6200, seed=2), [6000])  # queries held out from the same clusters
+    ids = np.arange(6000) * 7  # ids need not be positions
+    mem = Memory(32, MemoryConfig(exact_max=2000, target_recall=0.95))
+    mem.add(ids[:1000], x[:1000], {"modality": ["text"] * 1000})
+    assert mem.kind == "flat"
+    mem.add(ids[1000:], x[1000:], {"modality": ["text"] * 5000})  # crosses exact_max: rebuilt as IVF
+    assert mem.kind == "ivf" and len(mem) == 6000 and mem.recall >= 0.95 and mem.nprobe >= 1
+    _, found = mem.search(queries, 10)
+    want, _ = brute(x, ids, queries, 10)
+    assert recall_at(found, want) >= 0.9
+    gone = ids[:50]
+    assert mem.remove(np.concatenate([gone, [-5, 10**9]])) == 50
+    assert len(mem) == len(mem.meta) == 5950
+    _, found = mem.search(x[:50], 10)
+    assert not np.isin(found, gone).any()
+    mem.save(tmp_path / "m")
+    again = Memory.load(tmp_path / "m")
+    assert again.kind == "ivf" and again.nprobe == mem.nprobe and len(again) == 5950
+    np.testing.assert_array_equal(again.search(queries, 10)[1], mem.search(queries, 10)[1])
+    np.testing.assert_allclose(again.vectors(ids[100:103]), x[100:103], atol=1e-6)
+
+
+def test_add_remove_save_load_round_trip(tmp_path):
+    x = clustered(100, seed=4)
+    mem = Memory(32, spec={"name": "t"})
+    meta = {"item_id": [f"i{i}" for i in range(100)], "dataset": ["d"] * 100, "class": ["a", "b"] * 50,
+            "confidence": np.linspace(0, 1, 100), "extra": list(range(100))}
+    mem.add(np.arange(100), x, meta)
+    with pytest.raises(ConfigError, match="already present"):
+        mem.add([5], x[:1], {})
+    with pytest.raises(ConfigError, match="shape"):
+        mem.add([500], np.zeros((1, 8)), {})
+    assert mem.remove([3, 4]) == 2
+    mem.add([3], x[3:4], {"item_id": ["back"]})
+    mem.save(tmp_path / "m")
+    mem.save(tmp_path / "m")  # replacing a published memory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp folders left
+    again = Memory.load(tmp_path / "m")
+    assert again.spec["name"] == "t" and len(again) == 99
+    _, found = again.search(x[3:4], 1)
+    assert again.rows(found[0])[0]["item_id"] == "back"
+    assert again.rows(np.array([-1]))[0] is None
+    assert again.meta["extra"].drop_nulls().len() == 98
+
+
+def test_pools_are_top_p_of_correct_rows_per_modality_and_class():
+    rng = np.random.default_rng(5)
+    n = 400
+    df = pl.DataFrame({"modality": rng.choice(["image", "text"], n), "class": rng.choice(["a", "b", "c"], n),
+                       "confidence": rng.random(n).astype(np.float32), "correct": rng.random(n) < 0.6})
+    df = df.with_columns(pl.when((pl.col("class") == "c") & (pl.col("modality") == "text"))
+                         .then(False).otherwise(pl.col("correct")).alias("correct"))  # an empty pool
+    out = mark_pools(df, 0.2)
+    for (m, c), group in out.group_by(["modality", "class"]):
+        correct = group.filter(pl.col("correct")).sort("confidence", descending=True)
+        want = set(correct["confidence"].head(math.ceil(0.2 * len(correct))).to_list())
+        assert set(group.filter(pl.col("pool"))["confidence"].to_list()) == want
+    assert pool_counts(out)["text"]["c"] == 0
+    with pytest.raises(ConfigError):
+        mark_pools(df, 0)

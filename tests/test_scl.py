@@ -1,0 +1,120 @@
+"""The SCL encoder: its losses against direct loop computations, the stage schedule, and a fit on
+two unpaired modalities."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from featurestore.errors import ConfigError
+from heads import create
+from heads.base import Features, Head, Targets
+from heads.scl import SCL, coarse_labels, orthogonality_loss, parse_cycle, triplet_loss
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_orthogonality_loss_is_eq2_by_loops(normalize):
+    g = torch.Generator().manual_seed(0)
+    emo, non = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    e, n = emo.numpy().astype(np.float64), non.numpy().astype(np.float64)
+    if normalize:
+        e, n = e / np.linalg.norm(e, axis=1, keepdims=True), n / np.linalg.norm(n, axis=1, keepdims=True)
+    want = 0.0
+    for a in range(5):
+        for b in range(5):
+            want += sum(e[i, a] * n[i, b] for i in range(7)) ** 2  # (F_emo^T F_non)_ab squared
+    assert float(orthogonality_loss(emo, non, normalize=normalize)) == pytest.approx(want, rel=1e-5)
+
+
+def triplet_by_loops(f, mod, lab, alpha):
+    f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    total, count = 0.0, 0
+    for i, j, k in itertools.product(range(len(f)), repeat=3):
+        if mod[i] != mod[j] and mod[i] == mod[k] and lab[i] == lab[j] and lab[i] != lab[k]:
+            total += max(0.0, alpha - f[i] @ f[j] + f[i] @ f[k])
+            count += 1
+    return total / count if count else 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_triplet_loss_is_eq3_by_loops(seed):
+    rng = np.random.default_rng(seed)
+    n = 24
+    f = rng.normal(size=(n, 6))
+    mod, lab = rng.integers(0, 3, n), rng.integers(0, 4, n)
+    got = triplet_loss(torch.tensor(f, dtype=torch.float64), torch.tensor(mod), torch.tensor(lab), 0.2)
+    assert float(got) == pytest.approx(triplet_by_loops(f, mod, lab, 0.2), rel=1e-9, abs=1e-12)
+
+
+def test_triplet_loss_is_zero_without_triplets_and_has_gradients():
+    f = torch.randn(6, 4, requires_grad=True)
+    one_modality = triplet_loss(f, torch.zeros(6, dtype=torch.long), torch.arange(6) % 2, 0.2)
+    assert float(one_modality.detach()) == 0.0
+    loss = triplet_loss(f, torch.arange(6) % 2, torch.arange(6) // 3, 0.2)
+    loss.backward()
+    assert f.grad is not None and torch.isfinite(f.grad).all()
+
+
+def test_coarse_mapping_and_cycle_parsing():
+    coarse, idx = coarse_labels(["anger", "Happy", "neutral", "surprise", "positive", "sad"],
+                                SCL().coarse_map)
+    assert coarse == ["negative", "neutral", "positive"]
+    assert idx.tolist() == [0, 2, 1, -1, 2, 0]  # surprise excluded
+    assert parse_cycle("1e") == (1, "epochs") and parse_cycle("100b") == (100, "batches")
+    with pytest.raises(ConfigError):
+        parse_cycle("2x")
+    with pytest.raises(ConfigError):
+        SCL(cycle="0b")
+
+
+def unpaired(n_img=210, n_txt=150, seed=0):
+    """Images of 7 emotions and texts of 3 polarities: different datasets, no paired items."""
+    rng = np.random.default_rng(seed)
+    img = ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+    txt = ["negative", "neutral", "positive"]
+    classes = sorted(set(img) | set(txt))
+    yi, yt = np.arange(n_img) % 7, np.arange(n_txt) % 3
+    xi = rng.normal(size=(7, 24))[yi] + 0.5 * rng.normal(size=(n_img, 24))
+    xt = rng.normal(size=(3, 16))[yt] + 0.5 * rng.normal(size=(n_txt, 16))
+    n = n_img + n_txt
+    pooled = {"image": np.zeros((n, 24), np.float32), "text": np.zeros((n, 16), np.float32)}
+    pooled["image"][:n_img], pooled["text"][n_img:] = xi, xt
+    masks = {"image": np.arange(n) < n_img, "text": np.arange(n) >= n_img}
+    y = np.array([classes.index(img[v]) for v in yi] + [classes.index(txt[v]) for v in yt])
+    return Features(pooled, masks), Targets(kind="single", y=y, classes=classes), n_img
+
+
+FAST = dict(joint_epochs=3, seq_epochs=6, lr=3e-3, width=32, proj_width=32, batch_size=32, device="cpu")
+
+
+def test_fit_on_unpaired_modalities_then_save_and_load(tmp_path):
+    X, y, n_img = unpaired()
+    head = create("scl", **FAST, cycle="5b").fit(X, y)
+    assert head.meta_["modalities"] == ["image", "text"]
+    assert head.meta_["coarse_classes"] == ["negative", "neutral", "positive"]
+    proba = head.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-6)
+    # each modality's softmax covers only the labels it was trained on
+    text_only = [head.meta_["classes"].index(c) for c in ("anger", "happy", "sad")]
+    assert proba[n_img:, text_only].max() < 1e-6
+    pred = proba.argmax(1)
+    assert (pred[:n_img] == y.y[:n_img]).mean() > 0.5 and (pred[n_img:] == y.y[n_img:]).mean() > 0.6
+    emo = head.encode(X)
+    assert emo["image"].shape == (len(X), 32) and not emo["image"][n_img:].any()
+    head.save(tmp_path / "scl")
+    again = Head.load(tmp_path / "scl")
+    np.testing.assert_allclose(again.predict_proba(X), proba, atol=1e-6)
+    assert again.encoder_hash() == head.encoder_hash() == head.meta_["encoder_hash"]
+
+
+def test_fit_is_seeded_and_stage_settings_change_the_encoder():
+    X, y, _ = unpaired(70, 60)
+    a = SCL(**FAST).fit(X, y)
+    b = SCL(**FAST).fit(X, y)
+    assert a.encoder_hash() == b.encoder_hash()
+    c = SCL(**{**FAST, "joint_epochs": 0}).fit(X, y)
+    assert c.encoder_hash() != a.encoder_hash() and "joint" not in c.meta_["history"]
+    d = SCL(**{**FAST, "cycle": "2b"}).fit(X, y)
+    assert d.meta_["history"]["sequential"]["turns"] > a.meta_["history"]["sequential"]["turns"]
