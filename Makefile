@@ -20,12 +20,15 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-# The main job on the embedded default: the demo dataset (NRC + VADER lexicons)
-# extracted with the packaged MiniLM into ./store, then what the store holds.
+# The main job on the embedded default: the demo dataset (NRC + VADER lexicons) extracted
+# with the packaged MiniLM into ./store (a cache hit when run again), a UniVA head and a
+# valence regressor trained from the cache, then what the store holds.
 demo: setup
 	$(BIN)/fs --store $(STORE) init
 	$(BIN)/fs --store $(STORE) datasets add demo --builtin demo --replace
 	$(BIN)/fs --store $(STORE) extract --dataset demo --modality text --backbone minilm --batch-size 64
+	$(BIN)/fs --store $(STORE) train-head --method univa --dataset demo --features text=minilm --target labels
+	$(BIN)/fs --store $(STORE) va fit --dataset demo --features minilm --out demo-valence --replace
 	$(BIN)/fs --store $(STORE) ls
 	$(BIN)/fs --store $(STORE) verify
 

@@ -158,6 +158,7 @@ class TorchHead(Head):
     """A head whose network reads one flat vector: standardised modalities (zeros where absent) + masks."""
 
     supports = frozenset({"single", "multi", "binary", "va"})
+    stacked: bool = False  # trains through heads._stacked (a stack of one), so sweeps of it are vectorised
 
     def _network(self, in_dim: int, out_dim: int):
         raise NotImplementedError
@@ -190,6 +191,11 @@ class TorchHead(Head):
     def fit(self, X: Features, y: Targets, *, eval_set: tuple[Features, Targets] | None = None) -> "TorchHead":
         from . import metrics
 
+        if self.stacked:
+            from ._stacked import fit_heads
+
+            fit_heads([self], X, y, eval_set=eval_set)
+            return self
         _check_kind(self, y)
         if not len(y):
             raise ConfigError(f"head {self.name!r}: no training items")

@@ -16,6 +16,7 @@ class LinearConfig(TorchParams):
 class Linear(TorchHead):
     name = "linear"
     Config = LinearConfig
+    stacked = True
     description = "one linear layer over the standardised, concatenated modalities (+ presence flags)"
 
     def _network(self, in_dim: int, out_dim: int):

@@ -27,6 +27,7 @@ class MLPConfig(TorchParams):
 class MLP(TorchHead):
     name = "mlp"
     Config = MLPConfig
+    stacked = True
     description = "MLP (Linear-GELU-Dropout blocks) over the standardised, concatenated modalities"
 
     def _network(self, in_dim: int, out_dim: int):

@@ -210,3 +210,21 @@ def test_cli_memory_list_info_and_query_json(trained, tmp_path):
     assert len(payload["results"][0]["neighbours"]) == 2 and "error" in payload["results"][1]
     missing = runner.invoke(cli, ["--store", str(store.root), "query", "--text", "x", "--memory", "nope"])
     assert missing.exit_code == 4 and "nope" in missing.output
+
+
+def test_cli_train_head_concept_with_a_memory_by_name(trained):
+    from featurestore.cli import cli
+
+    store, result, _, _ = trained
+    runner = CliRunner()
+    args = ["--store", str(store.root), "train-head", "--method", "concept", "--dataset", "words",
+            "--features", f"text={result.derived['text']}", "--memory", "m1", "-p", "epochs=3", "-p", "device=cpu",
+            "--eval-split", "val", "--json"]
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["method"] == "concept" and 0 <= out["metrics"]["accuracy"] <= 1
+    cfg = json.loads((Path(out["folder"]) / "config.json").read_text())
+    assert cfg["params"]["memory"] == str((store.memory_dir() / "m1").resolve())
+    bad = runner.invoke(cli, args[:-1] + ["--memory", "nope"])
+    assert bad.exit_code == 4 and "memory 'nope'" in bad.output

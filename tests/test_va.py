@@ -391,6 +391,7 @@ def test_cli_va_commands_and_extract_va(tmp_path, speech_model):
     assert inv("verify").exit_code == 0
     src = cov[0]["source"]
     assert inv("va", "info", src).exit_code == 0
+    assert json.loads(inv("info", src, "--json").output)["spec"]["scorer"] == "lexicon"  # fs info knows VA too
     with open(next((Path(root) / "va" / src).glob("seg-*.h5")), "r+b") as fh:  # flip one byte
         fh.seek(200)
         b = fh.read(1)

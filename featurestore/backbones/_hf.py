@@ -14,14 +14,15 @@ from ..hashing import tree_digest
 __all__ = ["from_pretrained", "apply_adapter", "weights_digest", "autocast", "pool", "sequences", "to_numpy"]
 
 
-def from_pretrained(loader: Any, ref: str, *, what: str, **kwargs) -> Any:
+def from_pretrained(loader: Any, ref: str, *, what: str, option: str = "--model PATH", **kwargs) -> Any:
     """`loader.from_pretrained(ref)` with an error that says what to do when it fails.
 
     `ref` is a local folder or a hub id. Nothing here forces a download: with no network
-    (or HF_HUB_OFFLINE=1) a hub id loads only from the local hub cache.
+    (or HF_HUB_OFFLINE=1) a hub id loads only from the local hub cache. `option` is how the
+    user passes the model, for the error message.
     """
     if not ref:
-        raise BackboneError(f"{what}: no model given; pass --model HUB_ID_OR_FOLDER")
+        raise BackboneError(f"{what}: no model given; pass {option} (a hub id or local folder)")
     local = Path(ref).expanduser()
     target = str(local) if local.exists() else ref
     try:
@@ -29,7 +30,7 @@ def from_pretrained(loader: Any, ref: str, *, what: str, **kwargs) -> Any:
     except Exception as exc:  # transformers raises OSError, ValueError, HF errors...
         hint = ("the folder exists but does not hold a loadable model" if local.exists() else
                 "it is neither a local folder nor in the local hub cache (this machine may have no "
-                "network); pass a local folder with --model PATH")
+                f"network); pass a local folder with {option}")
         raise BackboneError(f"{what}: could not load {ref!r}: {hint}. ({type(exc).__name__}: {exc})") from None
 
 

@@ -24,15 +24,25 @@ def _metric_rows(metrics: dict) -> list[dict]:
 @click.option("--val-fraction", default=0.1, show_default=True, type=float,
               help="Fraction of train carved as validation when the dataset has no validation split.")
 @click.option("--run-id", default="", help="Name of the run folder (default: generated).")
+@click.option("--eval-split", default="test", show_default=True, help="Split evaluated once after training.")
+@click.option("--memory", default="", help="Replay memory name (fs memory list), for heads that read one (concept).")
 @json_option
 @click.pass_context
-def train_head_cmd(ctx, method, dataset, features, params, seed, target, val_fraction, run_id, as_json):
+def train_head_cmd(ctx, method, dataset, features, params, seed, target, val_fraction, run_id, eval_split, memory, as_json):
     """Train a head on the train split, early-stop on validation, evaluate on test once, save the run."""
     from jobs.train_head import TrainHeadConfig, run
 
     store = get_store(ctx)
-    config = TrainHeadConfig(method=method, dataset=dataset, features=parse_feature_refs(features), params=parse_params(params),
-                             target=target, seed=seed, val_fraction=val_fraction, run_id=run_id)
+    params = parse_params(params)
+    if memory:
+        params["memory"] = memory
+    if "memory" in params:
+        from ..memory import memory_folder
+
+        params["memory"] = str(memory_folder(store, params["memory"]).resolve())
+    config = TrainHeadConfig(method=method, dataset=dataset, features=parse_feature_refs(features), params=params,
+                             target=target, seed=seed, val_fraction=val_fraction, run_id=run_id,
+                             eval_split=eval_split)
     result = run(config, store, log=None if as_json else lambda s: click.echo(s, err=True))
     if as_json:
         return emit(result.to_dict())

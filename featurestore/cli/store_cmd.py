@@ -95,9 +95,11 @@ def info_cmd(ctx: click.Context, name: str | None, as_json: bool) -> None:
         data = {"spec": fs.spec, "stats": fs.stats(),
                 "errors_sample": [e.__dict__ for e in errors[:20]]}
     else:
-        raise NotFoundError(f"{name!r} is neither a dataset nor a fingerprint in {store.root} (fs ls)")
-    for extra in _INFO_EXTRAS:
+        data = {}
+    for extra in _INFO_EXTRAS:  # other nouns add facts, or answer for names of their own (VA sources)
         data.update(extra(store, name))
+    if not data:
+        raise NotFoundError(f"{name!r} is not a dataset, fingerprint or VA source in {store.root} (fs ls)")
     if as_json:
         return emit(data)
     _print_nested(data)

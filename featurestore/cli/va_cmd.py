@@ -148,22 +148,29 @@ def models_cmd(ctx, as_json):
 @click.pass_context
 def info_cmd(ctx, name, as_json):
     """Spec, counts and failed items of a VA source, or config and metrics of a fitted model."""
-    from .._io import read_json
-    from ..va.cache import VASet
-    from ..va.learned import CONFIG, METRICS, list_models, models_root
     from .store_cmd import _print_nested
 
     store = get_store(ctx)
-    vs = VASet(store, name)
-    if vs.exists():
-        data = {"spec": vs.spec, "stats": vs.stats(), "errors_sample": [e.__dict__ for e in vs.errors()[:20]]}
-    elif name in list_models(store):
-        folder = models_root(store) / name
-        data = {"model": read_json(folder / CONFIG), "metrics": read_json(folder / METRICS)}
-    else:
+    data = va_info(store, name)
+    if not data:
         raise NotFoundError(f"{name!r} is neither a VA source nor a fitted VA model in {store.root} "
                             "(fs va sources, fs va models)")
     emit(data) if as_json else _print_nested(data)
+
+
+def va_info(store, name: str) -> dict:
+    """Facts about a VA source or a fitted VA model; {} when `name` is neither."""
+    from .._io import read_json
+    from ..va.cache import VASet
+    from ..va.learned import CONFIG, METRICS, list_models, models_root
+
+    vs = VASet(store, name)
+    if vs.exists():
+        return {"spec": vs.spec, "stats": vs.stats(), "errors_sample": [e.__dict__ for e in vs.errors()[:20]]}
+    if name in list_models(store):
+        folder = models_root(store) / name
+        return {"model": read_json(folder / CONFIG), "metrics": read_json(folder / METRICS)}
+    return {}
 
 
 @va_group.command("gc")
@@ -235,7 +242,7 @@ def _info_extra(store, name) -> dict:
         return {"va_sources": len(list_va_sets(store)), "va_models": len(list_models(store))}
     if name in list_datasets(store):
         return {"va": va_coverage(store, get_dataset(store, name))}
-    return {}
+    return va_info(store, name)
 
 
 def _verify_extra(store) -> list[dict]:

@@ -16,7 +16,7 @@ from .memory import META_COLUMNS, Memory, MemoryConfig, publish_folder
 from .pools import mark_pools, pool_counts
 
 __all__ = ["Memory", "MemoryConfig", "META_COLUMNS", "publish_folder", "mark_pools", "pool_counts",
-           "memory_path", "open_memory", "list_memories"]
+           "memory_path", "open_memory", "memory_folder", "list_memories"]
 
 
 def memory_path(store: Store, name: str) -> Path:
@@ -25,6 +25,11 @@ def memory_path(store: Store, name: str) -> Path:
 
 def open_memory(store: Store, name_or_path: str | Path, *, device: str | None = None) -> Memory:
     """A memory by name in `store`, or by folder path."""
+    return Memory.load(memory_folder(store, name_or_path), device=device)
+
+
+def memory_folder(store: Store, name_or_path: str | Path) -> Path:
+    """The folder of a memory given by name in `store` or by path; a clear error if there is none."""
     path = Path(name_or_path)
     if not (path / "spec.json").is_file():
         path = memory_path(store, str(name_or_path))
@@ -32,7 +37,7 @@ def open_memory(store: Store, name_or_path: str | Path, *, device: str | None = 
             known = ", ".join(list_memories(store)) or "none"
             raise NotFoundError(f"memory {str(name_or_path)!r} is not in {store.memory_dir()}; known: {known} "
                                 "(build one with `fs memory build NAME --from RUN`)")
-    return Memory.load(path, device=device)
+    return path
 
 
 def list_memories(store: Store) -> list[str]:

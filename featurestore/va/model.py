@@ -96,7 +96,8 @@ class ModelScorer(VAScorer):
         if getattr(self, "_cfg", None) is None:
             from transformers import AutoConfig
 
-            self._cfg = _hf.from_pretrained(AutoConfig, self.config.model, what="VA scorer model")
+            self._cfg = _hf.from_pretrained(AutoConfig, self.config.model, what="VA scorer model",
+                                            option="--param model=PATH")
         return self._cfg
 
     def modalities(self) -> tuple[str, ...]:
@@ -128,13 +129,13 @@ class ModelScorer(VAScorer):
         self.columns = head_columns(cfg.id2label or {}, int(cfg.num_labels), self.config.labels)
         auto, _ = _MAPPINGS[self.modality]
         model, info = _hf.from_pretrained(getattr(transformers, auto), self.config.model, what=what,
-                                          output_loading_info=True)
+                                          option="--param model=PATH", output_loading_info=True)
         if info.get("missing_keys"):
             raise BackboneError(f"{what}: {self.config.model!r} has no weights for {sorted(info['missing_keys'])}; "
                                 f"its head is not the one {auto} builds (often a custom class in the model's own "
                                 "code), so its outputs would be random. Convert the head, or use `learned`")
         self.processor = _hf.from_pretrained(getattr(transformers, _PROCESSORS[self.modality]), self.config.model,
-                                             what=what)
+                                             what=what, option="--param model=PATH")
         self._weights = _hf.weights_digest(self.config.model, model)
         self.model = model.to(self.device).eval()
         self.sampling_rate = int(getattr(self.processor, "sampling_rate", 0) or 0)

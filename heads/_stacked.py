@@ -1,0 +1,330 @@
+"""A stacked trainer: C configurations of one network shape trained at once, as one batched model.
+
+The `mlp` and `linear` heads train through this engine even alone (C=1), so a configuration in a
+sweep and the same configuration trained by itself are the same computation up to the order of
+float summation inside the matrix products:
+
+- Weights are stacked per configuration. The first layer's weight is kept as `[D, C, H]`, so the
+  shared input batch `[B, D]` meets all C configurations in one GEMM (`[B, D] x [D, C*H]`); later
+  layers are `[C, H, H']`, one batched GEMM each.
+- Each configuration's network is initialised by the head's own `_network` under
+  `torch.manual_seed(seed)`, exactly as a solo head is, and configurations are grouped by
+  (seed, batch size, shape, device): a group shares one shuffle generator, so one shuffle order.
+- Dropout draws one uniform tensor `U` `[B, H]` per layer per step from the group's generator;
+  configuration c keeps `U < keep_c` and scales by `1/keep_c`. A solo run draws the same `U`.
+- AdamW is written out here, vectorised over C with per-configuration learning rate and weight
+  decay, following `torch.optim.AdamW`'s update (decoupled decay, bias-corrected moments).
+- Early stopping on the head's validation score (`metrics.primary`) is per configuration, with
+  its best weights restored; a configuration that stops (patience or its own `epochs`) leaves the
+  stack, and the others go on unchanged (the shared draws do not depend on who is still in it).
+
+The loss summed over configurations has, per configuration, exactly that configuration's
+gradient, so one backward pass serves all of them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+__all__ = ["StackSpec", "group_key", "train_stack", "fit_heads"]
+
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+
+class StackSpec:
+    """Per-configuration hyperparameters of one stack (lists of length C)."""
+
+    def __init__(self, lr: Sequence[float], weight_decay: Sequence[float], dropout: Sequence[float],
+                 epochs: Sequence[int], patience: Sequence[int]):
+        self.lr, self.weight_decay, self.dropout = list(lr), list(weight_decay), list(dropout)
+        self.epochs, self.patience = list(epochs), list(patience)
+        self.n = len(self.lr)
+
+
+def _stacked_task_loss(out, y, kind: str):
+    """Per-configuration loss `[C]` of outputs `[C, B, K]` against shared targets (as `task_loss`)."""
+    import torch.nn.functional as F
+
+    out = out.float()
+    C, B, K = out.shape
+    if kind in ("single", "binary"):
+        ce = F.cross_entropy(out.reshape(C * B, K), y.repeat(C), reduction="none")
+        return ce.view(C, B).mean(1)
+    if kind == "multi":
+        return F.binary_cross_entropy_with_logits(out, y.expand(C, B, K), reduction="none").mean((1, 2))
+    known = ~y.isnan()
+    err = (out - y.nan_to_num()) ** 2 * known
+    return err.sum((1, 2)) / known.sum().clamp(min=1)
+
+
+class _Stack:
+    """Stacked parameters, their AdamW state, and the forward pass."""
+
+    def __init__(self, layers: list[tuple[Any, Any]], C: int, device):
+        import torch
+
+        self.params = []  # [(weight, bias)], weight 0: [D, C, H], others: [C, in, out]; bias: [C, out]
+        for i, (w, b) in enumerate(layers):  # w: [out, in] as nn.Linear keeps it
+            wt = w.detach().t().to(device)
+            if i == 0:
+                W = wt.unsqueeze(1).repeat(1, C, 1).contiguous()
+            else:
+                W = wt.unsqueeze(0).repeat(C, 1, 1).contiguous()
+            B = b.detach().to(device).unsqueeze(0).repeat(C, 1).contiguous()
+            self.params.append((W.requires_grad_(), B.requires_grad_()))
+        self.exp_avg = [torch.zeros_like(p) for pair in self.params for p in pair]
+        self.exp_avg_sq = [torch.zeros_like(p) for pair in self.params for p in pair]
+        self.step = 0
+
+    @property
+    def flat(self) -> list:
+        return [p for pair in self.params for p in pair]
+
+    @staticmethod
+    def _axis(index: int) -> int:
+        return 1 if index == 0 else 0  # the first weight keeps configurations on axis 1
+
+    def keep(self, idx) -> None:
+        """Keep only the configurations at positions `idx` (a LongTensor)."""
+        def sel(t, axis):
+            return t.detach().index_select(axis, idx).contiguous()
+
+        new = []
+        for i, (W, B) in enumerate(self.params):
+            new.append((sel(W, self._axis(2 * i)).requires_grad_(), sel(B, 0).requires_grad_()))
+        self.params = new
+        self.exp_avg = [sel(t, self._axis(j)) for j, t in enumerate(self.exp_avg)]
+        self.exp_avg_sq = [sel(t, self._axis(j)) for j, t in enumerate(self.exp_avg_sq)]
+
+    def config_layers(self, c: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Configuration c's layers as nn.Linear keeps them: (weight [out, in], bias [out])."""
+        out = []
+        for i, (W, B) in enumerate(self.params):
+            w = W[:, c] if i == 0 else W[c]
+            out.append((w.detach().t().cpu().clone(), B[c].detach().cpu().clone()))
+        return out
+
+    def forward(self, x, keep=None, draws: Callable[[tuple], Any] | None = None):
+        """x `[B, D]` shared -> outputs `[C, B, K]`; `keep` `[C]` and `draws` enable dropout."""
+        import torch
+        import torch.nn.functional as F
+
+        Bn = x.shape[0]
+        n = len(self.params)
+        W0, b0 = self.params[0]
+        D, C, H = W0.shape
+        h = (x @ W0.view(D, C * H)).view(Bn, C, H) + b0  # one GEMM for all configurations
+        if n == 1:
+            return h.transpose(0, 1)
+        h = F.gelu(h)
+        if draws is not None:
+            U = draws((Bn, H))
+            k = keep.view(1, C, 1)
+            h = h * ((U.unsqueeze(1) < k) / k)
+        h = h.transpose(0, 1)  # [C, B, H]
+        for i in range(1, n):
+            W, b = self.params[i]
+            h = torch.baddbmm(b.unsqueeze(1), h, W)
+            if i == n - 1:
+                return h
+            h = F.gelu(h)
+            if draws is not None:
+                U = draws((Bn, h.shape[-1]))
+                k = keep.view(C, 1, 1)
+                h = h * ((U.unsqueeze(0) < k) / k)
+        return h
+
+    def adamw(self, lr, wd) -> None:
+        """One AdamW step (torch.optim.AdamW's math, amsgrad off), per-configuration lr and weight decay `[C]`."""
+        import torch
+
+        self.step += 1
+        b1, b2 = BETAS
+        bc1 = 1 - b1 ** self.step
+        bc2_sqrt = math.sqrt(1 - b2 ** self.step)
+        with torch.no_grad():
+            for j, p in enumerate(self.flat):
+                g = p.grad
+                shape = [1] * p.dim()
+                shape[self._axis(j)] = -1
+                lr_v, wd_v = lr.view(shape), wd.view(shape)
+                p.mul_(1 - lr_v * wd_v)
+                m, v = self.exp_avg[j], self.exp_avg_sq[j]
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (v.sqrt() / bc2_sqrt).add_(EPS)
+                p.addcdiv_(m, denom * (bc1 / lr_v), value=-1.0)
+                p.grad = None
+
+
+def train_stack(layers: list[tuple[Any, Any]], spec: StackSpec, x, y, kind: str, *, batch_size: int, seed: int,
+                device, val_score: Callable[[Any], list[float]] | None = None, amp: Callable[[], Any] | None = None
+                ) -> tuple[list[list[tuple[Any, Any]]], list[dict]]:
+    """Train C = spec.n configurations from the same initial `layers` on shared data.
+
+    `layers`: [(weight [out, in], bias [out])] of the initial network (as nn.Linear keeps them).
+    `x` `[N, D]`, `y` the targets as tensors; `val_score(outputs [C', Nv, K]) -> C' scores` for the
+    configurations still in the stack. Returns, per configuration, its best layers and its history.
+    """
+    import contextlib
+
+    import torch
+
+    from ._data import TensorSet
+
+    C = spec.n
+    amp = amp or contextlib.nullcontext
+    stack = _Stack(layers, C, device)
+    data = TensorSet({"x": x, "y": y}, len(x)).to(device)
+    gen = torch.Generator().manual_seed(seed)
+
+    def draws(shape):
+        return torch.rand(shape, generator=gen).to(device)
+
+    active = list(range(C))  # configuration index of each stack position
+    as_t = lambda vals: torch.tensor([vals[c] for c in active], dtype=torch.float32, device=device)  # noqa: E731
+    lr, wd, keep = as_t(spec.lr), as_t(spec.weight_decay), as_t([1 - d for d in spec.dropout])
+    histories = [{"train_loss": [], "val_score": []} for _ in range(C)]
+    best = [-math.inf] * C
+    best_layers: list[Any] = [None] * C
+    since = [0] * C
+    has_dropout = len(layers) > 1
+    for epoch in range(max(spec.epochs)):
+        total = torch.zeros(len(active), dtype=torch.float64, device=device)
+        count = 0
+        for batch in data.batches(batch_size, shuffle=True, generator=gen):
+            with amp():
+                out = stack.forward(batch["x"], keep if has_dropout else None, draws if has_dropout else None)
+                losses = _stacked_task_loss(out, batch["y"], kind)
+            losses.sum().backward()
+            stack.adamw(lr, wd)
+            nb = len(batch["x"])
+            total += losses.detach().double() * nb
+            count += nb
+        done = []
+        losses_now = (total / max(count, 1)).tolist()
+        scores = None
+        if val_score is not None:
+            with torch.no_grad(), amp():
+                scores = [float(s) for s in val_score(lambda v: stack.forward(v))]
+        for pos, c in enumerate(active):
+            h = histories[c]
+            h["train_loss"].append(losses_now[pos])
+            if scores is None:
+                if epoch + 1 >= spec.epochs[c]:
+                    done.append(pos)
+                continue
+            s = scores[pos]
+            h["val_score"].append(s)
+            if s > best[c] or best_layers[c] is None:
+                best[c], best_layers[c], since[c] = s, stack.config_layers(pos), 0
+                h["best_epoch"] = epoch + 1
+            else:
+                since[c] += 1
+                if spec.patience[c] and since[c] >= spec.patience[c]:
+                    done.append(pos)
+                    continue
+            if epoch + 1 >= spec.epochs[c]:
+                done.append(pos)
+        if done:
+            for pos in done:
+                c = active[pos]
+                if best_layers[c] is None:
+                    best_layers[c] = stack.config_layers(pos)
+            stay = [p for p in range(len(active)) if p not in set(done)]
+            if not stay:
+                break
+            idx = torch.tensor(stay, dtype=torch.long, device=device)
+            stack.keep(idx)
+            lr, wd, keep = lr[idx], wd[idx], keep[idx]
+            active = [active[p] for p in stay]
+    for h in histories:
+        h["epochs_run"] = len(h["train_loss"])
+    return best_layers, histories
+
+
+# ---- heads -------------------------------------------------------------------------
+def group_key(head) -> tuple:
+    """Configurations that can share a stack: same seed, batch size, network shape and device."""
+    shape = tuple(getattr(head, k, None) for k in ("hidden", "layers"))
+    return (type(head).__name__, int(head.seed), int(head.batch_size), shape, str(head.device))
+
+
+def fit_heads(hs: Sequence[Any], X, y, *, eval_set=None, log: Callable[[str], None] | None = None) -> list[Any]:
+    """Fit stackable torch heads (`mlp`, `linear`) on the same data, one stack per `group_key`.
+
+    Every head ends fitted as if `head.fit(X, y, eval_set=eval_set)` had run alone: same `norm_`,
+    `net_`, `history_` and `meta_`. Returns the heads.
+    """
+    import torch
+
+    from . import metrics
+    from ._torch import _check_kind, _target_tensor, autocast, pick_device, scores_from_outputs, seeded
+    from featurestore.errors import ConfigError
+
+    if not hs:
+        return []
+    first = hs[0]
+    for h in hs:
+        _check_kind(h, y)
+    if not len(y):
+        raise ConfigError(f"head {first.name!r}: no training items")
+    first._set_meta(X, y)
+    first._fit_norm(X)
+    for h in hs[1:]:
+        h._set_meta(X, y)
+        h.norm_ = first.norm_
+    x_np = first._flat(X)
+    y_t = _target_tensor(y)
+    vx_np = None
+    if eval_set is not None:
+        Xv, yv = eval_set
+        first._check_features(Xv)
+        vx_np = first._flat(Xv)
+    groups: dict[tuple, list[int]] = {}
+    for i, h in enumerate(hs):
+        groups.setdefault(group_key(h), []).append(i)
+    for key, members in groups.items():
+        lead = hs[members[0]]
+        device = pick_device(lead.device)
+        x = torch.from_numpy(x_np)
+        with seeded(lead.seed, device):
+            net = lead._network(x.shape[1], y.n_outputs)
+        linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+        layers = [(m.weight, m.bias) for m in linears]
+        members_h = [hs[i] for i in members]
+        spec = StackSpec([h.lr for h in members_h], [h.weight_decay for h in members_h],
+                         [getattr(h, "dropout", 0.0) for h in members_h], [h.epochs for h in members_h],
+                         [h.patience for h in members_h])
+        val_score = None
+        if vx_np is not None:
+            vx = torch.from_numpy(vx_np).to(device)
+
+            def val_score(forward, vx=vx):
+                out = torch.cat([forward(vx[i:i + 8192]) for i in range(0, len(vx), 8192)], 1) if len(vx) \
+                    else forward(vx)
+                res = []
+                for c in range(out.shape[0]):
+                    proba = scores_from_outputs(out[c], y.kind)
+                    s = metrics.primary(yv, first.decide(proba, y.kind), proba)
+                    res.append(-1e9 if math.isnan(s) else s)
+                return res
+
+        if log:
+            log(f"training a stack of {len(members)} {lead.name} configuration(s) {key[1:]}")
+        best, hist = train_stack(layers, spec, x, y_t, y.kind, batch_size=lead.batch_size, seed=lead.seed,
+                                 device=device, val_score=val_score, amp=lambda d=device: autocast(d))
+        for h, layers_c, h_hist in zip(members_h, best, hist):
+            with seeded(h.seed):  # the caller's global RNG is left as it was
+                net_c = h._network(x.shape[1], y.n_outputs)
+            with torch.no_grad():
+                for mod, (w, b) in zip([m for m in net_c.modules() if isinstance(m, torch.nn.Linear)], layers_c):
+                    mod.weight.copy_(w)
+                    mod.bias.copy_(b)
+            net_c.eval()
+            h.net_ = net_c
+            h.history_ = h_hist
+    return list(hs)
