@@ -8,16 +8,13 @@ features/<fingerprint>/.lock         held while a job writes here
 """
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from ._io import file_lock, read_json, write_json_atomic
-from .errors import IntegrityError, NotFoundError
-from .hashing import canonical_json
-from .segments import ErrorRecord, KeyIndex, Problem, SegmentSet
+from .errors import NotFoundError
+from .keyed import KeyedSet
+from .segments import Problem
 from .store import Store, now_iso
 
 __all__ = ["FeatureSet", "list_feature_sets", "resolve_features", "superseded_by"]
@@ -25,30 +22,18 @@ __all__ = ["FeatureSet", "list_feature_sets", "resolve_features", "superseded_by
 POOLED, SEQ = "pooled", "seq"
 
 
-class FeatureSet:
+class FeatureSet(KeyedSet):
     """Rows of one fingerprint. Reads see only published segments."""
 
+    what = "features with fingerprint"
+    informative = ("created_at", "source", "fingerprint")
+
     def __init__(self, store: Store, fingerprint: str):
-        self.store = store
+        super().__init__(store, fingerprint, store.feature_dir(fingerprint))
         self.fingerprint = fingerprint
-        self.folder = store.feature_dir(fingerprint)
-        self.segments = SegmentSet(self.folder)
-        self._index: KeyIndex | None = None
-        self._index_names: tuple[str, ...] = ()
 
-    # ---- spec ----------------------------------------------------------------------
-    @property
-    def spec_path(self) -> Path:
-        return self.folder / "spec.json"
-
-    def exists(self) -> bool:
-        return self.spec_path.is_file()
-
-    @property
-    def spec(self) -> dict:
-        if not self.exists():
-            raise NotFoundError(f"no features with fingerprint {self.fingerprint!r} in {self.store.root} (fs ls)")
-        return read_json(self.spec_path)
+    def _stamp(self) -> dict:
+        return {"fingerprint": self.fingerprint, "created_at": now_iso()}
 
     @property
     def backbone(self) -> str:
@@ -66,35 +51,6 @@ class FeatureSet:
     def dtype(self) -> str:
         return self.spec["config"]["dtype"]
 
-    def ensure_spec(self, spec: dict) -> None:
-        """Write spec.json on first use; afterwards it must agree with what the job computed."""
-        if self.exists():
-            skip = ("created_at", "source", "fingerprint")
-            old = canonical_json({k: v for k, v in self.spec.items() if k not in skip})
-            new = canonical_json({k: v for k, v in spec.items() if k not in skip})
-            if old != new:
-                raise IntegrityError(f"features {self.fingerprint}: spec.json disagrees with the backbone's "
-                                     "spec for the same fingerprint; the folder was edited by hand or is corrupt")
-            return
-        write_json_atomic(self.spec_path, {**spec, "fingerprint": self.fingerprint, "created_at": now_iso()})
-
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        with file_lock(self.folder / ".lock", f"features {self.fingerprint}"):
-            yield
-
-    # ---- reading -------------------------------------------------------------------
-    def index(self, *, refresh: bool = False) -> KeyIndex:
-        """The key index, rebuilt whenever the set of published segments has changed."""
-        names = tuple(s.path.name for s in self.segments.segments())
-        if self._index is None or refresh or names != self._index_names:
-            self._index = self.segments.index()
-            self._index_names = names
-        return self._index
-
-    def has(self, keys: Sequence[str]) -> np.ndarray:
-        return self.index().contains(np.asarray(keys, dtype="S32"))
-
     def read_pooled(self, keys: Sequence[str], *, dtype=None) -> tuple[np.ndarray, np.ndarray]:
         """Pooled rows `[len(keys), dim]` aligned to `keys` (zeros where absent) and a presence mask."""
         if not len(self.index().unique_keys()):
@@ -107,9 +63,6 @@ class FeatureSet:
 
     def read_sequences(self, keys: Sequence[str], *, dtype=None) -> tuple[list, np.ndarray]:
         return self.segments.read_ragged(keys, SEQ, dtype=dtype, index=self.index())
-
-    def errors(self) -> list[ErrorRecord]:
-        return self.segments.errors()
 
     def stats(self) -> dict:
         segs = self.segments.segments()

@@ -16,7 +16,6 @@ Plain h5py or h5dump can read every file.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -303,7 +302,7 @@ class SegmentSet:
             return 0, None
         index = KeyIndex.build(segs)
         keys = index.unique_keys()
-        dense, ragged, dtypes = {}, {}, {}
+        dense, ragged = {}, {}
         with segs[0].open() as f:
             dense_names = list(f["arrays"].keys()) if "arrays" in f else []
             ragged_names = list(f["ragged"].keys()) if "ragged" in f else []

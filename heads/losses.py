@@ -29,8 +29,6 @@ def va_pairs(va, delta: float):
     The distance uses the dimensions known for both items (both, for fully scored items, as in
     eq. 3); a pair with no dimension known for both is not comparable and drops out.
     """
-    import torch
-
     known = ~va.isnan()
     both = known[:, None, :] & known[None, :, :]  # [B, B, 2]
     diff = (va.nan_to_num()[:, None, :] - va.nan_to_num()[None, :, :]) * both
@@ -97,7 +95,6 @@ def correlation_prior(p, M):
 
 def kl_multilabel(log_p, y):
     """Eq. 10: KL(y_norm || p) with y normalised to a distribution; items with no label drop out."""
-    import torch
     import torch.nn.functional as F
 
     if y.dim() == 1:

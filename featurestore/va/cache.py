@@ -16,17 +16,16 @@ finite (`fs verify` checks that); `read` turns them back into NaN.
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from .. import __version__
-from .._io import file_lock, read_json, write_json_atomic
-from ..errors import ConfigError, IntegrityError, NotFoundError
-from ..hashing import canonical_json, spec_digest
-from ..segments import ErrorRecord, KeyIndex, Problem, SegmentSet
+from ..errors import ConfigError, NotFoundError
+from ..hashing import spec_digest
+from ..keyed import KeyedSet
+from ..segments import Problem
 from ..store import Store, check_name, now_iso
 
 __all__ = ["VASet", "VA", "KNOWN", "va_root", "list_va_sets", "resolve_va", "latest_covering", "va_coverage",
@@ -40,29 +39,19 @@ def va_root(store: Store) -> Path:
     return store.root / "va"
 
 
-class VASet:
+class VASet(KeyedSet):
     """The VA rows of one source. Reads see only published segments."""
 
+    what = "VA source"
+    list_hint = "fs va sources"
+    informative = ("created_at", "created_by", "origin", "source")
+
     def __init__(self, store: Store, source: str):
-        self.store = store
+        super().__init__(store, source, va_root(store) / check_name(source, "VA source"))
         self.source = source
-        self.folder = va_root(store) / check_name(source, "VA source")
-        self.segments = SegmentSet(self.folder)
-        self._index: KeyIndex | None = None
 
-    # ---- spec ----------------------------------------------------------------------
-    @property
-    def spec_path(self) -> Path:
-        return self.folder / "spec.json"
-
-    def exists(self) -> bool:
-        return self.spec_path.is_file()
-
-    @property
-    def spec(self) -> dict:
-        if not self.exists():
-            raise NotFoundError(f"no VA source {self.source!r} in {self.store.root} (fs va sources)")
-        return read_json(self.spec_path)
+    def _stamp(self) -> dict:
+        return {"source": self.source, "created_at": now_iso(), "created_by": f"featurestore {__version__}"}
 
     @property
     def modality(self) -> str:
@@ -76,33 +65,6 @@ class VASet:
     def label(self) -> str:
         return self.spec.get("label", self.scorer)
 
-    def ensure_spec(self, spec: dict) -> None:
-        """Write spec.json on first use; afterwards it must agree with the scorer's spec."""
-        skip = ("created_at", "created_by", "origin", "source")
-        if self.exists():
-            old = canonical_json({k: v for k, v in self.spec.items() if k not in skip})
-            new = canonical_json({k: v for k, v in spec.items() if k not in skip})
-            if old != new:
-                raise IntegrityError(f"VA source {self.source}: spec.json disagrees with the scorer's spec for "
-                                     "the same source; the folder was edited by hand or is corrupt")
-            return
-        write_json_atomic(self.spec_path, {**spec, "source": self.source, "created_at": now_iso(),
-                                           "created_by": f"featurestore {__version__}"})
-
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        with file_lock(self.folder / ".lock", f"VA source {self.source}"):
-            yield
-
-    # ---- reading -------------------------------------------------------------------
-    def index(self, *, refresh: bool = False) -> KeyIndex:
-        if self._index is None or refresh:
-            self._index = self.segments.index()
-        return self._index
-
-    def has(self, keys: Sequence[str] | np.ndarray) -> np.ndarray:
-        return self.index().contains(np.asarray(keys, dtype="S32"))
-
     def read(self, keys: Sequence[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`[len(keys), 2]` float64 (valence, arousal) aligned to `keys`, NaN where unknown or
         absent, and the mask of keys that have a row."""
@@ -113,9 +75,6 @@ class VASet:
         known, _ = self.segments.read(keys, KNOWN, index=self.index())
         values[~known.astype(bool) | ~present[:, None]] = np.nan
         return values, present
-
-    def errors(self) -> list[ErrorRecord]:
-        return self.segments.errors()
 
     def stats(self) -> dict:
         segs = self.segments.segments()

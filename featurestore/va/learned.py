@@ -175,7 +175,6 @@ class MLP:
     def fit(self, x: np.ndarray, y: np.ndarray) -> "MLP":
         import torch
 
-        p = self.params
         self.mean_, self.scale_ = _standardiser(np.asarray(x, np.float64))
         self.fitted_ = np.isfinite(y).any(0)
         threads = torch.get_num_threads()

@@ -1,0 +1,113 @@
+"""`fs sweep`, `fs sweep show ID`, `fs sweep list`: hyperparameter sweeps of a head from the cache."""
+from __future__ import annotations
+
+import click
+
+from ..config import parse_params
+from ..errors import ConfigError
+from ..reader import parse_feature_refs
+from ._common import emit, get_store, json_option, params_option, table
+
+
+@click.group("sweep", invoke_without_command=True)
+@click.option("--method", help="Head name (fs heads list).")
+@click.option("--dataset", help="Registered dataset name.")
+@click.option("--features", metavar="MOD=BACKBONE[,...]", help="Cached features per modality.")
+@click.option("--grid", "grid", multiple=True, metavar="'P=V1,V2 Q=...'",
+              help="A grid: space-separated param=comma-separated values (the cartesian product).")
+@click.option("--random", "n_random", type=int, default=0, help="Draw N random configurations from --space.")
+@click.option("--optuna", "n_optuna", type=int, default=0, help="Run N Optuna TPE trials over --space.")
+@click.option("--space", "space_file", type=click.Path(dir_okay=False),
+              help='JSON: per param a list of choices or {"low", "high", "log": true, "type": "float|int"}.')
+@click.option("--storage", default="", help="Optuna storage URL (default: a journal file in the sweep folder).")
+@params_option
+@click.option("--metric", default="", help="Validation metric ranking the configurations (default: primary).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the heads, validation carving, sampling.")
+@click.option("--target", default="label", show_default=True, type=click.Choice(["label", "labels", "va"]))
+@click.option("--val-fraction", default=0.1, show_default=True, type=float,
+              help="Fraction of train carved as validation when the dataset has no validation split.")
+@click.option("--limit", default=0, type=int, help="Train at most N new configurations in this invocation.")
+@click.option("--top", default=10, show_default=True, type=int, help="Rows of the leaderboard shown.")
+@click.option("--export-best", "export_path", type=click.Path(dir_okay=False),
+              help="Write the best configuration as `fs train-head` takes it (JSON + command line).")
+@json_option
+@click.pass_context
+def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_file, storage, params, metric, seed,
+                target, val_fraction, limit, top, export_path, as_json):
+    """Train many configurations of a head at once from the cache, resumably.
+
+    \b
+    fs sweep --method mlp --dataset D --features text=minilm --grid 'lr=1e-4,1e-3 dropout=0.1,0.3'
+    fs sweep --method mlp --dataset D --features text=minilm --random 32 --space space.json
+    fs sweep --method mlp --dataset D --features text=minilm --optuna 50 --space space.json
+    fs sweep list;  fs sweep show ID
+
+    Rerunning the same command continues the same sweep; finished configurations are not rerun.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from jobs.sweep import SweepConfig, export_best, load_space, parse_grid, run
+
+    missing = [f"--{n}" for n, v in (("method", method), ("dataset", dataset), ("features", features)) if not v]
+    if missing:
+        raise click.UsageError(f"missing {', '.join(missing)} (or use a subcommand: list, show)")
+    if grid and (n_random or n_optuna):
+        raise ConfigError("give exactly one of --grid, --random N, --optuna N")
+    if space_file and not (n_random or n_optuna):
+        raise ConfigError("--space goes with --random N or --optuna N")
+    parsed_grid = parse_grid(list(grid)) if grid else {}
+    space = load_space(space_file) if space_file else {}
+    config = SweepConfig(method=method, dataset=dataset, features=parse_feature_refs(features), grid=parsed_grid,
+                         random=n_random, optuna=n_optuna, space=space, params=parse_params(params), metric=metric,
+                         seed=seed, target=target, val_fraction=val_fraction, storage=storage, limit=limit)
+    store = get_store(ctx)
+    result = run(config, store, log=None if as_json else lambda s: click.echo(s, err=True))
+    exported = export_best(result.definition, result.table, export_path) if export_path and result.table.height \
+        else None
+    if as_json:
+        return emit({**result.to_dict(top), "exported": exported})
+    click.echo(f"sweep {result.sweep_id}: {result.table.height} configuration(s), {result.trained_now} trained now, "
+               f"{result.reused} already finished, {result.seconds:.1f}s; folder {result.folder}")
+    click.echo(table(result.leaderboard(top)))
+    if exported:
+        click.echo(f"best configuration written to {export_path}:\n  {exported['command']}")
+
+
+@sweep_group.command("show")
+@click.argument("sweep_id", metavar="ID")
+@click.option("--top", default=20, show_default=True, type=int)
+@click.option("--export-best", "export_path", type=click.Path(dir_okay=False))
+@json_option
+@click.pass_context
+def sweep_show_cmd(ctx, sweep_id, top, export_path, as_json):
+    """A sweep's definition and leaderboard."""
+    from jobs.sweep import _clean, export_best, leaderboard, show
+
+    definition, results = show(get_store(ctx), sweep_id)
+    board = leaderboard(results, definition, top)
+    exported = export_best(definition, results, export_path) if export_path else None
+    if as_json:
+        return emit(_clean({"sweep": sweep_id, "definition": definition, "n_configs": results.height,
+                            "leaderboard": board, "results": results.to_dicts(), "exported": exported}))
+    click.echo(f"sweep {sweep_id}: {definition['method']} on {definition['dataset']} ({definition['mode']}), "
+               f"{results.height} configuration(s), ranked by val {definition['metric']}")
+    click.echo(table(board))
+    if exported:
+        click.echo(f"best configuration written to {export_path}:\n  {exported['command']}")
+
+
+@sweep_group.command("list")
+@json_option
+@click.pass_context
+def sweep_list_cmd(ctx, as_json):
+    """Sweeps in the store with their best configuration."""
+    from jobs.sweep import _clean, list_sweeps
+
+    rows = list_sweeps(get_store(ctx))
+    if as_json:
+        return emit(_clean({"sweeps": rows}))
+    click.echo(table(rows, ["sweep", "method", "dataset", "mode", "configs", "metric", "best_val", "best_test"]))
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(sweep_group)

@@ -1,0 +1,87 @@
+"""The shared shape of a producer's rows: a folder of segments, a spec.json, a writer lock.
+
+Feature sets (one per backbone fingerprint) and VA sets (one per VA scorer source) are
+both this: rows keyed by content key in immutable segments, described by a spec that
+must never silently change, written by one job at a time.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import ClassVar, Iterator, Sequence
+
+import numpy as np
+
+from ._io import file_lock, read_json, write_json_atomic
+from .errors import IntegrityError, NotFoundError
+from .hashing import canonical_json
+from .segments import ErrorRecord, KeyIndex, SegmentSet
+from .store import Store
+
+__all__ = ["KeyedSet"]
+
+
+class KeyedSet:
+    """Rows of one producer under `folder`. Reads see only published segments."""
+
+    what: ClassVar[str] = "rows"  # how messages name one set, e.g. "features"
+    list_hint: ClassVar[str] = "fs ls"
+    informative: ClassVar[tuple[str, ...]] = ("created_at",)  # spec keys that may differ between runs
+
+    def __init__(self, store: Store, name: str, folder: Path):
+        self.store = store
+        self.name = name
+        self.folder = folder
+        self.segments = SegmentSet(folder)
+        self._index: KeyIndex | None = None
+        self._index_names: tuple[str, ...] = ()
+
+    # ---- spec ----------------------------------------------------------------------
+    @property
+    def spec_path(self) -> Path:
+        return self.folder / "spec.json"
+
+    def exists(self) -> bool:
+        return self.spec_path.is_file()
+
+    @property
+    def spec(self) -> dict:
+        if not self.exists():
+            raise NotFoundError(f"no {self.what} {self.name!r} in {self.store.root} ({self.list_hint})")
+        return read_json(self.spec_path)
+
+    def _stamp(self) -> dict:
+        """Keys added to spec.json when it is first written (all listed in `informative`)."""
+        return {}
+
+    def ensure_spec(self, spec: dict) -> None:
+        """Write spec.json on first use; afterwards it must agree with what the job computed."""
+        if self.exists():
+            skip = self.informative
+            old = canonical_json({k: v for k, v in self.spec.items() if k not in skip})
+            new = canonical_json({k: v for k, v in spec.items() if k not in skip})
+            if old != new:
+                raise IntegrityError(f"{self.what} {self.name}: spec.json disagrees with the spec computed for "
+                                     "the same name; the folder was edited by hand or is corrupt")
+            return
+        write_json_atomic(self.spec_path, {**spec, **self._stamp()})
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        with file_lock(self.folder / ".lock", f"{self.what} {self.name}"):
+            yield
+
+    # ---- reading -------------------------------------------------------------------
+    def index(self, *, refresh: bool = False) -> KeyIndex:
+        """The key index, rebuilt whenever the set of published segments has changed."""
+        names = tuple(s.path.name for s in self.segments.segments())
+        if self._index is None or refresh or names != self._index_names:
+            self._index = self.segments.index()
+            self._index_names = names
+        return self._index
+
+    def has(self, keys: Sequence[str] | np.ndarray) -> np.ndarray:
+        return self.index().contains(np.asarray(keys, dtype="S32"))
+
+    def errors(self) -> list[ErrorRecord]:
+        return self.segments.errors()
