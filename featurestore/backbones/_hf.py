@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import BackboneError
 from ..hashing import tree_digest
 
-__all__ = ["from_pretrained", "apply_adapter", "weights_digest", "autocast", "pool", "sequences", "to_numpy"]
+__all__ = ["from_pretrained", "load_backbone", "apply_adapter", "weights_digest", "autocast", "pool", "sequences", "to_numpy"]
 
 
 def from_pretrained(loader: Any, ref: str, *, what: str, option: str = "--model PATH", **kwargs) -> Any:
@@ -47,6 +47,16 @@ def apply_adapter(model: Any, adapter: str, *, what: str) -> Any:
     except Exception as exc:
         raise BackboneError(f"{what}: could not apply adapter {adapter!r}: {exc}") from None
     return peft_model.merge_and_unload()
+
+
+def load_backbone(bb: Any, processor_loader: Any, model_loader: Any, **processor_kwargs) -> tuple[Any, Any]:
+    """(processor, model) of backbone `bb`: loaded from its model ref, weights hashed before the
+    adapter is merged (`bb._weights`), moved to its device, in eval mode."""
+    what = f"backbone {bb.name}"
+    processor = from_pretrained(processor_loader, bb.model_ref, what=what, **processor_kwargs)
+    model = from_pretrained(model_loader, bb.model_ref, what=what)
+    bb._weights = weights_digest(bb.model_ref, model)
+    return processor, apply_adapter(model, bb.config.adapter, what=what).to(bb.device).eval()
 
 
 def weights_digest(ref: str, model: Any) -> str:

@@ -44,11 +44,8 @@ class CLAPAudio(Backbone):
     def _load(self) -> None:
         from transformers import ClapAudioModelWithProjection, ClapFeatureExtractor
 
-        what = f"backbone {self.name}"
-        self.extractor = _hf.from_pretrained(ClapFeatureExtractor, self.model_ref, what=what)
-        model = _hf.from_pretrained(ClapAudioModelWithProjection, self.model_ref, what=what)
-        self._weights = _hf.weights_digest(self.model_ref, model)
-        self.model = _hf.apply_adapter(model, self.config.adapter, what=what).to(self.device).eval()
+        self.extractor, self.model = _hf.load_backbone(self, ClapFeatureExtractor,
+                                                       ClapAudioModelWithProjection)
         self.sampling_rate = int(self.extractor.sampling_rate)
         self.window = int(self.extractor.nb_max_samples)
         # fused checkpoints take the 4-channel "fusion" input; unfused ones the single mel

@@ -12,9 +12,9 @@ from typing import Sequence
 
 from ..config import field
 from ..errors import BadItemError
-from ..hashing import normalise_text
 from . import _hf, _media
 from .base import Backbone, BackboneConfig, Encoded
+from .text import prepare_text
 
 __all__ = ["CLIPImage", "CLIPText", "ClipConfig"]
 
@@ -60,12 +60,9 @@ class CLIPImage(_CLIPBase):
     def _load(self) -> None:
         from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 
-        what = f"backbone {self.name}"
         # the PIL backend everywhere: the torchvision one gives slightly different pixels
-        self.processor = _hf.from_pretrained(AutoImageProcessor, self.model_ref, what=what, backend="pil")
-        model = _hf.from_pretrained(CLIPVisionModelWithProjection, self.model_ref, what=what)
-        self._weights = _hf.weights_digest(self.model_ref, model)
-        self.model = _hf.apply_adapter(model, self.config.adapter, what=what).to(self.device).eval()
+        self.processor, self.model = _hf.load_backbone(self, AutoImageProcessor, CLIPVisionModelWithProjection,
+                                                       backend="pil")
 
     def preprocessing(self) -> dict:
         p = self.processor
@@ -105,11 +102,7 @@ class CLIPText(_CLIPBase):
     def _load(self) -> None:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-        what = f"backbone {self.name}"
-        self.tokenizer = _hf.from_pretrained(AutoTokenizer, self.model_ref, what=what)
-        model = _hf.from_pretrained(CLIPTextModelWithProjection, self.model_ref, what=what)
-        self._weights = _hf.weights_digest(self.model_ref, model)
-        self.model = _hf.apply_adapter(model, self.config.adapter, what=what).to(self.device).eval()
+        self.tokenizer, self.model = _hf.load_backbone(self, AutoTokenizer, CLIPTextModelWithProjection)
         limit = int(self.model.config.max_position_embeddings)
         self._max_length = min(self.config.max_length, limit)
 
@@ -119,15 +112,7 @@ class CLIPText(_CLIPBase):
                 "pooled": "text_embeds", "sequences": "tokens->text_projection"}
 
     def prepare(self, raw: bytes | str) -> str:
-        if isinstance(raw, bytes):
-            try:
-                raw = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise BadItemError(f"text is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-        text = normalise_text(raw)
-        if not text:
-            raise BadItemError("empty text")
-        return text
+        return prepare_text(raw)
 
     def encode(self, items: Sequence[str]) -> Encoded:
         import torch

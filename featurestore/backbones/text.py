@@ -10,7 +10,20 @@ from ..hashing import normalise_text
 from . import _hf
 from .base import Backbone, BackboneConfig, Encoded
 
-__all__ = ["HFText", "MiniLM", "TextConfig"]
+__all__ = ["HFText", "MiniLM", "TextConfig", "prepare_text"]
+
+
+def prepare_text(raw: bytes | str) -> str:
+    """UTF-8 decoded, NFC-normalised, whitespace-collapsed text; BadItemError if none is left."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadItemError(f"text is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    text = normalise_text(raw)
+    if not text:
+        raise BadItemError("empty text")
+    return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +43,7 @@ class HFText(Backbone):
     def _load(self) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        what = f"backbone {self.name}"
-        self.tokenizer = _hf.from_pretrained(AutoTokenizer, self.model_ref, what=what)
-        model = _hf.from_pretrained(AutoModel, self.model_ref, what=what)
-        self._weights = _hf.weights_digest(self.model_ref, model)
-        self.model = _hf.apply_adapter(model, self.config.adapter, what=what).to(self.device).eval()
+        self.tokenizer, self.model = _hf.load_backbone(self, AutoTokenizer, AutoModel)
 
     def weights_hash(self) -> str:
         return self._weights
@@ -49,15 +58,7 @@ class HFText(Backbone):
                 "truncation": True, "max_length": self.config.max_length}
 
     def prepare(self, raw: bytes | str) -> str:
-        if isinstance(raw, bytes):
-            try:
-                raw = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise BadItemError(f"text is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-        text = normalise_text(raw)
-        if not text:
-            raise BadItemError("empty text")
-        return text
+        return prepare_text(raw)
 
     def encode(self, items: Sequence[str]) -> Encoded:
         import torch

@@ -43,11 +43,7 @@ class Wav2Vec2(Backbone):
     def _load(self) -> None:
         from transformers import AutoFeatureExtractor, AutoModel
 
-        what = f"backbone {self.name}"
-        self.extractor = _hf.from_pretrained(AutoFeatureExtractor, self.model_ref, what=what)
-        model = _hf.from_pretrained(AutoModel, self.model_ref, what=what)
-        self._weights = _hf.weights_digest(self.model_ref, model)
-        self.model = _hf.apply_adapter(model, self.config.adapter, what=what).to(self.device).eval()
+        self.extractor, self.model = _hf.load_backbone(self, AutoFeatureExtractor, AutoModel)
         n_layers = int(self.model.config.num_hidden_layers)
         if not -1 <= self.config.layer <= n_layers:
             from ..errors import ConfigError
