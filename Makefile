@@ -33,10 +33,10 @@ demo: setup
 	$(BIN)/fs --store $(STORE) verify
 
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+	$(BIN)/python -m pytest -p no:cacheprovider --durations=15
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: setup
 	$(BIN)/python bench/bench_extract.py
