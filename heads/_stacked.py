@@ -123,7 +123,7 @@ class _Stack:
         if draws is not None:
             U = draws((Bn, H))
             k = keep.view(1, C, 1)
-            h = h * ((U.unsqueeze(1) < k) / k)
+            h = h * torch.where(U.unsqueeze(1) < k, 1 / k, 0.0)
         h = h.transpose(0, 1)  # [C, B, H]
         for i in range(1, n):
             W, b = self.params[i]
@@ -134,7 +134,7 @@ class _Stack:
             if draws is not None:
                 U = draws((Bn, h.shape[-1]))
                 k = keep.view(C, 1, 1)
-                h = h * ((U.unsqueeze(0) < k) / k)
+                h = h * torch.where(U.unsqueeze(0) < k, 1 / k, 0.0)
         return h
 
     def adamw(self, lr, wd) -> None:
@@ -155,8 +155,8 @@ class _Stack:
                 m, v = self.exp_avg[j], self.exp_avg_sq[j]
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (v.sqrt() / bc2_sqrt).add_(EPS)
-                p.addcdiv_(m, denom * (bc1 / lr_v), value=-1.0)
+                denom = v.sqrt().div_(bc2_sqrt).add_(EPS).mul_(bc1 / lr_v)  # step size lr / bc1 folded in
+                p.addcdiv_(m, denom, value=-1.0)
                 p.grad = None
 
 

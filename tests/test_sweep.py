@@ -1,0 +1,260 @@
+"""`fs sweep`: stacked training faithful to solo runs, grids/random/Optuna, resume, export, the CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+import heads
+from featurestore.cli import cli
+from featurestore.errors import ConfigError
+from heads import Features, Targets
+from heads._stacked import fit_heads
+from jobs import sweep as sweep_job
+
+CLASSES = ["happy", "sad", "anger"]
+ROWS = 300
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def synthetic(kind: str, n: int, seed: int) -> tuple[Features, Targets]:
+    rng = np.random.default_rng(seed)
+    cls = rng.integers(0, 3, n)
+    pooled = {"text": rng.normal(size=(n, 24)).astype(np.float32), "audio": rng.normal(size=(n, 8)).astype(np.float32)}
+    pooled["text"][:, :3] += np.eye(3)[cls] * 1.5
+    masks = {"text": np.ones(n, bool), "audio": rng.random(n) > 0.3}
+    X = Features(pooled, masks)
+    if kind == "multi":
+        y = np.eye(3, dtype=np.float32)[cls]
+        y[:, 2] = np.maximum(y[:, 2], rng.random(n) < 0.3)
+        return X, Targets("multi", y, CLASSES)
+    if kind == "va":
+        return X, Targets("va", np.c_[cls / 2 - 0.5, np.where(rng.random(n) < 0.5, np.nan, cls / 3)].astype(np.float32))
+    return X, Targets("single", cls, CLASSES)
+
+
+# ---- faithfulness -------------------------------------------------------------------------
+MLP_GRID = [dict(lr=lr, weight_decay=wd, dropout=d) for lr, wd, d in
+            [(1e-3, 0.0, 0.0), (3e-3, 1e-2, 0.2), (1e-2, 1e-4, 0.5), (3e-4, 0.1, 0.1), (3e-3, 0.0, 0.3),
+             (1e-3, 0.05, 0.0)]]
+
+
+@pytest.mark.parametrize("method,kind,grid", [
+    ("mlp", "single", MLP_GRID),
+    ("mlp", "multi", MLP_GRID[:3]),
+    ("linear", "single", [dict(lr=lr, weight_decay=wd) for lr in (1e-3, 1e-2) for wd in (0.0, 0.1)]),
+    ("linear", "va", [dict(lr=lr) for lr in (1e-3, 3e-2)]),
+])
+def test_stacked_configs_match_solo_training(method, kind, grid):
+    X, y = synthetic(kind, 240, 0)
+    Xv, yv = synthetic(kind, 80, 1)
+    Xt, yt = synthetic(kind, 80, 2)
+    fixed = dict(epochs=6, patience=2, batch_size=32, seed=3, **({"hidden": 16} if method == "mlp" else {}))
+    stacked = fit_heads([heads.create(method, **fixed, **g) for g in grid], X, y, eval_set=(Xv, yv))
+    epochs = set()
+    for g, head in zip(grid, stacked):
+        solo = heads.create(method, **fixed, **g).fit(X, y, eval_set=(Xv, yv))
+        np.testing.assert_allclose(head.predict_proba(Xt), solo.predict_proba(Xt), atol=1e-4)
+        np.testing.assert_allclose(head.predict_proba(Xv), solo.predict_proba(Xv), atol=1e-4)
+        assert head.score(Xt, yt) == pytest.approx(solo.score(Xt, yt), abs=1e-9)
+        assert head.history_["epochs_run"] == solo.history_["epochs_run"]
+        assert head.history_["val_score"] == pytest.approx(solo.history_["val_score"], abs=1e-9)
+        epochs.add(head.history_["epochs_run"])
+    distinct = {tuple(np.round(h.predict_proba(Xt)[:5].ravel(), 5)) for h in stacked}
+    assert len(distinct) == len(grid)  # the configurations really differ
+
+
+def test_stack_groups_shapes_and_seeds_and_mixed_epochs():
+    X, y = synthetic("single", 160, 0)
+    Xv, yv = synthetic("single", 60, 1)
+    configs = [dict(hidden=8, seed=0, epochs=2), dict(hidden=16, seed=0, epochs=4), dict(hidden=8, seed=1, epochs=3),
+               dict(hidden=8, seed=0, epochs=5, layers=1, patience=0)]
+    common = dict(batch_size=16, dropout=0.2, lr=3e-3)
+    stacked = fit_heads([heads.create("mlp", **common, **c) for c in configs], X, y, eval_set=(Xv, yv))
+    for c, head in zip(configs, stacked):
+        solo = heads.create("mlp", **common, **c).fit(X, y, eval_set=(Xv, yv))
+        np.testing.assert_allclose(head.predict_proba(Xv), solo.predict_proba(Xv), atol=1e-4)
+        assert head.history_["epochs_run"] == solo.history_["epochs_run"] <= c["epochs"]
+
+
+def test_solo_fit_leaves_the_global_rng_alone():
+    import torch
+
+    X, y = synthetic("single", 64, 0)
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    heads.create("mlp", epochs=1, hidden=8).fit(X, y)
+    assert torch.equal(torch.rand(3), want)
+
+
+# ---- parsing and bad input --------------------------------------------------------------
+def test_parse_grid_and_its_errors():
+    assert sweep_job.parse_grid("lr=1e-4,3e-4 dropout=0.1") == {"lr": ["1e-4", "3e-4"], "dropout": ["0.1"]}
+    assert sweep_job.parse_grid(["lr=1", "hidden=8,16"]) == {"lr": ["1"], "hidden": ["8", "16"]}
+    for bad, msg in [("", "empty"), ("   ", "empty"), ("lr", "form"), ("lr=", "no values"), ("=1", "form"),
+                     ("lr=1 lr=2", "twice")]:
+        with pytest.raises(ConfigError, match=msg):
+            sweep_job.parse_grid(bad)
+    assert len(sweep_job.expand_grid({"a": [1, 2], "b": [3, 4, 5]})) == 6
+
+
+def test_random_sampling_is_seeded_and_extends():
+    space = {"lr": {"low": 1e-4, "high": 1e-2, "log": True, "type": "float"}, "hidden": [8, 16],
+             "layers": {"low": 1, "high": 3, "type": "int"}}
+    a = sweep_job.sample_random(space, 5, 0)
+    assert sweep_job.sample_random(space, 8, 0)[:5] == a
+    assert all(1e-4 <= c["lr"] <= 1e-2 and c["hidden"] in (8, 16) and c["layers"] in (1, 2, 3) for c in a)
+
+
+# ---- jobs on a real store ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory):
+    from featurestore.datasets import add_dataset, build_demo
+    from featurestore.store import open_store
+    from jobs.extract import ExtractConfig, run
+
+    store = open_store(tmp_path_factory.mktemp("sweepstore"), create=True)
+    add_dataset(store, "demo", build_demo(), root=None, source="builtin demo")
+    run(ExtractConfig(dataset="demo", modality="text", backbone="minilm", limit=ROWS), store)
+    return store
+
+
+def fs(store, *args):
+    return CliRunner().invoke(cli, ["--store", str(store.root), *args], catch_exceptions=False)
+
+
+BASE = ["--dataset", "demo", "--features", "text=minilm"]
+QUICK = ["-p", "epochs=3", "-p", "hidden=16", "-p", "batch_size=32"]
+
+
+def test_bad_input_is_refused_before_training(demo_store):
+    r = fs(demo_store, "sweep", "--method", "mlp", *BASE, "--grid", "lr=1e-3 nope=1,2")
+    assert r.exit_code == 2 and "nope" in r.output and "dropout" in r.output and "weight_decay" in r.output
+    r = fs(demo_store, "sweep", "--method", "mlp", *BASE, "--grid", "")
+    assert r.exit_code == 2 and "empty" in r.output
+    r = fs(demo_store, "sweep", "--method", "mlp", *BASE, "--grid", "lr=1e-3,abc")
+    assert r.exit_code == 2 and "abc" in r.output
+    r = fs(demo_store, "sweep", "--method", "mlp", *BASE, "--grid", "dropout=0.1,1.5")
+    assert r.exit_code == 2 and "dropout" in r.output
+    r = fs(demo_store, "sweep", "--method", "mlp", *BASE, "--grid", "lr=1e-3", "--metric", "nosuch")
+    assert r.exit_code == 2 and "uar" in r.output
+    r = fs(demo_store, "sweep", "--method", "mlp", *BASE, "--grid", "lr=1e-3", "-p", "lr=1")
+    assert r.exit_code == 2 and "both swept and fixed" in r.output
+    assert not demo_store.sweeps_dir().exists() or not any(demo_store.sweeps_dir().glob("*/parts/*.parquet"))
+
+
+def test_bad_space_is_refused(demo_store, tmp_path):
+    cls = heads.get("mlp")
+    for space, msg in [({}, "empty"), ({"nope": [1]}, "nope"), ({"lr": {"low": 1}}, "choices"),
+                       ({"lr": {"low": 0, "high": 1, "log": True}}, "low must be > 0"),
+                       ({"dropout": {"low": 0.1, "high": 2.0}}, "dropout"), ({"hidden": []}, "no choices")]:
+        with pytest.raises(ConfigError, match=msg):
+            sweep_job._check_space(space, cls, {})
+
+
+def test_grid_sweep_resumes_without_rerunning_and_exports_best(demo_store, tmp_path):
+    from jobs.train_head import TrainHeadConfig, run as train
+
+    cfg = dict(method="mlp", dataset="demo", features={"text": "minilm"}, seed=2,
+               grid={"lr": ["3e-4", "1e-3", "3e-3"], "dropout": ["0.0", "0.3"]},
+               params={"epochs": "3", "hidden": "16", "batch_size": "32"})
+    first = sweep_job.run(sweep_job.SweepConfig(**cfg, limit=4), demo_store)
+    parts = sorted((first.folder / "parts").glob("part-*.parquet"))
+    assert first.trained_now == 4 and len(parts) == 4
+    stamps = {p.name: p.stat().st_mtime_ns for p in parts}
+    second = sweep_job.run(sweep_job.SweepConfig(**cfg), demo_store)
+    assert second.sweep_id == first.sweep_id and second.trained_now == 2 and second.reused == 4
+    assert {p.name: p.stat().st_mtime_ns for p in parts} == stamps  # finished parts untouched
+    third = sweep_job.run(sweep_job.SweepConfig(**cfg), demo_store)
+    assert third.trained_now == 0 and third.reused == 6
+    table = pl.read_parquet(third.folder / "results.parquet")
+    assert table.height == 6 and table["config_id"].n_unique() == 6
+    assert {"lr", "dropout", "val_uar", "test_uar", "epochs", "seconds", "params"} <= set(table.columns)
+    assert sorted(set(zip(table["lr"], table["dropout"]))) == sorted(
+        (lr, d) for lr in (3e-4, 1e-3, 3e-3) for d in (0.0, 0.3))
+    assert (third.folder / "metric_vs_lr.png").is_file() and (third.folder / "metric_vs_dropout.png").is_file()
+    # export-best: the same configuration trained by `fs train-head` semantics scores the same
+    doc = sweep_job.export_best(third.definition, third.table, tmp_path / "best.json")
+    saved = json.loads((tmp_path / "best.json").read_text())
+    assert saved == doc and saved["command"].startswith("fs train-head --method mlp --dataset demo")
+    assert "-p lr=" in saved["command"] and "--seed 2" in saved["command"]
+    res = train(TrainHeadConfig(method=saved["method"], dataset=saved["dataset"], features=saved["features"],
+                                params=saved["params"], target=saved["target"], seed=saved["seed"],
+                                val_fraction=saved["val_fraction"]), demo_store)
+    assert res.metrics["uar"] == pytest.approx(saved["test"], abs=1e-9)
+    assert res.val_score == pytest.approx(saved["val"], abs=1e-9)
+
+
+def test_random_and_optuna_sweeps_resume(demo_store, tmp_path):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "dropout": [0.0, 0.2],
+                                 "weight_decay": {"low": 0.0, "high": 0.1}}))
+    r = fs(demo_store, "sweep", "--method", "linear", *BASE, "--random", "4", "--space", str(space),
+           "-p", "epochs=2", "--json")
+    assert r.exit_code == 2 and "dropout" in r.output  # linear has no dropout: refused before training
+    args = ["sweep", "--method", "mlp", *BASE, "--space", str(space), *QUICK, "--json"]
+    rnd = json.loads(fs(demo_store, *args, "--random", "3").output)
+    assert rnd["n_configs"] == 3 and rnd["trained_now"] == 3
+    more = json.loads(fs(demo_store, *args, "--random", "5").output)
+    assert more["sweep"] == rnd["sweep"] and more["trained_now"] == 2 and more["n_configs"] == 5
+    opt = json.loads(fs(demo_store, *args, "--optuna", "5", "--limit", "3").output)
+    assert opt["trained_now"] == 3
+    folder = demo_store.sweeps_dir() / opt["sweep"]
+    assert (folder / "optuna.journal").is_file()
+    opt2 = json.loads(fs(demo_store, *args, "--optuna", "5").output)
+    assert opt2["sweep"] == opt["sweep"] and opt2["n_configs"] >= 5
+    import optuna
+
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name=opt["sweep"],
+                              storage=JournalStorage(JournalFileBackend(str(folder / "optuna.journal"))))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 5
+    # any database URL optuna accepts
+    pytest.importorskip("sqlalchemy")
+    (tmp_path / "s2.json").write_text(json.dumps({"lr": [1e-3, 1e-2]}))
+    db = f"sqlite:///{tmp_path / 'study.db'}"
+    other = json.loads(fs(demo_store, "sweep", "--method", "linear", *BASE, "--optuna", "2", "--storage", db,
+                          "--space", str(tmp_path / "s2.json"), "-p", "epochs=2", "--json").output)
+    assert other["n_configs"] >= 1 and (tmp_path / "study.db").is_file()
+    assert not (demo_store.sweeps_dir() / other["sweep"] / "optuna.journal").exists()
+
+
+def test_cli_grid_show_list_and_export(demo_store, tmp_path):
+    r = fs(demo_store, "sweep", "--method", "mlp", *BASE, "--grid", "lr=1e-3,1e-2 weight_decay=0,0.01", *QUICK,
+           "--export-best", str(tmp_path / "best.json"))
+    assert r.exit_code == 0, r.output
+    assert "val_uar" in r.output and "fs train-head --method mlp" in r.output
+    listed = json.loads(fs(demo_store, "sweep", "list", "--json").output)["sweeps"]
+    row = next(s for s in listed if s["configs"] == 4 and s["method"] == "mlp")
+    shown = json.loads(fs(demo_store, "sweep", "show", row["sweep"], "--json").output)
+    assert shown["n_configs"] == 4 and len(shown["results"]) == 4
+    assert shown["leaderboard"][0]["val_uar"] == max(x["val_uar"] for x in shown["results"])
+    assert "val_uar" in fs(demo_store, "sweep", "show", row["sweep"]).output
+    assert fs(demo_store, "sweep", "show", "no-such-sweep").exit_code == 4
+    best = json.loads((tmp_path / "best.json").read_text())
+    r = fs(demo_store, *best["command"].split()[1:], "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["metrics"]["uar"] == pytest.approx(best["test"], abs=1e-9)
+
+
+def test_non_stacked_heads_sweep_sequentially(demo_store):
+    res = sweep_job.run(sweep_job.SweepConfig(method="univa", dataset="demo", features={"text": "minilm"},
+                                              target="labels", grid={"lr": ["1e-3", "1e-2"]},
+                                              params={"epochs": "2", "hidden": "16"}), demo_store)
+    assert res.table.height == 2 and set(res.table["stack"]) == {1}
+    assert "val_acc" in res.table.columns and res.metric == "acc"
