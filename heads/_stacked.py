@@ -261,8 +261,8 @@ def fit_heads(hs: Sequence[Any], X, y, *, eval_set=None, log: Callable[[str], No
     """
     import torch
 
-    from . import metrics
-    from ._torch import _check_kind, _target_tensor, autocast, pick_device, scores_from_outputs, seeded
+    from ._torch import _check_kind, _target_tensor, autocast, pick_device, scores_from_outputs, seeded, \
+        validation_scorer
     from featurestore.errors import ConfigError
 
     if not hs:
@@ -302,16 +302,12 @@ def fit_heads(hs: Sequence[Any], X, y, *, eval_set=None, log: Callable[[str], No
         val_score = None
         if vx_np is not None:
             vx = torch.from_numpy(vx_np).to(device)
+            score = validation_scorer(first, yv, y.kind)
 
             def val_score(forward, vx=vx):
                 out = torch.cat([forward(vx[i:i + 8192]) for i in range(0, len(vx), 8192)], 1) if len(vx) \
                     else forward(vx)
-                res = []
-                for c in range(out.shape[0]):
-                    proba = scores_from_outputs(out[c], y.kind)
-                    s = metrics.primary(yv, first.decide(proba, y.kind), proba)
-                    res.append(-1e9 if math.isnan(s) else s)
-                return res
+                return [score(scores_from_outputs(out[c], y.kind)) for c in range(out.shape[0])]
 
         if log:
             log(f"training a stack of {len(members)} {lead.name} configuration(s) {key[1:]}")

@@ -146,6 +146,17 @@ def scores_from_outputs(out, kind: str) -> np.ndarray:
     return out.cpu().numpy().astype(np.float64)
 
 
+def validation_scorer(head: Head, yv: Targets, kind: str, threshold: float | None = None
+                      ) -> Callable[[np.ndarray], float]:
+    """Scores -> the validation metric that early stopping maximises (a NaN metric ranks last)."""
+    from . import metrics
+
+    def score(proba: np.ndarray) -> float:
+        s = metrics.primary(yv, head.decide(proba, kind, threshold), proba)
+        return -1e9 if math.isnan(s) else s
+    return score
+
+
 def _target_tensor(y: Targets):
     import torch
 
@@ -189,8 +200,6 @@ class TorchHead(Head):
 
     # ---- contract ------------------------------------------------------------------
     def fit(self, X: Features, y: Targets, *, eval_set: tuple[Features, Targets] | None = None) -> "TorchHead":
-        from . import metrics
-
         if self.stacked:
             from ._stacked import fit_heads
 
@@ -204,16 +213,7 @@ class TorchHead(Head):
         device = pick_device(self.device)
         n_out = y.n_outputs
         train = self._tensors(X, y)
-        val_score = None
-        if eval_set is not None:
-            Xv, yv = eval_set
-            self._check_features(Xv)
-            vx = self._tensors(Xv).tensors["x"].to(device)
-
-            def val_score(model):
-                proba = scores_from_outputs(model(vx), y.kind)
-                s = metrics.primary(yv, self.decide(proba, y.kind), proba)
-                return -1e9 if math.isnan(s) else s
+        val_score = self._val_scorer(eval_set, y.kind, device)
 
         with seeded(self.seed, device):
             self.net_ = self._network(train.tensors["x"].shape[1], n_out).to(device)
@@ -221,6 +221,16 @@ class TorchHead(Head):
                                        params=self._loop_params(), device=device, val_score=val_score)
         self.net_ = self.net_.cpu()
         return self
+
+    def _val_scorer(self, eval_set: tuple[Features, Targets] | None, kind: str, device):
+        """model -> validation score on the flat inputs of `eval_set`; None without one."""
+        if eval_set is None:
+            return None
+        Xv, yv = eval_set
+        self._check_features(Xv)
+        vx = self._tensors(Xv).tensors["x"].to(device)
+        score = validation_scorer(self, yv, kind)
+        return lambda model: score(scores_from_outputs(model(vx), kind))
 
     def _loop_params(self) -> TorchParams:
         return TorchParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TorchParams)})

@@ -15,7 +15,6 @@ a saved head predicts without it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import numpy as np
 from featurestore.config import field
 from featurestore.errors import ConfigError
 
-from ._torch import TorchHead, TorchParams, _check_kind, pick_device, scores_from_outputs, seeded, train_loop
+from ._torch import TorchHead, TorchParams, _check_kind, pick_device, seeded, train_loop
 from .base import Features, Targets
 from .concepts import MODES, ConceptBank
 from .scl import _small_model_threads
@@ -119,8 +118,6 @@ class ConceptHead(TorchHead):
         import torch
         import torch.nn.functional as F
 
-        from . import metrics
-
         _check_kind(self, y)
         if not len(y):
             raise ConfigError("head 'concept': no training items")
@@ -141,16 +138,7 @@ class ConceptHead(TorchHead):
             sim = (f.float()[torch.from_numpy(valid).to(f.device)] - c).pow(2).sum(1).mean()
             return ce + self.lam * sim
 
-        val_score = None
-        if eval_set is not None:
-            Xv, yv = eval_set
-            self._check_features(Xv)
-            vx = self._tensors(Xv).tensors["x"].to(device)
-
-            def val_score(model):
-                proba = scores_from_outputs(model(vx), y.kind)
-                s = metrics.primary(yv, self.decide(proba, y.kind), proba)
-                return -1e9 if math.isnan(s) else s
+        val_score = self._val_scorer(eval_set, y.kind, device)
 
         with seeded(self.seed, device), _small_model_threads(device):
             self.net_ = self._network(0, y.n_outputs).to(device)

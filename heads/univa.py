@@ -19,7 +19,6 @@ contrast: the two views are two dropout passes and only a sample's own views are
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal, Mapping
 
 import numpy as np
@@ -30,7 +29,7 @@ from featurestore.errors import ConfigError
 from . import losses
 from .base import Features, Head, Targets
 from ._data import TensorSet, align
-from ._torch import TorchParams, _check_kind, pick_device, seeded, train_loop
+from ._torch import TorchParams, _check_kind, pick_device, seeded, train_loop, validation_scorer
 
 __all__ = ["UniVA", "UniVAConfig"]
 
@@ -227,8 +226,6 @@ class UniVA(Head):
     def fit(self, X: Features, y: Targets, *, eval_set: tuple[Features, Targets] | None = None) -> "UniVA":
         import torch
 
-        from . import metrics
-
         _check_kind(self, y)
         if not len(y):
             raise ConfigError("head 'univa': no training items")
@@ -244,10 +241,10 @@ class UniVA(Head):
             self._check_features(eval_set[0])
             val = self._tensors(eval_set[0]).to(device)
 
+            score = validation_scorer(self, eval_set[1], y.kind, self._threshold())
+
             def val_score(model):
-                proba = self._proba(model, val)
-                s = metrics.primary(eval_set[1], self.decide(proba, y.kind, self._threshold()), proba)
-                return -1e9 if math.isnan(s) else s
+                return score(self._proba(model, val))
 
         with seeded(self.seed, device):
             self.net_ = _modules()(self.meta_["dims"], seq_dims, y.n_outputs, self.config).to(device)
