@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from .errors import LockedError
 
-__all__ = ["TMP_SUFFIX", "tmp_path", "publish", "write_json_atomic", "read_json", "file_lock"]
+__all__ = ["TMP_SUFFIX", "tmp_path", "publish", "write_json_atomic", "read_json", "file_lock", "json_safe"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -46,6 +46,23 @@ def write_json_atomic(target: Path, obj: Any) -> None:
     tmp = tmp_path(target)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     publish(tmp, target)
+
+
+def json_safe(obj: Any) -> Any:
+    """Plain JSON values: NaN and inf -> None, numpy scalars -> Python, tuples -> lists."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def read_json(path: Path) -> Any:

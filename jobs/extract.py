@@ -25,7 +25,7 @@ from featurestore.hashing import content_key
 from featurestore.segments import ErrorRecord
 from featurestore.store import Store
 
-__all__ = ["ExtractConfig", "ExtractResult", "run", "plan"]
+__all__ = ["ExtractConfig", "ExtractResult", "run", "plan", "pending", "Pending"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +111,31 @@ def plan(store: Store, config: ExtractConfig) -> tuple[list[_Item], list[ErrorRe
     return items, errors, len(df) - df[m].null_count()
 
 
+@dataclasses.dataclass
+class Pending:
+    """What a job over `items` still has to do against the rows already published."""
+
+    cached: int  # items that already have a row
+    todo: list  # items to compute
+    new_errors: list  # failures to record now: unreadable items, and known-bad content under new item ids
+    unreadable: int  # of new_errors, items that could not be read at all
+
+
+def pending(rows, items: Sequence["_Item"], unreadable: Sequence[ErrorRecord], dataset: str, *,
+            retry_errors: bool) -> Pending:
+    """Split `items` into cached, to do, and known failures (`rows`: a FeatureSet or VASet, locked)."""
+    done = rows.has([it.key for it in items]) if items else np.zeros(0, bool)
+    old = [] if retry_errors else rows.errors()
+    failed = {e.key: e.reason for e in old if e.key}
+    recorded = {(e.dataset, e.item_id) for e in old}
+    todo = [it for it, d in zip(items, done) if not d and it.key not in failed]
+    # Known-bad content met again under another item id: record it for this item too, with no work.
+    carried = [ErrorRecord(it.key, dataset, it.item_id, failed[it.key]) for it, d in zip(items, done)
+               if not d and it.key in failed and (dataset, it.item_id) not in recorded]
+    fresh = [e for e in unreadable if (e.dataset, e.item_id) not in recorded]
+    return Pending(int(done.sum()), todo, fresh + carried, len(fresh))
+
+
 def _unreadable_reason(modality: str, source: str) -> str:
     if modality == "text":
         return "empty text"
@@ -190,20 +215,12 @@ def run(config: ExtractConfig, store: Store, *, backbone: Backbone | None = None
     fs.folder.mkdir(parents=True, exist_ok=True)
     with fs.lock():
         fs.ensure_spec(spec)
-        done = fs.has([it.key for it in items]) if items else np.zeros(0, bool)
-        result.cached = int(done.sum())
-        old_errors = [] if config.retry_errors else fs.errors()
-        failed_keys = {e.key: e.reason for e in old_errors if e.key}
-        recorded = {(e.dataset, e.item_id) for e in old_errors}
-        todo = [it for it, d in zip(items, done) if not d and it.key not in failed_keys]
-        # Known-bad content met again under another item id: record it for this item too.
-        carried = [ErrorRecord(it.key, config.dataset, it.item_id, failed_keys[it.key]) for it, d in zip(items, done)
-                   if not d and it.key in failed_keys and (config.dataset, it.item_id) not in recorded]
-        unreadable = [e for e in unreadable if (e.dataset, e.item_id) not in recorded]
+        work = pending(fs, items, unreadable, config.dataset, retry_errors=config.retry_errors)
+        result.cached, todo = work.cached, work.todo
         writer = fs.segments.writer(dtypes={POOLED: fs.dtype, SEQ: fs.dtype},
                                     attrs={"fingerprint": fs.fingerprint, "backbone": bb.name})
-        writer.add_errors(unreadable + carried)
-        result.failed_new += len(unreadable)
+        writer.add_errors(work.new_errors)
+        result.failed_new += work.unreadable
         if todo:
             log(f"{fs.fingerprint}: {len(todo)} to compute, {result.cached} cached")
             t_loop = time.perf_counter()

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 import heads
-from featurestore._io import file_lock, publish, read_json, tmp_path, write_json_atomic
+from featurestore._io import file_lock, json_safe, publish, read_json, tmp_path, write_json_atomic
 from featurestore.config import field, from_strings
 from featurestore.errors import ConfigError, NotFoundError
 from featurestore.reader import parse_feature_refs
@@ -98,7 +98,7 @@ class SweepResult:
 
     def to_dict(self, top: int = 10) -> dict:
         board = self.leaderboard(top)
-        return _clean({"sweep": self.sweep_id, "folder": str(self.folder), "method": self.definition["method"],
+        return json_safe({"sweep": self.sweep_id, "folder": str(self.folder), "method": self.definition["method"],
                        "dataset": self.definition["dataset"], "mode": self.definition["mode"],
                        "metric": self.metric, "kind": self.definition["kind"], "n_configs": self.table.height,
                        "trained_now": self.trained_now, "reused": self.reused, "seconds": round(self.seconds, 3),
@@ -521,7 +521,7 @@ def export_best(definition: dict, table, target: str | Path | None = None) -> di
            "val_fraction": definition["val_fraction"], "params": params, "sweep": definition["id"],
            "metric": definition["metric"], "val": best.get(f"val_{definition['metric']}"),
            "test": best.get(f"test_{definition['metric']}"), "command": shlex.join(argv)}
-    doc = _clean(doc)
+    doc = json_safe(doc)
     if target is not None:
         write_json_atomic(Path(target), doc)
     return doc
@@ -588,13 +588,3 @@ def _short(params: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items())
 
 
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj

@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 import heads
 from featurestore import __version__
-from featurestore._io import read_json, write_json_atomic
+from featurestore._io import json_safe, read_json, write_json_atomic
 from featurestore.config import field
 from featurestore.errors import ConfigError, NotFoundError
 from featurestore.features import superseded_by
@@ -70,7 +69,7 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return {"run": self.run_id, "folder": str(self.folder), "method": self.method, "dataset": self.dataset,
-                "kind": self.kind, "metrics": _clean(self.metrics), "val_score": _clean(self.val_score),
+                "kind": self.kind, "metrics": json_safe(self.metrics), "val_score": json_safe(self.val_score),
                 "seconds": round(self.seconds, 3), "lineage": self.lineage}
 
 
@@ -141,7 +140,7 @@ def _publish_run(store: Store, run_id: str, head: heads.Head, doc: dict, lineage
     tmp = store.heads_dir() / f".{run_id}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         head.save(tmp)
-        write_json_atomic(tmp / "metrics.json", _clean(doc))
+        write_json_atomic(tmp / "metrics.json", json_safe(doc))
         write_json_atomic(tmp / "lineage.json", lineage)
         plot(tmp, head.meta_["kind"], list(head.meta_.get("classes", [])), *evaluated)
         os.replace(tmp, final)
@@ -237,19 +236,8 @@ def evaluate(run_id: str, dataset: str, store: Store, *, split: str = "test") ->
     head._check_features(features_of(data, va_from_labels=False))  # wrong widths: a clear error before any work
     X, y, _, no_target, no_features = usable(data, lineage["target"], classes, sequences=seq)
     result = metrics.evaluate(y, head.predict(X), head.predict_proba(X))
-    return _clean({"run": run_id, "dataset": dataset, "split": split, "n": len(y), "dropped_without_target": no_target,
+    return json_safe({"run": run_id, "dataset": dataset, "split": split, "n": len(y), "dropped_without_target": no_target,
                    "dropped_without_features": no_features, "kind": head.meta_["kind"],
                    "metrics": result, "stale": staleness(store, lineage)})
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-safe: NaN -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj

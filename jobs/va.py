@@ -29,7 +29,7 @@ from featurestore.va.base import VAScorer
 from featurestore.va.cache import DTYPES, KNOWN, VA, VASet
 from featurestore.va.learned import (CONFIG, METRICS, REGRESSORS, WEIGHTS, FitParams, evaluate, list_models,
                                      models_root)
-from jobs.extract import ExtractConfig, _batches, _Item, _raw, plan
+from jobs.extract import ExtractConfig, _batches, _Item, _raw, pending, plan
 
 __all__ = ["VAConfig", "VAResult", "run", "make_scorer", "FitConfig", "FitResult", "fit"]
 
@@ -107,18 +107,11 @@ def run(config: VAConfig, store: Store, *, scorer: VAScorer | None = None,
     vs.folder.mkdir(parents=True, exist_ok=True)
     with vs.lock():
         vs.ensure_spec(spec)
-        done = vs.has([it.key for it in items]) if items else np.zeros(0, bool)
-        result.cached = int(done.sum())
-        old = [] if config.retry_errors else vs.errors()
-        failed = {e.key: e.reason for e in old if e.key}
-        recorded = {(e.dataset, e.item_id) for e in old}
-        todo = [it for it, d in zip(items, done) if not d and it.key not in failed]
-        carried = [ErrorRecord(it.key, config.dataset, it.item_id, failed[it.key]) for it, d in zip(items, done)
-                   if not d and it.key in failed and (config.dataset, it.item_id) not in recorded]
-        unreadable = [e for e in unreadable if (e.dataset, e.item_id) not in recorded]
+        work = pending(vs, items, unreadable, config.dataset, retry_errors=config.retry_errors)
+        result.cached, todo = work.cached, work.todo
         writer = vs.segments.writer(dtypes=DTYPES, attrs={"source": vs.source, "scorer": scorer.name})
-        writer.add_errors(unreadable + carried)
-        result.failed_new += len(unreadable)
+        writer.add_errors(work.new_errors)
+        result.failed_new += work.unreadable
         if features is not None and todo:
             have = features.has([it.key for it in todo])
             result.missing_features = int((~have).sum())

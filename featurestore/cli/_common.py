@@ -23,7 +23,10 @@ def get_store(ctx: click.Context, *, create: bool = False) -> Store:
 
 
 def emit(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    """One JSON document on stdout (NaN and inf become null: strict JSON parsers accept it)."""
+    from .._io import json_safe
+
+    click.echo(json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str))
 
 
 def table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:

@@ -81,14 +81,14 @@ def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_
 @click.pass_context
 def sweep_show_cmd(ctx, sweep_id, top, export_path, as_json):
     """A sweep's definition and leaderboard."""
-    from jobs.sweep import _clean, export_best, leaderboard, show
+    from jobs.sweep import export_best, leaderboard, show
 
     definition, results = show(get_store(ctx), sweep_id)
     board = leaderboard(results, definition, top)
     exported = export_best(definition, results, export_path) if export_path else None
     if as_json:
-        return emit(_clean({"sweep": sweep_id, "definition": definition, "n_configs": results.height,
-                            "leaderboard": board, "results": results.to_dicts(), "exported": exported}))
+        return emit({"sweep": sweep_id, "definition": definition, "n_configs": results.height,
+                     "leaderboard": board, "results": results.to_dicts(), "exported": exported})
     click.echo(f"sweep {sweep_id}: {definition['method']} on {definition['dataset']} ({definition['mode']}), "
                f"{results.height} configuration(s), ranked by val {definition['metric']}")
     click.echo(table(board))
@@ -101,11 +101,11 @@ def sweep_show_cmd(ctx, sweep_id, top, export_path, as_json):
 @click.pass_context
 def sweep_list_cmd(ctx, as_json):
     """Sweeps in the store with their best configuration."""
-    from jobs.sweep import _clean, list_sweeps
+    from jobs.sweep import list_sweeps
 
     rows = list_sweeps(get_store(ctx))
     if as_json:
-        return emit(_clean({"sweeps": rows}))
+        return emit({"sweeps": rows})
     click.echo(table(rows, ["sweep", "method", "dataset", "mode", "configs", "metric", "best_val", "best_test"]))
 
 
