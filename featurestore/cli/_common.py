@@ -51,9 +51,16 @@ def _fmt(v: Any) -> str:
 
 def progress(iterable: Iterable | None = None, **kwargs):
     """A tqdm bar on stderr, shown only on a terminal (quiet in logs and tests)."""
+    import shutil
+
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, file=sys.stderr, disable=None, dynamic_ncols=True, **kwargs)
+    # A pseudo-terminal may report a 0 x 0 size (script, some CI runners); tqdm would then hide
+    # the bar, so give it a fixed size.
+    size = shutil.get_terminal_size((0, 0))
+    sized = size.columns > 0 and size.lines > 0
+    return tqdm(iterable, file=sys.stderr, disable=None, dynamic_ncols=sized, ncols=None if sized else 100,
+                nrows=None if sized else 24, **kwargs)
 
 
 class FsGroup(click.Group):
