@@ -1,6 +1,7 @@
 """Sweep benchmark: 64 `mlp` configurations trained as one stack vs alone vs one after another.
 
     python bench/bench_sweep.py [--n 50000] [--configs 64] [--epochs 2] [--sequential 8] [--cli 2]
+                                [--univa 16] [--univa-n 5000] [--univa-only]
 
 Synthetic "cached" features: N x 384 float16 written to a .npy file, read back as float32 (as
 the store reads them), 7 classes, a 10% validation set. 64 configurations = 4 learning rates x
@@ -13,6 +14,10 @@ patience 0 (every configuration runs the same epochs). Prints:
 3. the sweep's achieved FLOP rate / a bare torch GEMM loop of the same shapes (target >= 0.5);
 4. an estimate for 64 separate `fs train-head` processes: a fresh interpreter importing torch +
    the heads (measured `--cli` times) + reading the features + one solo fit, times 64.
+5. `univa` (heads._vmapped): `--univa` configurations (lr x lam x tau, default 16) on `--univa-n`
+   synthetic items (text 384-d + audio 64-d pooled, per-modality VA, 7 multi-label classes,
+   hidden 128, batch 64), 1 epoch each, as one vectorised stack / one configuration alone.
+   `--univa 0` skips it; `--univa-only` runs only it.
 """
 from __future__ import annotations
 
@@ -106,6 +111,41 @@ def bare_gemm_seconds(n_train: int, n_val: int, C: int, epochs: int) -> float:
     return epochs * (steps * per_step + per_val * n_val / len(xv))
 
 
+def univa_data(n: int, seed: int = 0):
+    from heads import Features, Targets
+
+    rng = np.random.default_rng(seed)
+    cls = rng.integers(0, K, n)
+    y = np.eye(K, dtype=np.float32)[cls]
+    y[:, 0] = np.maximum(y[:, 0], rng.random(n) < 0.2)
+    text = rng.normal(size=(n, D)).astype(np.float32)
+    audio = rng.normal(size=(n, 64)).astype(np.float32)
+    va = {m: rng.uniform(-1, 1, (n, 2)).astype(np.float32) for m in ("text", "audio")}
+    X = Features({"text": text, "audio": audio}, {"audio": rng.random(n) > 0.2}, va=va)
+    return X, Targets("multi", y, ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"])
+
+
+def bench_univa(n: int, C: int) -> None:
+    import heads
+    from heads._stacked import fit_heads
+
+    (X, y), (Xv, yv) = univa_data(n, 0), univa_data(max(n // 10, 1), 1)
+    grid = [dict(lr=lr, lam=lam, tau=tau) for lr in (1e-4, 3e-4, 1e-3, 3e-3) for lam in (0.2, 0.5)
+            for tau in (0.3, 0.6)] * (-(-C // 16))
+    base = dict(hidden=128, heads=4, batch_size=64, epochs=1, patience=0, seed=0, device="cpu")
+    cfgs = [{**base, **g} for g in grid[:C]]
+    heads.create("univa", **{**cfgs[0]}).fit(*univa_data(256, 2))  # first-call costs
+    t = time.perf_counter()
+    solo = heads.create("univa", **cfgs[0]).fit(X, y, eval_set=(Xv, yv))
+    t_solo = time.perf_counter() - t
+    t = time.perf_counter()
+    fitted = fit_heads([heads.create("univa", **c) for c in cfgs], X, y, eval_set=(Xv, yv))
+    t_sweep = time.perf_counter() - t
+    same = np.abs(fitted[0].predict_proba(Xv) - solo.predict_proba(Xv)).max()
+    print(f"univa, {n} items, 1 epoch: one config alone {t_solo:.2f}s; {C} configs as one stack {t_sweep:.2f}s "
+          f"= {t_sweep / t_solo:.2f}x alone (one after another: ~{C}x)   [max |p_sweep - p_solo| = {same:.1e}]")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=50_000)
@@ -113,7 +153,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--sequential", type=int, default=8, help="configurations timed one after another")
     ap.add_argument("--cli", type=int, default=2, help="fresh interpreters timed for the fs train-head estimate")
+    ap.add_argument("--univa", type=int, default=16, help="univa configurations in one stack (0: skip)")
+    ap.add_argument("--univa-n", type=int, default=5000, help="synthetic items for the univa line")
+    ap.add_argument("--univa-only", action="store_true", help="run only the univa line")
     args = ap.parse_args()
+    if args.univa_only:
+        bench_univa(args.univa_n, args.univa)
+        return
 
     import torch
 
@@ -174,6 +220,8 @@ def main() -> None:
           f"{flops / t_gemm / 1e9:.1f} GFLOP/s: ratio {t_gemm / t_sweep:.2f} (target >= 0.5)")
     print(f"{len(cfgs)} separate fs train-head runs (estimate: {min(t_proc):.1f}s interpreter+imports + load + "
           f"solo fit, each): {t_cli:.0f}s = {t_cli / t_sweep:.1f}x the sweep")
+    if args.univa:
+        bench_univa(args.univa_n, args.univa)
 
 
 if __name__ == "__main__":

@@ -248,7 +248,12 @@ def train_stack(layers: list[tuple[Any, Any]], spec: StackSpec, x, y, kind: str,
 
 # ---- heads -------------------------------------------------------------------------
 def group_key(head) -> tuple:
-    """Configurations that can share a stack: same seed, batch size, network shape and device."""
+    """Configurations that can share a stack: same seed, batch size, network shape and device.
+
+    A head with its own `stack_key` (`univa`, trained by `heads._vmapped`) says itself.
+    """
+    if hasattr(head, "stack_key"):
+        return head.stack_key()
     shape = tuple(getattr(head, k, None) for k in ("hidden", "layers"))
     return (type(head).__name__, int(head.seed), int(head.batch_size), shape, str(head.device))
 
@@ -257,9 +262,13 @@ def fit_heads(hs: Sequence[Any], X, y, *, eval_set=None, log: Callable[[str], No
     """Fit stackable torch heads (`mlp`, `linear`) on the same data, one stack per `group_key`.
 
     Every head ends fitted as if `head.fit(X, y, eval_set=eval_set)` had run alone: same `norm_`,
-    `net_`, `history_` and `meta_`. Returns the heads.
+    `net_`, `history_` and `meta_`. Returns the heads. Heads with their own stacked fit
+    (`fit_stack`: `univa`) go through it.
     """
     import torch
+
+    if hs and hasattr(type(hs[0]), "fit_stack"):
+        return type(hs[0]).fit_stack(list(hs), X, y, eval_set=eval_set, log=log)
 
     from ._torch import _check_kind, _target_tensor, autocast, pick_device, scores_from_outputs, seeded, \
         validation_scorer

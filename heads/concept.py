@@ -22,7 +22,7 @@ import numpy as np
 from featurestore.config import field
 from featurestore.errors import ConfigError
 
-from ._torch import TorchHead, TorchParams, _check_kind, pick_device, seeded, train_loop
+from ._torch import TorchHead, TorchParams, _check_kind, pick_device, seeded
 from .base import Features, Targets
 from .concepts import MODES, ConceptBank
 from .scl import _small_model_threads
@@ -71,8 +71,9 @@ def _build(dims: dict[str, int], hidden: int, width: int, n_out: int, dropout: f
                 start += dims[m]
             return self.fuse(torch.cat(parts, 1))
 
-        def forward(self, x):
-            return self.cls(self.features(x))
+        def forward(self, x, with_features: bool = False):
+            f = self.features(x)
+            return (self.cls(f), f) if with_features else self.cls(f)
 
     return ConceptNet()
 
@@ -114,37 +115,20 @@ class ConceptHead(TorchHead):
                 "concept_counts": {m: bank.counts[i].tolist() for i, m in enumerate(bank.modalities)}}
         return bank, info
 
+    stacked = True  # trains through heads._vmapped (a stack of one alone), so sweeps of it are vectorised
+
+    def stack_key(self) -> tuple:
+        """Configurations that can train as one vectorised stack: same network, seed, concept draws, dropout."""
+        return ("ConceptHead", int(self.seed), int(self.batch_size), int(self.hidden), float(self.dropout),
+                int(self.k), self.mode, str(self.memory), str(self.device))
+
+    @staticmethod
+    def fit_stack(hs, X: Features, y: Targets, *, eval_set=None, log=None) -> list:
+        """Fit many concept heads on the same data as vectorised stacks (see `fit_concept`)."""
+        return fit_concept(hs, X, y, eval_set=eval_set, log=log)
+
     def fit(self, X: Features, y: Targets, *, eval_set: tuple[Features, Targets] | None = None) -> "ConceptHead":
-        import torch
-        import torch.nn.functional as F
-
-        _check_kind(self, y)
-        if not len(y):
-            raise ConfigError("head 'concept': no training items")
-        bank, info = self._bank(list(y.classes))
-        self._set_meta(X, y, **info)
-        self._fit_norm(X)
-        device = pick_device(self.device)
-        train = self._tensors(X, y)
-        rng = np.random.default_rng(self.seed)
-
-        def loss_fn(model, batch):
-            f = model.features(batch["x"])
-            ce = F.cross_entropy(model.cls(f).float(), batch["y"])
-            concept, valid = bank.sample(batch["y"].cpu().numpy(), rng, k=self.k, mode=self.mode)
-            if not valid.any():
-                return ce
-            c = torch.from_numpy(concept[valid]).to(f.device)
-            sim = (f.float()[torch.from_numpy(valid).to(f.device)] - c).pow(2).sum(1).mean()
-            return ce + self.lam * sim
-
-        val_score = self._val_scorer(eval_set, y.kind, device)
-
-        with seeded(self.seed, device), _small_model_threads(device):
-            self.net_ = self._network(0, y.n_outputs).to(device)
-            self.history_ = train_loop(self.net_, loss_fn, train, params=self._loop_params(), device=device,
-                                       val_score=val_score)
-        self.net_ = self.net_.cpu().eval()
+        fit_concept([self], X, y, eval_set=eval_set)
         return self
 
     def concept_features(self, X: Features) -> np.ndarray:
@@ -154,3 +138,81 @@ class ConceptHead(TorchHead):
         self._check_features(X)
         with torch.no_grad():
             return self.net_.features(torch.from_numpy(self._flat(X))).numpy()
+
+
+def fit_concept(hs, X: Features, y: Targets, *, eval_set: tuple[Features, Targets] | None = None,
+                log=None) -> list:
+    """Fit `concept` heads on the same data, one vectorised stack per `stack_key` (heads._vmapped).
+
+    Each head ends as if trained alone (a head's own `fit` is this with one head). In a stack the
+    configurations share the network shape, seed, dropout and the concept draws (memory, k, mode:
+    one draw per batch from a generator seeded with the seed, as a solo run draws); they may differ
+    in lr, weight_decay, lam, epochs and patience.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ._torch import autocast, scores_from_outputs, validation_scorer
+    from ._vmapped import VmapSpec, train_vmapped
+
+    if not hs:
+        return []
+    for h in hs:
+        _check_kind(h, y)
+    if not len(y):
+        raise ConfigError("head 'concept': no training items")
+    groups: dict[tuple, list] = {}
+    for h in hs:
+        groups.setdefault(h.stack_key(), []).append(h)
+    for key, members in groups.items():
+        lead = members[0]
+        bank, info = lead._bank(list(y.classes))
+        for h in members:
+            h._set_meta(X, y, **info)
+        lead._fit_norm(X)
+        for h in members[1:]:
+            h.norm_ = lead.norm_
+        device = pick_device(lead.device)
+        train = lead._tensors(X, y)
+        rng = np.random.default_rng(lead.seed)
+        lam = torch.tensor([h.lam for h in members], dtype=torch.float32, device=device)
+
+        def losses_fn(forward, batch, active, lam=lam, bank=bank, rng=rng, lead=lead):
+            logits, f = forward(batch)  # [C, B, K], [C, B, W]
+            C, B, K = logits.shape
+            ce = F.cross_entropy(logits.float().reshape(C * B, K), batch["y"].repeat(C),
+                                 reduction="none").view(C, B).mean(1)
+            concept, valid = bank.sample(batch["y"].cpu().numpy(), rng, k=lead.k, mode=lead.mode)
+            if not valid.any():
+                return ce
+            c = torch.from_numpy(concept[valid]).to(f.device)
+            sim = (f.float()[:, torch.from_numpy(valid).to(f.device)] - c).pow(2).sum(2).mean(1)
+            idx = torch.tensor(active, dtype=torch.long, device=device)
+            return ce + lam[idx] * sim
+
+        val_score = None
+        if eval_set is not None:
+            Xv, yv = eval_set
+            lead._check_features(Xv)
+            vx = lead._tensors(Xv).tensors["x"].to(device)
+            scorers = [validation_scorer(h, yv, y.kind) for h in members]
+
+            def val_score(model_of, active, scorers=scorers, vx=vx):
+                return [scorers[c](scores_from_outputs(model_of(pos)(vx), y.kind)) for pos, c in enumerate(active)]
+
+        if log:
+            log(f"training a stack of {len(members)} concept configuration(s) {key[1:]}")
+        spec = VmapSpec([h.lr for h in members], [h.weight_decay for h in members],
+                        [h.epochs for h in members], [h.patience for h in members])
+        with seeded(lead.seed, device), _small_model_threads(device):
+            net = lead._network(0, y.n_outputs).to(device)
+            states, hists = train_vmapped(net, spec, train, batch_size=lead.batch_size, seed=lead.seed,
+                                          device=device, losses_fn=losses_fn, val_score=val_score,
+                                          amp=lambda d=device: autocast(d), args_of=lambda b: (b["x"], True))
+        for h, state, hist in zip(members, states, hists):
+            with seeded(h.seed):  # the caller's global RNG is left as it was
+                h.net_ = h._network(0, y.n_outputs)
+            h.net_.load_state_dict(state)
+            h.net_.eval()
+            h.history_ = {**hist, "stack_size": len(members)}  # trained alongside this many
+    return list(hs)

@@ -48,30 +48,36 @@ def label_pairs(y):
     return pos, torch.ones_like(pos)
 
 
-def contrastive_loss(views, positive, comparable, valid, tau: float):
+def contrastive_loss(views, positive, comparable, valid, tau):
     """Eq. 4-5. `views` `[V, B, H]` (view v of sample b); `positive`, `comparable` `[B, B]`; `valid` `[B]`.
 
     Every view of every valid sample is an anchor x_i; A(x_i) is every other valid view whose pair
     with x_i is comparable; P(x_i) those among A(x_i) that are positive. The other views of the
     anchor's own sample are positives when `positive` says a sample is close to itself.
+
+    Vectorised over configurations too: `views` `[C, V, B, H]`, `positive` `[B, B]` or `[C, B, B]`
+    and `tau` a number or a tensor `[C]` give the C losses `[C]` (one per configuration) at once.
     """
     import torch
 
-    V, B, _ = views.shape
-    z = _wide(views.reshape(V * B, -1))
+    V, B, Hd = views.shape[-3:]
+    lead = views.shape[:-3]
+    z = _wide(views.reshape(*lead, V * B, Hd))
     sample = torch.arange(V * B, device=z.device) % B
     valid_v = valid[sample]
     allowed = comparable[sample][:, sample] & valid_v[:, None] & valid_v[None, :]
     allowed &= ~torch.eye(V * B, dtype=torch.bool, device=z.device)
-    pos = positive[sample][:, sample] & allowed
-    logits = (z @ z.T / tau).masked_fill(~allowed, _FAR)
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    n_pos = pos.sum(1)
+    pos = positive[..., sample, :][..., :, sample] & allowed
+    if torch.is_tensor(tau) and tau.dim():
+        tau = tau.to(z.dtype).view(*tau.shape, 1, 1)
+    logits = (z @ z.transpose(-1, -2) / tau).masked_fill(~allowed, _FAR)
+    log_prob = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    n_pos = pos.sum(-1)
     anchors = valid_v & (n_pos > 0)
-    if not bool(anchors.any()):
-        return z.sum() * 0.0
-    mean_pos = torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(1) / n_pos.clamp(min=1)
-    return -mean_pos[anchors].mean()
+    mean_pos = torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(-1) / n_pos.clamp(min=1)
+    n_anchors = anchors.sum(-1)
+    # a configuration with no anchor gives 0 (its terms are all multiplied by 0: finite gradients)
+    return -(mean_pos * anchors).sum(-1) / n_anchors.clamp(min=1)
 
 
 def prior_matrix(label_va):
@@ -85,24 +91,28 @@ def prior_matrix(label_va):
 
 
 def correlation_prior(p, M):
-    """Eq. 9 per batch: mean over items of sum_{j,l} M_jl (p_j - p_l)^2, via the Laplacian of M."""
+    """Eq. 9 per batch: mean over items of sum_{j,l} M_jl (p_j - p_l)^2, via the Laplacian of M.
+
+    `p` `[B, K]` -> a scalar; `p` `[C, B, K]` (C configurations) -> `[C]`."""
     p = _wide(p)
     M = M.to(p.dtype)
     # sum_jl M_jl (p_j - p_l)^2 = sum_j p_j^2 (rowsum_j + colsum_j) - 2 p^T M p
     weights = M.sum(1) + M.sum(0)
-    return ((p * p) @ weights - 2 * ((p @ M) * p).sum(1)).mean()
+    return ((p * p) @ weights - 2 * ((p @ M) * p).sum(-1)).mean(-1)
 
 
 def kl_multilabel(log_p, y):
-    """Eq. 10: KL(y_norm || p) with y normalised to a distribution; items with no label drop out."""
+    """Eq. 10: KL(y_norm || p) with y normalised to a distribution; items with no label drop out.
+
+    `log_p` `[B, K]` -> a scalar; `log_p` `[C, B, K]` (C configurations, shared `y`) -> `[C]`."""
     import torch.nn.functional as F
 
     if y.dim() == 1:
-        y = F.one_hot(y, log_p.shape[1]).float()
+        y = F.one_hot(y, log_p.shape[-1]).float()
     log_p = _wide(log_p)
     y = y.to(log_p.dtype)
     total = y.sum(1, keepdim=True)
     target = y / total.clamp(min=1e-12)
-    per_item = F.kl_div(log_p, target, reduction="none").sum(1)
+    per_item = F.kl_div(log_p, target.expand_as(log_p), reduction="none").sum(-1)
     has = total.squeeze(1) > 0
-    return per_item[has].mean() if bool(has.any()) else log_p.sum() * 0.0
+    return per_item[..., has].mean(-1) if bool(has.any()) else log_p.sum((-2, -1)) * 0.0

@@ -29,7 +29,7 @@ from featurestore.errors import ConfigError
 from . import losses
 from .base import Features, Head, Targets
 from ._data import TensorSet, align
-from ._torch import TorchParams, _check_kind, pick_device, seeded, train_loop, validation_scorer
+from ._torch import TorchParams, _check_kind, pick_device, seeded, validation_scorer
 
 __all__ = ["UniVA", "UniVAConfig"]
 
@@ -127,6 +127,7 @@ def _modules():
 
 class UniVA(Head):
     name = "univa"
+    stacked = True  # trains through heads._vmapped (a stack of one alone), so sweeps of it are vectorised
     Config = UniVAConfig
     supports = frozenset({"single", "multi", "binary"})
     uses_sequences = True
@@ -187,71 +188,70 @@ class UniVA(Head):
         return losses.prior_matrix(table).numpy()
 
     # ---- training ------------------------------------------------------------------
-    def _loss_fn(self, kind: str, M):
-        mods = self.meta_["dims"]
+    @property
+    def _second_pass(self) -> bool:
+        """Whether a training step runs the network twice (self contrast: two dropout views)."""
+        return self.contrast == "self" and self.lam > 0
 
-        def loss(model, batch):
-            log_p, H = model(batch)
-            total = (1 - self.lam) * losses.kl_multilabel(log_p, batch["y"])
-            if M is not None:
-                total = total + self.prior_weight * losses.correlation_prior(log_p.exp(), M)
-            if self.contrast != "none" and self.lam > 0:
-                H2 = model(batch)[1] if self.contrast == "self" else None
-                cl = 0.0
-                for m in mods:
-                    cl = cl + self._contrast(batch, m, H[m], None if H2 is None else H2[m])
-                total = total + self.lam * cl
-            return total
+    @staticmethod
+    def _stack_loss(members: list, active: list[int], log_p, H: dict, H2: dict | None, batch: dict, M):
+        """Eq. 11 for the C' configurations at stack positions `active` (indices into `members`), at once.
 
-        return loss
-
-    def _contrast(self, batch, mod, h, h2):
+        `log_p` `[C', B, K]`, `H[m]` (`H2[m]`: the second pass, `contrast=self`) `[C', B, hidden]`,
+        `M` the prior matrix (None when no configuration uses it). Returns the losses `[C']`.
+        """
         import torch
         import torch.nn.functional as F
 
-        present = batch[f"m.{mod}"] > 0
-        if self.contrast == "va":
-            pos, ok = losses.va_pairs(batch[f"va.{mod}"], self.delta)
-        elif self.contrast == "label":
-            pos, ok = losses.label_pairs(batch["y"])
-        else:  # self: only a sample's own other view is positive
-            pos = torch.eye(len(h), dtype=torch.bool, device=h.device)
-            ok = torch.ones_like(pos)
-        views = [h] * self.views if h2 is None else [h, h2]
-        z = torch.stack(views)
-        if self.normalize:
-            z = F.normalize(z.float(), dim=-1)
-        return losses.contrastive_loss(z, pos, ok, present, self.tau)
+        cfg = [members[c] for c in active]
+        dev = log_p.device
+        vec = lambda vals: torch.tensor(vals, dtype=torch.float32, device=dev)  # noqa: E731
+        lam = vec([h.lam for h in cfg])
+        total = (1 - lam) * losses.kl_multilabel(log_p, batch["y"])
+        if M is not None:
+            pw = vec([h.prior_weight if h.prior_ is not None else 0.0 for h in cfg])
+            total = total + pw * losses.correlation_prior(log_p.exp(), M)
+        groups: dict[tuple, list[int]] = {}  # configurations sharing the contrastive loss's form
+        for pos, h in enumerate(cfg):
+            if h.contrast != "none" and h.lam > 0:
+                groups.setdefault((h.contrast, h.views, h.normalize), []).append(pos)
+        for (contrast, views, normalize), sel in groups.items():
+            idx = torch.tensor(sel, dtype=torch.long, device=dev)
+            tau = vec([cfg[p].tau for p in sel])
+            cl = 0.0
+            for m in members[0].meta_["dims"]:
+                present = batch[f"m.{m}"] > 0
+                if contrast == "va":
+                    pairs = {d: losses.va_pairs(batch[f"va.{m}"], d) for d in sorted({cfg[p].delta for p in sel})}
+                    ok = next(iter(pairs.values()))[1]
+                    pos = pairs[cfg[sel[0]].delta][0] if len(pairs) == 1 else \
+                        torch.stack([pairs[cfg[p].delta][0] for p in sel])
+                elif contrast == "label":
+                    pos, ok = losses.label_pairs(batch["y"])
+                else:  # self: only a sample's own other view is positive
+                    pos = torch.eye(len(present), dtype=torch.bool, device=dev)
+                    ok = torch.ones_like(pos)
+                h = H[m].index_select(0, idx)
+                z = torch.stack([h] * views if H2 is None else [h, H2[m].index_select(0, idx)], 1)  # [c, V, B, H]
+                if normalize:
+                    z = F.normalize(z.float(), dim=-1)
+                cl = cl + losses.contrastive_loss(z, pos, ok, present, tau)
+            total = total + torch.zeros_like(total).index_add(0, idx, lam.index_select(0, idx) * cl)
+        return total
+
+    def stack_key(self) -> tuple:
+        """Configurations that can train as one vectorised stack: same network, inputs, seed, draws."""
+        return ("UniVA", int(self.seed), int(self.batch_size), int(self.hidden), int(self.heads),
+                int(self.sa_layers), bool(self.sequences), int(self.max_len), float(self.dropout),
+                self._second_pass, str(self.device))
+
+    @staticmethod
+    def fit_stack(hs, X: Features, y: Targets, *, eval_set=None, log=None) -> list:
+        """Fit many univa heads on the same data as vectorised stacks (see `fit_univa`)."""
+        return fit_univa(hs, X, y, eval_set=eval_set, log=log)
 
     def fit(self, X: Features, y: Targets, *, eval_set: tuple[Features, Targets] | None = None) -> "UniVA":
-        import torch
-
-        _check_kind(self, y)
-        if not len(y):
-            raise ConfigError("head 'univa': no training items")
-        seq_dims = {m: int(next(s.shape[1] for s in X.sequences[m] if s is not None))
-                    for m in X.pooled if self.sequences and any(s is not None for s in X.sequences.get(m, []))}
-        self._set_meta(X, y, seq_dims=seq_dims)
-        M = self._prior(y)
-        self.prior_ = M
-        device = pick_device(self.device)
-        train = self._tensors(X, y)
-        val_score = None
-        if eval_set is not None:
-            self._check_features(eval_set[0])
-            val = self._tensors(eval_set[0]).to(device)
-
-            score = validation_scorer(self, eval_set[1], y.kind, self._threshold())
-
-            def val_score(model):
-                return score(self._proba(model, val))
-
-        with seeded(self.seed, device):
-            self.net_ = _modules()(self.meta_["dims"], seq_dims, y.n_outputs, self.config).to(device)
-            Mt = None if M is None else torch.as_tensor(M, device=device)
-            self.history_ = train_loop(self.net_, self._loss_fn(y.kind, Mt), train, params=self._loop_params(),
-                                       device=device, val_score=val_score)
-        self.net_ = self.net_.cpu()
+        fit_univa([self], X, y, eval_set=eval_set)
         return self
 
     def _loop_params(self) -> TorchParams:
@@ -293,3 +293,71 @@ class UniVA(Head):
         self.net_.load_state_dict({k[4:]: torch.from_numpy(np.array(v)) for k, v in state.items()
                                    if k.startswith("net.")})
         self.net_.eval()
+
+
+def fit_univa(hs, X: Features, y: Targets, *, eval_set: tuple[Features, Targets] | None = None,
+              log=None) -> list:
+    """Fit `univa` heads on the same data, one vectorised stack per `stack_key` (heads._vmapped).
+
+    Each head ends as if trained alone: same meta, prior, network, history. A head's own `fit` is
+    this with one head. Configurations in a stack may differ in lr, weight_decay, epochs, patience,
+    lam, tau, delta, contrast (but `self` only with `self`), views, normalize, prior, prior_weight, zeta;
+    the loss of eq. 11 is computed for all of them at once (`UniVA._stack_loss`).
+    """
+    import torch
+
+    from ._torch import autocast
+    from ._vmapped import VmapSpec, train_vmapped
+
+    if not hs:
+        return []
+    for h in hs:
+        _check_kind(h, y)
+    if not len(y):
+        raise ConfigError("head 'univa': no training items")
+    for h in hs:
+        seq_dims = {m: int(next(s.shape[1] for s in X.sequences[m] if s is not None))
+                    for m in X.pooled if h.sequences and any(s is not None for s in X.sequences.get(m, []))}
+        h._set_meta(X, y, seq_dims=seq_dims)
+        h.prior_ = h._prior(y)
+    groups: dict[tuple, list] = {}
+    for h in hs:
+        groups.setdefault(h.stack_key(), []).append(h)
+    for key, members in groups.items():
+        lead = members[0]
+        device = pick_device(lead.device)
+        train = lead._tensors(X, y)
+        val = scorers = None
+        if eval_set is not None:
+            lead._check_features(eval_set[0])
+            val = lead._tensors(eval_set[0]).to(device)
+            scorers = [validation_scorer(h, eval_set[1], y.kind, h._threshold()) for h in members]
+        M = next((torch.as_tensor(h.prior_, device=device) for h in members if h.prior_ is not None), None)
+        second = lead._second_pass
+
+        def losses_fn(forward, batch, active, members=members, M=M, second=second):
+            log_p, H = forward(batch)
+            H2 = forward(batch)[1] if second else None
+            return UniVA._stack_loss(members, active, log_p, H, H2, batch, M)
+
+        val_score = None
+        if val is not None:
+            def val_score(model_of, active, scorers=scorers, val=val):
+                return [scorers[c](UniVA._proba(model_of(pos), val)) for pos, c in enumerate(active)]
+
+        if log:
+            log(f"training a stack of {len(members)} univa configuration(s) {key[1:]}")
+        spec = VmapSpec([h.lr for h in members], [h.weight_decay for h in members],
+                        [h.epochs for h in members], [h.patience for h in members])
+        with seeded(lead.seed, device):
+            net = _modules()(lead.meta_["dims"], lead.meta_["seq_dims"], y.n_outputs, lead.config).to(device)
+            states, hists = train_vmapped(net, spec, train, batch_size=lead.batch_size, seed=lead.seed,
+                                          device=device, losses_fn=losses_fn, val_score=val_score,
+                                          amp=lambda d=device: autocast(d))
+        for h, state, hist in zip(members, states, hists):
+            with seeded(h.seed):  # the caller's global RNG is left as it was
+                h.net_ = _modules()(h.meta_["dims"], h.meta_["seq_dims"], y.n_outputs, h.config)
+            h.net_.load_state_dict(state)
+            h.net_.eval()
+            h.history_ = {**hist, "stack_size": len(members)}  # trained alongside this many
+    return list(hs)

@@ -9,7 +9,8 @@ sweeps/<id>/optuna.journal          the Optuna study (--optuna, default file sto
 ```
 The id is a hash of the definition, so rerunning the same command continues the same sweep; a
 configuration whose part exists is never trained again. `mlp` and `linear` configurations train
-together as stacks (`heads._stacked`), every other head one configuration after another.
+together as stacks (`heads._stacked`), `univa` and `concept` as vectorised stacks (`heads._vmapped`,
+through the head's `fit_stack`), every other head one configuration after another.
 """
 from __future__ import annotations
 

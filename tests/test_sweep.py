@@ -252,9 +252,107 @@ def test_cli_grid_show_list_and_export(demo_store, tmp_path):
     assert json.loads(r.output)["metrics"]["uar"] == pytest.approx(best["test"], abs=1e-9)
 
 
-def test_non_stacked_heads_sweep_sequentially(demo_store):
+def test_univa_sweeps_as_one_stack_and_other_heads_sequentially(demo_store):
     res = sweep_job.run(sweep_job.SweepConfig(method="univa", dataset="demo", features={"text": "minilm"},
                                               target="labels", grid={"lr": ["1e-3", "1e-2"]},
                                               params={"epochs": "2", "hidden": "16"}), demo_store)
-    assert res.table.height == 2 and set(res.table["stack"]) == {1}
+    assert res.table.height == 2 and set(res.table["stack"]) == {2}  # vectorised (heads._vmapped)
     assert "val_acc" in res.table.columns and res.metric == "acc"
+    pytest.importorskip("xgboost")
+    res = sweep_job.run(sweep_job.SweepConfig(method="xgboost", dataset="demo", features={"text": "minilm"},
+                                              grid={"max_depth": ["2", "3"]},
+                                              params={"n_estimators": "5", "nthread": "1"}), demo_store)
+    assert res.table.height == 2 and set(res.table["stack"]) == {1}
+
+
+# ---- univa: vectorised over configurations (heads._vmapped) ----------------------------------
+def univa_synthetic(n: int, seed: int, sequences: bool = True) -> tuple[Features, Targets]:
+    """Multi-label items with per-modality VA (audio VA partly unknown), an audio modality partly absent."""
+    rng = np.random.default_rng(seed)
+    cls = rng.integers(0, 3, n)
+    y = np.eye(3, dtype=np.float32)[cls]
+    y[:, 2] = np.maximum(y[:, 2], rng.random(n) < 0.2)
+    text = rng.normal(size=(n, 10)).astype(np.float32)
+    text[:, 0] += 2 * cls
+    audio = rng.normal(size=(n, 6)).astype(np.float32)
+    audio_mask = rng.random(n) > 0.2
+    va_audio = np.c_[cls / 2 - 0.5 + rng.normal(0, 0.05, n), rng.uniform(-0.5, 0.5, n)].astype(np.float32)
+    va_audio[rng.random(n) < 0.3] = np.nan
+    X = Features({"text": text, "audio": audio}, {"audio": audio_mask},
+                 va={"text": np.c_[cls / 2 - 0.5, np.zeros(n)].astype(np.float32), "audio": va_audio})
+    if sequences:
+        X.sequences = {
+            "text": [np.repeat(text[i:i + 1], 1 + i % 3, 0) for i in range(n)],
+            "audio": [rng.normal(size=(1 + i % 4, 6)).astype(np.float32) if audio_mask[i] else None
+                      for i in range(n)]}
+    return X, Targets("multi", y, CLASSES)
+
+
+UNIVA_GRID = [dict(lr=1e-3, lam=0.4, tau=0.6), dict(lr=3e-3, lam=0.2, tau=0.3, weight_decay=0.05),
+              dict(lr=1e-2, lam=0.7, tau=1.0, delta=0.3), dict(lr=3e-4, lam=0.0, epochs=3, patience=0)]
+
+
+@pytest.mark.parametrize("sequences", [True, False])
+def test_univa_stacked_configs_match_solo_training(sequences):
+    X, y = univa_synthetic(160, 0, sequences)
+    Xv, yv = univa_synthetic(60, 1, sequences)
+    Xt, _ = univa_synthetic(50, 2, sequences)
+    fixed = dict(epochs=5, patience=2, batch_size=32, seed=4, hidden=16, heads=2, dropout=0.2)
+    said: list[str] = []
+    stacked = fit_heads([heads.create("univa", **{**fixed, **g}) for g in UNIVA_GRID], X, y, eval_set=(Xv, yv),
+                        log=said.append)
+    assert [h.history_["stack_size"] for h in stacked] == [len(UNIVA_GRID)] * 4  # one stack, not one after another
+    assert any("stack of 4 univa" in s for s in said)
+    for g, head in zip(UNIVA_GRID, stacked):
+        solo = heads.create("univa", **{**fixed, **g}).fit(X, y, eval_set=(Xv, yv))
+        assert solo.history_["stack_size"] == 1  # the solo fit is the same engine, a stack of one
+        np.testing.assert_allclose(head.predict_proba(Xt), solo.predict_proba(Xt), atol=1e-4)
+        np.testing.assert_allclose(head.predict_proba(Xv), solo.predict_proba(Xv), atol=1e-4)
+        assert head.history_["epochs_run"] == solo.history_["epochs_run"]
+        assert head.history_.get("best_epoch") == solo.history_.get("best_epoch")
+        np.testing.assert_allclose(head.history_["val_score"], solo.history_["val_score"], atol=1e-4)
+        np.testing.assert_allclose(head.history_["train_loss"], solo.history_["train_loss"], atol=1e-4)
+    assert stacked[3].history_["epochs_run"] == 3  # its own epochs; the others went on without it
+    distinct = {tuple(np.round(h.predict_proba(Xt)[:5].ravel(), 4)) for h in stacked}
+    assert len(distinct) == len(UNIVA_GRID)  # the configurations really differ
+
+
+def test_univa_stack_keys_split_what_cannot_share_a_stack():
+    X, y = univa_synthetic(80, 0, False)
+    Xv, yv = univa_synthetic(40, 1, False)
+    fixed = dict(epochs=2, batch_size=32, hidden=16, heads=2)
+    grid = [dict(lr=1e-3), dict(lr=1e-2), dict(lr=1e-3, dropout=0.3), dict(lr=1e-3, seed=1),
+            dict(lr=1e-3, contrast="self"), dict(lr=1e-3, contrast="self", tau=0.2),
+            dict(lr=1e-3, contrast="label", lam=0.6), dict(lr=3e-3, contrast="none", prior=False),
+            dict(lr=1e-3, views=1, normalize=False, prior_weight=0.5, delta=0.5)]
+    stacked = fit_heads([heads.create("univa", **fixed, **g) for g in grid], X, y, eval_set=(Xv, yv))
+    sizes = [h.history_["stack_size"] for h in stacked]
+    assert sorted(sizes) == [1, 1, 2, 2, 5, 5, 5, 5, 5]  # stacks of 5, 2, 1, 1: losses of every form in one
+    for g, head in zip(grid, stacked):
+        solo = heads.create("univa", **fixed, **g).fit(X, y, eval_set=(Xv, yv))
+        np.testing.assert_allclose(head.predict_proba(Xv), solo.predict_proba(Xv), atol=1e-4)
+        assert head.history_["val_score"] == pytest.approx(solo.history_["val_score"], abs=1e-4)
+
+
+def test_concept_stacked_configs_match_solo_training(tmp_path):
+    from heads.concept import ConceptHead
+
+    memory = ConceptHead.example_params(tmp_path)["memory"]
+    X, y = synthetic("single", 200, 0)
+    Xv, yv = synthetic("single", 60, 1)
+    Xt, _ = synthetic("single", 50, 2)
+    fixed = dict(memory=memory, epochs=5, patience=2, batch_size=32, seed=2, hidden=16, dropout=0.2, device="cpu")
+    grid = [dict(lr=1e-3, lam=0.5), dict(lr=3e-3, lam=0.1, weight_decay=0.05), dict(lr=1e-2, lam=2.0),
+            dict(lr=3e-4, lam=0.0, epochs=2)]
+    stacked = fit_heads([heads.create("concept", **{**fixed, **g}) for g in grid], X, y, eval_set=(Xv, yv))
+    assert [h.history_["stack_size"] for h in stacked] == [len(grid)] * len(grid)
+    for g, head in zip(grid, stacked):
+        solo = heads.create("concept", **{**fixed, **g}).fit(X, y, eval_set=(Xv, yv))
+        np.testing.assert_allclose(head.predict_proba(Xt), solo.predict_proba(Xt), atol=1e-4)
+        np.testing.assert_allclose(head.concept_features(Xt), solo.concept_features(Xt), atol=1e-4)
+        assert head.history_["epochs_run"] == solo.history_["epochs_run"]
+        np.testing.assert_allclose(head.history_["val_score"], solo.history_["val_score"], atol=1e-4)
+        np.testing.assert_allclose(head.history_["train_loss"], solo.history_["train_loss"], atol=1e-4)
+    assert stacked[3].history_["epochs_run"] == 2
+    distinct = {tuple(np.round(h.predict_proba(Xt)[:5].ravel(), 4)) for h in stacked}
+    assert len(distinct) == len(grid)

@@ -1,0 +1,186 @@
+"""A vectorised trainer for heads whose network is any `nn.Module` (`univa`): C configurations at once.
+
+Where `heads._stacked` writes the stacked layers out by hand (mlp, linear), this engine stacks an
+arbitrary module's parameters along a leading configuration axis and runs the module's own
+forward under `torch.func.vmap` (`functional_call` with the stacked parameters, the batch shared):
+
+- One initialisation: the network is built once under `torch.manual_seed(seed)` (as a solo head
+  does) and its parameters are repeated C times, so every configuration starts from the same weights.
+- One shuffle: a generator seeded with the seed draws every epoch's order for the whole group.
+- Dropout with `randomness="same"`: each dropout layer draws one mask per step from the global
+  RNG (seeded by the seed), shared by all configurations, so a group must share its dropout rate
+  (it is part of the head's stack key). The draws do not depend on C, so a stack of one draws
+  exactly what a stack of C does.
+- Losses per configuration (`losses_fn` returns `[C]`); their sum is backpropagated once, which
+  gives each configuration exactly its own gradient.
+- AdamW written out (torch.optim.AdamW's math: decoupled decay, bias-corrected moments, eps 1e-8,
+  betas 0.9/0.999), vectorised with per-configuration learning rate and weight decay.
+- Early stopping per configuration with its best weights kept; a configuration that stops leaves
+  the stack (its slices are dropped), the others go on unchanged.
+
+A head's solo `fit` goes through this engine with C=1, so a sweep's configuration and the same
+configuration trained alone are the same computation up to float summation order.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Sequence
+
+from ._stacked import BETAS, EPS
+
+__all__ = ["VmapSpec", "train_vmapped"]
+
+
+
+class VmapSpec:
+    """Per-configuration optimiser and stopping settings (lists of length C)."""
+
+    def __init__(self, lr: Sequence[float], weight_decay: Sequence[float], epochs: Sequence[int],
+                 patience: Sequence[int]):
+        self.lr, self.weight_decay = list(lr), list(weight_decay)
+        self.epochs, self.patience = list(epochs), list(patience)
+        self.n = len(self.lr)
+
+
+def _adamw(params: dict, m: dict, v: dict, step: int, lr, wd) -> None:
+    import torch
+
+    b1, b2 = BETAS
+    bc1 = 1 - b1 ** step
+    bc2_sqrt = math.sqrt(1 - b2 ** step)
+    with torch.no_grad():
+        for k, p in params.items():
+            g = p.grad
+            if g is None:
+                continue
+            shape = [-1] + [1] * (p.dim() - 1)
+            lr_v, wd_v = lr.view(shape), wd.view(shape)
+            p.mul_(1 - lr_v * wd_v)
+            m[k].lerp_(g, 1 - b1)
+            v[k].mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = v[k].sqrt().div_(bc2_sqrt).add_(EPS).mul_(bc1 / lr_v)
+            p.addcdiv_(m[k], denom, value=-1.0)
+            p.grad = None
+
+
+def train_vmapped(net, spec: VmapSpec, train, *, batch_size: int, seed: int, device,
+                  losses_fn: Callable[[Any, dict, list[int]], Any],
+                  val_score: Callable[[Callable[[int], Any], list[int]], list[float]] | None = None,
+                  amp: Callable[[], Any] | None = None, args_of: Callable[[dict], tuple] | None = None
+                  ) -> tuple[list[dict], list[dict]]:
+    """Train C = spec.n configurations of `net` (already built and on `device`) on the TensorSet `train`.
+
+    `losses_fn(forward, batch, active) -> [C']` per-configuration losses, where `forward(batch)` runs
+    the network for the C' configurations still in the stack (outputs with a leading axis C') and
+    `active` lists their configuration indices; `args_of(batch)` gives the network's forward
+    arguments (default: the batch itself). `val_score(model_of, active) -> C' scores`, where
+    `model_of(pos)` loads position pos's weights into `net` (eval mode) and returns it. Must run
+    with the global RNG seeded (dropout draws from it). Returns per configuration its best
+    state dict and its history.
+    """
+    import torch
+    from torch.func import functional_call, vmap
+
+    C = spec.n
+    amp = amp or contextlib.nullcontext
+    names = [k for k, p in net.named_parameters()]
+    params = {k: p.detach().unsqueeze(0).repeat(C, *[1] * p.dim()).contiguous().requires_grad_()
+              for k, p in net.named_parameters()}
+    buffers = {k: b.detach().unsqueeze(0).repeat(C, *[1] * b.dim()).contiguous() for k, b in net.named_buffers()}
+    m = {k: torch.zeros_like(p) for k, p in params.items()}
+    v = {k: torch.zeros_like(p) for k, p in params.items()}
+    step = 0
+    data = train.to(device)
+    gen = torch.Generator().manual_seed(seed)
+
+    args_of = args_of or (lambda batch: (batch,))
+
+    def call(p, b, args):
+        return functional_call(net, (p, b), args)
+
+    batched = vmap(call, in_dims=(0, 0, None), randomness="same")
+
+    def forward(batch):
+        net.train()
+        return batched(params, buffers, args_of(batch))
+
+    def model_of(pos: int):
+        with torch.no_grad():
+            for k, p in net.named_parameters():
+                p.copy_(params[k][pos])
+            for k, b in net.named_buffers():
+                b.copy_(buffers[k][pos])
+        net.eval()
+        return net
+
+    def state_of(pos: int) -> dict:
+        state = {k: params[k][pos].detach().cpu().clone() for k in names}
+        state.update({k: b[pos].detach().cpu().clone() for k, b in buffers.items()})
+        return state
+
+    active = list(range(C))
+    as_t = lambda vals: torch.tensor([vals[c] for c in active], dtype=torch.float32, device=device)  # noqa: E731
+    lr, wd = as_t(spec.lr), as_t(spec.weight_decay)
+    histories = [{"train_loss": [], "val_score": []} for _ in range(C)]
+    best = [-math.inf] * C
+    best_state: list[Any] = [None] * C
+    since = [0] * C
+    for epoch in range(max(spec.epochs)):
+        total = torch.zeros(len(active), dtype=torch.float64, device=device)
+        count = 0
+        for batch in data.batches(batch_size, shuffle=True, generator=gen):
+            with amp():
+                losses = losses_fn(forward, batch, active)
+            losses.sum().backward()
+            step += 1
+            _adamw(params, m, v, step, lr, wd)
+            nb = len(next(iter(batch.values())))
+            total += losses.detach().double() * nb
+            count += nb
+        losses_now = (total / max(count, 1)).tolist()
+        scores = None
+        if val_score is not None:
+            with torch.no_grad():
+                scores = [float(s) for s in val_score(model_of, active)]
+        done = []
+        for pos, c in enumerate(active):
+            h = histories[c]
+            h["train_loss"].append(losses_now[pos])
+            if scores is None:
+                if epoch + 1 >= spec.epochs[c]:
+                    done.append(pos)
+                continue
+            s = scores[pos]
+            h["val_score"].append(s)
+            if s > best[c] or best_state[c] is None:
+                best[c], best_state[c], since[c] = s, state_of(pos), 0
+                h["best_epoch"] = epoch + 1
+            else:
+                since[c] += 1
+                if spec.patience[c] and since[c] >= spec.patience[c]:
+                    done.append(pos)
+                    continue
+            if epoch + 1 >= spec.epochs[c]:
+                done.append(pos)
+        if done:
+            for pos in done:
+                c = active[pos]
+                if best_state[c] is None:
+                    best_state[c] = state_of(pos)
+            gone = set(done)
+            stay = [p for p in range(len(active)) if p not in gone]
+            if not stay:
+                break
+            idx = torch.tensor(stay, dtype=torch.long, device=device)
+            with torch.no_grad():
+                params = {k: p.detach().index_select(0, idx).contiguous().requires_grad_() for k, p in params.items()}
+                buffers = {k: b.index_select(0, idx).contiguous() for k, b in buffers.items()}
+                m = {k: t.index_select(0, idx).contiguous() for k, t in m.items()}
+                v = {k: t.index_select(0, idx).contiguous() for k, t in v.items()}
+            lr, wd = lr[idx], wd[idx]
+            active = [active[p] for p in stay]
+    for h in histories:
+        h["epochs_run"] = len(h["train_loss"])
+    net.eval()
+    return best_state, histories
