@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from featurestore import backbones
+from featurestore import backbones, spec_cache
 from featurestore.backbones.base import MODALITIES, Backbone, fingerprint_of
 from featurestore.config import field
 from featurestore.datasets import get_dataset
@@ -208,9 +208,24 @@ def run(config: ExtractConfig, store: Store, *, backbone: Backbone | None = None
         raise ConfigError(f"backbone {bb.name!r} encodes {bb.modality}, not {config.modality}; "
                           f"pick {'an' if config.modality[0] in 'aeiou' else 'a'} {config.modality} backbone (fs backbones list)")
     items, unreadable, n_rows = plan(store, config)
-    bb.load()
-    spec = bb.spec()
+    return _run(config, store, bb, items, unreadable, n_rows, t0, progress, log, trust_cache=True)
+
+
+def _run(config: ExtractConfig, store: Store, bb: Backbone, items, unreadable, n_rows: int, t0: float,
+         progress, log, *, trust_cache: bool) -> ExtractResult:
+    spec = spec_cache.lookup(store, bb) if trust_cache else None
+    if spec is None:  # resolve it the expensive way: load the model, hash its weights
+        bb.load()
+        spec = bb.spec()
+        spec_cache.remember(store, bb, spec)
     fs = FeatureSet(store, fingerprint_of(bb.name, spec))
+    if not bb._loaded and (not fs.exists() or pending(fs, items, unreadable, config.dataset,
+                                                      retry_errors=config.retry_errors).todo):
+        # A remembered spec is about to name rows: check it against the real model first.
+        bb.load()
+        if fingerprint_of(bb.name, bb.spec()) != fs.fingerprint:
+            spec_cache.forget(store, bb)
+            return _run(config, store, bb, items, unreadable, n_rows, t0, progress, log, trust_cache=False)
     result = ExtractResult(fs.fingerprint, config.dataset, config.modality, items=n_rows, unique=len(items))
     fs.folder.mkdir(parents=True, exist_ok=True)
     with fs.lock():

@@ -197,3 +197,32 @@ def test_sigkill_then_resume_gives_bit_identical_rows(tmp_path, demo_df):
     assert len(fs_killed.index(refresh=True)._keys) == n  # no duplicate rows
     verify = _fs("verify", store=stores["killed"].root)
     assert verify.wait(timeout=60) == 0, verify.stdout.read()
+
+
+def test_rerun_recognises_a_finished_extraction_without_loading_the_model(store, demo_df, minilm):
+    from featurestore import backbones
+
+    words_dataset(store, demo_df, 10)
+    cfg = ExtractConfig(dataset="words", modality="text", backbone="minilm")
+    first = run(cfg, store, backbone=backbones.create("minilm"))
+    fresh = backbones.create("minilm")
+    again = run(cfg, store, backbone=fresh)
+    assert again.cache_hit and again.fingerprint == first.fingerprint
+    assert not fresh._loaded  # the remembered spec named the fingerprint: no weights read at all
+
+
+def test_a_wrong_remembered_spec_is_caught_before_rows_are_written(store, demo_df):
+    from featurestore import backbones, spec_cache
+
+    words_dataset(store, demo_df, 10)
+    truth = run(ExtractConfig(dataset="words", modality="text", backbone="minilm"), store,
+                backbone=backbones.create("minilm"))
+    bb = backbones.create("minilm")
+    bogus = {**bb.load().spec(), "weights_hash": "not-the-weights"}
+    spec_cache.remember(store, backbones.create("minilm"), bogus)
+    add_dataset(store, "more", demo_df.slice(10, 5), root=None, source="t")
+    res = run(ExtractConfig(dataset="more", modality="text", backbone="minilm"), store,
+              backbone=backbones.create("minilm"))
+    assert res.fingerprint == truth.fingerprint and res.computed == 5
+    assert spec_cache.lookup(store, backbones.create("minilm"))["weights_hash"] != "not-the-weights"
+    assert [f.fingerprint for f in list_feature_sets(store)] == [truth.fingerprint]
