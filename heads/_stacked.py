@@ -150,13 +150,8 @@ class _Stack:
                 g = p.grad
                 shape = [1] * p.dim()
                 shape[self._axis(j)] = -1
-                lr_v, wd_v = lr.view(shape), wd.view(shape)
-                p.mul_(1 - lr_v * wd_v)
-                m, v = self.exp_avg[j], self.exp_avg_sq[j]
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = v.sqrt().div_(bc2_sqrt).add_(EPS).mul_(bc1 / lr_v)  # step size lr / bc1 folded in
-                p.addcdiv_(m, denom, value=-1.0)
+                adamw_update(p, g, self.exp_avg[j], self.exp_avg_sq[j], lr.view(shape), wd.view(shape),
+                             bc1, bc2_sqrt)
                 p.grad = None
 
 
@@ -184,16 +179,12 @@ def train_stack(layers: list[tuple[Any, Any]], spec: StackSpec, x, y, kind: str,
     def draws(shape):
         return torch.rand(shape, generator=gen).to(device)
 
-    active = list(range(C))  # configuration index of each stack position
-    as_t = lambda vals: torch.tensor([vals[c] for c in active], dtype=torch.float32, device=device)  # noqa: E731
+    stop = StackStopping(spec.epochs, spec.patience)
+    as_t = lambda vals: torch.tensor([vals[c] for c in stop.active], dtype=torch.float32, device=device)  # noqa: E731
     lr, wd, keep = as_t(spec.lr), as_t(spec.weight_decay), as_t([1 - d for d in spec.dropout])
-    histories = [{"train_loss": [], "val_score": []} for _ in range(C)]
-    best = [-math.inf] * C
-    best_layers: list[Any] = [None] * C
-    since = [0] * C
     has_dropout = len(layers) > 1
     for epoch in range(max(spec.epochs)):
-        total = torch.zeros(len(active), dtype=torch.float64, device=device)
+        total = torch.zeros(len(stop.active), dtype=torch.float64, device=device)
         count = 0
         for batch in data.batches(batch_size, shuffle=True, generator=gen):
             with amp():
@@ -204,46 +195,84 @@ def train_stack(layers: list[tuple[Any, Any]], spec: StackSpec, x, y, kind: str,
             nb = len(batch["x"])
             total += losses.detach().double() * nb
             count += nb
-        done = []
         losses_now = (total / max(count, 1)).tolist()
         scores = None
         if val_score is not None:
             with torch.no_grad(), amp():
                 scores = [float(s) for s in val_score(lambda v: stack.forward(v))]
-        for pos, c in enumerate(active):
-            h = histories[c]
-            h["train_loss"].append(losses_now[pos])
-            if scores is None:
-                if epoch + 1 >= spec.epochs[c]:
-                    done.append(pos)
-                continue
-            s = scores[pos]
-            h["val_score"].append(s)
-            if s > best[c] or best_layers[c] is None:
-                best[c], best_layers[c], since[c] = s, stack.config_layers(pos), 0
-                h["best_epoch"] = epoch + 1
-            else:
-                since[c] += 1
-                if spec.patience[c] and since[c] >= spec.patience[c]:
-                    done.append(pos)
-                    continue
-            if epoch + 1 >= spec.epochs[c]:
-                done.append(pos)
+        done = stop.end_epoch(epoch, losses_now, scores, stack.config_layers)
         if done:
-            for pos in done:
-                c = active[pos]
-                if best_layers[c] is None:
-                    best_layers[c] = stack.config_layers(pos)
-            stay = [p for p in range(len(active)) if p not in set(done)]
+            stay = stop.retire(done)
             if not stay:
                 break
             idx = torch.tensor(stay, dtype=torch.long, device=device)
             stack.keep(idx)
             lr, wd, keep = lr[idx], wd[idx], keep[idx]
-            active = [active[p] for p in stay]
-    for h in histories:
-        h["epochs_run"] = len(h["train_loss"])
-    return best_layers, histories
+    return stop.finish()
+
+
+def adamw_update(p, g, m, v, lr, wd, bc1: float, bc2_sqrt: float) -> None:
+    """torch.optim.AdamW's update (amsgrad off) of one stacked tensor in place, with `lr` and `wd`
+    shaped to broadcast one value per configuration. Shared by both stacked engines."""
+    b1, b2 = BETAS
+    p.mul_(1 - lr * wd)
+    m.lerp_(g, 1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    denom = v.sqrt().div_(bc2_sqrt).add_(EPS).mul_(bc1 / lr)  # step size lr / bc1 folded in
+    p.addcdiv_(m, denom, value=-1.0)
+
+
+class StackStopping:
+    """Per-configuration histories, best snapshots and early stopping for a stack of configurations.
+
+    `active` maps stack positions to configuration indices; a configuration that stops leaves the
+    stack (`retire`), so the others train on unchanged. Shared by both stacked engines.
+    """
+
+    def __init__(self, epochs: Sequence[int], patience: Sequence[int]):
+        n = len(epochs)
+        self.epochs, self.patience = list(epochs), list(patience)
+        self.active = list(range(n))
+        self.histories: list[dict] = [{"train_loss": [], "val_score": []} for _ in range(n)]
+        self.best = [-math.inf] * n
+        self.best_state: list[Any] = [None] * n
+        self.since = [0] * n
+
+    def end_epoch(self, epoch: int, losses: Sequence[float], scores: Sequence[float] | None,
+                  snapshot: Callable[[int], Any]) -> list[int]:
+        """Record an epoch; return the stack positions whose configuration is done."""
+        done = []
+        for pos, c in enumerate(self.active):
+            h = self.histories[c]
+            h["train_loss"].append(losses[pos])
+            if scores is not None:
+                h["val_score"].append(scores[pos])
+                if scores[pos] > self.best[c] or self.best_state[c] is None:
+                    self.best[c], self.best_state[c], self.since[c] = scores[pos], snapshot(pos), 0
+                    h["best_epoch"] = epoch + 1
+                else:
+                    self.since[c] += 1
+                    if self.patience[c] and self.since[c] >= self.patience[c]:
+                        done.append(pos)
+                        continue
+            if epoch + 1 >= self.epochs[c]:
+                done.append(pos)
+        for pos in done:
+            if self.best_state[self.active[pos]] is None:  # no validation: the last weights
+                self.best_state[self.active[pos]] = snapshot(pos)
+        return done
+
+    def retire(self, done: Sequence[int]) -> list[int]:
+        """Drop finished positions; return the positions that stay (empty: all done)."""
+        gone = set(done)
+        stay = [p for p in range(len(self.active)) if p not in gone]
+        self.active = [self.active[p] for p in stay]
+        return stay
+
+    def finish(self) -> tuple[list, list[dict]]:
+        for h in self.histories:
+            h["epochs_run"] = len(h["train_loss"])
+        return self.best_state, self.histories
 
 
 # ---- heads -------------------------------------------------------------------------

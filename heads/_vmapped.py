@@ -27,7 +27,7 @@ import contextlib
 import math
 from typing import Any, Callable, Sequence
 
-from ._stacked import BETAS, EPS
+from ._stacked import BETAS, StackStopping, adamw_update
 
 __all__ = ["VmapSpec", "train_vmapped"]
 
@@ -55,12 +55,7 @@ def _adamw(params: dict, m: dict, v: dict, step: int, lr, wd) -> None:
             if g is None:
                 continue
             shape = [-1] + [1] * (p.dim() - 1)
-            lr_v, wd_v = lr.view(shape), wd.view(shape)
-            p.mul_(1 - lr_v * wd_v)
-            m[k].lerp_(g, 1 - b1)
-            v[k].mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = v[k].sqrt().div_(bc2_sqrt).add_(EPS).mul_(bc1 / lr_v)
-            p.addcdiv_(m[k], denom, value=-1.0)
+            adamw_update(p, g, m[k], v[k], lr.view(shape), wd.view(shape), bc1, bc2_sqrt)
             p.grad = None
 
 
@@ -119,19 +114,15 @@ def train_vmapped(net, spec: VmapSpec, train, *, batch_size: int, seed: int, dev
         state.update({k: b[pos].detach().cpu().clone() for k, b in buffers.items()})
         return state
 
-    active = list(range(C))
-    as_t = lambda vals: torch.tensor([vals[c] for c in active], dtype=torch.float32, device=device)  # noqa: E731
+    stop = StackStopping(spec.epochs, spec.patience)
+    as_t = lambda vals: torch.tensor([vals[c] for c in stop.active], dtype=torch.float32, device=device)  # noqa: E731
     lr, wd = as_t(spec.lr), as_t(spec.weight_decay)
-    histories = [{"train_loss": [], "val_score": []} for _ in range(C)]
-    best = [-math.inf] * C
-    best_state: list[Any] = [None] * C
-    since = [0] * C
     for epoch in range(max(spec.epochs)):
-        total = torch.zeros(len(active), dtype=torch.float64, device=device)
+        total = torch.zeros(len(stop.active), dtype=torch.float64, device=device)
         count = 0
         for batch in data.batches(batch_size, shuffle=True, generator=gen):
             with amp():
-                losses = losses_fn(forward, batch, active)
+                losses = losses_fn(forward, batch, stop.active)
             losses.sum().backward()
             step += 1
             _adamw(params, m, v, step, lr, wd)
@@ -142,34 +133,10 @@ def train_vmapped(net, spec: VmapSpec, train, *, batch_size: int, seed: int, dev
         scores = None
         if val_score is not None:
             with torch.no_grad():
-                scores = [float(s) for s in val_score(model_of, active)]
-        done = []
-        for pos, c in enumerate(active):
-            h = histories[c]
-            h["train_loss"].append(losses_now[pos])
-            if scores is None:
-                if epoch + 1 >= spec.epochs[c]:
-                    done.append(pos)
-                continue
-            s = scores[pos]
-            h["val_score"].append(s)
-            if s > best[c] or best_state[c] is None:
-                best[c], best_state[c], since[c] = s, state_of(pos), 0
-                h["best_epoch"] = epoch + 1
-            else:
-                since[c] += 1
-                if spec.patience[c] and since[c] >= spec.patience[c]:
-                    done.append(pos)
-                    continue
-            if epoch + 1 >= spec.epochs[c]:
-                done.append(pos)
+                scores = [float(s) for s in val_score(model_of, stop.active)]
+        done = stop.end_epoch(epoch, losses_now, scores, state_of)
         if done:
-            for pos in done:
-                c = active[pos]
-                if best_state[c] is None:
-                    best_state[c] = state_of(pos)
-            gone = set(done)
-            stay = [p for p in range(len(active)) if p not in gone]
+            stay = stop.retire(done)
             if not stay:
                 break
             idx = torch.tensor(stay, dtype=torch.long, device=device)
@@ -179,8 +146,5 @@ def train_vmapped(net, spec: VmapSpec, train, *, batch_size: int, seed: int, dev
                 m = {k: t.index_select(0, idx).contiguous() for k, t in m.items()}
                 v = {k: t.index_select(0, idx).contiguous() for k, t in v.items()}
             lr, wd = lr[idx], wd[idx]
-            active = [active[p] for p in stay]
-    for h in histories:
-        h["epochs_run"] = len(h["train_loss"])
     net.eval()
-    return best_state, histories
+    return stop.finish()
