@@ -67,6 +67,8 @@ def coerce(value: Any, typ: Any, name: str) -> Any:
     if not isinstance(value, str):
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # a number where a number-or-word field (threshold=auto|0.3) takes text
         if typ in (int, float, str, bool) and not isinstance(value, typ):
             raise ConfigError(f"{name}={value!r} should be of type {typ.__name__}")
         return value

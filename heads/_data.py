@@ -171,6 +171,12 @@ def prepare(store, dataset: str, features: str | Mapping[str, str], *, target: s
                            f"choose another --target (label, labels, va)")
     names = ds.splits()
     val_name = next((v for v in VAL_NAMES if names.get(v)), "val")
+    if eval_split in (val_name, "val") or eval_split in VAL_NAMES:
+        raise ConfigError(f"evaluation split {eval_split!r} is the validation split, which early stopping and "
+                          f"thresholds are chosen on; evaluate on a held-out split (e.g. --eval-split test)")
+    if eval_split == "train":
+        raise ConfigError("evaluation split 'train' is what the head trains on; evaluate on a held-out split "
+                          "(e.g. --eval-split test)")
     if not names.get("train"):
         raise DatasetError(f"dataset {dataset!r} has no items in split 'train'; splits: {names}")
     raw = {"train": _load(store, ds, "train", features, sequences=sequences, va=va)}

@@ -23,15 +23,20 @@ gradient, so one backward pass serves all of them.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+from ._data import TensorSet
+from ._engine import (BETAS, StackStopping, adamw_update, autocast, check_kind, pick_device, run_epochs,
+                      scores_from_outputs, seeded, target_tensor, task_loss, validation_scorer)
 
 __all__ = ["StackSpec", "group_key", "train_stack", "fit_heads"]
-
-BETAS = (0.9, 0.999)
-EPS = 1e-8
 
 
 class StackSpec:
@@ -44,28 +49,10 @@ class StackSpec:
         self.n = len(self.lr)
 
 
-def _stacked_task_loss(out, y, kind: str):
-    """Per-configuration loss `[C]` of outputs `[C, B, K]` against shared targets (as `task_loss`)."""
-    import torch.nn.functional as F
-
-    out = out.float()
-    C, B, K = out.shape
-    if kind in ("single", "binary"):
-        ce = F.cross_entropy(out.reshape(C * B, K), y.repeat(C), reduction="none")
-        return ce.view(C, B).mean(1)
-    if kind == "multi":
-        return F.binary_cross_entropy_with_logits(out, y.expand(C, B, K), reduction="none").mean((1, 2))
-    known = ~y.isnan()
-    err = (out - y.nan_to_num()) ** 2 * known
-    return err.sum((1, 2)) / known.sum().clamp(min=1)
-
-
 class _Stack:
     """Stacked parameters, their AdamW state, and the forward pass."""
 
     def __init__(self, layers: list[tuple[Any, Any]], C: int, device):
-        import torch
-
         self.params = []  # [(weight, bias)], weight 0: [D, C, H], others: [C, in, out]; bias: [C, out]
         for i, (w, b) in enumerate(layers):  # w: [out, in] as nn.Linear keeps it
             wt = w.detach().t().to(device)
@@ -109,9 +96,6 @@ class _Stack:
 
     def forward(self, x, keep=None, draws: Callable[[tuple], Any] | None = None):
         """x `[B, D]` shared -> outputs `[C, B, K]`; `keep` `[C]` and `draws` enable dropout."""
-        import torch
-        import torch.nn.functional as F
-
         Bn = x.shape[0]
         n = len(self.params)
         W0, b0 = self.params[0]
@@ -139,8 +123,6 @@ class _Stack:
 
     def adamw(self, lr, wd) -> None:
         """One AdamW step (torch.optim.AdamW's math, amsgrad off), per-configuration lr and weight decay `[C]`."""
-        import torch
-
         self.step += 1
         b1, b2 = BETAS
         bc1 = 1 - b1 ** self.step
@@ -156,123 +138,49 @@ class _Stack:
 
 
 def train_stack(layers: list[tuple[Any, Any]], spec: StackSpec, x, y, kind: str, *, batch_size: int, seed: int,
-                device, val_score: Callable[[Any], list[float]] | None = None, amp: Callable[[], Any] | None = None
-                ) -> tuple[list[list[tuple[Any, Any]]], list[dict]]:
-    """Train C = spec.n configurations from the same initial `layers` on shared data.
+                device, val_score: Callable[[Any], list[float]] | None = None, amp: Callable[[], Any] | None = None,
+                log: Callable[[str], None] | None = None) -> tuple[list[list[tuple[Any, Any]]], list[dict]]:
+    """Train C = spec.n configurations from the same initial `layers` on shared data (`run_epochs`).
 
     `layers`: [(weight [out, in], bias [out])] of the initial network (as nn.Linear keeps them).
-    `x` `[N, D]`, `y` the targets as tensors; `val_score(outputs [C', Nv, K]) -> C' scores` for the
-    configurations still in the stack. Returns, per configuration, its best layers and its history.
+    `x` `[N, D]`, `y` the targets as tensors; `val_score(forward, active) -> C' scores` for the
+    configurations still in the stack (`active`: their indices), where `forward(x)` gives their
+    outputs `[C', N, K]`.
+    Returns, per configuration, its best layers and its history.
     """
-    import contextlib
-
-    import torch
-
-    from ._data import TensorSet
-
-    C = spec.n
     amp = amp or contextlib.nullcontext
-    stack = _Stack(layers, C, device)
-    data = TensorSet({"x": x, "y": y}, len(x)).to(device)
+    stack = _Stack(layers, spec.n, device)
     gen = torch.Generator().manual_seed(seed)
+    stop = StackStopping(spec.epochs, spec.patience)
+    hyper = {"lr": torch.tensor(spec.lr, dtype=torch.float32, device=device),
+             "wd": torch.tensor(spec.weight_decay, dtype=torch.float32, device=device),
+             "keep": torch.tensor([1 - d for d in spec.dropout], dtype=torch.float32, device=device)}
+    dropout = len(layers) > 1
 
     def draws(shape):
         return torch.rand(shape, generator=gen).to(device)
 
-    stop = StackStopping(spec.epochs, spec.patience)
-    as_t = lambda vals: torch.tensor([vals[c] for c in stop.active], dtype=torch.float32, device=device)  # noqa: E731
-    lr, wd, keep = as_t(spec.lr), as_t(spec.weight_decay), as_t([1 - d for d in spec.dropout])
-    has_dropout = len(layers) > 1
-    for epoch in range(max(spec.epochs)):
-        total = torch.zeros(len(stop.active), dtype=torch.float64, device=device)
-        count = 0
-        for batch in data.batches(batch_size, shuffle=True, generator=gen):
-            with amp():
-                out = stack.forward(batch["x"], keep if has_dropout else None, draws if has_dropout else None)
-                losses = _stacked_task_loss(out, batch["y"], kind)
-            losses.sum().backward()
-            stack.adamw(lr, wd)
-            nb = len(batch["x"])
-            total += losses.detach().double() * nb
-            count += nb
-        losses_now = (total / max(count, 1)).tolist()
-        scores = None
-        if val_score is not None:
-            with torch.no_grad(), amp():
-                scores = [float(s) for s in val_score(lambda v: stack.forward(v))]
-        done = stop.end_epoch(epoch, losses_now, scores, stack.config_layers)
-        if done:
-            stay = stop.retire(done)
-            if not stay:
-                break
-            idx = torch.tensor(stay, dtype=torch.long, device=device)
-            stack.keep(idx)
-            lr, wd, keep = lr[idx], wd[idx], keep[idx]
-    return stop.finish()
+    def step(batch):
+        with amp():
+            out = stack.forward(batch["x"], hyper["keep"] if dropout else None, draws if dropout else None)
+            losses = task_loss(out, batch["y"], kind)
+        losses.sum().backward()
+        stack.adamw(hyper["lr"], hyper["wd"])
+        return losses
 
+    def validate(active):
+        with amp():
+            return val_score(lambda v: stack.forward(v), active)
 
-def adamw_update(p, g, m, v, lr, wd, bc1: float, bc2_sqrt: float) -> None:
-    """torch.optim.AdamW's update (amsgrad off) of one stacked tensor in place, with `lr` and `wd`
-    shaped to broadcast one value per configuration. Shared by both stacked engines."""
-    b1, b2 = BETAS
-    p.mul_(1 - lr * wd)
-    m.lerp_(g, 1 - b1)
-    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    denom = v.sqrt().div_(bc2_sqrt).add_(EPS).mul_(bc1 / lr)  # step size lr / bc1 folded in
-    p.addcdiv_(m, denom, value=-1.0)
+    def shrink(idx):
+        idx = idx.to(device)
+        stack.keep(idx)
+        for k in hyper:
+            hyper[k] = hyper[k][idx]
 
-
-class StackStopping:
-    """Per-configuration histories, best snapshots and early stopping for a stack of configurations.
-
-    `active` maps stack positions to configuration indices; a configuration that stops leaves the
-    stack (`retire`), so the others train on unchanged. Shared by both stacked engines.
-    """
-
-    def __init__(self, epochs: Sequence[int], patience: Sequence[int]):
-        n = len(epochs)
-        self.epochs, self.patience = list(epochs), list(patience)
-        self.active = list(range(n))
-        self.histories: list[dict] = [{"train_loss": [], "val_score": []} for _ in range(n)]
-        self.best = [-math.inf] * n
-        self.best_state: list[Any] = [None] * n
-        self.since = [0] * n
-
-    def end_epoch(self, epoch: int, losses: Sequence[float], scores: Sequence[float] | None,
-                  snapshot: Callable[[int], Any]) -> list[int]:
-        """Record an epoch; return the stack positions whose configuration is done."""
-        done = []
-        for pos, c in enumerate(self.active):
-            h = self.histories[c]
-            h["train_loss"].append(losses[pos])
-            if scores is not None:
-                h["val_score"].append(scores[pos])
-                if scores[pos] > self.best[c] or self.best_state[c] is None:
-                    self.best[c], self.best_state[c], self.since[c] = scores[pos], snapshot(pos), 0
-                    h["best_epoch"] = epoch + 1
-                else:
-                    self.since[c] += 1
-                    if self.patience[c] and self.since[c] >= self.patience[c]:
-                        done.append(pos)
-                        continue
-            if epoch + 1 >= self.epochs[c]:
-                done.append(pos)
-        for pos in done:
-            if self.best_state[self.active[pos]] is None:  # no validation: the last weights
-                self.best_state[self.active[pos]] = snapshot(pos)
-        return done
-
-    def retire(self, done: Sequence[int]) -> list[int]:
-        """Drop finished positions; return the positions that stay (empty: all done)."""
-        gone = set(done)
-        stay = [p for p in range(len(self.active)) if p not in gone]
-        self.active = [self.active[p] for p in stay]
-        return stay
-
-    def finish(self) -> tuple[list, list[dict]]:
-        for h in self.histories:
-            h["epochs_run"] = len(h["train_loss"])
-        return self.best_state, self.histories
+    return run_epochs(TensorSet({"x": x, "y": y}, len(x)).to(device), batch_size=batch_size, generator=gen,
+                      stop=stop, step=step, snapshot=stack.config_layers,
+                      validate=validate if val_score is not None else None, shrink=shrink, log=log)
 
 
 # ---- heads -------------------------------------------------------------------------
@@ -294,29 +202,20 @@ def fit_heads(hs: Sequence[Any], X, y, *, eval_set=None, log: Callable[[str], No
     `net_`, `history_` and `meta_`. Returns the heads. Heads with their own stacked fit
     (`fit_stack`: `univa`) go through it.
     """
-    import torch
-
     if hs and hasattr(type(hs[0]), "fit_stack"):
         return type(hs[0]).fit_stack(list(hs), X, y, eval_set=eval_set, log=log)
-
-    from ._torch import _check_kind, _target_tensor, autocast, pick_device, scores_from_outputs, seeded, \
-        validation_scorer
-    from featurestore.errors import ConfigError
-
     if not hs:
         return []
     first = hs[0]
     for h in hs:
-        _check_kind(h, y)
-    if not len(y):
-        raise ConfigError(f"head {first.name!r}: no training items")
+        check_kind(h, y)
     first._set_meta(X, y)
     first._fit_norm(X)
     for h in hs[1:]:
         h._set_meta(X, y)
         h.norm_ = first.norm_
     x_np = first._flat(X)
-    y_t = _target_tensor(y)
+    y_t = target_tensor(y)
     vx_np = None
     if eval_set is not None:
         Xv, yv = eval_set
@@ -340,17 +239,18 @@ def fit_heads(hs: Sequence[Any], X, y, *, eval_set=None, log: Callable[[str], No
         val_score = None
         if vx_np is not None:
             vx = torch.from_numpy(vx_np).to(device)
-            score = validation_scorer(first, yv, y.kind)
+            scorers = [validation_scorer(h, yv, y.kind) for h in members_h]
 
-            def val_score(forward, vx=vx):
+            def val_score(forward, active, vx=vx, scorers=scorers):
                 out = torch.cat([forward(vx[i:i + 8192]) for i in range(0, len(vx), 8192)], 1) if len(vx) \
                     else forward(vx)
-                return [score(scores_from_outputs(out[c], y.kind)) for c in range(out.shape[0])]
+                return [scorers[c](scores_from_outputs(out[pos], y.kind))
+                        for pos, c in enumerate(active)]
 
         if log:
             log(f"training a stack of {len(members)} {lead.name} configuration(s) {key[1:]}")
         best, hist = train_stack(layers, spec, x, y_t, y.kind, batch_size=lead.batch_size, seed=lead.seed,
-                                 device=device, val_score=val_score, amp=lambda d=device: autocast(d))
+                                 device=device, val_score=val_score, amp=lambda d=device: autocast(d), log=log)
         for h, layers_c, h_hist in zip(members_h, best, hist):
             with seeded(h.seed):  # the caller's global RNG is left as it was
                 net_c = h._network(x.shape[1], y.n_outputs)
@@ -361,4 +261,5 @@ def fit_heads(hs: Sequence[Any], X, y, *, eval_set=None, log: Callable[[str], No
             net_c.eval()
             h.net_ = net_c
             h.history_ = h_hist
+            h.settle_decision(eval_set)
     return list(hs)

@@ -1,27 +1,33 @@
-"""The one training loop every torch head reuses, and a base class for heads on a flat input.
+"""Torch heads: the fields they share, the one-module training loop, and heads on a flat input.
 
 Seeded and deterministic on CPU (training runs under `torch.random.fork_rng`, so it neither
 reads nor changes the caller's global RNG); AdamW; early stopping on a validation score
-with the best weights restored; CUDA with bfloat16 autocast when torch sees a GPU.
+with the best weights restored; CUDA with bfloat16 autocast when torch sees a GPU. The loop
+itself is `heads._engine.run_epochs`, shared by every engine.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import math
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
+import torch
 
 from featurestore.config import field
 from featurestore.errors import ConfigError
 
 from .base import Features, Head, Targets
 from ._data import TensorSet, align
+from ._engine import (StackStopping, autocast, check_kind, pick_device, run_epochs, scores_from_outputs, seeded,
+                      target_tensor, task_loss, validation_scorer)
+from ._stacked import fit_heads
 
 __all__ = ["TorchParams", "pick_device", "seeded", "autocast", "train_loop", "TorchHead", "task_loss",
-           "scores_from_outputs"]
+           "scores_from_outputs", "validation_scorer"]
+
+_check_kind = check_kind  # the name heads used before the engines shared one module
+_target_tensor = target_tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,127 +48,39 @@ class TorchParams:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         if self.lr <= 0 or self.weight_decay < 0 or self.patience < 0:
             raise ConfigError(f"lr={self.lr} must be > 0, weight_decay and patience >= 0")
-
-
-def pick_device(pref: str = "auto"):
-    import torch
-
-    if pref == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(pref)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {pref!r} asked for, but torch sees no GPU; use device=auto or cpu")
-    return dev
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: Any = None) -> Iterator[None]:
-    """Run a block with torch's RNG seeded, restoring the caller's RNG state afterwards."""
-    import torch
-
-    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def autocast(device: Any):
-    import torch
-
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        getattr(super(), "__post_init__", lambda: None)()  # a config that also takes DecisionParams
 
 
 def train_loop(model, loss_fn: Callable[[Any, dict], Any], train: TensorSet, *, params: TorchParams, device,
                val_score: Callable[[Any], float] | None = None, log: Callable[[str], None] | None = None) -> dict:
-    """Train `model` with AdamW on mini-batch slices of `train`; early-stop on `val_score` (higher is better).
-
-    `loss_fn(model, batch) -> scalar tensor`. Returns the history; the model ends with its best weights.
-    """
-    import torch
-
+    """Train one `model` with `torch.optim.AdamW` on mini-batch slices of `train` (`run_epochs`, C = 1);
+    early-stop on `val_score(model)` (higher is better). `loss_fn(model, batch) -> scalar tensor`.
+    Returns the history; the model ends with its best weights, in eval mode."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=params.lr,
                             weight_decay=params.weight_decay)
-    gen = torch.Generator().manual_seed(params.seed)
-    data = train.to(device)
-    best, best_state, since, history = -math.inf, None, 0, {"train_loss": [], "val_score": []}
-    for epoch in range(params.epochs):
+
+    def step(batch):
         model.train()
-        total, count = 0.0, 0
-        for batch in data.batches(params.batch_size, shuffle=True, generator=gen):
-            with autocast(device):
-                loss = loss_fn(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(next(iter(batch.values())))
-            count += len(next(iter(batch.values())))
-        history["train_loss"].append(total / max(count, 1))
-        if val_score is None:
-            continue
+        with autocast(device):
+            loss = loss_fn(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    def validate(active):
         model.eval()
-        with torch.no_grad():
-            score = float(val_score(model))
-        history["val_score"].append(score)
-        if log:
-            log(f"epoch {epoch + 1}: train loss {history['train_loss'][-1]:.4f}, val {score:.4f}")
-        if score > best or best_state is None:
-            best, best_state, since = score, copy.deepcopy(model.state_dict()), 0
-            history["best_epoch"] = epoch + 1
-        else:
-            since += 1
-            if params.patience and since >= params.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    history["epochs_run"] = len(history["train_loss"])
+        return [val_score(model)]
+
+    stop = StackStopping([params.epochs], [params.patience])
+    best, hist = run_epochs(train.to(device), batch_size=params.batch_size,
+                            generator=torch.Generator().manual_seed(params.seed), stop=stop, step=step,
+                            snapshot=lambda pos: copy.deepcopy(model.state_dict()),
+                            validate=validate if val_score is not None else None, log=log)
+    if best[0] is not None:
+        model.load_state_dict(best[0])
     model.eval()
-    return history
-
-
-def task_loss(out, y, kind: str):
-    """Cross-entropy (single/binary), BCE (multi), or MSE over known VA values."""
-    import torch.nn.functional as F
-
-    out = out.float()
-    if kind in ("single", "binary"):
-        return F.cross_entropy(out, y)
-    if kind == "multi":
-        return F.binary_cross_entropy_with_logits(out, y)
-    known = ~y.isnan()
-    err = (out - y.nan_to_num()) ** 2 * known
-    return err.sum() / known.sum().clamp(min=1)
-
-
-def scores_from_outputs(out, kind: str) -> np.ndarray:
-    import torch
-
-    out = out.float()
-    if kind in ("single", "binary"):
-        out = torch.softmax(out, -1)
-    elif kind == "multi":
-        out = torch.sigmoid(out)
-    return out.cpu().numpy().astype(np.float64)
-
-
-def validation_scorer(head: Head, yv: Targets, kind: str, threshold: float | None = None
-                      ) -> Callable[[np.ndarray], float]:
-    """Scores -> the validation metric that early stopping maximises (a NaN metric ranks last)."""
-    from . import metrics
-
-    def score(proba: np.ndarray) -> float:
-        s = metrics.primary(yv, head.decide(proba, kind, threshold), proba)
-        return -1e9 if math.isnan(s) else s
-    return score
-
-
-def _target_tensor(y: Targets):
-    import torch
-
-    if y.kind in ("single", "binary"):
-        return torch.as_tensor(y.y, dtype=torch.long)
-    return torch.as_tensor(np.asarray(y.y, np.float32))
+    return hist[0]
 
 
 class TorchHead(Head):
@@ -191,23 +109,17 @@ class TorchHead(Head):
             self.norm_[f"{mod}.std"] = (rows.std(0) + 1e-6).astype(np.float32)
 
     def _tensors(self, X: Features, y: Targets | None = None) -> TensorSet:
-        import torch
-
         t = {"x": torch.from_numpy(self._flat(X))}
         if y is not None:
-            t["y"] = _target_tensor(y)
+            t["y"] = target_tensor(y)
         return TensorSet(t, len(X))
 
     # ---- contract ------------------------------------------------------------------
     def fit(self, X: Features, y: Targets, *, eval_set: tuple[Features, Targets] | None = None) -> "TorchHead":
         if self.stacked:
-            from ._stacked import fit_heads
-
             fit_heads([self], X, y, eval_set=eval_set)
             return self
-        _check_kind(self, y)
-        if not len(y):
-            raise ConfigError(f"head {self.name!r}: no training items")
+        check_kind(self, y)
         self._set_meta(X, y)
         self._fit_norm(X)
         device = pick_device(self.device)
@@ -220,6 +132,7 @@ class TorchHead(Head):
             self.history_ = train_loop(self.net_, lambda m, b: task_loss(m(b["x"]), b["y"], y.kind), train,
                                        params=self._loop_params(), device=device, val_score=val_score)
         self.net_ = self.net_.cpu()
+        self.settle_decision(eval_set)
         return self
 
     def _val_scorer(self, eval_set: tuple[Features, Targets] | None, kind: str, device):
@@ -236,8 +149,6 @@ class TorchHead(Head):
         return TorchParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TorchParams)})
 
     def predict_proba(self, X: Features) -> np.ndarray:
-        import torch
-
         self._check_features(X)
         x = torch.from_numpy(self._flat(X))
         self.net_.eval()
@@ -251,8 +162,6 @@ class TorchHead(Head):
         return {**state, **{f"norm.{k}": v for k, v in self.norm_.items()}}
 
     def _restore(self, state: Mapping[str, np.ndarray], meta: dict) -> None:
-        import torch
-
         self.norm_ = {k[5:]: v for k, v in state.items() if k.startswith("norm.")}
         in_dim = sum(meta["dims"].values()) + len(meta["dims"])
         n_out = 2 if meta["kind"] == "va" else len(meta["classes"])
@@ -260,9 +169,3 @@ class TorchHead(Head):
         self.net_.load_state_dict({k[4:]: torch.from_numpy(np.array(v)) for k, v in state.items()
                                    if k.startswith("net.")})
         self.net_.eval()
-
-
-def _check_kind(head: Head, y: Targets) -> None:
-    if y.kind not in head.supports:
-        raise ConfigError(f"head {head.name!r} does not train {y.kind!r} targets; it supports "
-                          f"{sorted(head.supports)}")

@@ -27,10 +27,12 @@ import contextlib
 import math
 from typing import Any, Callable, Sequence
 
-from ._stacked import BETAS, StackStopping, adamw_update
+import torch
+from torch.func import functional_call, vmap
+
+from ._engine import BETAS, StackStopping, adamw_update, run_epochs
 
 __all__ = ["VmapSpec", "train_vmapped"]
-
 
 
 class VmapSpec:
@@ -44,8 +46,6 @@ class VmapSpec:
 
 
 def _adamw(params: dict, m: dict, v: dict, step: int, lr, wd) -> None:
-    import torch
-
     b1, b2 = BETAS
     bc1 = 1 - b1 ** step
     bc2_sqrt = math.sqrt(1 - b2 ** step)
@@ -62,8 +62,8 @@ def _adamw(params: dict, m: dict, v: dict, step: int, lr, wd) -> None:
 def train_vmapped(net, spec: VmapSpec, train, *, batch_size: int, seed: int, device,
                   losses_fn: Callable[[Any, dict, list[int]], Any],
                   val_score: Callable[[Callable[[int], Any], list[int]], list[float]] | None = None,
-                  amp: Callable[[], Any] | None = None, args_of: Callable[[dict], tuple] | None = None
-                  ) -> tuple[list[dict], list[dict]]:
+                  amp: Callable[[], Any] | None = None, args_of: Callable[[dict], tuple] | None = None,
+                  log: Callable[[str], None] | None = None) -> tuple[list[dict], list[dict]]:
     """Train C = spec.n configurations of `net` (already built and on `device`) on the TensorSet `train`.
 
     `losses_fn(forward, batch, active) -> [C']` per-configuration losses, where `forward(batch)` runs
@@ -72,79 +72,60 @@ def train_vmapped(net, spec: VmapSpec, train, *, batch_size: int, seed: int, dev
     arguments (default: the batch itself). `val_score(model_of, active) -> C' scores`, where
     `model_of(pos)` loads position pos's weights into `net` (eval mode) and returns it. Must run
     with the global RNG seeded (dropout draws from it). Returns per configuration its best
-    state dict and its history.
+    state dict and its history (the loop is `heads._engine.run_epochs`).
     """
-    import torch
-    from torch.func import functional_call, vmap
-
-    C = spec.n
     amp = amp or contextlib.nullcontext
-    names = [k for k, p in net.named_parameters()]
-    params = {k: p.detach().unsqueeze(0).repeat(C, *[1] * p.dim()).contiguous().requires_grad_()
-              for k, p in net.named_parameters()}
-    buffers = {k: b.detach().unsqueeze(0).repeat(C, *[1] * b.dim()).contiguous() for k, b in net.named_buffers()}
-    m = {k: torch.zeros_like(p) for k, p in params.items()}
-    v = {k: torch.zeros_like(p) for k, p in params.items()}
-    step = 0
-    data = train.to(device)
-    gen = torch.Generator().manual_seed(seed)
-
     args_of = args_of or (lambda batch: (batch,))
-
-    def call(p, b, args):
-        return functional_call(net, (p, b), args)
-
-    batched = vmap(call, in_dims=(0, 0, None), randomness="same")
+    names = [k for k, _ in net.named_parameters()]
+    st = {"params": {k: p.detach().unsqueeze(0).repeat(spec.n, *[1] * p.dim()).contiguous().requires_grad_()
+                     for k, p in net.named_parameters()},
+          "buffers": {k: b.detach().unsqueeze(0).repeat(spec.n, *[1] * b.dim()).contiguous()
+                      for k, b in net.named_buffers()}}
+    st["m"] = {k: torch.zeros_like(p) for k, p in st["params"].items()}
+    st["v"] = {k: torch.zeros_like(p) for k, p in st["params"].items()}
+    st["lr"] = torch.tensor(spec.lr, dtype=torch.float32, device=device)
+    st["wd"] = torch.tensor(spec.weight_decay, dtype=torch.float32, device=device)
+    count = [0]
+    batched = vmap(lambda p, b, args: functional_call(net, (p, b), args), in_dims=(0, 0, None), randomness="same")
+    stop = StackStopping(spec.epochs, spec.patience)
 
     def forward(batch):
         net.train()
-        return batched(params, buffers, args_of(batch))
+        return batched(st["params"], st["buffers"], args_of(batch))
+
+    def step(batch):
+        with amp():
+            losses = losses_fn(forward, batch, stop.active)
+        losses.sum().backward()
+        count[0] += 1
+        _adamw(st["params"], st["m"], st["v"], count[0], st["lr"], st["wd"])
+        return losses
 
     def model_of(pos: int):
         with torch.no_grad():
             for k, p in net.named_parameters():
-                p.copy_(params[k][pos])
+                p.copy_(st["params"][k][pos])
             for k, b in net.named_buffers():
-                b.copy_(buffers[k][pos])
+                b.copy_(st["buffers"][k][pos])
         net.eval()
         return net
 
-    def state_of(pos: int) -> dict:
-        state = {k: params[k][pos].detach().cpu().clone() for k in names}
-        state.update({k: b[pos].detach().cpu().clone() for k, b in buffers.items()})
+    def snapshot(pos: int) -> dict:
+        state = {k: st["params"][k][pos].detach().cpu().clone() for k in names}
+        state.update({k: b[pos].detach().cpu().clone() for k, b in st["buffers"].items()})
         return state
 
-    stop = StackStopping(spec.epochs, spec.patience)
-    as_t = lambda vals: torch.tensor([vals[c] for c in stop.active], dtype=torch.float32, device=device)  # noqa: E731
-    lr, wd = as_t(spec.lr), as_t(spec.weight_decay)
-    for epoch in range(max(spec.epochs)):
-        total = torch.zeros(len(stop.active), dtype=torch.float64, device=device)
-        count = 0
-        for batch in data.batches(batch_size, shuffle=True, generator=gen):
-            with amp():
-                losses = losses_fn(forward, batch, stop.active)
-            losses.sum().backward()
-            step += 1
-            _adamw(params, m, v, step, lr, wd)
-            nb = len(next(iter(batch.values())))
-            total += losses.detach().double() * nb
-            count += nb
-        losses_now = (total / max(count, 1)).tolist()
-        scores = None
-        if val_score is not None:
-            with torch.no_grad():
-                scores = [float(s) for s in val_score(model_of, stop.active)]
-        done = stop.end_epoch(epoch, losses_now, scores, state_of)
-        if done:
-            stay = stop.retire(done)
-            if not stay:
-                break
-            idx = torch.tensor(stay, dtype=torch.long, device=device)
-            with torch.no_grad():
-                params = {k: p.detach().index_select(0, idx).contiguous().requires_grad_() for k, p in params.items()}
-                buffers = {k: b.index_select(0, idx).contiguous() for k, b in buffers.items()}
-                m = {k: t.index_select(0, idx).contiguous() for k, t in m.items()}
-                v = {k: t.index_select(0, idx).contiguous() for k, t in v.items()}
-            lr, wd = lr[idx], wd[idx]
+    def shrink(idx):
+        idx = idx.to(device)
+        with torch.no_grad():
+            st["params"] = {k: p.detach().index_select(0, idx).contiguous().requires_grad_()
+                            for k, p in st["params"].items()}
+            for key in ("buffers", "m", "v"):
+                st[key] = {k: t.index_select(0, idx).contiguous() for k, t in st[key].items()}
+        st["lr"], st["wd"] = st["lr"][idx], st["wd"][idx]
+
+    out = run_epochs(train.to(device), batch_size=batch_size, generator=torch.Generator().manual_seed(seed),
+                     stop=stop, step=step, snapshot=snapshot, shrink=shrink, log=log,
+                     validate=(lambda active: val_score(model_of, active)) if val_score is not None else None)
     net.eval()
-    return stop.finish()
+    return out

@@ -15,17 +15,46 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping
 
 import numpy as np
 
-from featurestore.config import from_dict, from_strings, to_dict
+from featurestore.config import field, from_dict, from_strings, to_dict
 from featurestore.errors import ConfigError
 
-__all__ = ["Features", "Targets", "Head", "TargetKind"]
+__all__ = ["Features", "Targets", "Head", "TargetKind", "DecisionParams", "parse_threshold", "THRESHOLD_GRID"]
 
 TargetKind = Literal["single", "multi", "binary", "va"]
+
+THRESHOLD_GRID = np.round(np.arange(0.02, 0.99, 0.01), 2)  # candidates when a threshold is chosen on validation
+
+
+def parse_threshold(value: Any, name: str = "threshold") -> float | None:
+    """A multi-label threshold setting -> a probability in (0, 1), or None for `auto`."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    try:
+        t = float(text)
+    except ValueError:
+        t = math.nan
+    if not 0 < t < 1:
+        raise ConfigError(f"{name}={value!r} must be a probability in (0, 1) or 'auto' (chosen on validation)")
+    return t
+
+
+@dataclasses.dataclass(frozen=True)
+class DecisionParams:
+    """How multi-label scores become labels; every head that trains multi-label targets has these."""
+
+    threshold: str = field("auto", "multi-label: predict each label whose score is strictly above this; "
+                                   "a probability in (0, 1), or auto (the best on validation)")
+    force_top: bool = field(False, "multi-label: also predict the top label of an item that no score passes")
+
+    def __post_init__(self):
+        parse_threshold(self.threshold)
 
 
 @dataclasses.dataclass
@@ -106,6 +135,8 @@ class Head(abc.ABC):
     description: ClassVar[str] = ""
     uses_sequences: ClassVar[bool] = False  # the job loads ragged sequences when the store has them
     uses_va: ClassVar[bool] = False  # the job loads per-modality VA scores for it
+    requires: ClassVar[tuple[str, ...]] = ()  # parameters naming a resource it cannot train without (concept: memory)
+    threshold_param: ClassVar[str] = "threshold"  # the parameter holding the multi-label threshold (univa: zeta)
 
     def __init__(self, **params: Any):
         config = from_strings(self.Config, params, what=f"head {self.name!r}") if params else self.Config()
@@ -182,22 +213,51 @@ class Head(abc.ABC):
     def _set_meta(self, X: Features, y: Targets, **extra: Any) -> None:
         self.meta_ = {"dims": X.dims(), "kind": y.kind, "classes": list(y.classes), **extra}
 
+    # ---- decisions -------------------------------------------------------------------
+    def configured_threshold(self) -> float | None:
+        """The multi-label threshold this head was configured with; None when it is chosen on validation."""
+        return parse_threshold(getattr(self, self.threshold_param, 0.5), self.threshold_param)
+
+    def decision_threshold(self) -> float:
+        """The threshold `predict` applies: the one chosen at fit time (meta), else the configured one."""
+        chosen = getattr(self, "meta_", {}).get("threshold")
+        if chosen is not None:
+            return float(chosen)
+        configured = self.configured_threshold()
+        return 0.5 if configured is None else configured
+
     def predict(self, X: Features, *, threshold: float | None = None) -> np.ndarray:
         """single/binary: class indices; multi: {0,1} [N, C]; va: [N, 2]."""
-        return self.decide(self.predict_proba(X), self.meta_["kind"], threshold)
+        t = self.decision_threshold() if threshold is None else threshold
+        return self.decide(self.predict_proba(X), self.meta_["kind"], t, bool(getattr(self, "force_top", False)))
 
     @staticmethod
-    def decide(p: np.ndarray, kind: str, threshold: float | None = None) -> np.ndarray:
-        """Scores from `predict_proba` -> predictions (multi: >= threshold, at least the top label)."""
+    def decide(p: np.ndarray, kind: str, threshold: float = 0.5, force_top: bool = False) -> np.ndarray:
+        """Scores from `predict_proba` -> predictions (multi: scores strictly above `threshold`, as UniVA
+        decides; with `force_top` an item no score passes gets its top label)."""
         if kind == "multi":
-            t = 0.5 if threshold is None else threshold
-            out = (p >= t).astype(np.int64)
-            none = out.sum(1) == 0  # every item gets at least its top label
-            out[none, p[none].argmax(1)] = 1
+            out = (p > threshold).astype(np.int64)
+            if force_top and len(out):
+                none = out.sum(1) == 0
+                out[none, p[none].argmax(1)] = 1
             return out
         if kind == "va":
             return p
         return p.argmax(1)
+
+    def settle_decision(self, eval_set: tuple[Features, Targets] | None) -> None:
+        """After fit: fix the multi-label threshold (the configured one, or the best on validation) in meta_."""
+        if self.meta_.get("kind") != "multi":
+            return
+        configured = self.configured_threshold()
+        if configured is not None:
+            self.meta_.update(threshold=configured, threshold_chosen_on="configured")
+        elif eval_set is None or not len(eval_set[1]):
+            self.meta_.update(threshold=0.5, threshold_chosen_on="default (no validation split)")
+        else:
+            Xv, yv = eval_set
+            t, _ = best_threshold(self.predict_proba(Xv), yv, bool(getattr(self, "force_top", False)))
+            self.meta_.update(threshold=t, threshold_chosen_on="validation")
 
     def score(self, X: Features, y: Targets) -> float:
         from . import metrics
@@ -237,6 +297,18 @@ class Head(abc.ABC):
     def __repr__(self) -> str:
         changed = {k: v for k, v in self.get_params().items() if v != getattr(self.Config(), k)}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+
+def best_threshold(proba: np.ndarray, y: Targets, force_top: bool = False) -> tuple[float, float]:
+    """The grid threshold with the best primary metric on (proba, y), and that metric (ties: the lowest)."""
+    from . import metrics
+
+    best_t, best_s = 0.5, -math.inf
+    for t in THRESHOLD_GRID:
+        s = metrics.primary(y, Head.decide(proba, "multi", float(t), force_top), proba)
+        if s > best_s:
+            best_t, best_s = float(t), s
+    return best_t, best_s
 
 
 def _json_default(o: Any) -> Any:

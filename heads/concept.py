@@ -82,6 +82,7 @@ class ConceptHead(TorchHead):
     name = "concept"
     Config = ConceptConfig
     supports = frozenset({"single", "binary"})
+    requires = ("memory",)
     description = "concept-guided head (paper 000): CE + lambda * MSE to supramodal concepts (memory=FOLDER)"
 
     @classmethod
@@ -208,11 +209,13 @@ def fit_concept(hs, X: Features, y: Targets, *, eval_set: tuple[Features, Target
             net = lead._network(0, y.n_outputs).to(device)
             states, hists = train_vmapped(net, spec, train, batch_size=lead.batch_size, seed=lead.seed,
                                           device=device, losses_fn=losses_fn, val_score=val_score,
-                                          amp=lambda d=device: autocast(d), args_of=lambda b: (b["x"], True))
+                                          amp=lambda d=device: autocast(d), args_of=lambda b: (b["x"], True),
+                                          log=log)
         for h, state, hist in zip(members, states, hists):
             with seeded(h.seed):  # the caller's global RNG is left as it was
                 h.net_ = h._network(0, y.n_outputs)
             h.net_.load_state_dict(state)
             h.net_.eval()
             h.history_ = {**hist, "stack_size": len(members)}  # trained alongside this many
+            h.settle_decision(eval_set)
     return list(hs)

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch.nn as nn
+
+from .base import DecisionParams
 from ._torch import TorchHead, TorchParams
 
 __all__ = ["Linear", "LinearConfig"]
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearConfig(TorchParams):
+class LinearConfig(TorchParams, DecisionParams):
     pass
 
 
@@ -20,6 +23,4 @@ class Linear(TorchHead):
     description = "one linear layer over the standardised, concatenated modalities (+ presence flags)"
 
     def _network(self, in_dim: int, out_dim: int):
-        import torch.nn as nn
-
         return nn.Linear(in_dim, out_dim)

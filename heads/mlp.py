@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch.nn as nn
+
 from featurestore.config import field
 from featurestore.errors import ConfigError
 
+from .base import DecisionParams
 from ._torch import TorchHead, TorchParams
 
 __all__ = ["MLP", "MLPConfig"]
 
 
 @dataclasses.dataclass(frozen=True)
-class MLPConfig(TorchParams):
+class MLPConfig(TorchParams, DecisionParams):
     hidden: int = field(256, "width of each hidden layer")
     layers: int = field(2, "number of hidden layers")
     dropout: float = field(0.2, "dropout after each hidden layer")
@@ -31,8 +34,6 @@ class MLP(TorchHead):
     description = "MLP (Linear-GELU-Dropout blocks) over the standardised, concatenated modalities"
 
     def _network(self, in_dim: int, out_dim: int):
-        import torch.nn as nn
-
         blocks, width = [], in_dim
         for _ in range(self.layers):
             blocks += [nn.Linear(width, self.hidden), nn.GELU(), nn.Dropout(self.dropout)]

@@ -4,15 +4,23 @@ Per modality an encoder makes an utterance vector H_m: text sequences go through
 additive attention (eq. 1); image (vision) and audio sequences through an FC, self-attention
 and additive attention (eq. 2); a modality with pooled features only goes through an FC.
 The H_m of the present modalities (zeros where absent) are concatenated and a softmax layer
-gives the emotion distribution (eq. 6-7). Training minimises (eq. 11)
+gives the emotion distribution (eq. 6-7). Training minimises, as the authors' code weighs it
+(NUSTM/UniVA, `models.py` and `train.py`; the printed eq. 11 reads differently, see docs/heads.md):
 
-    lambda * sum_m L_CL_m + (1 - lambda) * L_KL + prior_weight * eta
+    lam * sum_m L_CL_m + (1 - lam) * (kl_weight * L_KL + prior_weight * eta)
 
-with the VA-driven contrastive loss per modality (eq. 3-5, two views), the KL multi-label
-loss (eq. 10) and the emotion-correlation prior from the label VA table (eq. 8-9). At
-inference every emotion whose probability is at least zeta (0.18) is predicted.
+- L_CL_m: the VA-driven contrastive loss per modality (eq. 3-5, two views);
+- L_KL: KL from the label distribution to the prediction (eq. 10), averaged over items *and*
+  classes as torch's `KLDivLoss(reduction='mean')` does, with kl_weight 1000 and the target a
+  softmax of the multi-hot labels (`kl_target=softmax`), as in the code;
+- eta: the emotion-correlation prior. `prior_form=code` (default): sum_jl M_jl times the L2 norm
+  over the batch of (log p_j - log p_l), divided by the batch size, with M learnable from its
+  eq. 8 start (`learn_m`); `prior_form=paper`: eq. 9 on probabilities with M fixed.
 
-Ablations (paper tables 4 and 6): `contrast=none` (without VA-CL), `prior=false` (without the
+At inference every emotion whose probability is strictly above zeta is predicted (the paper:
+0.18; default `auto`, the best on validation).
+
+Ablations (paper tables 3, 4 and 6): `contrast=none` (without VA-CL), `prior=false` (without the
 prior), `contrast=label` (VA-CL replaced by label SupCon), `contrast=self` (self-supervised
 contrast: the two views are two dropout passes and only a sample's own views are positive).
 """
@@ -22,14 +30,19 @@ import dataclasses
 from typing import Literal, Mapping
 
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from featurestore.config import field
 from featurestore.errors import ConfigError
 
 from . import losses
-from .base import Features, Head, Targets
+from .base import Features, Head, Targets, parse_threshold
 from ._data import TensorSet, align
-from ._torch import TorchParams, _check_kind, pick_device, seeded, validation_scorer
+from ._engine import autocast, check_kind, pick_device, seeded, validation_scorer
+from ._torch import TorchParams
+from ._vmapped import VmapSpec, train_vmapped
 
 __all__ = ["UniVA", "UniVAConfig"]
 
@@ -42,35 +55,48 @@ class UniVAConfig(TorchParams):
     batch_size: int = field(64, "items per mini-batch (the paper: 12 on MOSEI, 22 on M3ED)")
     hidden: int = field(256, "hidden size of each modality's representation (the paper: 768)")
     heads: int = field(4, "attention heads of the self-attention layers (audio, image)")
+    pooled_layers: int = field(2, "FC layers (each GELU + dropout) encoding a modality that has pooled features only")
     sa_layers: int = field(1, "self-attention layers over audio and image sequences")
-    dropout: float = field(0.1, "dropout after each FC")
+    dropout: float = field(0.4, "dropout after each FC (0.4: chosen on the demo's validation split)")
     contrast: Contrast = field("va", "contrastive loss: va (VA-CL) | label (SupCon) | self | none")
     delta: float = field(0.1, "VA distance below which two items are a positive pair (eq. 3)")
     tau: float = field(0.6, "contrastive temperature (eq. 5; the paper gives none, the authors' code uses 0.6)")
-    lam: float = field(0.4, "lambda of eq. 11: weight of the contrastive loss against the KL loss")
+    lam: float = field(0.2, "lambda (the code's alpha; its scripts: 0.2-0.45): weight of the contrastive loss against the KL loss and prior")
+    kl_weight: float = field(1000.0, "scale of the KL loss, averaged over items and classes (the code: 1000)")
+    kl_target: Literal["softmax", "normalized"] = field(
+        "softmax", "KL target: softmax of the multi-hot labels (the code) | labels / their count (eq. 10)")
     prior: bool = field(True, "add the VA-driven emotion-correlation prior eta (eq. 8-9)")
-    prior_weight: float = field(1.0, "weight of eta in the total loss (eq. 11 uses 1)")
-    zeta: float = field(0.18, "inference threshold on the emotion distribution (multi-label)")
+    prior_form: Literal["code", "paper"] = field(
+        "code", "eta as the code computes it (L2 norm over the batch of log-prob differences / batch size) "
+                "| eq. 9 (squared probability differences, mean over items)")
+    learn_m: bool = field(True, "M is a learnable parameter initialised from eq. 8 (the code) | fixed")
+    prior_weight: float = field(1.0, "weight of eta beside the KL loss")
+    zeta: str = field("auto", "multi-label: predict emotions whose probability is strictly above zeta "
+                              "(the paper: 0.18); auto: the best on validation")
+    force_top: bool = field(False, "multi-label: also predict the top emotion of an item no score passes")
     views: int = field(2, "views per sample in the contrastive loss (the paper duplicates H: 2)")
     normalize: bool = field(True, "L2-normalise H_m before the contrastive dot product (eq. 5 uses the raw one)")
+    standardize: bool = field(True, "z-score each input dimension with training statistics (the code feeds raw "
+                                    "backbone features; cached sentence embeddings are L2-normalised and tiny)")
     sequences: bool = field(True, "use stored sequences when the store has them (else pooled features)")
     max_len: int = field(0, "keep at most this many sequence steps per item (0: all)")
 
     def __post_init__(self):
         super().__post_init__()
+        if self.pooled_layers < 1:
+            raise ConfigError(f"pooled_layers={self.pooled_layers} must be at least 1")
         if self.hidden < 1 or self.hidden % self.heads:
             raise ConfigError(f"hidden={self.hidden} must be a positive multiple of heads={self.heads}")
         if not 0 <= self.lam <= 1 or self.tau <= 0 or self.delta < 0 or self.views < 1:
             raise ConfigError(f"need 0 <= lam <= 1 (got {self.lam}), tau > 0 ({self.tau}), delta >= 0 "
                               f"({self.delta}), views >= 1 ({self.views})")
-        if not 0 < self.zeta < 1 or not 0 <= self.dropout < 1:
-            raise ConfigError(f"zeta={self.zeta} must be in (0, 1) and dropout={self.dropout} in [0, 1)")
+        parse_threshold(self.zeta, "zeta")
+        if not 0 <= self.dropout < 1 or self.kl_weight <= 0 or self.prior_weight < 0:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1), kl_weight={self.kl_weight} > 0, "
+                              f"prior_weight={self.prior_weight} >= 0")
 
 
 def _modules():
-    import torch
-    import torch.nn as nn
-
     class AdditiveAttention(nn.Module):
         """Bahdanau-style pooling: softmax over steps of v^T tanh(W h_t + b)."""
 
@@ -103,24 +129,36 @@ def _modules():
     class PooledEncoder(nn.Module):
         def __init__(self, dim: int, cfg):
             super().__init__()
-            self.fc = nn.Sequential(nn.Linear(dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout))
+            blocks, width = [], dim
+            for _ in range(cfg.pooled_layers):
+                blocks += [nn.Linear(width, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout)]
+                width = cfg.hidden
+            self.fc = nn.Sequential(*blocks)
 
         def forward(self, x, steps=None):
             return self.fc(x)
 
     class UniVANet(nn.Module):
-        def __init__(self, dims: dict, seq: dict, n_classes: int, cfg):
+        """Encoders, classifier, and the prior matrix M (a parameter when learnt, as the code does)."""
+
+        def __init__(self, dims: dict, seq: dict, n_classes: int, cfg, M: np.ndarray | None = None):
             super().__init__()
             self.mods = sorted(dims)
             self.encoders = nn.ModuleDict({
                 m: SequenceEncoder(seq[m], cfg, self_attention=m != "text") if m in seq else PooledEncoder(dims[m], cfg)
                 for m in self.mods})
             self.classifier = nn.Linear(cfg.hidden * len(self.mods), n_classes)
+            start = torch.zeros(n_classes, n_classes) if M is None else torch.as_tensor(M, dtype=torch.float32)
+            if cfg.learn_m:
+                self.M = nn.Parameter(start.clone())
+            else:
+                self.register_buffer("M", start.clone())
 
         def forward(self, batch):
             H = {m: self.encoders[m](batch[f"x.{m}"], batch.get(f"s.{m}")) * batch[f"m.{m}"][:, None]
                  for m in self.mods}
-            return torch.log_softmax(self.classifier(torch.cat([H[m] for m in self.mods], 1)).float(), -1), H
+            log_p = torch.log_softmax(self.classifier(torch.cat([H[m] for m in self.mods], 1)).float(), -1)
+            return log_p, H, self.M
 
     return UniVANet
 
@@ -132,30 +170,43 @@ class UniVA(Head):
     supports = frozenset({"single", "multi", "binary"})
     uses_sequences = True
     uses_va = True
+    threshold_param = "zeta"
     description = "UniVA: per-modality encoders, VA-driven contrastive loss, KL loss, emotion-correlation prior"
 
     # ---- inputs --------------------------------------------------------------------
-    def _tensors(self, X: Features, y: Targets | None = None) -> TensorSet:
-        import torch
-
+    def _tensors(self, X: Features, y: Targets | None = None, *, fit_norm: bool = False) -> TensorSet:
+        """The network's inputs; `fit_norm` (training data) first sets the standardisation statistics."""
         t = {}
+        if fit_norm:
+            self.norm_ = {}
         for mod, (arr, mask) in align(X, self.meta_["dims"]).items():
             t[f"m.{mod}"] = torch.from_numpy(mask.astype(np.float32))
             va = X.va.get(mod)
             t[f"va.{mod}"] = torch.from_numpy(np.asarray(va, np.float32) if va is not None
                                               else np.full((len(mask), 2), np.nan, np.float32))
             if mod in self.meta_["seq_dims"]:
-                t[f"x.{mod}"], t[f"s.{mod}"] = self._padded(X, mod, arr, mask)
+                x, steps = self._padded(X, mod, arr, mask)
+                t[f"s.{mod}"] = steps
             else:
-                t[f"x.{mod}"] = torch.from_numpy(arr)
+                x, steps = torch.from_numpy(arr), torch.from_numpy(mask)
+            t[f"x.{mod}"] = self._standardised(mod, x, steps, fit_norm)
         if y is not None:
             t["y"] = torch.as_tensor(y.y if y.kind == "multi" else y.y.astype(np.int64))
         return TensorSet(t, len(X))
 
+    def _standardised(self, mod: str, x, valid, fit: bool):
+        """z-score each input dimension with training statistics (rows or steps that exist only)."""
+        if not self.standardize:
+            return x
+        if fit:
+            rows = x[valid] if bool(valid.any()) else x.reshape(-1, x.shape[-1])[:1] * 0
+            self.norm_[f"{mod}.mean"] = rows.mean(0).numpy()
+            self.norm_[f"{mod}.std"] = (rows.std(0, unbiased=False) + 1e-6).numpy()
+        mean, std = (torch.from_numpy(np.asarray(self.norm_[f"{mod}.{k}"], np.float32)) for k in ("mean", "std"))
+        return torch.where(valid.unsqueeze(-1), (x - mean) / std, torch.zeros((), dtype=x.dtype))
+
     def _padded(self, X: Features, mod: str, pooled: np.ndarray, mask: np.ndarray):
         """Pad a modality's ragged sequences once into `[N, L, D]` + step mask; no sequence -> its pooled row."""
-        import torch
-
         seqs = X.sequences.get(mod)
         if seqs is None:
             raise ConfigError(f"head 'univa' was trained on {mod} sequences; pass them (Features.sequences)")
@@ -195,22 +246,25 @@ class UniVA(Head):
 
     @staticmethod
     def _stack_loss(members: list, active: list[int], log_p, H: dict, H2: dict | None, batch: dict, M):
-        """Eq. 11 for the C' configurations at stack positions `active` (indices into `members`), at once.
+        """The total loss for the C' configurations at stack positions `active` (indices into `members`).
 
         `log_p` `[C', B, K]`, `H[m]` (`H2[m]`: the second pass, `contrast=self`) `[C', B, hidden]`,
-        `M` the prior matrix (None when no configuration uses it). Returns the losses `[C']`.
+        `M` each configuration's prior matrix `[C', K, K]`. Returns the losses `[C']`.
         """
-        import torch
-        import torch.nn.functional as F
-
         cfg = [members[c] for c in active]
         dev = log_p.device
         vec = lambda vals: torch.tensor(vals, dtype=torch.float32, device=dev)  # noqa: E731
         lam = vec([h.lam for h in cfg])
-        total = (1 - lam) * losses.kl_multilabel(log_p, batch["y"])
-        if M is not None:
-            pw = vec([h.prior_weight if h.prior_ is not None else 0.0 for h in cfg])
-            total = total + pw * losses.correlation_prior(log_p.exp(), M)
+        kl = {t: losses.kl_multilabel(log_p, batch["y"], target=t, reduction="mean")
+              for t in sorted({h.kl_target for h in cfg})}
+        fit = torch.stack([h.kl_weight * kl[h.kl_target][pos] for pos, h in enumerate(cfg)])
+        if any(h.prior for h in cfg):
+            eta = {"code": lambda: losses.correlation_prior_code(log_p, M),
+                   "paper": lambda: losses.correlation_prior(log_p.exp(), M)}
+            etas = {f: eta[f]() for f in sorted({h.prior_form for h in cfg if h.prior})}
+            fit = fit + torch.stack([h.prior_weight * etas[h.prior_form][pos] if h.prior else fit.new_zeros(())
+                                     for pos, h in enumerate(cfg)])
+        total = (1 - lam) * fit
         groups: dict[tuple, list[int]] = {}  # configurations sharing the contrastive loss's form
         for pos, h in enumerate(cfg):
             if h.contrast != "none" and h.lam > 0:
@@ -241,9 +295,10 @@ class UniVA(Head):
 
     def stack_key(self) -> tuple:
         """Configurations that can train as one vectorised stack: same network, inputs, seed, draws."""
-        return ("UniVA", int(self.seed), int(self.batch_size), int(self.hidden), int(self.heads),
+        return ("UniVA", int(self.seed), int(self.batch_size), int(self.hidden), int(self.heads), int(self.pooled_layers),
                 int(self.sa_layers), bool(self.sequences), int(self.max_len), float(self.dropout),
-                self._second_pass, str(self.device))
+                bool(self.standardize),
+                self._second_pass, bool(self.learn_m), str(self.device))
 
     @staticmethod
     def fit_stack(hs, X: Features, y: Targets, *, eval_set=None, log=None) -> list:
@@ -254,17 +309,9 @@ class UniVA(Head):
         fit_univa([self], X, y, eval_set=eval_set)
         return self
 
-    def _loop_params(self) -> TorchParams:
-        return TorchParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TorchParams)})
-
     # ---- inference -----------------------------------------------------------------
-    def _threshold(self) -> float | None:
-        return self.zeta if self.meta_["kind"] == "multi" else None
-
     @staticmethod
     def _proba(model, data: TensorSet) -> np.ndarray:
-        import torch
-
         model.eval()
         with torch.no_grad():
             outs = [model(b)[0].exp() for b in data.batches(2048)]
@@ -274,20 +321,12 @@ class UniVA(Head):
         self._check_features(X)
         return self._proba(self.net_, self._tensors(X))
 
-    def predict(self, X: Features, *, threshold: float | None = None) -> np.ndarray:
-        return self.decide(self.predict_proba(X), self.meta_["kind"],
-                           self._threshold() if threshold is None else threshold)
-
     def _state(self) -> dict[str, np.ndarray]:
         state = {f"net.{k}": v.detach().cpu().numpy() for k, v in self.net_.state_dict().items()}
-        if self.prior_ is not None:
-            state["prior.M"] = np.asarray(self.prior_, np.float32)
-        return state
+        return {**state, **{f"norm.{k}": np.asarray(v, np.float32) for k, v in self.norm_.items()}}
 
     def _restore(self, state: Mapping[str, np.ndarray], meta: dict) -> None:
-        import torch
-
-        self.prior_ = state.get("prior.M")
+        self.norm_ = {k[5:]: v for k, v in state.items() if k.startswith("norm.")}
         n_out = len(meta["classes"])
         self.net_ = _modules()(meta["dims"], meta.get("seq_dims", {}), n_out, self.config)
         self.net_.load_state_dict({k[4:]: torch.from_numpy(np.array(v)) for k, v in state.items()
@@ -299,44 +338,39 @@ def fit_univa(hs, X: Features, y: Targets, *, eval_set: tuple[Features, Targets]
               log=None) -> list:
     """Fit `univa` heads on the same data, one vectorised stack per `stack_key` (heads._vmapped).
 
-    Each head ends as if trained alone: same meta, prior, network, history. A head's own `fit` is
-    this with one head. Configurations in a stack may differ in lr, weight_decay, epochs, patience,
-    lam, tau, delta, contrast (but `self` only with `self`), views, normalize, prior, prior_weight, zeta;
-    the loss of eq. 11 is computed for all of them at once (`UniVA._stack_loss`).
+    Each head ends as if trained alone: same meta, network (M included), history, threshold. A
+    head's own `fit` is this with one head. Configurations in a stack may differ in lr,
+    weight_decay, epochs, patience, lam, tau, delta, contrast (but `self` only with `self`), views,
+    normalize, kl_weight, kl_target, prior, prior_form, prior_weight, zeta; the loss is computed
+    for all of them at once (`UniVA._stack_loss`).
     """
-    import torch
-
-    from ._torch import autocast
-    from ._vmapped import VmapSpec, train_vmapped
-
     if not hs:
         return []
     for h in hs:
-        _check_kind(h, y)
-    if not len(y):
-        raise ConfigError("head 'univa': no training items")
+        check_kind(h, y)
+    start_m = next((h._prior(y) for h in hs if h.prior), None)  # eq. 8 from the label VA table
     for h in hs:
         seq_dims = {m: int(next(s.shape[1] for s in X.sequences[m] if s is not None))
                     for m in X.pooled if h.sequences and any(s is not None for s in X.sequences.get(m, []))}
-        h._set_meta(X, y, seq_dims=seq_dims)
-        h.prior_ = h._prior(y)
+        h._set_meta(X, y, seq_dims=seq_dims, prior=bool(h.prior))
     groups: dict[tuple, list] = {}
     for h in hs:
         groups.setdefault(h.stack_key(), []).append(h)
     for key, members in groups.items():
         lead = members[0]
         device = pick_device(lead.device)
-        train = lead._tensors(X, y)
+        train = lead._tensors(X, y, fit_norm=True)
+        for h in members[1:]:
+            h.norm_ = lead.norm_
         val = scorers = None
         if eval_set is not None:
             lead._check_features(eval_set[0])
             val = lead._tensors(eval_set[0]).to(device)
-            scorers = [validation_scorer(h, eval_set[1], y.kind, h._threshold()) for h in members]
-        M = next((torch.as_tensor(h.prior_, device=device) for h in members if h.prior_ is not None), None)
+            scorers = [validation_scorer(h, eval_set[1], y.kind) for h in members]
         second = lead._second_pass
 
-        def losses_fn(forward, batch, active, members=members, M=M, second=second):
-            log_p, H = forward(batch)
+        def losses_fn(forward, batch, active, members=members, second=second):
+            log_p, H, M = forward(batch)
             H2 = forward(batch)[1] if second else None
             return UniVA._stack_loss(members, active, log_p, H, H2, batch, M)
 
@@ -350,14 +384,16 @@ def fit_univa(hs, X: Features, y: Targets, *, eval_set: tuple[Features, Targets]
         spec = VmapSpec([h.lr for h in members], [h.weight_decay for h in members],
                         [h.epochs for h in members], [h.patience for h in members])
         with seeded(lead.seed, device):
-            net = _modules()(lead.meta_["dims"], lead.meta_["seq_dims"], y.n_outputs, lead.config).to(device)
+            net = _modules()(lead.meta_["dims"], lead.meta_["seq_dims"], y.n_outputs, lead.config,
+                             start_m).to(device)
             states, hists = train_vmapped(net, spec, train, batch_size=lead.batch_size, seed=lead.seed,
                                           device=device, losses_fn=losses_fn, val_score=val_score,
-                                          amp=lambda d=device: autocast(d))
+                                          amp=lambda d=device: autocast(d), log=log)
         for h, state, hist in zip(members, states, hists):
             with seeded(h.seed):  # the caller's global RNG is left as it was
                 h.net_ = _modules()(h.meta_["dims"], h.meta_["seq_dims"], y.n_outputs, h.config)
             h.net_.load_state_dict(state)
             h.net_.eval()
             h.history_ = {**hist, "stack_size": len(members)}  # trained alongside this many
+            h.settle_decision(eval_set)
     return list(hs)

@@ -14,15 +14,15 @@ import numpy as np
 from featurestore.config import field
 from featurestore.errors import ConfigError
 
-from .base import Features, Head, Targets
+from .base import DecisionParams, Features, Head, Targets
 from ._data import align
-from ._torch import _check_kind
+from ._engine import check_kind
 
 __all__ = ["XGBoost", "XGBConfig"]
 
 
 @dataclasses.dataclass(frozen=True)
-class XGBConfig:
+class XGBConfig(DecisionParams):
     n_estimators: int = field(300, "maximum boosting rounds")
     max_depth: int = field(6, "maximum tree depth")
     learning_rate: float = field(0.1, "shrinkage per round (eta)")
@@ -42,6 +42,7 @@ class XGBConfig:
             raise ConfigError("n_estimators and max_depth must be >= 1 and learning_rate > 0")
         if not (0 < self.subsample <= 1 and 0 < self.colsample_bytree <= 1):
             raise ConfigError("subsample and colsample_bytree must be in (0, 1]")
+        super().__post_init__()
 
 
 def _device(pref: str) -> str:
@@ -91,7 +92,7 @@ class XGBoost(Head):
     def fit(self, X: Features, y: Targets, *, eval_set: tuple[Features, Targets] | None = None) -> "XGBoost":
         import xgboost as xgb
 
-        _check_kind(self, y)
+        check_kind(self, y)
         self._set_meta(X, y)
         x = self._matrix(X)
         xv = yv = None
@@ -119,6 +120,7 @@ class XGBoost(Head):
             best.append(int(getattr(booster, "best_iteration", self.n_estimators - 1)) + 1 if stop
                         else self.n_estimators)
         self.meta_["rounds"] = best
+        self.settle_decision(eval_set)
         return self
 
     def predict_proba(self, X: Features) -> np.ndarray:

@@ -36,7 +36,7 @@ from heads import metrics
 from heads._data import TARGETS, prepare
 
 __all__ = ["SweepConfig", "SweepResult", "parse_grid", "load_space", "expand_grid", "sample_random", "run",
-           "read_results", "list_sweeps", "show", "export_best", "sweep_folder", "LOWER_IS_BETTER"]
+           "read_results", "list_sweeps", "show", "export_best", "best_test", "sweep_folder", "LOWER_IS_BETTER"]
 
 LOWER_IS_BETTER = {"hamming_loss"}
 CHUNK = 64  # configurations per stack at most
@@ -57,7 +57,7 @@ class SweepConfig:
     seed: int = field(0, "seed of the heads (unless swept or fixed), of validation carving and of sampling")
     target: str = field("label", "label | labels | va")
     val_fraction: float = field(0.1, "fraction of train carved as validation when the dataset has none")
-    eval_split: str = field("test", "split every configuration is evaluated on")
+    eval_split: str = field("test", "split the best configuration is evaluated on, once, at export or --show-test")
     storage: str = field("", "Optuna storage URL (default: a journal file in the sweep folder)")
     limit: int = field(0, "train at most this many new configurations in this invocation (0: all)")
 
@@ -280,7 +280,7 @@ def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None 
         if not (folder / "sweep.json").is_file():
             write_json_atomic(folder / "sweep.json", {**definition, "created_at": now_iso()})
         (folder / "parts").mkdir(parents=True, exist_ok=True)
-        runner = _Runner(cls, data, folder, metric, config.limit, say, config.eval_split)
+        runner = _Runner(cls, data, folder, metric, config.limit, say)
         say(f"sweep {sweep_id}: {config.method} on {config.dataset} ({data.kind}), ranking by val {metric}")
         if config.mode == "optuna":
             _run_optuna(runner, config, space, fixed, sweep_id, folder, metric)
@@ -307,9 +307,8 @@ def _metric_names(data) -> list[str]:
 class _Runner:
     """Trains pending configurations (stacked where the head allows) and publishes one part each."""
 
-    def __init__(self, cls, data, folder: Path, metric: str, limit: int, say, eval_split: str):
+    def __init__(self, cls, data, folder: Path, metric: str, limit: int, say):
         self.cls, self.data, self.folder, self.metric, self.limit, self.say = cls, data, folder, metric, limit, say
-        self.eval_split = eval_split
         self.trained = 0
         self.reused = 0
 
@@ -381,15 +380,12 @@ class _Runner:
         import polars as pl
 
         Xv, yv = self.data.splits["val"]
-        Xte, yte = self.data.splits[self.eval_split]
         t0 = time.perf_counter()
-        val = metrics.evaluate(yv, head.predict(Xv), head.predict_proba(Xv))
-        test = metrics.evaluate(yte, head.predict(Xte), head.predict_proba(Xte))
+        val = metrics.evaluate(yv, head.predict(Xv), head.predict_proba(Xv))  # no test metric: choices see val only
         history = getattr(head, "history_", None) or {}
         row = {"config_id": config_id(params), "trial": int(trial), **{k: _scalar(v) for k, v in params.items()},
                "params": json.dumps(_jsonable(params), sort_keys=True),
                **{f"val_{k}": float(v) for k, v in val.items() if isinstance(v, (int, float))},
-               **{f"test_{k}": float(v) for k, v in test.items() if isinstance(v, (int, float))},
                "epochs": int(history.get("epochs_run", 0) or 0), "best_epoch": int(history.get("best_epoch", 0) or 0),
                "seconds": seconds + time.perf_counter() - t0, "stack": stack, "finished_at": now_iso()}
         target = self.part_path(params)
@@ -474,7 +470,7 @@ def _ranked(table, definition: dict):
 
 def leaderboard(table, definition: dict, top: int = 10) -> list[dict]:
     metric = definition["metric"]
-    cols = ["trial", *definition.get("swept", []), f"val_{metric}", f"test_{metric}", "epochs", "seconds"]
+    cols = ["trial", *definition.get("swept", []), f"val_{metric}", "epochs", "seconds"]
     ranked = _ranked(table, definition)
     if not ranked.height:
         return []
@@ -499,12 +495,13 @@ def list_sweeps(store: Store) -> list[dict]:
         best = board[0] if board else {}
         rows.append({"sweep": folder.name, "method": d["method"], "dataset": d["dataset"], "mode": d["mode"],
                      "configs": table.height, "metric": d["metric"], "best_val": best.get(f"val_{d['metric']}"),
-                     "best_test": best.get(f"test_{d['metric']}"), "created_at": d.get("created_at")})
+                     "created_at": d.get("created_at")})
     return rows
 
 
-def export_best(definition: dict, table, target: str | Path | None = None) -> dict:
-    """The best configuration as `fs train-head` takes it: method, dataset, features, params, command."""
+def export_best(definition: dict, table, target: str | Path | None = None, *, store: Store | None = None) -> dict:
+    """The best configuration (by validation) as `fs train-head` takes it: method, dataset, features,
+    params, command. With `store`, its metrics on the evaluation split too, computed once (`best_test`)."""
     ranked = _ranked(table, definition)
     if not ranked.height:
         raise NotFoundError(f"sweep {definition['id']!r} has no finished configuration yet")
@@ -521,11 +518,41 @@ def export_best(definition: dict, table, target: str | Path | None = None) -> di
            "fingerprints": definition["fingerprints"], "target": definition["target"], "seed": seed,
            "val_fraction": definition["val_fraction"], "params": params, "sweep": definition["id"],
            "metric": definition["metric"], "val": best.get(f"val_{definition['metric']}"),
-           "test": best.get(f"test_{definition['metric']}"), "command": shlex.join(argv)}
+           "command": shlex.join(argv)}
+    if store is not None:
+        doc["eval"] = {"split": definition.get("eval_split", "test"),
+                       "metrics": best_test(store, definition, json.loads(best["params"]))}
     doc = json_safe(doc)
     if target is not None:
         write_json_atomic(Path(target), doc)
     return doc
+
+
+def best_test(store: Store, definition: dict, params: dict) -> dict:
+    """Metrics of one configuration on the sweep's evaluation split: trained again (the same seeded
+    computation as in the sweep) and evaluated once; kept in `best_test.json` for that configuration."""
+    folder = sweep_folder(store, definition["id"])
+    cached = folder / "best_test.json"
+    cid = config_id(params)
+    if cached.is_file():
+        doc = read_json(cached)
+        if doc.get("config_id") == cid:
+            return doc["metrics"]
+    cls = heads.get(definition["method"])
+    head = cls(**params)
+    data = prepare(store, definition["dataset"], definition["fingerprints"], target=definition["target"],
+                   val_fraction=definition["val_fraction"], seed=definition["seed"],
+                   sequences=cls.uses_sequences and getattr(head, "sequences", True), va=cls.uses_va,
+                   eval_split=definition.get("eval_split", "test"))
+    (Xtr, ytr), (Xv, yv) = data.splits["train"], data.splits["val"]
+    head.fit(Xtr, ytr, eval_set=(Xv, yv))
+    Xte, yte = data.splits[definition.get("eval_split", "test")]
+    result = {k: v for k, v in metrics.evaluate(yte, head.predict(Xte), head.predict_proba(Xte)).items()
+              if isinstance(v, (int, float))}
+    write_json_atomic(cached, json_safe({"config_id": cid, "split": definition.get("eval_split", "test"),
+                                         "metrics": result, "computed_at": now_iso()}))
+    return result
+
 
 
 def plot_sweep(folder: Path, table, definition: dict) -> list[Path]:

@@ -122,6 +122,8 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
     history = getattr(head, "history_", None)
     doc = {"method": config.method, "kind": data.kind, "primary": metrics.PRIMARY[data.kind],
            config.eval_split: test, "val_primary": val, "history": history}
+    if "threshold" in head.meta_:  # multi-label: the decision and where it was chosen
+        doc["decision"] = {"threshold": head.meta_["threshold"], "chosen_on": head.meta_["threshold_chosen_on"]}
     folder = _publish_run(store, run_id, head, doc, lineage, (yte, pred, proba))
     say(f"saved run {run_id} to {folder}")
     return TrainResult(run_id, folder, config.method, config.dataset, data.kind, test, val,

@@ -71,7 +71,8 @@ def build_store(store, demo_df, minilm, root: Path):
     from jobs.extract import ExtractConfig, run as extract
 
     words = pl.concat([demo_df.filter(pl.col("label") == c).head(60) for c in ("positive", "negative", "neutral")])
-    words = words.with_columns(split=pl.Series(["val" if i % 5 == 0 else "train" for i in range(len(words))]))
+    words = words.with_columns(split=pl.Series(["val" if i % 5 == 0 else "test" if i % 5 == 1 else "train"
+                                                for i in range(len(words))]))
     add_dataset(store, "words", words, root=None, source="test")
     extract(ExtractConfig(dataset="words", modality="text", backbone="minilm", batch_size=64), store, backbone=minilm)
     rows = []
@@ -133,7 +134,7 @@ def test_scl_run_writes_derived_features_that_verify_and_read(trained):
 def test_memory_holds_both_datasets_with_pools(trained):
     store, result, memory, _ = trained
     mem = open_memory(store, "m1")
-    assert len(mem) == memory.n == 134 + 144  # train rows of words + faces
+    assert len(mem) == memory.n == 108 + 134  # train rows of words + faces
     assert set(mem.meta["dataset"].unique()) == {"words", "faces"}
     assert mem.spec["fingerprints"] == result.derived and mem.kind == "flat"
     pooled = mem.meta.filter(pl.col("pool"))
@@ -219,7 +220,9 @@ def test_cli_train_head_concept_with_a_memory_by_name(trained):
     runner = CliRunner()
     args = ["--store", str(store.root), "train-head", "--method", "concept", "--dataset", "words",
             "--features", f"text={result.derived['text']}", "--memory", "m1", "-p", "epochs=3", "-p", "device=cpu",
-            "--eval-split", "val", "--json"]
+            "--eval-split", "test", "--json"]
+    refused = runner.invoke(cli, [*args[:-3], "--eval-split", "val"])
+    assert refused.exit_code == 2 and "validation split" in refused.output  # never evaluate on what chose
     res = runner.invoke(cli, args)
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)

@@ -181,19 +181,25 @@ def test_grid_sweep_resumes_without_rerunning_and_exports_best(demo_store, tmp_p
     assert third.trained_now == 0 and third.reused == 6
     table = pl.read_parquet(third.folder / "results.parquet")
     assert table.height == 6 and table["config_id"].n_unique() == 6
-    assert {"lr", "dropout", "val_uar", "test_uar", "epochs", "seconds", "params"} <= set(table.columns)
+    assert {"lr", "dropout", "val_uar", "epochs", "seconds", "params"} <= set(table.columns)
+    assert not [c for c in table.columns if c.startswith("test_")]  # choices see validation only
     assert sorted(set(zip(table["lr"], table["dropout"]))) == sorted(
         (lr, d) for lr in (3e-4, 1e-3, 3e-3) for d in (0.0, 0.3))
     assert (third.folder / "metric_vs_lr.png").is_file() and (third.folder / "metric_vs_dropout.png").is_file()
     # export-best: the same configuration trained by `fs train-head` semantics scores the same
-    doc = sweep_job.export_best(third.definition, third.table, tmp_path / "best.json")
+    assert "eval" not in sweep_job.export_best(third.definition, third.table)  # no store: no test metric
+    doc = sweep_job.export_best(third.definition, third.table, tmp_path / "best.json", store=demo_store)
     saved = json.loads((tmp_path / "best.json").read_text())
     assert saved == doc and saved["command"].startswith("fs train-head --method mlp --dataset demo")
+    computed = json.loads((third.folder / "best_test.json").read_text())
+    again = sweep_job.export_best(third.definition, third.table, store=demo_store)  # computed once, read back
+    assert json.loads((third.folder / "best_test.json").read_text()) == computed and again["eval"] == doc["eval"]
     assert "-p lr=" in saved["command"] and "--seed 2" in saved["command"]
     res = train(TrainHeadConfig(method=saved["method"], dataset=saved["dataset"], features=saved["features"],
                                 params=saved["params"], target=saved["target"], seed=saved["seed"],
                                 val_fraction=saved["val_fraction"]), demo_store)
-    assert res.metrics["uar"] == pytest.approx(saved["test"], abs=1e-9)
+    assert saved["eval"]["split"] == "test"
+    assert res.metrics["uar"] == pytest.approx(saved["eval"]["metrics"]["uar"], abs=1e-9)
     assert res.val_score == pytest.approx(saved["val"], abs=1e-9)
 
 
@@ -239,17 +245,21 @@ def test_cli_grid_show_list_and_export(demo_store, tmp_path):
            "--export-best", str(tmp_path / "best.json"))
     assert r.exit_code == 0, r.output
     assert "val_uar" in r.output and "fs train-head --method mlp" in r.output
+    assert "test_uar" not in r.output and "best configuration on test (computed once)" in r.output
     listed = json.loads(fs(demo_store, "sweep", "list", "--json").output)["sweeps"]
     row = next(s for s in listed if s["configs"] == 4 and s["method"] == "mlp")
     shown = json.loads(fs(demo_store, "sweep", "show", row["sweep"], "--json").output)
     assert shown["n_configs"] == 4 and len(shown["results"]) == 4
     assert shown["leaderboard"][0]["val_uar"] == max(x["val_uar"] for x in shown["results"])
-    assert "val_uar" in fs(demo_store, "sweep", "show", row["sweep"]).output
+    plain = fs(demo_store, "sweep", "show", row["sweep"]).output
+    assert "val_uar" in plain and "test" not in plain.split("ranked by")[1]
+    assert "best configuration on test" in fs(demo_store, "sweep", "show", row["sweep"], "--show-test").output
+    assert "best_test" not in fs(demo_store, "sweep", "list").output
     assert fs(demo_store, "sweep", "show", "no-such-sweep").exit_code == 4
     best = json.loads((tmp_path / "best.json").read_text())
     r = fs(demo_store, *best["command"].split()[1:], "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["metrics"]["uar"] == pytest.approx(best["test"], abs=1e-9)
+    assert json.loads(r.output)["metrics"]["uar"] == pytest.approx(best["eval"]["metrics"]["uar"], abs=1e-9)
 
 
 def test_univa_sweeps_as_one_stack_and_other_heads_sequentially(demo_store):

@@ -62,38 +62,50 @@ def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_
                          seed=seed, target=target, val_fraction=val_fraction, storage=storage, limit=limit)
     store = get_store(ctx)
     result = run(config, store, log=None if as_json else lambda s: click.echo(s, err=True))
-    exported = export_best(result.definition, result.table, export_path) if export_path and result.table.height \
-        else None
+    exported = export_best(result.definition, result.table, export_path, store=store) \
+        if export_path and result.table.height else None
     if as_json:
         return emit({**result.to_dict(top), "exported": exported})
     click.echo(f"sweep {result.sweep_id}: {result.table.height} configuration(s), {result.trained_now} trained now, "
                f"{result.reused} already finished, {result.seconds:.1f}s; folder {result.folder}")
     click.echo(table(result.leaderboard(top)))
-    if exported:
+    _say_exported(exported, export_path)
+
+
+def _say_exported(exported: dict | None, export_path: str | None) -> None:
+    if not exported:
+        return
+    if "eval" in exported:
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted(exported["eval"]["metrics"].items()))
+        click.echo(f"best configuration on {exported['eval']['split']} (computed once): {scores}")
+    if export_path:
         click.echo(f"best configuration written to {export_path}:\n  {exported['command']}")
 
 
 @sweep_group.command("show")
 @click.argument("sweep_id", metavar="ID")
 @click.option("--top", default=20, show_default=True, type=int)
-@click.option("--export-best", "export_path", type=click.Path(dir_okay=False))
+@click.option("--export-best", "export_path", type=click.Path(dir_okay=False),
+              help="Write the best configuration (and its test metrics, computed once) to this JSON file.")
+@click.option("--show-test", is_flag=True, help="Also evaluate the best configuration on the test split, once.")
 @json_option
 @click.pass_context
-def sweep_show_cmd(ctx, sweep_id, top, export_path, as_json):
-    """A sweep's definition and leaderboard."""
+def sweep_show_cmd(ctx, sweep_id, top, export_path, show_test, as_json):
+    """A sweep's definition and leaderboard (validation metrics only)."""
     from jobs.sweep import export_best, leaderboard, show
 
-    definition, results = show(get_store(ctx), sweep_id)
+    store = get_store(ctx)
+    definition, results = show(store, sweep_id)
     board = leaderboard(results, definition, top)
-    exported = export_best(definition, results, export_path) if export_path else None
+    exported = export_best(definition, results, export_path, store=store) \
+        if (export_path or show_test) and results.height else None
     if as_json:
         return emit({"sweep": sweep_id, "definition": definition, "n_configs": results.height,
                      "leaderboard": board, "results": results.to_dicts(), "exported": exported})
     click.echo(f"sweep {sweep_id}: {definition['method']} on {definition['dataset']} ({definition['mode']}), "
                f"{results.height} configuration(s), ranked by val {definition['metric']}")
     click.echo(table(board))
-    if exported:
-        click.echo(f"best configuration written to {export_path}:\n  {exported['command']}")
+    _say_exported(exported, export_path)
 
 
 @sweep_group.command("list")
@@ -106,7 +118,7 @@ def sweep_list_cmd(ctx, as_json):
     rows = list_sweeps(get_store(ctx))
     if as_json:
         return emit({"sweeps": rows})
-    click.echo(table(rows, ["sweep", "method", "dataset", "mode", "configs", "metric", "best_val", "best_test"]))
+    click.echo(table(rows, ["sweep", "method", "dataset", "mode", "configs", "metric", "best_val"]))
 
 
 def register(cli: click.Group) -> None:

@@ -180,7 +180,8 @@ class MLP:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # a net this small runs fastest on one thread
         try:
-            self.net_ = self._train(x, y)
+            with torch.random.fork_rng(devices=[]):  # seeded here; the caller's RNG is left as it was
+                self.net_ = self._train(x, y)
         finally:
             torch.set_num_threads(threads)
         return self

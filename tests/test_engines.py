@@ -1,0 +1,230 @@
+"""The training engines against `torch.optim.AdamW`, the UniVA losses against loops written from the
+printed equations and from the authors' code, the ablation switches, and the multi-label decision.
+
+The engines write AdamW out by hand (vectorised over configurations), so a solo fit being "a stack
+of one" proves nothing about the optimiser: here each stacked configuration is replayed by a plain
+loop with `torch.optim.AdamW` on the same batches in the same order, and must end on the same weights.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import heads
+from heads import Features, Targets, losses
+from heads._data import TensorSet
+from heads._engine import task_loss
+from heads._stacked import StackSpec, train_stack
+from heads._vmapped import VmapSpec, train_vmapped
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _batches(n: int, batch: int, seed: int, epochs: int):
+    """The order `TensorSet.batches(shuffle=True)` draws from a generator seeded with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        yield from (order[i:i + batch] for i in range(0, n, batch))
+
+
+def _reference(net: torch.nn.Module, x, y, kind, *, lr, wd, batch, seed, epochs):
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
+    for idx in _batches(len(x), batch, seed, epochs):
+        loss = task_loss(net(x[idx]), y[idx], kind)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net
+
+
+@pytest.mark.parametrize("kind", ["single", "multi", "va"])
+def test_stacked_engine_matches_torch_adamw(kind):
+    torch.manual_seed(0)
+    n, d, k = 70, 6, 3
+    x = torch.randn(n, d)
+    y = {"single": torch.randint(0, k, (n,)), "multi": (torch.rand(n, k) > 0.5).float(),
+         "va": torch.randn(n, k)}[kind]
+    net = torch.nn.Sequential(torch.nn.Linear(d, 5), torch.nn.GELU(), torch.nn.Linear(5, k))
+    linears = [m for m in net if isinstance(m, torch.nn.Linear)]
+    lrs, wds = [1e-2, 3e-3], [0.0, 0.05]
+    # one epoch: the dropout draws (keep = 1) come after the epoch's shuffle, so the order is the reference's
+    spec = StackSpec(lrs, wds, [0.0, 0.0], [1, 1], [0, 0])
+    best, hist = train_stack([(m.weight, m.bias) for m in linears], spec, x, y, kind, batch_size=16, seed=3,
+                             device=torch.device("cpu"))
+    for c, (lr, wd) in enumerate(zip(lrs, wds)):
+        ref = _reference(_clone(net), x, y, kind, lr=lr, wd=wd, batch=16, seed=3, epochs=1)
+        for (w, b), m in zip(best[c], [m for m in ref if isinstance(m, torch.nn.Linear)]):
+            torch.testing.assert_close(w, m.weight.detach(), atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(b, m.bias.detach(), atol=2e-6, rtol=1e-5)
+        assert hist[c]["epochs_run"] == 1
+
+
+def test_stacked_linear_matches_torch_adamw_over_epochs():
+    torch.manual_seed(1)
+    x, y = torch.randn(50, 4), torch.randint(0, 2, (50,))
+    net = torch.nn.Linear(4, 2)
+    spec = StackSpec([5e-3, 2e-2], [1e-4, 0.0], [0.0, 0.0], [4, 4], [0, 0])
+    best, _ = train_stack([(net.weight, net.bias)], spec, x, y, "single", batch_size=8, seed=5,
+                          device=torch.device("cpu"))
+    for c, (lr, wd) in enumerate([(5e-3, 1e-4), (2e-2, 0.0)]):
+        ref = _reference(_clone(net), x, y, "single", lr=lr, wd=wd, batch=8, seed=5, epochs=4)
+        torch.testing.assert_close(best[c][0][0], ref.weight.detach(), atol=2e-6, rtol=1e-5)
+
+
+def test_vmapped_engine_matches_torch_adamw():
+    torch.manual_seed(2)
+    x, y = torch.randn(40, 5), torch.randn(40, 2)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    start = _clone(net)
+    lrs, wds = [1e-2, 4e-3], [0.01, 0.0]
+
+    def losses_fn(forward, batch, active):
+        return ((forward(batch["x"]) - batch["y"]) ** 2).mean((1, 2))
+
+    states, hist = train_vmapped(net, VmapSpec(lrs, wds, [3, 3], [0, 0]), TensorSet({"x": x, "y": y}, 40),
+                                 batch_size=16, seed=7, device=torch.device("cpu"), losses_fn=losses_fn,
+                                 args_of=lambda b: (b,))
+    for c, (lr, wd) in enumerate(zip(lrs, wds)):
+        ref = _reference(_clone(start), x, y, "va", lr=lr, wd=wd, batch=16, seed=7, epochs=3)
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(states[c][k], v, atol=2e-6, rtol=1e-5)
+        assert hist[c]["epochs_run"] == 3
+
+
+def _clone(net):
+    import copy
+
+    return copy.deepcopy(net)
+
+
+# ---- UniVA's losses against loops ----------------------------------------------------
+def test_correlation_prior_code_form_against_a_loop():
+    """The authors' code: sum_jl M_jl * ||log p[:, j] - log p[:, l]||_2 (over the batch) / B."""
+    g = torch.Generator().manual_seed(0)
+    log_p = torch.log_softmax(torch.randn(6, 4, generator=g), -1)
+    M = torch.randn(4, 4, generator=g)
+    want = 0.0
+    for j, l in itertools.product(range(4), repeat=2):
+        want += float(M[j, l]) * math.sqrt(sum(float(log_p[i, j] - log_p[i, l]) ** 2 for i in range(6)))
+    assert float(losses.correlation_prior_code(log_p, M)) == pytest.approx(want / 6, rel=1e-5)
+    stacked = losses.correlation_prior_code(torch.stack([log_p, log_p * 2]), torch.stack([M, -M]))
+    assert float(stacked[1]) == pytest.approx(-2 * want / 6, rel=1e-5)
+
+
+def test_correlation_prior_eq9_against_a_loop():
+    g = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(5, 3, generator=g), -1)
+    M = torch.randn(3, 3, generator=g)
+    want = np.mean([sum(float(M[j, l]) * float(p[i, j] - p[i, l]) ** 2 for j in range(3) for l in range(3))
+                    for i in range(5)])
+    assert float(losses.correlation_prior(p, M)) == pytest.approx(want, rel=1e-5)
+    assert float(losses.correlation_prior(p[None], M[None])[0]) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")
+@pytest.mark.parametrize("target", ["normalized", "softmax"])
+def test_kl_forms_against_a_loop(target):
+    g = torch.Generator().manual_seed(2)
+    log_p = torch.log_softmax(torch.randn(4, 5, generator=g), -1)
+    y = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 0, 1]], dtype=torch.float32)
+    per_item = []
+    for i in range(4):
+        if target == "softmax":  # the code: F.softmax(groundTruth_labels)
+            e = [math.exp(float(v)) for v in y[i]]
+            q = [v / sum(e) for v in e]
+        else:  # eq. 10 with y normalised to a distribution
+            q = [float(v) / float(y[i].sum()) for v in y[i]]
+        per_item.append(sum(qc * (math.log(qc) - float(log_p[i, c])) for c, qc in enumerate(q) if qc > 0))
+    got = losses.kl_multilabel(log_p, y, target=target)
+    assert float(got) == pytest.approx(np.mean(per_item), rel=1e-5)
+    # KLDivLoss(reduction='mean') as the code calls it: averaged over items and classes
+    code = torch.nn.KLDivLoss(reduction="mean")(log_p, torch.softmax(y, -1)) if target == "softmax" else None
+    mean = losses.kl_multilabel(log_p, y, target=target, reduction="mean")
+    assert float(mean) == pytest.approx(np.mean(per_item) / 5, rel=1e-5)
+    if code is not None:
+        assert float(mean) == pytest.approx(float(code), rel=1e-5)
+
+
+# ---- ablation switches change the loss ------------------------------------------------
+def _multi_task(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    cls = rng.integers(0, 3, n)
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    x[:, 0] += 2 * cls
+    y = np.eye(3, dtype=np.float32)[cls]
+    y[:, 2] = np.maximum(y[:, 2], rng.random(n) < 0.3)
+    va = np.c_[cls / 2 - 0.5, rng.uniform(-1, 1, n)].astype(np.float32)
+    return Features({"text": x}, {}, va={"text": va}), Targets("multi", y, ["happy", "sad", "anger"])
+
+
+@pytest.mark.parametrize("switch", [{"contrast": "none"}, {"prior": False},
+                                    {"contrast": "label"}, {"contrast": "self"}, {"kl_target": "normalized"},
+                                    {"prior_form": "paper"}, {"kl_weight": 1.0}])
+def test_each_univa_switch_changes_the_training_loss(switch):
+    X, y = _multi_task()
+    quick = dict(epochs=2, hidden=16, heads=2, batch_size=32, patience=0)
+    base = heads.create("univa", **quick).fit(X, y)
+    other = heads.create("univa", **quick, **switch).fit(X, y)
+    a, b = base.history_["train_loss"], other.history_["train_loss"]
+    assert np.isfinite(b).all()
+    assert abs(a[0] - b[0]) > 1e-4 * max(1.0, abs(a[0])), (switch, a, b)
+
+
+def test_learnable_m_moves_and_fixed_m_stays():
+    X, y = _multi_task()
+    quick = dict(epochs=2, hidden=16, heads=2, batch_size=32, patience=0)
+    start = losses.prior_matrix(np.array([[0.8, 0.4], [-0.7, -0.3], [-0.5, 0.8]])).numpy()
+    y.label_va = np.array([[0.8, 0.4], [-0.7, -0.3], [-0.5, 0.8]])
+    learnt = heads.create("univa", **quick).fit(X, y)
+    fixed = heads.create("univa", **quick, learn_m=False).fit(X, y)
+    np.testing.assert_allclose(fixed.net_.M.numpy(), start, atol=1e-6)
+    assert np.abs(learnt.net_.M.detach().numpy() - start).max() > 1e-4
+
+
+# ---- the multi-label decision -----------------------------------------------------------
+def test_threshold_auto_is_the_best_on_validation_and_strict():
+    from heads import metrics
+    from heads.base import THRESHOLD_GRID
+
+    X, y = _multi_task(200)
+    Xv, yv = _multi_task(100, seed=1)
+    head = heads.create("mlp", epochs=5, hidden=16).fit(X, y, eval_set=(Xv, yv))
+    assert head.meta_["threshold_chosen_on"] == "validation"
+    p = head.predict_proba(Xv)
+    # an independent search: IoU accuracy by a loop over items, for each grid threshold
+    def iou(t):
+        pred = p > t
+        return np.mean([(pred[i] & (yv.y[i] > 0)).sum() / max((pred[i] | (yv.y[i] > 0)).sum(), 1)
+                        if (pred[i] | (yv.y[i] > 0)).any() else 0.0 for i in range(len(p))])
+    scores = [iou(t) for t in THRESHOLD_GRID]
+    assert head.meta_["threshold"] == pytest.approx(THRESHOLD_GRID[int(np.argmax(scores))])
+    assert metrics.multilabel_accuracy(yv.y, head.predict(Xv)) == pytest.approx(max(scores))
+    fixed = heads.create("mlp", epochs=5, hidden=16, threshold=0.3).fit(X, y, eval_set=(Xv, yv))
+    assert fixed.meta_["threshold"] == 0.3 and fixed.meta_["threshold_chosen_on"] == "configured"
+    # strictly above: a score equal to the threshold is not predicted
+    assert Head_decide(np.array([[0.3, 0.31]]), 0.3).tolist() == [[0, 1]]
+
+
+def Head_decide(p, t):
+    return heads.Head.decide(p, "multi", t)
+
+
+def test_bad_thresholds_are_refused():
+    from featurestore.errors import ConfigError
+
+    for bad in ("1.5", "0", "often"):
+        with pytest.raises(ConfigError, match="threshold"):
+            heads.create("mlp", threshold=bad)
+    with pytest.raises(ConfigError, match="zeta"):
+        heads.create("univa", zeta="2")
