@@ -175,6 +175,12 @@ class StackStopping:
                 self.best_state[self.active[pos]] = snapshot(pos)
         return done
 
+    def end_epoch_all_done(self, snapshot: Callable[[int], Any], no_validation: bool) -> None:
+        """Every configuration stops now (a schedule ran out): without validation, keep the last weights."""
+        if no_validation:
+            for pos, c in enumerate(self.active):
+                self.best_state[c] = snapshot(pos)
+
     def retire(self, done: Sequence[int]) -> list[int]:
         """Drop finished positions; return the positions that stay (empty: all done)."""
         gone = set(done)
@@ -191,14 +197,15 @@ class StackStopping:
 def run_epochs(data, *, batch_size: int, generator, stop: StackStopping,
                step: Callable[[dict], Any], snapshot: Callable[[int], Any],
                validate: Callable[[list[int]], Sequence[float]] | None = None,
-               shrink: Callable[[Any], None] | None = None,
+               shrink: Callable[[Any], None] | None = None, after_epoch: Callable[[], bool] | None = None,
                log: Callable[[str], None] | None = None) -> tuple[list, list[dict]]:
     """The training skeleton: epochs of shuffled mini-batches of the TensorSet `data`.
 
     `step(batch) -> [C']` trains the configurations still in the stack on one batch (forward,
     backward, optimiser) and returns their losses; `validate(active) -> C'` scores after each
     epoch (higher is better); `snapshot(pos)` copies position pos's weights; `shrink(idx)` keeps
-    only the stack positions `idx` (a LongTensor) when others stop. Returns, per configuration,
+    only the stack positions `idx` (a LongTensor) when others stop; `after_epoch() -> True` stops
+    every configuration (a learning-rate schedule that has run out). Returns, per configuration,
     its best snapshot and its history.
     """
     for epoch in range(max(stop.epochs)):
@@ -218,6 +225,9 @@ def run_epochs(data, *, batch_size: int, generator, stop: StackStopping,
             log(f"epoch {epoch + 1}/{max(stop.epochs)}: {len(stop.active)} configuration(s), "
                 f"train loss {min(losses_now):.4f}{best}")
         done = stop.end_epoch(epoch, losses_now, scores, snapshot)
+        if after_epoch is not None and after_epoch():
+            done = list(range(len(stop.active)))
+            stop.end_epoch_all_done(snapshot, scores is None)
         if done:
             stay = stop.retire(done)
             if not stay:

@@ -23,7 +23,7 @@ from ._engine import (StackStopping, autocast, check_kind, pick_device, run_epoc
                       target_tensor, task_loss, validation_scorer)
 from ._stacked import fit_heads
 
-__all__ = ["TorchParams", "pick_device", "seeded", "autocast", "train_loop", "TorchHead", "task_loss",
+__all__ = ["TorchParams", "Plateau", "pick_device", "seeded", "autocast", "train_loop", "TorchHead", "task_loss",
            "scores_from_outputs", "validation_scorer"]
 
 _check_kind = check_kind  # the name heads used before the engines shared one module
@@ -51,13 +51,27 @@ class TorchParams:
         getattr(super(), "__post_init__", lambda: None)()  # a config that also takes DecisionParams
 
 
+@dataclasses.dataclass(frozen=True)
+class Plateau:
+    """ReduceLROnPlateau on a loss (lower is better), and stop once every learning rate is below `min_lr`."""
+
+    factor: float = 0.6
+    patience: int = 3
+    min_lr: float = 1e-7
+
+
 def train_loop(model, loss_fn: Callable[[Any, dict], Any], train: TensorSet, *, params: TorchParams, device,
-               val_score: Callable[[Any], float] | None = None, log: Callable[[str], None] | None = None) -> dict:
+               val_score: Callable[[Any], float] | None = None, log: Callable[[str], None] | None = None,
+               plateau: Plateau | None = None, val_loss: Callable[[Any], float] | None = None) -> dict:
     """Train one `model` with `torch.optim.AdamW` on mini-batch slices of `train` (`run_epochs`, C = 1);
     early-stop on `val_score(model)` (higher is better). `loss_fn(model, batch) -> scalar tensor`.
+    With `plateau`, the learning rate follows torch's ReduceLROnPlateau on `val_loss(model)` (the
+    epoch's training loss when there is none) and training stops once it falls below `plateau.min_lr`.
     Returns the history; the model ends with its best weights, in eval mode."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=params.lr,
                             weight_decay=params.weight_decay)
+    sched = None if plateau is None else torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=plateau.factor, patience=plateau.patience)
 
     def step(batch):
         model.train()
@@ -73,10 +87,27 @@ def train_loop(model, loss_fn: Callable[[Any, dict], Any], train: TensorSet, *, 
         return [val_score(model)]
 
     stop = StackStopping([params.epochs], [params.patience])
+
+    def lr_spent() -> bool:
+        """One ReduceLROnPlateau step on the validation (else training) loss; True once every lr < min_lr."""
+        history = stop.histories[0]
+        if val_loss is not None:
+            model.eval()
+            with torch.no_grad():
+                loss = float(val_loss(model))
+            history.setdefault("val_loss", []).append(loss)
+        else:
+            loss = history["train_loss"][-1]
+        sched.step(loss)
+        lrs = [g["lr"] for g in opt.param_groups]
+        history.setdefault("lr", []).append(max(lrs))
+        return max(lrs) < plateau.min_lr
+
     best, hist = run_epochs(train.to(device), batch_size=params.batch_size,
                             generator=torch.Generator().manual_seed(params.seed), stop=stop, step=step,
                             snapshot=lambda pos: copy.deepcopy(model.state_dict()),
-                            validate=validate if val_score is not None else None, log=log)
+                            validate=validate if val_score is not None else None,
+                            after_epoch=lr_spent if sched is not None else None, log=log)
     if best[0] is not None:
         model.load_state_dict(best[0])
     model.eval()
