@@ -91,25 +91,26 @@ class ConceptBank:
             canonical=pl.col("class").map_elements(canonical_label, return_dtype=pl.String))
         ids: dict[tuple[str, str], np.ndarray] = {}
         fallbacks = {}
+        known = sorted(meta["class"].unique().drop_nulls().to_list())
         for c in classes:
             chosen = _rows_of(meta, c, selective)
             if selective and not chosen:
                 chosen = _rows_of(meta, c, False)
                 if chosen:
                     fallbacks[c] = "all rows"
-                    warnings.warn(f"class {c!r} has an empty replay pool in every modality of the memory; "
-                                  "its concept falls back to all of its rows (no selectivity)", stacklevel=2)
             if not chosen:
                 fallbacks[c] = "none"
-                warnings.warn(f"class {c!r} has no rows in the memory (classes there: "
-                              f"{sorted(meta['class'].unique().drop_nulls().to_list())}); it gets no concept",
-                              stacklevel=2)
             for m, rows in chosen.items():
                 ids[(m, c)] = rows
         if not ids:
             raise ConfigError(f"none of the classes {list(classes)} matches a class of memory "
-                              f"{memory.spec.get('name', '')!r} ({sorted(meta['class'].unique().drop_nulls().to_list())}) "
-                              "by name, synonym or coarse_map; build the memory from an scl run trained on these labels")
+                              f"{memory.spec.get('name', '')!r} ({known}) by name, synonym or coarse_map; "
+                              "build the memory from an scl run trained on these labels")
+        for c, why in fallbacks.items():
+            warnings.warn(f"class {c!r} has an empty replay pool in every modality of the memory; its concept "
+                          "falls back to all of its rows (no selectivity)" if why == "all rows" else
+                          f"class {c!r} has no rows in the memory (classes there: {known}); it gets no concept",
+                          stacklevel=2)
         all_ids = np.concatenate(list(ids.values()))
         vecs = memory.vectors(all_ids, raw=True)
         groups, start = {}, 0
