@@ -2,8 +2,9 @@
 
 Per modality m, pooled backbone features `f_m` are projected to a common width, then
 
-- the shared emotion encoder `E_emo` (two FC layers to `width`, each with batch norm and ReLU)
-  gives the modality-independent emotion feature `f_m^emo` (eq. 1);
+- the shared emotion encoder `E_emo` (two FC layers to `width`, each with batch norm, a ReLU
+  between them) gives the modality-independent emotion feature `f_m^emo` (eq. 1), taken before
+  the paper's final ReLU so it is never identically zero (`final_relu=true` adds it back);
 - a non-emotion encoder `E_m^non` of the same shape gives `f_m^non`;
 - an emotion classifier (one FC) reads `f^emo`.
 
@@ -11,9 +12,11 @@ Training has two stages:
 
 1. multimodal joint learning (eq. 4): every step takes a mini-batch from each modality, labels
    harmonised to a coarse space (`coarse_map`), `L_task + beta1 L_contrast + beta2 L_orth`, where
-   `L_contrast` is the cross-modal triplet loss of eq. 3 and `L_orth` the orthogonality loss of eq. 2;
+   `L_contrast` is the cross-modal triplet loss of eq. 3 and `L_orth` the orthogonality loss of eq. 2
+   (by default its mean over the D x D entries: the printed sum outweighs the task loss);
 2. sequential cross-modal learning (eq. 5): one modality at a time for a cycle of batches or
-   epochs, original labels, `L_task_m + gamma L_orth_m`.
+   epochs, original labels, `L_task_m + gamma L_orth_m`; with an eval_set, the state of least
+   validation log-loss is kept.
 
 Modalities need not be paired: each training row contributes one sample per modality it has,
 so an image dataset and a text dataset simply stack (masks say which modality a row has). The

@@ -353,3 +353,43 @@ def test_cli_train_head_concept_with_a_memory_by_name(trained):
     assert cfg["params"]["memory"] == str((store.memory_dir() / "m1").resolve())
     bad = runner.invoke(cli, args[:-1] + ["--memory", "nope"])
     assert bad.exit_code == 4 and "memory 'nope'" in bad.output
+
+
+# ---- the results table's concepts section ------------------------------------------------------
+def test_concept_section_on_a_small_real_store(store, demo_df, minilm, tmp_path, monkeypatch):
+    import importlib.util
+
+    from jobs.extract import ExtractConfig, run as extract
+
+    spec = importlib.util.spec_from_file_location("bench_concepts", Path(__file__).parents[1] / "bench" / "_concepts.py")
+    section = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(section)
+    monkeypatch.setattr(section, "SCL_PARAMS", {"joint_epochs": 1, "seq_epochs": 4, "lr": 1e-3, "width": 32,
+                                                "proj_width": 32, "device": "cpu"})
+    words = pl.concat([demo_df.filter(pl.col("labels").list.len() == 1).filter(pl.col("split") == s).head(n)
+                       for s, n in (("train", 240), ("val", 40), ("test", 40))] + [demo_df.head(5)])
+    add_dataset(store, "w", words, root=None, source="test")
+    extract(ExtractConfig(dataset="w", modality="text", backbone="minilm", batch_size=64), store, backbone=minilm)
+    out = section.concept_section(store, dataset="w", seeds=(0,), workdir=tmp_path)
+
+    rows = {r["row"]: r for r in out["query_rows"]}
+    assert set(rows) == {"scl concepts (fs query)", "raw-feature centroid", "scl-feature centroid"}
+    assert all(0 <= r["top1"] <= r["top2"] <= 1 and r["task"] == "concept query" for r in rows.values())
+    assert rows["scl concepts (fs query)"]["pool_min"] >= 1
+    # the baseline by hand: class means of the raw train features, cosine, over the single-emotion words
+    data = {s: load_split(store, "w", s, {"text": "minilm"}) for s in ("train", "test")}
+    one = {s: [lab[0] if len(lab) == 1 else None for lab in d.labels] for s, d in data.items()}
+    classes = sorted({c for c in one["train"] if c})
+    x_tr = data["train"].features["text"][[c is not None for c in one["train"]]]
+    y_tr = np.array([classes.index(c) for c in one["train"] if c])
+    keep = [c in classes for c in one["test"]]
+    x_te, y_te = data["test"].features["text"][keep], np.array([classes.index(c) for c in np.array(one["test"], object)[keep]])
+    means = np.stack([x_tr[y_tr == c].mean(0) for c in range(len(classes))])
+    sims = (x_te / np.linalg.norm(x_te, axis=1, keepdims=True)) @ (means / np.linalg.norm(means, axis=1, keepdims=True)).T
+    ranked = np.argsort(-sims, 1)
+    assert rows["raw-feature centroid"]["top1"] == pytest.approx((ranked[:, 0] == y_te).mean(), abs=1e-4)
+    assert rows["raw-feature centroid"]["top2"] == pytest.approx((ranked[:, :2] == y_te[:, None]).any(1).mean(), abs=1e-4)
+    heads_ = {r["row"]: r for r in out["head_rows"]}
+    assert set(heads_) == {"concept", "concept (no_selectivity)", "concept (no_generalisation)", "concept (lam=0)",
+                           "mlp", "linear"}
+    assert all(0 <= r["accuracy"] <= 1 and "uar" in r and r["seed"] == 0 for r in heads_.values())
