@@ -160,7 +160,8 @@ def _print_result(res: dict) -> None:
         click.echo(f"{head}error: {res['error']}")
         return
     click.echo(f"{head}{res['input']}")
-    click.echo("  emotions: " + ", ".join(f"{e['emotion']} {e['similarity']:.3f}" for e in res["emotions"]))
+    click.echo("  emotions (concept cosine, classifier p): "
+               + ", ".join(f"{e['emotion']} {e['similarity']:.3f} (p {e['probability']:.2f})" for e in res["emotions"]))
     click.echo(table(res["neighbours"], ["similarity", "label", "dataset", "item_id", "modality", "id"]))
 
 
