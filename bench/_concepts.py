@@ -6,6 +6,7 @@
 **Task.** The words of `dataset` (the demo: NRC emotion lexicon, MiniLM features) that carry
 exactly one emotion in `labels` (8 NRC emotions), as an 8-class single-label task: emotion words
 are what users query. Train split to train, val split to choose, test split to report.
+With several entries in `features`, SCL trains on all of them and the queries use the first.
 
 **Per seed.** SCL (`SCL_PARAMS`) trains on the train words; its state is chosen by validation
 log-loss. The replay memory is built from its train features exactly as `fs memory build` does
