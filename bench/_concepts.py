@@ -23,7 +23,6 @@ features of the same split, early-stopped on validation, scored on test by `head
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,14 +93,22 @@ def concept_section(store, *, dataset: str = "demo", features: dict = {"text": "
     """Nearest-concept top-1/top-2 on held-out words vs centroids, and the concept head vs mlp/linear."""
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small layers on a shared CPU: more threads only spin
+    try:
+        return _section(store, dataset, dict(features), seeds, Path(workdir))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _section(store, dataset: str, features: dict, seeds, workdir: Path) -> dict:
     import heads
     from heads.concept import fit_concept
     from heads.concepts import ConceptBank
     from heads.metrics import evaluate
     from heads.scl import SCL
 
-    torch.set_num_threads(1)
-    split = emotion_words(store, dataset, dict(features))
+    split = emotion_words(store, dataset, features)
     (Xtr, ytr, ids_tr), (Xva, yva, _), (Xte, yte, _) = split["train"], split["val"], split["test"]
     modality = next(iter(features))
     n_cls = len(ytr.classes)
@@ -114,8 +121,9 @@ def concept_section(store, *, dataset: str = "demo", features: dict = {"text": "
     raw_scores = _cosine_to_means(Xtr.pooled[modality], ytr.y, Xte.pooled[modality], n_cls)
     for seed in seeds:
         scl = SCL(**SCL_PARAMS, seed=seed).fit(Xtr, ytr, eval_set=(Xva, yva))
-        emo_tr, emo_te = scl.encode_modality(modality, Xtr.pooled[modality]), scl.encode_modality(modality, Xte.pooled[modality])
-        folder = Path(workdir) / f"concepts-{dataset}-seed{seed}"
+        emo_tr = scl.encode_modality(modality, Xtr.pooled[modality])
+        emo_te = scl.encode_modality(modality, Xte.pooled[modality])
+        folder = workdir / f"concepts-{dataset}-seed{seed}"
         mem, counts = _memory(scl, modality, emo_tr, ytr.y, ids_tr, folder)
         bank = ConceptBank.from_memory(mem, sorted(mem.meta["class"].unique().to_list()))
         order = [bank.classes.index(c) for c in ytr.classes]  # the bank's classes are the memory's, sorted
@@ -126,9 +134,7 @@ def concept_section(store, *, dataset: str = "demo", features: dict = {"text": "
 
         concept_heads = [heads.create("concept", memory=str(folder), seed=seed, device="cpu", **p)
                          for p in CONCEPT_ROWS.values()]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fit_concept(concept_heads, Xtr, ytr, eval_set=(Xva, yva))
+        fit_concept(concept_heads, Xtr, ytr, eval_set=(Xva, yva))
         others = {name: heads.create(name, seed=seed, device="cpu").fit(Xtr, ytr, eval_set=(Xva, yva))
                   for name in ("mlp", "linear")}
         for row, head in [*zip(CONCEPT_ROWS, concept_heads), *others.items()]:

@@ -120,7 +120,8 @@ def test_concept_head_fails_when_no_class_gets_a_concept(tmp_path):
     from featurestore.errors import ConfigError
 
     folder = memory_of({("text", "happy"): np.ones((3, 4))}).save(tmp_path / "m")
-    X = Features({"text": np.random.default_rng(0).normal(size=(20, 6)).astype(np.float32)}, {"text": np.ones(20, bool)})
+    x = np.random.default_rng(0).normal(size=(20, 6)).astype(np.float32)
+    X = Features({"text": x}, {"text": np.ones(20, bool)})
     y = Targets(kind="single", y=np.arange(20) % 2, classes=["trust", "awe"])
     with pytest.raises(ConfigError, match="none of the classes"):
         create("concept", memory=str(folder), epochs=1, device="cpu").fit(X, y)
@@ -361,7 +362,8 @@ def test_concept_section_on_a_small_real_store(store, demo_df, minilm, tmp_path,
 
     from jobs.extract import ExtractConfig, run as extract
 
-    spec = importlib.util.spec_from_file_location("bench_concepts", Path(__file__).parents[1] / "bench" / "_concepts.py")
+    path = Path(__file__).parents[1] / "bench" / "_concepts.py"
+    spec = importlib.util.spec_from_file_location("bench_concepts", path)
     section = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(section)
     monkeypatch.setattr(section, "SCL_PARAMS", {"joint_epochs": 1, "seq_epochs": 4, "lr": 1e-3, "width": 32,
@@ -383,12 +385,14 @@ def test_concept_section_on_a_small_real_store(store, demo_df, minilm, tmp_path,
     x_tr = data["train"].features["text"][[c is not None for c in one["train"]]]
     y_tr = np.array([classes.index(c) for c in one["train"] if c])
     keep = [c in classes for c in one["test"]]
-    x_te, y_te = data["test"].features["text"][keep], np.array([classes.index(c) for c in np.array(one["test"], object)[keep]])
+    x_te = data["test"].features["text"][keep]
+    y_te = np.array([classes.index(c) for c in np.array(one["test"], object)[keep]])
     means = np.stack([x_tr[y_tr == c].mean(0) for c in range(len(classes))])
-    sims = (x_te / np.linalg.norm(x_te, axis=1, keepdims=True)) @ (means / np.linalg.norm(means, axis=1, keepdims=True)).T
-    ranked = np.argsort(-sims, 1)
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    ranked = np.argsort(-(unit(x_te) @ unit(means).T), 1)
     assert rows["raw-feature centroid"]["top1"] == pytest.approx((ranked[:, 0] == y_te).mean(), abs=1e-4)
-    assert rows["raw-feature centroid"]["top2"] == pytest.approx((ranked[:, :2] == y_te[:, None]).any(1).mean(), abs=1e-4)
+    top2 = (ranked[:, :2] == y_te[:, None]).any(1).mean()
+    assert rows["raw-feature centroid"]["top2"] == pytest.approx(top2, abs=1e-4)
     heads_ = {r["row"]: r for r in out["head_rows"]}
     assert set(heads_) == {"concept", "concept (no_selectivity)", "concept (no_generalisation)", "concept (lam=0)",
                            "mlp", "linear"}

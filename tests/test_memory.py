@@ -97,7 +97,8 @@ def test_pools_are_top_p_of_correct_rows_with_a_floor_per_modality_and_class(min
     out = mark_pools(df, 0.2, min_pool)
     for (m, c), group in out.group_by(["modality", "class"]):
         conf, correct = group["confidence"].to_numpy(), group["correct"].to_numpy()
-        ranked = [conf[i] for i in np.argsort(-conf) if correct[i]] + [conf[i] for i in np.argsort(-conf) if not correct[i]]
+        by_conf = np.argsort(-conf)
+        ranked = [conf[i] for i in by_conf if correct[i]] + [conf[i] for i in by_conf if not correct[i]]
         size = max(math.ceil(0.2 * correct.sum()), min(min_pool, len(group)))
         assert set(group.filter(pl.col("pool"))["confidence"].to_list()) == set(ranked[:size]), (m, c)
     counts = pool_counts(out)
