@@ -27,7 +27,7 @@ from .base import Features, Targets
 from .concepts import MODES, ConceptBank
 from .scl import _small_model_threads
 
-__all__ = ["ConceptHead", "ConceptConfig"]
+__all__ = ["ConceptHead", "ConceptConfig", "concept_loss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +141,22 @@ class ConceptHead(TorchHead):
             return self.net_.features(torch.from_numpy(self._flat(X))).numpy()
 
 
+def concept_loss(logits, f, y, concept, valid, lam):
+    """Eq. 8 for a stack of C configurations: `L_CE + lam * L_S`, with eq. 7's
+    `L_S = 1/N sum_i ||f_ec_i - f_down_i||^2` over the N items of the batch that have a concept.
+
+    logits `[C, B, K]`, concept-guided features f `[C, B, W]`, labels y `[B]`, concepts `[B, W]`,
+    valid `[B]` (bool), lam `[C]`; returns `[C]`."""
+    import torch.nn.functional as F
+
+    C, B, K = logits.shape
+    ce = F.cross_entropy(logits.float().reshape(C * B, K), y.repeat(C), reduction="none").view(C, B).mean(1)
+    if not bool(valid.any()):
+        return ce
+    sim = (f.float()[:, valid] - concept[valid].float()).pow(2).sum(2).mean(1)
+    return ce + lam * sim
+
+
 def fit_concept(hs, X: Features, y: Targets, *, eval_set: tuple[Features, Targets] | None = None,
                 log=None) -> list:
     """Fit `concept` heads on the same data, one vectorised stack per `stack_key` (heads._vmapped).
@@ -151,7 +167,6 @@ def fit_concept(hs, X: Features, y: Targets, *, eval_set: tuple[Features, Target
     in lr, weight_decay, lam, epochs and patience.
     """
     import torch
-    import torch.nn.functional as F
 
     from ._torch import autocast, scores_from_outputs, validation_scorer
     from ._vmapped import VmapSpec, train_vmapped
@@ -180,16 +195,10 @@ def fit_concept(hs, X: Features, y: Targets, *, eval_set: tuple[Features, Target
 
         def losses_fn(forward, batch, active, lam=lam, bank=bank, rng=rng, lead=lead):
             logits, f = forward(batch)  # [C, B, K], [C, B, W]
-            C, B, K = logits.shape
-            ce = F.cross_entropy(logits.float().reshape(C * B, K), batch["y"].repeat(C),
-                                 reduction="none").view(C, B).mean(1)
             concept, valid = bank.sample(batch["y"].cpu().numpy(), rng, k=lead.k, mode=lead.mode)
-            if not valid.any():
-                return ce
-            c = torch.from_numpy(concept[valid]).to(f.device)
-            sim = (f.float()[:, torch.from_numpy(valid).to(f.device)] - c).pow(2).sum(2).mean(1)
             idx = torch.tensor(active, dtype=torch.long, device=device)
-            return ce + lam[idx] * sim
+            return concept_loss(logits, f, batch["y"], torch.from_numpy(concept).to(f.device),
+                                torch.from_numpy(valid).to(f.device), lam[idx])
 
         val_score = None
         if eval_set is not None:

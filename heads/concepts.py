@@ -13,12 +13,18 @@ Modes (the paper's ablations):
 - `no_selectivity`: draw from all of the class's rows in the memory, not only its pool.
 - `no_generalisation`: one random feature (of one random available modality) instead of a mean.
 
-Which memory rows belong to a target class: rows labelled with it; in a modality with none, rows
-whose coarse label (the memory's `coarse_map`) is it, so a `positive` target draws on `happy`
-images. Fallback for an empty class: when a class has rows but no pool in any modality, its
-concept uses all its rows (as `no_selectivity`) with a warning; a class with no rows at all has
-no concept (a warning; `valid` is False for its items, and the concept head trains them on
-cross-entropy alone).
+Features are the memory's raw emotion features (`Memory.vectors(raw=True)`), not the normalised
+search vectors, so the mean is eq. 6's and lambda weighs the distance eq. 7 prints.
+
+Which memory rows belong to a target class, per modality: rows labelled with it; else rows whose
+label is the same emotion through the synonym table (`featurestore.va.labels.canonical_label`:
+case-insensitive, `joy` = `happy`, `sadness` = `sad`); else rows whose coarse label (the memory's
+`coarse_map`) is it, so a `positive` target draws on `happy` images. Pools have a floor of rows
+(featurestore/memory/pools.py), so a class with rows has a pool; a memory built without one may
+still have an empty pool: that class's concept then uses all its rows (as `no_selectivity`) with a
+warning. A class with no rows at all has no concept (a warning; `valid` is False for its items,
+and the concept head trains them on cross-entropy alone); when no class has one, building the
+bank fails.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import numpy as np
 import polars as pl
 
 from featurestore.errors import ConfigError
+from featurestore.va.labels import canonical_label
 
 __all__ = ["MODES", "ConceptBank"]
 
@@ -79,27 +86,33 @@ class ConceptBank:
         """Rows of a `featurestore.memory.Memory` per (modality, target class); see the module doc."""
         meta = memory.meta
         coarse = {str(k).lower(): v for k, v in (memory.spec.get("coarse_map") or {}).items()}
-        meta = meta.with_columns(coarse=pl.col("class").map_elements(
-            lambda c: coarse.get(str(c).lower()), return_dtype=pl.String))
+        meta = meta.with_columns(
+            coarse=pl.col("class").map_elements(lambda c: coarse.get(str(c).lower()), return_dtype=pl.String),
+            canonical=pl.col("class").map_elements(canonical_label, return_dtype=pl.String))
         ids: dict[tuple[str, str], np.ndarray] = {}
         fallbacks = {}
+        known = sorted(meta["class"].unique().drop_nulls().to_list())
         for c in classes:
             chosen = _rows_of(meta, c, selective)
             if selective and not chosen:
                 chosen = _rows_of(meta, c, False)
                 if chosen:
                     fallbacks[c] = "all rows"
-                    warnings.warn(f"class {c!r} has an empty replay pool in every modality of the memory; "
-                                  "its concept falls back to all of its rows (no selectivity)", stacklevel=2)
             if not chosen:
                 fallbacks[c] = "none"
-                warnings.warn(f"class {c!r} has no rows in the memory (classes there: "
-                              f"{sorted(meta['class'].unique().drop_nulls().to_list())}); it gets no concept",
-                              stacklevel=2)
             for m, rows in chosen.items():
                 ids[(m, c)] = rows
-        all_ids = np.concatenate(list(ids.values())) if ids else np.zeros(0, np.int64)
-        vecs = memory.vectors(all_ids)
+        if not ids:
+            raise ConfigError(f"none of the classes {list(classes)} matches a class of memory "
+                              f"{memory.spec.get('name', '')!r} ({known}) by name, synonym or coarse_map; "
+                              "build the memory from an scl run trained on these labels")
+        for c, why in fallbacks.items():
+            warnings.warn(f"class {c!r} has an empty replay pool in every modality of the memory; its concept "
+                          "falls back to all of its rows (no selectivity)" if why == "all rows" else
+                          f"class {c!r} has no rows in the memory (classes there: {known}); it gets no concept",
+                          stacklevel=2)
+        all_ids = np.concatenate(list(ids.values()))
+        vecs = memory.vectors(all_ids, raw=True)
         groups, start = {}, 0
         for key, rows in ids.items():
             groups[key] = vecs[start:start + len(rows)]
@@ -157,15 +170,28 @@ class ConceptBank:
         concept = per_mod.sum(0) / np.maximum(avail.sum(0), 1)[:, None]
         return concept, self.valid
 
+    def similarity(self, emo: np.ndarray) -> np.ndarray:
+        """Cosine similarity `[N, C]` of emotion features to each class concept (`means`); NaN for a
+        class without one. This is how `fs query` ranks emotions."""
+        from featurestore.memory._index import normalise
+
+        concepts, valid = self.means()
+        sims = normalise(np.asarray(emo, np.float32)) @ normalise(concepts).T
+        sims[:, ~valid] = np.nan
+        return sims
+
 
 def _rows_of(meta: pl.DataFrame, cls: str, selective: bool) -> dict[str, np.ndarray]:
-    """modality -> memory ids for target class `cls` (exact label, else coarse label), pool only if asked."""
+    """modality -> memory ids for target class `cls` (exact label, else synonym, else coarse label), pool only
+    if asked."""
     if selective:
         meta = meta.filter(pl.col("pool"))
     out = {}
     for m in sorted(meta["modality"].unique().drop_nulls().to_list()):
         sub = meta.filter(pl.col("modality") == m)
         rows = sub.filter(pl.col("class") == cls)
+        if not len(rows):
+            rows = sub.filter(pl.col("canonical") == canonical_label(cls))
         if not len(rows):
             rows = sub.filter(pl.col("coarse") == cls)
         if len(rows):

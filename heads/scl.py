@@ -2,8 +2,9 @@
 
 Per modality m, pooled backbone features `f_m` are projected to a common width, then
 
-- the shared emotion encoder `E_emo` (two FC layers to `width`, each with batch norm and ReLU)
-  gives the modality-independent emotion feature `f_m^emo` (eq. 1);
+- the shared emotion encoder `E_emo` (two FC layers to `width`, each with batch norm, a ReLU
+  between them) gives the modality-independent emotion feature `f_m^emo` (eq. 1), taken before
+  the paper's final ReLU so it is never identically zero (`final_relu=true` adds it back);
 - a non-emotion encoder `E_m^non` of the same shape gives `f_m^non`;
 - an emotion classifier (one FC) reads `f^emo`.
 
@@ -11,9 +12,11 @@ Training has two stages:
 
 1. multimodal joint learning (eq. 4): every step takes a mini-batch from each modality, labels
    harmonised to a coarse space (`coarse_map`), `L_task + beta1 L_contrast + beta2 L_orth`, where
-   `L_contrast` is the cross-modal triplet loss of eq. 3 and `L_orth` the orthogonality loss of eq. 2;
+   `L_contrast` is the cross-modal triplet loss of eq. 3 and `L_orth` the orthogonality loss of eq. 2
+   (by default its mean over the D x D entries: the printed sum outweighs the task loss);
 2. sequential cross-modal learning (eq. 5): one modality at a time for a cycle of batches or
-   epochs, original labels, `L_task_m + gamma L_orth_m`.
+   epochs, original labels, `L_task_m + gamma L_orth_m`; with an eval_set, the state of least
+   validation log-loss is kept.
 
 Modalities need not be paired: each training row contributes one sample per modality it has,
 so an image dataset and a text dataset simply stack (masks say which modality a row has). The
@@ -66,6 +69,10 @@ class SCLConfig:
     coarse_map: dict = field(DEFAULT_COARSE_MAP,
                              "label -> coarse label for the joint stage (JSON); null or unlisted: excluded")
     orth_normalize: bool = field(True, "L2-normalise rows before the orthogonality loss (scale-free)")
+    orth_reduction: str = field("mean", "orthogonality loss over the D x D entries of F_emo^T F_non: mean | sum "
+                                        "(sum: eq. 2 as printed; it outweighs the task loss, docs/concepts.md)")
+    final_relu: bool = field(False, "ReLU after the encoders' last batch norm, as printed in the paper; off: "
+                                    "f_emo is the pre-activation, never identically zero (docs/concepts.md)")
     batch_size: int = field(64, "items per modality per mini-batch")
     lr: float = field(1e-4, "AdamW learning rate")
     weight_decay: float = field(1e-5, "AdamW weight decay")
@@ -82,6 +89,8 @@ class SCLConfig:
         if min(self.alpha, self.beta1, self.beta2, self.gamma, self.weight_decay) < 0 or self.lr <= 0:
             raise ConfigError("alpha, beta1, beta2, gamma, weight_decay must be >= 0 and lr > 0")
         parse_cycle(self.cycle)
+        if self.orth_reduction not in ("mean", "sum"):
+            raise ConfigError(f"orth_reduction={self.orth_reduction!r} must be mean or sum")
 
 
 def parse_cycle(cycle: str) -> tuple[int, str]:
@@ -93,13 +102,15 @@ def parse_cycle(cycle: str) -> tuple[int, str]:
 
 
 # ---- losses ------------------------------------------------------------------------------
-def orthogonality_loss(emo, non, *, normalize: bool = True):
-    """Eq. 2: `|| F_emo^T F_non ||_F^2` over the rows of one modality (rows L2-normalised if asked)."""
+def orthogonality_loss(emo, non, *, normalize: bool = True, reduction: str = "sum"):
+    """Eq. 2: `|| F_emo^T F_non ||_F^2` over the rows of one modality (rows L2-normalised if asked);
+    `reduction="mean"` divides by the number of entries of `F_emo^T F_non` (D_emo * D_non)."""
     import torch.nn.functional as F
 
     if normalize:
         emo, non = F.normalize(emo, dim=1), F.normalize(non, dim=1)
-    return (emo.t() @ non).pow(2).sum()
+    gram = (emo.t() @ non).pow(2)
+    return gram.mean() if reduction == "mean" else gram.sum()
 
 
 def triplet_loss(emo, modality, label, alpha: float):
@@ -137,20 +148,22 @@ def coarse_labels(classes: list[str], mapping: Mapping[str, str | None]) -> tupl
 
 
 # ---- the network -------------------------------------------------------------------------
-def _encoder(nn, d_in: int, width: int):
+def _encoder(nn, d_in: int, width: int, final_relu: bool):
+    last = [nn.ReLU()] if final_relu else []
     return nn.Sequential(nn.Linear(d_in, width), nn.BatchNorm1d(width), nn.ReLU(),
-                         nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU())
+                         nn.Linear(width, width), nn.BatchNorm1d(width), *last)
 
 
-def _network(dims: Mapping[str, int], proj_width: int, width: int, n_fine: int, n_coarse: int):
+def _network(dims: Mapping[str, int], proj_width: int, width: int, n_fine: int, n_coarse: int,
+             final_relu: bool = False):
     import torch.nn as nn
 
     class SCLNet(nn.Module):
         def __init__(self):
             super().__init__()
             self.proj = nn.ModuleDict({m: nn.Linear(d, proj_width) for m, d in dims.items()})
-            self.emo = _encoder(nn, proj_width, width)
-            self.non = nn.ModuleDict({m: _encoder(nn, proj_width, width) for m in dims})
+            self.emo = _encoder(nn, proj_width, width, final_relu)
+            self.non = nn.ModuleDict({m: _encoder(nn, proj_width, width, final_relu) for m in dims})
             self.fine = nn.Linear(width, n_fine)
             self.coarse = nn.Linear(width, max(1, n_coarse))
 
@@ -233,19 +246,20 @@ class SCL(Head):
         class_mask = {m: np.isin(np.arange(len(y.classes)), np.unique(lab)) for m, (_, lab) in data.items()}
         self._set_meta(X, y, modalities=list(data), coarse_classes=coarse, to_coarse=to_coarse.tolist(),
                        class_mask={m: v.tolist() for m, v in class_mask.items()},
-                       counts={m: int(len(lab)) for m, (_, lab) in data.items()})
+                       counts={m: int(len(lab)) for m, (_, lab) in data.items()}, final_relu=self.final_relu)
         device = pick_device(self.device)
         rng = np.random.default_rng(self.seed)
         tensors = {m: (torch.from_numpy(x).to(device), torch.from_numpy(lab).to(device)) for m, (x, lab) in data.items()}
         history: dict[str, Any] = {}
         with seeded(self.seed, device), _small_model_threads(device):
             self.net_ = _network({m: X.dims()[m] for m in data}, self.proj_width, self.width,
-                                 len(y.classes), len(coarse)).to(device)
+                                 len(y.classes), len(coarse), self.final_relu).to(device)
             masks = {m: torch.as_tensor(v, device=device) for m, v in class_mask.items()}
             if self.joint_epochs:
                 history["joint"] = self._joint(tensors, torch.as_tensor(to_coarse, device=device), rng)
             if self.seq_epochs:
-                history["sequential"] = self._sequential(tensors, masks, rng)
+                score = self._val_scorer(eval_set) if eval_set is not None else None
+                history["sequential"] = self._sequential(tensors, masks, rng, score)
         self.net_ = self.net_.cpu().eval()
         self.meta_["history"] = history
         self.meta_["encoder_hash"] = self.encoder_hash()
@@ -294,8 +308,7 @@ class SCL(Head):
                 task = sum(task[mods == j].mean() for j in range(len(idx)))  # the sum over modalities of eq. 4
                 orth, start = 0.0, 0
                 for m, i in idx.items():
-                    orth = orth + orthogonality_loss(emo[start:start + len(i)], net.non[m](proj[start:start + len(i)]),
-                                                     normalize=self.orth_normalize)
+                    orth = orth + self._orth(emo[start:start + len(i)], net.non[m](proj[start:start + len(i)]))
                     start += len(i)
                 contrast = triplet_loss(emo, mods, labels, self.alpha)
                 total += self._step(opt, sched, task + self.beta1 * contrast + self.beta2 * orth)
@@ -316,8 +329,11 @@ class SCL(Head):
                 done += steps
         return turns
 
-    def _sequential(self, tensors, masks, rng) -> dict:
-        """Eq. 5: one modality per cycle, original labels, `L_task_m + gamma L_orth_m`."""
+    def _sequential(self, tensors, masks, rng, score=None) -> dict:
+        """Eq. 5: one modality per cycle, original labels, `L_task_m + gamma L_orth_m`.
+
+        With `score` (a validation scorer), the state after each round over the modalities is scored
+        and the best one is kept (ties: the earlier)."""
         import torch
         import torch.nn.functional as F
 
@@ -326,7 +342,8 @@ class SCL(Head):
         per_epoch = sum(s.per_epoch for s in streams.values())
         opt, sched = self._optimizer(per_epoch, sum(t for _, t in turns))
         net, per_turn = self.net_.train(), []
-        for m, steps in turns:
+        best, best_state, best_turn, scores = -math.inf, None, 0, []
+        for n, (m, steps) in enumerate(turns, 1):
             x_all, y_all = tensors[m]
             total = 0.0
             for _ in range(steps):
@@ -334,11 +351,37 @@ class SCL(Head):
                 proj = net.proj[m](x_all[i])
                 emo, non = net.emo(proj), net.non[m](proj)
                 logits = net.fine(emo).masked_fill(~masks[m], _FAR)
-                loss = F.cross_entropy(logits, y_all[i]) + self.gamma * orthogonality_loss(
-                    emo, non, normalize=self.orth_normalize)
+                loss = F.cross_entropy(logits, y_all[i]) + self.gamma * self._orth(emo, non)
                 total += self._step(opt, sched, loss)
             per_turn.append((m, steps, round(total / steps, 5)))
-        return {"turns": len(turns), "last_losses": {m: v for m, _, v in per_turn[-len(streams):]}}
+            if score is not None and (n % len(streams) == 0 or n == len(turns)):
+                scores.append(round(score(), 5))
+                if scores[-1] > best:
+                    best, best_turn = scores[-1], n
+                    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                net.train()
+        out = {"turns": len(turns), "last_losses": {m: v for m, _, v in per_turn[-len(streams):]}}
+        if best_state is not None:
+            net.load_state_dict(best_state)
+            out.update(val_scores=scores, best_turn=best_turn, best_val=best)
+        return out
+
+    def _orth(self, emo, non):
+        return orthogonality_loss(emo, non, normalize=self.orth_normalize, reduction=self.orth_reduction)
+
+    def _val_scorer(self, eval_set):
+        """Minus the validation log-loss of the encoder's own classifier (its probabilities averaged over
+        an item's modalities). Log-loss rather than accuracy: on small validation sets it is the less
+        noisy signal, and it turns as the features over-fit (collapse), which accuracy barely shows."""
+        Xv, yv = eval_set
+        keep = np.flatnonzero(yv.y >= 0)
+        Xv, y = Xv.take(keep), yv.y[keep]
+
+        def score() -> float:
+            p = self.predict_proba(Xv)[np.arange(len(y)), y]
+            return float(np.log(np.maximum(p, 1e-12)).mean())
+
+        return score
 
     # ---- inference -------------------------------------------------------------------
     def encode_modality(self, modality: str, arr: np.ndarray, *, batch: int = 8192) -> np.ndarray:
@@ -353,11 +396,12 @@ class SCL(Head):
         if arr.ndim != 2 or arr.shape[1] != want:
             raise ConfigError(f"scl {modality} input is {arr.shape}; it was trained on {want}-d features")
         self.net_.eval()
+        dev = next(self.net_.parameters()).device  # the training device while fit scores validation
         out = []
         with torch.no_grad():
             for s in range(0, len(arr), batch):
-                x = torch.from_numpy(arr[s:s + batch])
-                out.append(self.net_.emo(self.net_.proj[modality](x)).numpy())
+                x = torch.from_numpy(arr[s:s + batch]).to(dev)
+                out.append(self.net_.emo(self.net_.proj[modality](x)).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.width), np.float32)
 
     def encode(self, X: Features) -> dict[str, np.ndarray]:
@@ -374,10 +418,11 @@ class SCL(Head):
         """Class probabilities `[N, C]` from one modality's emotion features (its own label subset)."""
         import torch
 
-        mask = torch.as_tensor(self.meta_["class_mask"][modality])
+        dev = next(self.net_.parameters()).device
+        mask = torch.as_tensor(self.meta_["class_mask"][modality], device=dev)
         with torch.no_grad():
-            logits = self.net_.fine(torch.from_numpy(np.asarray(emo, np.float32))).masked_fill(~mask, _FAR)
-            return torch.softmax(logits, -1).numpy().astype(np.float64)
+            logits = self.net_.fine(torch.from_numpy(np.asarray(emo, np.float32)).to(dev)).masked_fill(~mask, _FAR)
+            return torch.softmax(logits, -1).cpu().numpy().astype(np.float64)
 
     def predict_proba(self, X: Features) -> np.ndarray:
         """Mean over the item's present modalities; uniform for an item with none."""
@@ -402,7 +447,9 @@ class SCL(Head):
         import torch
 
         dims = {m: meta["dims"][m] for m in meta["modalities"]}
-        self.net_ = _network(dims, self.proj_width, self.width, len(meta["classes"]), len(meta["coarse_classes"]))
+        self.final_relu = bool(meta.get("final_relu", True))  # runs saved before the option had the ReLU
+        self.net_ = _network(dims, self.proj_width, self.width, len(meta["classes"]), len(meta["coarse_classes"]),
+                             self.final_relu)
         self.net_.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
         self.net_.eval()
 

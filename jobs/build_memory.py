@@ -4,8 +4,9 @@ Every labelled row of the run's training datasets goes in, per modality, as its 
 feature (read from the derived feature set the run wrote), with metadata: item id, dataset,
 modality, class, confidence (the encoder's probability of the true class), whether the encoder
 classified it correctly, the fingerprint, and `pool`: in the top p% (default 20%) of the
-correctly classified rows of its (modality, class) by confidence. Concepts sample from the pools;
-queries search every row.
+correctly classified rows of its (modality, class) by confidence, topped up to a floor of
+`min_pool` rows (default 8) while the class has them (featurestore/memory/pools.py). Concepts
+sample from the pools; queries search every row.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from featurestore.store import Store, check_name, now_iso
 
 from .train_scl import load_run
 
-__all__ = ["BuildMemoryConfig", "BuildMemoryResult", "run"]
+__all__ = ["BuildMemoryConfig", "BuildMemoryResult", "run", "exemplar_meta", "assemble"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,7 @@ class BuildMemoryConfig:
     run: str = field("", "trained scl run (fs scl train)")
     split: str = field("", "split whose rows fill the memory (default: the split the run trained on)")
     top_p: float = field(0.2, "pool size: top fraction of correctly classified rows per (modality, class)")
+    min_pool: int = field(8, "pool floor: at least this many rows per (modality, class), or all it has")
     exact_max: int = field(50_000, "exact search up to this many vectors, IVF above")
     nlist: int = field(0, "IVF lists (0: about 4*sqrt(n))")
     target_recall: float = field(0.95, "IVF nprobe is tuned until recall@10 vs exact reaches this")
@@ -44,6 +46,8 @@ class BuildMemoryConfig:
             raise ConfigError("memory build needs --from RUN, a trained scl run (fs scl train)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.min_pool < 1:
+            raise ConfigError(f"min_pool={self.min_pool} must be at least 1")
 
 
 @dataclasses.dataclass
@@ -62,9 +66,20 @@ class BuildMemoryResult:
         return dataclasses.asdict(self)
 
 
-def _rows(head, lineage: dict, store: Store, split: str) -> tuple[np.ndarray, pl.DataFrame]:
+def exemplar_meta(head, modality: str, emo: np.ndarray, y: np.ndarray, **columns) -> pl.DataFrame:
+    """Memory metadata of one modality's labelled rows: class, the encoder's confidence in it, whether
+    it classified the row correctly, its prediction, plus `columns` (item_id, dataset, ...)."""
     classes = head.meta_["classes"]
-    index = {c: i for i, c in enumerate(classes)}
+    proba = head.proba_of(modality, emo)
+    return pl.DataFrame({
+        **columns, "modality": modality, "class": [classes[i] for i in y],
+        "confidence": proba[np.arange(len(y)), y].astype(np.float32), "correct": proba.argmax(1) == y,
+        "predicted": [classes[i] for i in proba.argmax(1)],
+    })
+
+
+def _rows(head, lineage: dict, store: Store, split: str) -> tuple[np.ndarray, pl.DataFrame]:
+    index = {c: i for i, c in enumerate(head.meta_["classes"])}
     vecs, frames = [], []
     for src in lineage["sources"]:
         for m in src["modalities"]:
@@ -73,19 +88,29 @@ def _rows(head, lineage: dict, store: Store, split: str) -> tuple[np.ndarray, pl
             keep = data.masks[m] & np.array([lab in index for lab in data.label], bool)
             if not keep.any():
                 continue
-            emo = data.features[m][keep]
-            y = np.array([index[lab] for lab in data.label[keep]])
-            proba = head.proba_of(m, emo)
-            vecs.append(emo)
-            frames.append(pl.DataFrame({
-                "item_id": data.item_ids[keep].astype(str), "dataset": src["dataset"], "modality": m,
-                "class": [classes[i] for i in y], "confidence": proba[np.arange(len(y)), y].astype(np.float32),
-                "correct": proba.argmax(1) == y, "fingerprint": fp,
-                "predicted": [classes[i] for i in proba.argmax(1)], "split": split,
-            }))
+            vecs.append(data.features[m][keep])
+            frames.append(exemplar_meta(head, m, vecs[-1], np.array([index[lab] for lab in data.label[keep]]),
+                                        item_id=data.item_ids[keep].astype(str), dataset=src["dataset"],
+                                        fingerprint=fp, split=split))
     if not frames:
         raise ConfigError(f"run {lineage['run']!r}: no labelled rows with SCL features in split {split!r}")
     return np.concatenate(vecs), pl.concat(frames)
+
+
+def assemble(vecs: np.ndarray, meta: pl.DataFrame, config: BuildMemoryConfig, spec: dict
+             ) -> tuple[Memory, dict, list]:
+    """Mark the pools and fill a Memory; returns it, the pool sizes and the (modality, class) pools left empty."""
+    meta = mark_pools(meta, config.top_p, config.min_pool)
+    counts = pool_counts(meta)
+    empty = [[m, c] for m, per in counts.items() for c, n in per.items() if n == 0]
+    for m, c in empty:
+        warnings.warn(f"memory {config.name!r}: the pool of class {c!r} in modality {m!r} is empty; concepts use "
+                      "the class's other modalities, or all of its rows (docs/concepts.md)", stacklevel=2)
+    spec = {**spec, "top_p": config.top_p, "min_pool": config.min_pool, "pools": counts, "build": to_dict(config)}
+    mem = Memory(vecs.shape[1], MemoryConfig(exact_max=config.exact_max, nlist=config.nlist,
+                                             target_recall=config.target_recall), spec=spec)
+    mem.add(np.arange(len(vecs), dtype=np.int64), vecs, meta)
+    return mem, counts, empty
 
 
 def run(config: BuildMemoryConfig, store: Store, *, log=lambda s: None) -> BuildMemoryResult:
@@ -96,22 +121,13 @@ def run(config: BuildMemoryConfig, store: Store, *, log=lambda s: None) -> Build
     head, lineage = load_run(store, config.run)
     split = config.split or lineage.get("split", "train")
     vecs, meta = _rows(head, lineage, store, split)
-    meta = mark_pools(meta, config.top_p)
-    counts = pool_counts(meta)
-    empty = [[m, c] for m, per in counts.items() for c, n in per.items() if n == 0]
-    for m, c in empty:
-        warnings.warn(f"memory {config.name!r}: the pool of class {c!r} in modality {m!r} is empty (no correctly "
-                      "classified rows); concepts use the class's other modalities, or all of its rows "
-                      "(docs/concepts.md)", stacklevel=2)
     spec = {
         "name": config.name, "run": config.run, "encoder_hash": lineage["encoder_hash"], "split": split,
         "fingerprints": lineage["derived"], "source_fingerprints": lineage["fingerprints"],
-        "classes": head.meta_["classes"], "coarse_map": head.coarse_map, "top_p": config.top_p,
-        "pools": counts, "sources": lineage["sources"], "created_at": now_iso(), "build": to_dict(config),
+        "classes": head.meta_["classes"], "coarse_map": head.coarse_map, "sources": lineage["sources"],
+        "created_at": now_iso(),
     }
-    mem = Memory(vecs.shape[1], MemoryConfig(exact_max=config.exact_max, nlist=config.nlist,
-                                             target_recall=config.target_recall), spec=spec)
-    mem.add(np.arange(len(vecs), dtype=np.int64), vecs, meta)
+    mem, counts, empty = assemble(vecs, meta, config, spec)
     from featurestore._io import file_lock
 
     with file_lock(store.memory_dir() / f".{config.name}.lock", f"memory {config.name}"):

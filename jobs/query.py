@@ -6,8 +6,10 @@
     q.features("text", pooled, fingerprint=fp)   # precomputed backbone (or SCL) features
     q.batch(lines)                      # JSONL lines: {"text": ...} | {"image": PATH} | {"audio": PATH} | {"id": ...}
 
-Emotions are ranked by cosine similarity to the class concepts (eq. 6 taken over every pool
-member, so the ranking is deterministic); neighbours are the k nearest memory rows. The
+Emotions are ranked by `similarity`, the cosine between the query's emotion feature and each
+class concept (eq. 6 over every pool member of the raw features, so the ranking is deterministic;
+`ConceptBank.similarity`); `probability` is the SCL classifier's softmax for that class (0 for a
+class the query's modality was not trained on). Neighbours are the k nearest memory rows. The
 backbone is rebuilt from the source feature set's spec.json, and must give the fingerprint the
 memory was built from, or the query fails naming both. Classes with an empty pool follow the
 fallback of heads/concepts.py; their warnings are returned in `warnings`.
@@ -69,8 +71,7 @@ class Querier:
             warnings.simplefilter("always")
             bank = ConceptBank.from_memory(self.memory, self.classes)
         self.warnings = [str(w.message) for w in caught]
-        concepts, self.valid = bank.means()
-        self.concepts = normalise(concepts)
+        self.bank = bank
         self._backbones: dict[str, Any] = {}
 
     # ---- inputs ----------------------------------------------------------------------
@@ -165,11 +166,12 @@ class Querier:
 
     # ---- answers ---------------------------------------------------------------------
     def _answer(self, modality: str, emo: np.ndarray) -> dict:
-        q = normalise(emo)
-        sims = (q @ self.concepts.T)[0]
-        order = [i for i in np.argsort(-sims, kind="stable") if self.valid[i]]
-        emotions = [{"emotion": self.classes[i], "similarity": round(float(sims[i]), 4)} for i in order]
-        scores, ids = self.memory.search(q, self.k)
+        sims = self.bank.similarity(emo)[0]
+        proba = dict(zip(self.head.meta_["classes"], self.head.proba_of(modality, emo)[0]))
+        order = [i for i in np.argsort(-np.nan_to_num(sims, nan=-np.inf), kind="stable") if self.bank.valid[i]]
+        emotions = [{"emotion": self.classes[i], "similarity": round(float(sims[i]), 4),
+                     "probability": round(float(proba.get(self.classes[i], 0.0)), 4)} for i in order]
+        scores, ids = self.memory.search(normalise(emo), self.k)
         neighbours = []
         for s, row in zip(scores[0], self.memory.rows(ids[0])):
             if row is not None:

@@ -40,7 +40,8 @@ class TrainSCLConfig:
     run: str = field("", "run name under heads/ (default: scl-<encoder hash>)")
     params: dict = field({}, "scl head parameters (fs heads info scl), as strings or values")
     split: str = field("train", "split the encoder trains on")
-    val_split: str = field("val", "split reported in metrics.json, where a dataset has it")
+    val_split: str = field("val", "split that chooses the encoder's state (least log-loss) and is reported in "
+                                  "metrics.json, where a dataset has it")
     write_features: bool = field(True, "write the emotion features back as derived feature sets")
     replace: bool = field(False, "overwrite an existing run of the same name")
 
@@ -124,20 +125,25 @@ def run(config: TrainSCLConfig, store: Store, *, log: Callable[[str], None] = la
     if len(classes) < 2:
         raise ConfigError(f"scl needs at least two labels over the --data datasets, found {classes}")
     X, y, _ = _stack(train, classes)
+    vals = [load_split(store, ds, config.val_split, refs, allow_empty=True) for ds, refs in entries]
+    vals = [v for v in vals if len(v)]
+    eval_set = None
+    if vals:
+        Xv, yv, _ = _stack(vals, classes)
+        eval_set = (Xv, yv) if (yv.y >= 0).any() else None
     params = dict(config.params)
     head = SCL(**params)
-    log(f"scl: {len(y)} rows, modalities {sorted(fps)}, {len(classes)} labels")
-    head.fit(X, y)
+    log(f"scl: {len(y)} rows, modalities {sorted(fps)}, {len(classes)} labels"
+        + (f"; the state of least {config.val_split} log-loss is kept" if eval_set else ""))
+    head.fit(X, y, eval_set=eval_set)
     h = head.encoder_hash()
     name = config.run or f"scl-{h[:8]}"
     folder = store.heads_dir() / check_name(name, "run")
     if folder.exists() and not config.replace:
         raise ConfigError(f"run {name!r} already exists in {store.heads_dir()}; pass --replace or another --run")
     metrics: dict[str, Any] = {"train": {s.dataset: _accuracy(head, s, classes) for s in train}, "val": {}}
-    for ds, refs in entries:
-        val = load_split(store, ds, config.val_split, refs, allow_empty=True)
-        if len(val):
-            metrics["val"][ds] = _accuracy(head, val, classes)
+    for val in vals:
+        metrics["val"][val.dataset] = _accuracy(head, val, classes)
     derived = {m: fingerprint_of("scl", derived_spec(head, m, fp, store, name)) for m, fp in fps.items()}
     lineage = {"kind": "scl", "run": name, "encoder_hash": h, "created_at": now_iso(), "split": config.split,
                "sources": [{"dataset": s.dataset, "split": config.split, "modalities": sorted(s.fingerprints),

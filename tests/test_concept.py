@@ -63,6 +63,108 @@ def test_no_generalisation_draws_one_pool_member_and_means_cover_every_member():
     assert ok.tolist() == [True, True, False]
 
 
+def memory_of(groups: dict, *, pool_every: int = 2):
+    """A real Memory holding `(modality, class) -> raw vectors`; every `pool_every`-th row of a group in its pool."""
+    from featurestore.memory import Memory
+
+    vecs, meta = [], {"modality": [], "class": [], "pool": [], "correct": [], "confidence": []}
+    for (m, c), arr in groups.items():
+        vecs.append(arr)
+        meta["modality"] += [m] * len(arr)
+        meta["class"] += [c] * len(arr)
+        meta["pool"] += [i % pool_every == 0 for i in range(len(arr))]
+        meta["correct"] += [True] * len(arr)
+        meta["confidence"] += [1.0] * len(arr)
+    x = np.concatenate(vecs)
+    mem = Memory(x.shape[1], spec={"name": "t", "coarse_map": {"happy": "positive", "sad": "negative"}})
+    mem.add(np.arange(len(x)), x, meta)
+    return mem
+
+
+def test_concepts_are_means_of_the_raw_features_of_the_pool_eq6(tmp_path):
+    from featurestore.memory import Memory
+
+    rng = np.random.default_rng(3)
+    groups = {("text", "happy"): rng.normal(size=(6, 5)) * rng.uniform(0.5, 9, (6, 1)),
+              ("image", "happy"): rng.normal(size=(4, 5)) * 3, ("text", "sad"): rng.normal(size=(5, 5))}
+    mem = Memory.load(memory_of(groups).save(tmp_path / "m"))  # through the files
+    np.testing.assert_allclose(mem.vectors(np.arange(6), raw=True), groups[("text", "happy")], rtol=1e-5, atol=1e-5)
+    means, valid = ConceptBank.from_memory(mem, ["happy", "sad"]).means()
+    want_happy = (groups[("text", "happy")][::2].mean(0) + groups[("image", "happy")][::2].mean(0)) / 2
+    np.testing.assert_allclose(means[0], want_happy, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(means[1], groups[("text", "sad")][::2].mean(0), rtol=1e-5, atol=1e-5)
+    unit = ConceptBank.from_memory(mem, ["sad"]).flat
+    assert not np.allclose(np.linalg.norm(unit, axis=1), 1.0)  # not the normalised search vectors
+    with pytest.warns(UserWarning, match="'fear' has no rows"):
+        sims = ConceptBank.from_memory(mem, ["happy", "sad", "fear"]).similarity(groups[("text", "sad")])
+    cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
+    assert sims[0, 0] == pytest.approx(cos(groups[("text", "sad")][0], want_happy), abs=1e-5)
+    assert np.isnan(sims[:, 2]).all()  # fear: no concept
+
+
+def test_class_names_match_through_synonyms_then_coarse_labels_and_no_match_is_an_error():
+    from featurestore.errors import ConfigError
+
+    rng = np.random.default_rng(4)
+    mem = memory_of({("text", "happy"): rng.normal(size=(4, 3)), ("text", "sad"): rng.normal(size=(6, 3)),
+                     ("image", "Anger"): rng.normal(size=(2, 3))}, pool_every=1)
+    with pytest.warns(UserWarning, match="'trust' has no rows"):
+        bank = ConceptBank.from_memory(mem, ["Joy", "sadness", "angry", "positive", "trust"])
+    assert bank.counts.sum(0).tolist() == [4, 6, 2, 4, 0]  # positive: happy rows through coarse_map
+    assert bank.fallbacks == {"trust": "none"}
+    with pytest.raises(ConfigError, match=r"none of the classes \['trust', 'awe'\].*'happy'"):
+        ConceptBank.from_memory(mem, ["trust", "awe"])
+
+
+def test_concept_head_fails_when_no_class_gets_a_concept(tmp_path):
+    from featurestore.errors import ConfigError
+
+    folder = memory_of({("text", "happy"): np.ones((3, 4))}).save(tmp_path / "m")
+    x = np.random.default_rng(0).normal(size=(20, 6)).astype(np.float32)
+    X = Features({"text": x}, {"text": np.ones(20, bool)})
+    y = Targets(kind="single", y=np.arange(20) % 2, classes=["trust", "awe"])
+    with pytest.raises(ConfigError, match="none of the classes"):
+        create("concept", memory=str(folder), epochs=1, device="cpu").fit(X, y)
+
+
+def test_concept_loss_is_eq7_and_eq8_by_loops():
+    import torch
+
+    from heads.concept import concept_loss
+
+    rng = np.random.default_rng(6)
+    C, B, K, W = 3, 7, 4, 5
+    logits, f = rng.normal(size=(C, B, K)), rng.normal(size=(C, B, W))
+    y, concept = rng.integers(0, K, B), rng.normal(size=(B, W))
+    valid, lam = np.array([True, False, True, True, False, True, True]), np.array([0.5, 0.0, 2.0])
+    got = concept_loss(*(torch.tensor(a) for a in (logits, f, y, concept, valid, lam)))
+    for c in range(C):
+        ce = np.mean([np.log(np.exp(logits[c, i]).sum()) - logits[c, i, y[i]] for i in range(B)])
+        items = [i for i in range(B) if valid[i]]
+        l_s = sum(sum((concept[i, d] - f[c, i, d]) ** 2 for d in range(W)) for i in items) / len(items)
+        assert float(got[c]) == pytest.approx(ce + lam[c] * l_s, rel=1e-6)
+
+
+def test_each_ablation_switch_changes_the_training_loss(tmp_path):
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(3, 8))
+    groups = {("text", c): centres[i] + 0.8 * rng.normal(size=(12, 8)) for i, c in enumerate(["happy", "sad", "fear"])}
+    folder = str(memory_of(groups, pool_every=3).save(tmp_path / "m"))
+    yy = np.arange(90) % 3
+    X = Features({"text": (centres[yy] @ rng.normal(size=(8, 10)) + rng.normal(size=(90, 10))).astype(np.float32)},
+                 {"text": np.ones(90, bool)})
+    y = Targets(kind="single", y=yy, classes=["happy", "sad", "fear"])
+
+    def first_loss(**p):
+        head = create("concept", memory=folder, epochs=2, patience=0, hidden=16, device="cpu", **p).fit(X, y)
+        return head.history_["train_loss"][0]
+
+    base = first_loss()
+    assert first_loss() == base  # seeded: a difference below is the switch's
+    for switch in ({"mode": "no_selectivity"}, {"mode": "no_generalisation"}, {"lam": 0.0}):
+        assert abs(first_loss(**switch) - base) > 1e-3 * base, switch
+
+
 # ---- the whole run -------------------------------------------------------------------------
 IMG = ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
 
@@ -137,8 +239,12 @@ def test_memory_holds_both_datasets_with_pools(trained):
     assert len(mem) == memory.n == 108 + 134  # train rows of words + faces
     assert set(mem.meta["dataset"].unique()) == {"words", "faces"}
     assert mem.spec["fingerprints"] == result.derived and mem.kind == "flat"
-    pooled = mem.meta.filter(pl.col("pool"))
-    assert pooled["correct"].all() and len(pooled) > 0
+    groups = mem.meta.group_by(["modality", "class"]).agg(
+        n=pl.len(), pool=pl.col("pool").sum(), correct=pl.col("correct").sum(),
+        pooled_correct=(pl.col("pool") & pl.col("correct")).sum())
+    for g in groups.iter_rows(named=True):  # the floor (8), and incorrect rows only to reach it
+        assert g["pool"] >= min(8, g["n"]), g
+        assert g["pool"] == g["pooled_correct"] or g["pooled_correct"] == g["correct"], g
 
 
 def test_concept_head_trains_through_the_head_api_in_every_mode(trained, tmp_path):
@@ -182,6 +288,26 @@ def test_query_by_raw_text_id_and_batch(trained, tmp_path):
     # a train word finds itself first, from its cached features
     word = open_memory(store, "m1").meta.filter(pl.col("dataset") == "words")["item_id"][0]
     hit = q.item(f"words:{word}")
+    # similarity: cosine between the word's SCL feature and eq. 6 over every pool member of the raw SCL
+    # features, recomputed from the store's derived feature sets and the memory's pool column
+    mem = open_memory(store, "m1")
+    raw = {}
+    for ds, m, fp in (("words", "text", result.derived["text"]), ("faces", "image", result.derived["image"])):
+        data = load_split(store, ds, "train", {m: fp})
+        raw.update({(m, i): v for i, v in zip(data.item_ids, data.features[m].astype(np.float64))})
+    coarse = {k.lower(): v for k, v in mem.spec["coarse_map"].items()}
+    pool = [(r["modality"], r["class"], r["item_id"]) for r in mem.meta.filter(pl.col("pool")).iter_rows(named=True)]
+    for e in hit["emotions"]:
+        per_mod = []
+        for m in ("text", "image"):  # a modality without the label lends the rows whose coarse label it is
+            rows = [raw[(m, i)] for mm, c, i in pool if mm == m and c == e["emotion"]] or \
+                   [raw[(m, i)] for mm, c, i in pool if mm == m and coarse.get(c.lower()) == e["emotion"]]
+            if rows:
+                per_mod.append(np.mean(rows, 0))
+        concept, f = np.mean(per_mod, 0), raw[("text", word)]
+        assert e["similarity"] == pytest.approx(concept @ f / np.linalg.norm(concept) / np.linalg.norm(f), abs=2e-3)
+        assert 0 <= e["probability"] <= 1
+    assert any(abs(e["similarity"]) > 0.05 for e in hit["emotions"])
     assert hit["neighbours"][0]["item_id"] == word and hit["neighbours"][0]["similarity"] > 0.999
     with pytest.raises(IntegrityError, match=image_fp):
         q.features("image", np.zeros((1, 24)), fingerprint="toy-image-0000000000000000")
@@ -231,3 +357,46 @@ def test_cli_train_head_concept_with_a_memory_by_name(trained):
     assert cfg["params"]["memory"] == str((store.memory_dir() / "m1").resolve())
     bad = runner.invoke(cli, args[:-1] + ["--memory", "nope"])
     assert bad.exit_code == 4 and "memory 'nope'" in bad.output
+
+
+# ---- the results table's concepts section ------------------------------------------------------
+def test_concept_section_on_a_small_real_store(store, demo_df, minilm, tmp_path, monkeypatch):
+    import importlib.util
+
+    from jobs.extract import ExtractConfig, run as extract
+
+    path = Path(__file__).parents[1] / "bench" / "_concepts.py"
+    spec = importlib.util.spec_from_file_location("bench_concepts", path)
+    section = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(section)
+    monkeypatch.setattr(section, "SCL_PARAMS", {"joint_epochs": 1, "seq_epochs": 4, "lr": 1e-3, "width": 32,
+                                                "proj_width": 32, "device": "cpu"})
+    words = pl.concat([demo_df.filter(pl.col("labels").list.len() == 1).filter(pl.col("split") == s).head(n)
+                       for s, n in (("train", 240), ("val", 40), ("test", 40))] + [demo_df.head(5)])
+    add_dataset(store, "w", words, root=None, source="test")
+    extract(ExtractConfig(dataset="w", modality="text", backbone="minilm", batch_size=64), store, backbone=minilm)
+    out = section.concept_section(store, dataset="w", seeds=(0,), workdir=tmp_path)
+
+    rows = {r["row"]: r for r in out["query_rows"]}
+    assert set(rows) == {"scl concepts (fs query)", "raw-feature centroid", "scl-feature centroid"}
+    assert all(0 <= r["top1"] <= r["top2"] <= 1 and r["task"] == "concept query" for r in rows.values())
+    assert rows["scl concepts (fs query)"]["pool_min"] >= 1
+    # the baseline by hand: class means of the raw train features, cosine, over the single-emotion words
+    data = {s: load_split(store, "w", s, {"text": "minilm"}) for s in ("train", "test")}
+    one = {s: [lab[0] if len(lab) == 1 else None for lab in d.labels] for s, d in data.items()}
+    classes = sorted({c for c in one["train"] if c})
+    x_tr = data["train"].features["text"][[c is not None for c in one["train"]]]
+    y_tr = np.array([classes.index(c) for c in one["train"] if c])
+    keep = [c in classes for c in one["test"]]
+    x_te = data["test"].features["text"][keep]
+    y_te = np.array([classes.index(c) for c in np.array(one["test"], object)[keep]])
+    means = np.stack([x_tr[y_tr == c].mean(0) for c in range(len(classes))])
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    ranked = np.argsort(-(unit(x_te) @ unit(means).T), 1)
+    assert rows["raw-feature centroid"]["top1"] == pytest.approx((ranked[:, 0] == y_te).mean(), abs=1e-4)
+    top2 = (ranked[:, :2] == y_te[:, None]).any(1).mean()
+    assert rows["raw-feature centroid"]["top2"] == pytest.approx(top2, abs=1e-4)
+    heads_ = {r["row"]: r for r in out["head_rows"]}
+    assert set(heads_) == {"concept", "concept (no_selectivity)", "concept (no_generalisation)", "concept (lam=0)",
+                           "mlp", "linear"}
+    assert all(0 <= r["accuracy"] <= 1 and "uar" in r and r["seed"] == 0 for r in heads_.values())

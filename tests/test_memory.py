@@ -84,18 +84,26 @@ def test_add_remove_save_load_round_trip(tmp_path):
     assert again.meta["extra"].drop_nulls().len() == 98
 
 
-def test_pools_are_top_p_of_correct_rows_per_modality_and_class():
+@pytest.mark.parametrize("min_pool", [1, 8, 30])
+def test_pools_are_top_p_of_correct_rows_with_a_floor_per_modality_and_class(min_pool):
     rng = np.random.default_rng(5)
     n = 400
     df = pl.DataFrame({"modality": rng.choice(["image", "text"], n), "class": rng.choice(["a", "b", "c"], n),
                        "confidence": rng.random(n).astype(np.float32), "correct": rng.random(n) < 0.6})
     df = df.with_columns(pl.when((pl.col("class") == "c") & (pl.col("modality") == "text"))
-                         .then(False).otherwise(pl.col("correct")).alias("correct"))  # an empty pool
-    out = mark_pools(df, 0.2)
+                         .then(False).otherwise(pl.col("correct")).alias("correct"))  # no correct row
+    df = pl.concat([df, pl.DataFrame({"modality": ["audio"] * 3, "class": ["a"] * 3,  # fewer rows than the floor
+                                      "confidence": np.float32([0.1, 0.9, 0.5]), "correct": [False, True, False]})])
+    out = mark_pools(df, 0.2, min_pool)
     for (m, c), group in out.group_by(["modality", "class"]):
-        correct = group.filter(pl.col("correct")).sort("confidence", descending=True)
-        want = set(correct["confidence"].head(math.ceil(0.2 * len(correct))).to_list())
-        assert set(group.filter(pl.col("pool"))["confidence"].to_list()) == want
-    assert pool_counts(out)["text"]["c"] == 0
-    with pytest.raises(ConfigError):
+        conf, correct = group["confidence"].to_numpy(), group["correct"].to_numpy()
+        by_conf = np.argsort(-conf)
+        ranked = [conf[i] for i in by_conf if correct[i]] + [conf[i] for i in by_conf if not correct[i]]
+        size = max(math.ceil(0.2 * correct.sum()), min(min_pool, len(group)))
+        assert set(group.filter(pl.col("pool"))["confidence"].to_list()) == set(ranked[:size]), (m, c)
+    counts = pool_counts(out)
+    assert counts["text"]["c"] == min_pool and counts["audio"]["a"] == min(min_pool, 3)
+    with pytest.raises(ConfigError, match="top_p=0"):
         mark_pools(df, 0)
+    with pytest.raises(ConfigError, match="min_pool=0"):
+        mark_pools(df, 0.2, 0)

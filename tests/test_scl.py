@@ -118,3 +118,54 @@ def test_fit_is_seeded_and_stage_settings_change_the_encoder():
     assert c.encoder_hash() != a.encoder_hash() and "joint" not in c.meta_["history"]
     d = SCL(**{**FAST, "cycle": "2b"}).fit(X, y)
     assert d.meta_["history"]["sequential"]["turns"] > a.meta_["history"]["sequential"]["turns"]
+
+
+def test_orthogonality_mean_reduction_divides_eq2_by_the_entries():
+    g = torch.Generator().manual_seed(1)
+    emo, non = torch.randn(9, 6, generator=g), torch.randn(9, 4, generator=g)
+    e, n = emo.numpy().astype(np.float64), non.numpy().astype(np.float64)
+    e, n = e / np.linalg.norm(e, axis=1, keepdims=True), n / np.linalg.norm(n, axis=1, keepdims=True)
+    want = sum(sum(e[i, a] * n[i, b] for i in range(9)) ** 2 for a in range(6) for b in range(4)) / (6 * 4)
+    assert float(orthogonality_loss(emo, non, reduction="mean")) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ConfigError, match="orth_reduction='max'"):
+        SCL(orth_reduction="max")
+
+
+def emotion_features_by_hand(head, x, final_relu):
+    """f_emo from the saved tensors in numpy: proj, then Linear-BN-ReLU-Linear-BN[-ReLU] (eval mode)."""
+    s = {k: v.detach().numpy().astype(np.float64) for k, v in head.net_.state_dict().items()}
+
+    def bn(h, p):
+        return (h - s[f"{p}.running_mean"]) / np.sqrt(s[f"{p}.running_var"] + 1e-5) * s[f"{p}.weight"] + s[f"{p}.bias"]
+
+    h = x @ s["proj.text.weight"].T + s["proj.text.bias"]
+    h = np.maximum(bn(h @ s["emo.0.weight"].T + s["emo.0.bias"], "emo.1"), 0)
+    h = bn(h @ s["emo.3.weight"].T + s["emo.3.bias"], "emo.4")
+    return np.maximum(h, 0) if final_relu else h
+
+
+@pytest.mark.parametrize("final_relu", [False, True])
+def test_emotion_features_are_taken_before_the_final_activation(final_relu, tmp_path):
+    X, y, n_img = unpaired(70, 60)
+    head = SCL(**FAST, final_relu=final_relu).fit(X, y)
+    x = X.pooled["text"][n_img:]
+    emo = head.encode_modality("text", x)
+    np.testing.assert_allclose(emo, emotion_features_by_hand(head, x.astype(np.float64), final_relu), atol=1e-4)
+    if final_relu:
+        assert (emo == 0).mean() > 0.2  # the paper's layer: many exact zeros
+    else:
+        assert (emo < 0).mean() > 0.2 and np.linalg.norm(emo, axis=1).min() > 1e-3
+    head.save(tmp_path / "h")
+    np.testing.assert_array_equal(Head.load(tmp_path / "h").encode_modality("text", x), emo)
+
+
+def test_a_validation_set_keeps_the_state_of_least_log_loss():
+    X, y, n_img = unpaired(140, 90)
+    Xv, yv, _ = unpaired(70, 60, seed=1)
+    head = SCL(**{**FAST, "seq_epochs": 8}).fit(X, y, eval_set=(Xv, yv))
+    seq = head.meta_["history"]["sequential"]
+    assert len(seq["val_scores"]) == 8 and seq["best_val"] == max(seq["val_scores"])
+    p = head.predict_proba(Xv)[np.arange(len(yv)), yv.y]
+    assert np.log(p).mean() == pytest.approx(seq["best_val"], abs=1e-4)  # what it kept is what it scored best
+    last = SCL(**{**FAST, "seq_epochs": seq["best_turn"] // 2}).fit(X, y)  # the same run, stopped there
+    np.testing.assert_allclose(last.predict_proba(Xv), head.predict_proba(Xv), atol=1e-5)

@@ -48,18 +48,21 @@ def memory_group() -> None:
 @click.argument("name")
 @click.option("--from", "run_name", required=True, help="A trained scl run (fs scl train).")
 @click.option("--top-p", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--min-pool", default=8, show_default=True, type=click.IntRange(1),
+              help="Pool floor: at least this many rows per (modality, class), or all the class has.")
 @click.option("--split", default="", help="Split to fill it from (default: the run's training split).")
 @click.option("--exact-max", default=50_000, show_default=True, type=click.IntRange(0),
               help="Exact search up to this many vectors, IVF above.")
 @click.option("--replace", is_flag=True, help="Rebuild a memory of the same name.")
 @json_option
 @click.pass_context
-def memory_build(ctx, name, run_name, top_p, split, exact_max, replace, as_json):
+def memory_build(ctx, name, run_name, top_p, min_pool, split, exact_max, replace, as_json):
     """Build memory NAME from scl run RUN."""
     from jobs.build_memory import BuildMemoryConfig, run
 
     store = get_store(ctx)
-    config = BuildMemoryConfig(name=name, run=run_name, top_p=top_p, split=split, exact_max=exact_max, replace=replace)
+    config = BuildMemoryConfig(name=name, run=run_name, top_p=top_p, min_pool=min_pool, split=split,
+                               exact_max=exact_max, replace=replace)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = run(config, store)
@@ -107,7 +110,8 @@ def memory_info(ctx, name, as_json):
     idx = info["index"]
     click.echo(f"memory {name}: {idx['n']} vectors of {idx['dim']}-d, {idx['kind']} index"
                + (f", nprobe {idx['nprobe']}, recall@10 {idx['recall_at_10']:.3f}" if idx["recall_at_10"] else ""))
-    click.echo(f"  from scl run {info.get('run')} (encoder {info.get('encoder_hash')}), top_p {info.get('top_p')}")
+    click.echo(f"  from scl run {info.get('run')} (encoder {info.get('encoder_hash')}), top_p {info.get('top_p')}, "
+               f"min_pool {info.get('min_pool')}")
     for m, fp in info.get("fingerprints", {}).items():
         click.echo(f"  {m}: {fp} (source {info['source_fingerprints'][m]})")
     for m, per in info.get("pools", {}).items():
@@ -156,7 +160,8 @@ def _print_result(res: dict) -> None:
         click.echo(f"{head}error: {res['error']}")
         return
     click.echo(f"{head}{res['input']}")
-    click.echo("  emotions: " + ", ".join(f"{e['emotion']} {e['similarity']:.3f}" for e in res["emotions"]))
+    click.echo("  emotions (concept cosine, classifier p): "
+               + ", ".join(f"{e['emotion']} {e['similarity']:.3f} (p {e['probability']:.2f})" for e in res["emotions"]))
     click.echo(table(res["neighbours"], ["similarity", "label", "dataset", "item_id", "modality", "id"]))
 
 

@@ -7,7 +7,9 @@ memory/<name>/meta.parquet    id, item_id, dataset, modality, class, confidence,
 memory/<name>/spec.json       what it was built from, index kind and parameters, measured recall
 ```
 
-Vectors are L2-normalised on `add` and queries on `search`, so scores are cosine similarities.
+Vectors are L2-normalised on `add` and queries on `search`, so scores are cosine similarities;
+each row's original L2 norm is kept (meta column `norm`), so `vectors(ids, raw=True)` gives the
+vectors as they were added (concepts are means of raw emotion features, eq. 6).
 Below `exact_max` vectors the index is exact; past it, `add` rebuilds it as IVF and tunes
 `nprobe` to the target recall (measured, kept in the spec). Saving writes a new folder and
 publishes it by renaming (see `publish_folder`).
@@ -33,7 +35,8 @@ from . import _index
 __all__ = ["Memory", "MemoryConfig", "META_COLUMNS", "publish_folder"]
 
 META_COLUMNS = {"item_id": pl.String, "dataset": pl.String, "modality": pl.String, "class": pl.String,
-                "confidence": pl.Float32, "correct": pl.Boolean, "pool": pl.Boolean, "fingerprint": pl.String}
+                "confidence": pl.Float32, "correct": pl.Boolean, "pool": pl.Boolean, "fingerprint": pl.String,
+                "norm": pl.Float32}
 INDEX_FILE, META_FILE, SPEC_FILE = "index.faiss", "meta.parquet", "spec.json"
 
 
@@ -78,7 +81,8 @@ class Memory:
     def add(self, ids: Sequence[int], vectors: np.ndarray, meta: Mapping[str, Sequence] | pl.DataFrame) -> None:
         """Add rows; `meta` has one value per id for (some of) META_COLUMNS and any extra columns."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        vectors = _index.normalise(vectors) if len(ids) else np.zeros((0, self.dim), np.float32)
+        raw = np.atleast_2d(np.asarray(vectors, np.float32)) if len(ids) else np.zeros((0, self.dim), np.float32)
+        vectors = _index.normalise(raw)
         if vectors.shape != (len(ids), self.dim):
             raise ConfigError(f"memory add: {len(ids)} ids but vectors of shape {vectors.shape}; "
                               f"expected ({len(ids)}, {self.dim})")
@@ -87,7 +91,7 @@ class Memory:
         clash = self.meta.filter(pl.col("id").is_in(ids.tolist()))["id"]
         if len(clash):
             raise ConfigError(f"memory add: ids already present, e.g. {clash.head(5).to_list()}; remove them first")
-        rows = self._meta_frame(ids, meta)
+        rows = self._meta_frame(ids, meta).with_columns(norm=pl.Series(np.linalg.norm(raw, axis=1), dtype=pl.Float32))
         if self.kind == "flat" and len(self) + len(ids) > self.config.exact_max:
             old_ids = self.meta["id"].to_numpy()
             old = _index.reconstruct(self.index, old_ids)
@@ -126,9 +130,20 @@ class Memory:
         self._search_index = None
         return n
 
-    def vectors(self, ids: Sequence[int]) -> np.ndarray:
-        """The stored (normalised) vectors of these ids."""
-        return _index.reconstruct(self.index, np.asarray(ids, dtype=np.int64))
+    def vectors(self, ids: Sequence[int], *, raw: bool = False) -> np.ndarray:
+        """The stored (normalised) vectors of these ids; `raw=True`: times each row's norm, as added."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = _index.reconstruct(self.index, ids)
+        if not raw or not len(ids):
+            return out
+        norms = self.meta["norm"] if "norm" in self.meta.columns else pl.Series([None], dtype=pl.Float32)
+        if norms.null_count():
+            raise ConfigError(f"memory {self.spec.get('name', '')!r} does not keep its vectors' norms (built before "
+                              "they were kept); rebuild it: fs memory build NAME --from RUN --replace")
+        known = self.meta["id"].to_numpy()
+        order = np.argsort(known)
+        pos = order[np.searchsorted(known, ids, sorter=order)]
+        return out * norms.to_numpy()[pos, None].astype(np.float32)
 
     # ---- search --------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["NRC_VAD_01", "SYNONYMS", "default_table", "label_va_table", "class_means", "dataset_label_va"]
+__all__ = ["NRC_VAD_01", "SYNONYMS", "canonical_label", "default_table", "label_va_table", "class_means", "dataset_label_va"]
 
 NRC_VAD_01: dict[str, tuple[float, float]] = {
     "happy": (1.000, 0.735), "sad": (0.225, 0.333), "anger": (0.167, 0.865), "surprise": (0.875, 0.875),
@@ -28,6 +28,12 @@ SYNONYMS = {
     "fearful": "fear", "fear": "fear", "neutral": "neutral", "hap": "happy", "ang": "anger", "neu": "neutral",
     "exc": "happy", "fea": "fear", "sur": "surprise", "dis": "disgust",
 }
+
+
+def canonical_label(label: str) -> str:
+    """The label's lower-case name through SYNONYMS (`Joy` -> `happy`, `angry` -> `anger`); others lower-cased."""
+    key = str(label).lower()
+    return SYNONYMS.get(key, key)
 
 
 def default_table() -> dict[str, tuple[float, float]]:
