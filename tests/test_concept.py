@@ -255,7 +255,7 @@ def test_concept_head_trains_through_the_head_api_in_every_mode(trained, tmp_pat
     y = Targets(kind="single", y=np.array([classes.index(c) for c in data.label]), classes=classes)
     folder = str(store.memory_dir() / "m1")
     for mode in ("replay", "no_selectivity", "no_generalisation"):
-        head = create("concept", memory=folder, mode=mode, epochs=6, device="cpu").fit(X, y)
+        head = create("concept", memory=folder, mode=mode, epochs=20, device="cpu").fit(X, y)
         assert head.meta_["concept_dim"] == 64 and head.meta_["scl_run"] == "scl1"
         assert (head.predict(X) == y.y).mean() > 0.6
     head.save(tmp_path / "h")
