@@ -210,6 +210,9 @@ def test_train_head_univa_end_to_end(demo_store):
     folder = demo_store.heads_dir() / out["run"]
     for name in ("model.safetensors", "config.json", "metrics.json", "lineage.json", "per_class_f1.png"):
         assert (folder / name).is_file(), name
+    saved = json.loads((folder / "metrics.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    assert saved["decision"] == {"threshold": config["meta"]["threshold"], "chosen_on": "validation"}  # zeta=auto
     lineage = json.loads((folder / "lineage.json").read_text())
     assert lineage["fingerprints"]["text"].startswith("minilm-") and lineage["seed"] == 1
     assert lineage["manifest_hash"] and lineage["validation"] == {"carved": False, "split": "val",
@@ -220,6 +223,10 @@ def test_train_head_univa_end_to_end(demo_store):
     ev = fs(demo_store, "eval", out["run"], "--dataset", "demo", "--json")
     assert ev.exit_code == 0
     assert json.loads(ev.output)["metrics"] == pytest.approx(out["metrics"])  # same split, same numbers
+    for split in ("val", "train"):  # no held-out measure on what training chose by or fitted
+        r = fs(demo_store, "train-head", "--method", "linear", "--dataset", "demo", "--features", "text=minilm",
+               "--eval-split", split)
+        assert r.exit_code == 2 and f"'{split}'" in r.output and "held-out" in r.output
 
 
 def test_carved_validation_and_runs_staleness(demo_store):
