@@ -18,6 +18,9 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from featurestore.config import field
 from featurestore.errors import ConfigError
@@ -51,8 +54,6 @@ class ConceptConfig(TorchParams):
 
 
 def _build(dims: dict[str, int], hidden: int, width: int, n_out: int, dropout: float):
-    import torch
-    import torch.nn as nn
 
     class ConceptNet(nn.Module):
         def __init__(self):
@@ -134,7 +135,6 @@ class ConceptHead(TorchHead):
 
     def concept_features(self, X: Features) -> np.ndarray:
         """The concept-guided features `f^down` `[N, width]` (what eq. 7 pulls towards the concepts)."""
-        import torch
 
         self._check_features(X)
         with torch.no_grad():
@@ -147,7 +147,6 @@ def concept_loss(logits, f, y, concept, valid, lam):
 
     logits `[C, B, K]`, concept-guided features f `[C, B, W]`, labels y `[B]`, concepts `[B, W]`,
     valid `[B]` (bool), lam `[C]`; returns `[C]`."""
-    import torch.nn.functional as F
 
     C, B, K = logits.shape
     ce = F.cross_entropy(logits.float().reshape(C * B, K), y.repeat(C), reduction="none").view(C, B).mean(1)
@@ -166,7 +165,6 @@ def fit_concept(hs, X: Features, y: Targets, *, eval_set: tuple[Features, Target
     one draw per batch from a generator seeded with the seed, as a solo run draws); they may differ
     in lr, weight_decay, lam, epochs and patience.
     """
-    import torch
 
     from ._torch import autocast, scores_from_outputs, validation_scorer
     from ._vmapped import VmapSpec, train_vmapped

@@ -34,6 +34,9 @@ import warnings
 from typing import Any, Mapping
 
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from featurestore.config import field
 from featurestore.errors import ConfigError
@@ -105,7 +108,6 @@ def parse_cycle(cycle: str) -> tuple[int, str]:
 def orthogonality_loss(emo, non, *, normalize: bool = True, reduction: str = "sum"):
     """Eq. 2: `|| F_emo^T F_non ||_F^2` over the rows of one modality (rows L2-normalised if asked);
     `reduction="mean"` divides by the number of entries of `F_emo^T F_non` (D_emo * D_non)."""
-    import torch.nn.functional as F
 
     if normalize:
         emo, non = F.normalize(emo, dim=1), F.normalize(non, dim=1)
@@ -119,8 +121,6 @@ def triplet_loss(emo, modality, label, alpha: float):
 
     Anchors sharing a (modality, class) share their positive and negative sets, so each such
     group is one [anchors, positives, negatives] tensor: the work is |S|, not N^3."""
-    import torch
-    import torch.nn.functional as F
 
     f = F.normalize(emo, dim=1)
     cos = f @ f.t()
@@ -156,7 +156,6 @@ def _encoder(nn, d_in: int, width: int, final_relu: bool):
 
 def _network(dims: Mapping[str, int], proj_width: int, width: int, n_fine: int, n_coarse: int,
              final_relu: bool = False):
-    import torch.nn as nn
 
     class SCLNet(nn.Module):
         def __init__(self):
@@ -174,7 +173,6 @@ def _network(dims: Mapping[str, int], proj_width: int, width: int, n_fine: int, 
 def _small_model_threads(device):
     """One intra-op thread on CPU while training: these layers are too small to gain from more, and
     on a shared machine OpenMP's spinning threads made each step 50-100x slower in our runs."""
-    import torch
 
     if device.type != "cpu":
         yield
@@ -235,7 +233,6 @@ class SCL(Head):
 
     # ---- training --------------------------------------------------------------------
     def fit(self, X: Features, y: Targets, *, eval_set: tuple[Features, Targets] | None = None) -> "SCL":
-        import torch
 
         from ._torch import pick_device, seeded
 
@@ -266,7 +263,6 @@ class SCL(Head):
         return self
 
     def _optimizer(self, steps_per_epoch: int, total: int):
-        import torch
 
         opt = torch.optim.AdamW(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.cosine_period * steps_per_epoch))
@@ -281,8 +277,6 @@ class SCL(Head):
 
     def _joint(self, tensors, to_coarse, rng) -> dict:
         """Eq. 4 on coarse labels; rows whose label has no coarse class are left out."""
-        import torch
-        import torch.nn.functional as F
 
         keep = {}
         for m, (x, lab) in tensors.items():
@@ -334,8 +328,6 @@ class SCL(Head):
 
         With `score` (a validation scorer), the state after each round over the modalities is scored
         and the best one is kept (ties: the earlier)."""
-        import torch
-        import torch.nn.functional as F
 
         streams = {m: _Stream(len(lab), self.batch_size, rng) for m, (_, lab) in tensors.items()}
         turns = self._schedule(streams)
@@ -386,7 +378,6 @@ class SCL(Head):
     # ---- inference -------------------------------------------------------------------
     def encode_modality(self, modality: str, arr: np.ndarray, *, batch: int = 8192) -> np.ndarray:
         """Emotion features `f^emo` `[N, width]` of one modality's pooled backbone features."""
-        import torch
 
         self._check_fitted()
         if modality not in self.meta_["modalities"]:
@@ -416,7 +407,6 @@ class SCL(Head):
 
     def proba_of(self, modality: str, emo: np.ndarray) -> np.ndarray:
         """Class probabilities `[N, C]` from one modality's emotion features (its own label subset)."""
-        import torch
 
         dev = next(self.net_.parameters()).device
         mask = torch.as_tensor(self.meta_["class_mask"][modality], device=dev)
@@ -444,7 +434,6 @@ class SCL(Head):
         return {k: v.detach().cpu().numpy() for k, v in self.net_.state_dict().items()}
 
     def _restore(self, state: Mapping[str, np.ndarray], meta: dict) -> None:
-        import torch
 
         dims = {m: meta["dims"][m] for m in meta["modalities"]}
         self.final_relu = bool(meta.get("final_relu", True))  # runs saved before the option had the ReLU
