@@ -207,8 +207,8 @@ def write_derived(store: Store, head: SCL, modality: str, source_fp: str, run: s
         out.ensure_spec(spec)
         keys = src.index().unique_keys()
         keys = keys[~out.has(keys)] if len(keys) else keys
-        writer = out.segments.writer(dtypes={POOLED: "float16"}, attrs={"fingerprint": out.fingerprint,
-                                                                        "backbone": "scl"})
+        writer = out.segments.writer(dtypes={POOLED: "float16"}, shapes={POOLED: (int(spec["dim"]),)},
+                                     attrs={"fingerprint": out.fingerprint, "backbone": "scl"})
         chunks = range(0, len(keys), _CHUNK)
         for s in (progress(chunks, desc=f"scl {modality}") if progress else chunks):
             part = keys[s:s + _CHUNK]
