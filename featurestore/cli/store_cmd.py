@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..datasets import get_dataset, list_datasets
-from ..errors import IntegrityError, NotFoundError
+from ..errors import FeatureStoreError, IntegrityError, NotFoundError
 from ..features import FeatureSet, list_feature_sets
 from .._io import TMP_SUFFIX, check_checksums
 from ..hashing import file_digest
@@ -176,10 +176,12 @@ def _verify_features(store, fs: FeatureSet):
     spec = {k: v for k, v in fs.spec.items() if k not in ("fingerprint", "created_at")}
     if fingerprint_of(spec["backbone"], spec) != fs.fingerprint:
         yield fs.spec_path, "spec.json does not hash to its fingerprint"
-    problems = fs.verify()
-    yield from ((p.path, p.message) for p in problems)
-    if not problems:  # rows can be counted only in sound segments
-        yield from _missing_rows(store, fs)
+    yield from ((p.path, p.message) for p in fs.verify())
+    try:
+        missing = list(_missing_rows(store, fs))
+    except FeatureStoreError:  # a damaged segment, already reported above
+        missing = []
+    yield from missing
 
 
 def _missing_rows(store, fs: FeatureSet):
