@@ -24,7 +24,7 @@ import numpy as np
 
 import heads
 from featurestore import __version__
-from featurestore._io import json_safe, read_json, write_checksums, write_json_atomic
+from featurestore._io import check_checksums, json_safe, read_json, write_checksums, write_json_atomic
 from featurestore.config import field
 from featurestore.errors import ConfigError, FeatureStoreError, IntegrityError, NotFoundError
 from featurestore.features import superseded_by
@@ -151,8 +151,9 @@ def load_head(folder: Path, loader=None) -> heads.Head:
     except FeatureStoreError:
         raise
     except Exception as exc:  # safetensors, JSON and config errors of a damaged run folder
-        raise IntegrityError(f"run {folder} is damaged ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); "
-                             "run `fs verify`, then train it again with `fs train-head`") from None
+        which = "; ".join(check_checksums(folder) or []) or f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+        raise IntegrityError(f"run {folder} is damaged ({which}); run `fs verify`, then train it again "
+                             "with `fs train-head`") from None
 
 
 def _new_run_id(method: str, dataset: str) -> str:

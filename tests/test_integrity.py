@@ -78,11 +78,13 @@ def test_compaction_refuses_to_delete_when_the_merge_is_short(store, tmp_path, m
 
 
 # ---- defect 2: verify catches deletions, missing rows, damaged heads and memories ----------------
-@pytest.fixture
-def trained(store, demo_df, minilm):
+@pytest.fixture(scope="module")
+def trained_template(tmp_path_factory, demo_df, minilm):
     """120 demo words in 4 segments, a linear head trained on them, a memory saved beside it."""
     from featurestore.memory import Memory, memory_path
+    from featurestore.store import open_store
 
+    store = open_store(tmp_path_factory.mktemp("trained") / "store", create=True)
     add_dataset(store, "words", demo_df.head(120), root=None, source="t")
     run(ExtractConfig(dataset="words", modality="text", backbone="minilm", segment_rows=32), store, backbone=minilm)
     res = fs_cli(store, "train-head", "--method", "linear", "--dataset", "words", "--features", "text=minilm",
@@ -94,6 +96,17 @@ def trained(store, demo_df, minilm):
     mem.save(memory_path(store, "m1"))
     assert fs_cli(store, "verify").exit_code == 0
     return store
+
+
+@pytest.fixture
+def trained(trained_template, tmp_path):
+    """A fresh copy of the trained store for each test to damage."""
+    import shutil
+
+    from featurestore.store import open_store
+
+    shutil.copytree(trained_template.root, tmp_path / "store", symlinks=True)
+    return open_store(tmp_path / "store")
 
 
 def test_a_deleted_segment_is_found_and_training_warns(trained):
@@ -299,3 +312,56 @@ def test_gc_removes_temp_files_of_killed_jobs_and_verify_reports_them(store, dem
     assert fs_cli(store, "gc").exit_code == 0
     assert not any(p.exists() for p in stray)
     assert fs_cli(store, "verify").exit_code == 0
+
+
+# ---- defect 5: damaged files give one line naming the file, and verify never crashes --------------
+def _flip_header(path):
+    data = bytearray(path.read_bytes())
+    data[:8] = b"garbage!"
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _not_utf8(path):
+    path.write_bytes(b"\xff\xfe" + path.read_bytes())
+
+
+def _broken_json(path):
+    path.write_text(path.read_text()[:-5])
+
+
+_DAMAGE = {  # what is damaged, how, and a command a user would run next
+    "segment header": (lambda s: list_feature_sets(s)[0].segments.segments()[0].path, _flip_header, ["ls"]),
+    "truncated segment": (lambda s: list_feature_sets(s)[0].segments.segments()[0].path, _truncate,
+                          ["eval", "r1", "--dataset", "words"]),
+    "manifest parquet": (lambda s: s.dataset_dir("words") / "manifest.parquet", _truncate, ["ls"]),
+    "store.json not utf-8": (lambda s: s.meta_path, _not_utf8, ["ls"]),
+    "store.json broken": (lambda s: s.meta_path, _broken_json, ["ls"]),
+    "dataset.json": (lambda s: s.dataset_dir("words") / "dataset.json", _not_utf8, ["ls"]),
+    "spec.json": (lambda s: next(s.features_dir().glob("*/spec.json")), _broken_json, ["ls"]),
+    "catalogue": (lambda s: next(s.features_dir().glob("*/catalogue.json")), _broken_json,
+                  ["eval", "r1", "--dataset", "words"]),
+    "safetensors": (lambda s: s.heads_dir() / "r1" / "model.safetensors", _truncate,
+                    ["eval", "r1", "--dataset", "words"]),
+    "faiss index": (lambda s: s.memory_dir() / "m1" / "index.faiss", _flip_header, ["memory", "info", "m1"]),
+}
+
+
+@pytest.mark.parametrize("what", list(_DAMAGE))
+def test_damaged_files_are_one_line_errors_and_verify_survives(trained, what):
+    store = trained
+    locate, damage, command = _DAMAGE[what]
+    path = locate(store)
+    damage(path)
+    res = fs_cli(store, *command)  # catch_exceptions=False: a traceback fails the test
+    assert res.exit_code not in (0, 1), res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and path.name in last, res.output
+    if what.startswith("store.json"):
+        return  # no command can run on a store whose version cannot be read; the error says so
+    res = fs_cli(store, "verify", "--json")
+    assert res.exit_code == 8
+    assert any(path.name in p["path"] + p["message"] for p in json.loads(res.output)["problems"])

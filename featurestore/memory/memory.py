@@ -195,12 +195,14 @@ class Memory:
         if device:
             config = dataclasses.replace(config, device=device)
         mem = cls(info["dim"], config, spec={k: v for k, v in spec.items() if k != "saved_at"})
+        path = folder / INDEX_FILE
         try:
-            mem.index = faiss.read_index(str(folder / INDEX_FILE))
-            mem.meta = pl.read_parquet(folder / META_FILE)
+            mem.index = faiss.read_index(str(path))
+            path = folder / META_FILE
+            mem.meta = pl.read_parquet(path)
         except (RuntimeError, OSError, pl.exceptions.PolarsError) as exc:
-            raise IntegrityError(f"memory {folder} is damaged ({' '.join(str(exc).split())[:160]}); run `fs verify`, "
-                                 "then rebuild it with `fs memory build`") from None
+            raise IntegrityError(f"{path} is damaged ({' '.join(str(exc).split())[:120]}); run `fs verify`, "
+                                 "then rebuild the memory with `fs memory build`") from None
         mem.nprobe, mem.recall = int(info.get("nprobe") or 0), info.get("recall_at_10")
         if mem.index.ntotal != len(mem.meta) or mem.index.d != mem.dim:
             raise IntegrityError(f"memory {folder}: the index holds {mem.index.ntotal} {mem.index.d}-d vectors but "
