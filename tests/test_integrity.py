@@ -365,3 +365,165 @@ def test_damaged_files_are_one_line_errors_and_verify_survives(trained, what):
     res = fs_cli(store, "verify", "--json")
     assert res.exit_code == 8
     assert any(path.name in p["path"] + p["message"] for p in json.loads(res.output)["problems"])
+
+
+# ---- defect 6: many writers per fingerprint; the lock check comes before the model load ---------
+def _popen_fs(root, *args):
+    return subprocess.Popen([sys.executable, "-m", "featurestore.cli", "--store", str(root), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_datasets_and_two_shards_extract_into_one_fingerprint_at_once(store, demo_df, minilm):
+    words = demo_df.head(150)
+    add_dataset(store, "x", words.head(100), root=None, source="t")
+    add_dataset(store, "y", words.slice(50, 100).with_columns(pl.col("item_id") + "-y"), root=None, source="t")
+    run(ExtractConfig(dataset="x", modality="text", backbone="minilm", limit=1), store, backbone=minilm)  # spec known
+    args = ["extract", "--modality", "text", "--backbone", "minilm", "--batch-size", "8", "--segment-rows", "16",
+            "--json"]
+    procs = [_popen_fs(store.root, *args, "--dataset", "x"), _popen_fs(store.root, *args, "--dataset", "y"),
+             _popen_fs(store.root, *args, "--dataset", "y", "--split", "train")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-2000:] for o in outs]
+    results = [json.loads(o[0]) for o in outs]
+    (fs,) = list_feature_sets(store)
+    index = fs.index(refresh=True)
+    assert len(index.unique_keys()) == 150
+    assert len(index._keys) == 150, "no input was computed twice"
+    assert sum(r["computed"] for r in results) == 149
+    assert all(r["segments"] > 0 for r in results[:2]), "each job published its own segments"
+    assert fs_cli(store, "verify").exit_code == 0
+
+
+def test_a_compaction_lock_is_found_before_the_model_loads_and_wait_waits(store, demo_df, minilm):
+    import threading
+    import time
+
+    from featurestore import backbones
+    from featurestore.errors import LockedError
+
+    add_dataset(store, "d", demo_df.head(20), root=None, source="t")
+    run(ExtractConfig(dataset="d", modality="text", backbone="minilm", limit=5), store, backbone=minilm)
+    (fs,) = list_feature_sets(store)
+    cfg = ExtractConfig(dataset="d", modality="text", backbone="minilm")
+    with fs.lock():  # what `fs gc --compact` holds
+        fresh = backbones.create("minilm")
+        with pytest.raises(LockedError, match="--wait"):
+            run(cfg, store, backbone=fresh)
+        assert not fresh._loaded, "the lock is checked before the model is loaded"
+    holder = threading.Event()
+
+    def hold():
+        with fs.lock():
+            holder.set()
+            time.sleep(1.5)
+    t = threading.Thread(target=hold)
+    t.start()
+    holder.wait()
+    res = run(dataclasses_replace(cfg, wait=True), store, backbone=minilm)
+    t.join()
+    assert res.computed == 15
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+# ---- defect 7: publication interval is settable, and short by default ------------------------------
+def test_segment_seconds_publishes_by_time_and_the_default_is_a_few_seconds(store, demo_df, minilm):
+    assert ExtractConfig().segment_seconds <= 5
+    add_dataset(store, "d", demo_df.head(40), root=None, source="t")
+    res = run(ExtractConfig(dataset="d", modality="text", backbone="minilm", batch_size=8, segment_rows=10**6,
+                            segment_seconds=1e-6), store, backbone=minilm)
+    assert res.segments == 5  # one per batch: the time limit, not the row limit, published them
+    out = fs_cli(store, "extract", "--dataset", "d", "--modality", "text", "--backbone", "minilm",
+                 "--segment-seconds", "2", "--segment-rows", "100", "--json")
+    assert out.exit_code == 0 and json.loads(out.output)["cache_hit"]
+
+
+# ---- defect 8: out-of-memory and device errors are not item failures -----------------------------
+class FailsOnce:
+    """A real backbone whose third forward pass raises a transient error (no GPU here to run out of)."""
+
+    def __init__(self, inner, exc):
+        self.inner, self.exc, self.calls = inner, exc, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode(self, items):
+        self.calls += 1
+        if self.calls == 3:
+            raise self.exc
+        return self.inner.encode(items)
+
+
+@pytest.mark.parametrize("exc", [lambda: __import__("torch").cuda.OutOfMemoryError("CUDA out of memory. Tried 2 GiB"),
+                                 lambda: RuntimeError("CUDA error: an illegal memory access was encountered"),
+                                 lambda: MemoryError()])
+def test_transient_errors_stop_the_job_and_are_retried_not_recorded(store, demo_df, minilm, exc):
+    from featurestore.errors import BackboneError
+
+    add_dataset(store, "d", demo_df.head(40), root=None, source="t")
+    cfg = ExtractConfig(dataset="d", modality="text", backbone="minilm", batch_size=8, segment_seconds=1e-6)
+    with pytest.raises(BackboneError, match="not about an item"):
+        run(cfg, store, backbone=FailsOnce(minilm, exc()))
+    (fs,) = list_feature_sets(store)
+    assert fs.errors() == []  # nothing recorded against the items of the failed batch
+    assert len(fs.index(refresh=True).unique_keys()) == 16  # the two batches before it are kept
+    again = run(cfg, store, backbone=minilm)  # no --retry-errors needed
+    assert (again.cached, again.computed, again.failed_total) == (16, 24, 0)
+
+
+# ---- defect 9: 16-bit PNGs, JSONL encodings, long WAVs ------------------------------------------
+def test_16_bit_grayscale_png_is_scaled_not_clipped():
+    import io
+
+    from PIL import Image
+
+    from featurestore.backbones._media import decode_image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    buf = io.BytesIO()
+    img = Image.fromarray(ramp)
+    assert img.mode == "I;16"
+    img.save(buf, format="PNG")
+    rgb = np.asarray(decode_image(buf.getvalue()))
+    assert rgb.shape == (64, 64, 3)
+    np.testing.assert_array_equal(rgb[..., 0], np.rint(ramp / 257.0).astype(np.uint8))
+    assert len(np.unique(rgb)) > 200  # a ramp, not a saturated white block
+
+
+@pytest.mark.parametrize("payload", [b'{"id": "a", "text": "caf\xe9"}\n', b'{"id": "a", "text": "\\ud800 x"}\n'])
+def test_jsonl_with_bad_unicode_is_a_clean_dataset_error(store, tmp_path, payload):
+    (tmp_path / "m.jsonl").write_bytes(b'{"id": "ok", "text": "fine"}\n' + payload)
+    res = fs_cli(store, "datasets", "add", "bad", "--manifest", str(tmp_path / "m.jsonl"))
+    assert res.exit_code == 5, res.output
+    assert "m.jsonl" in res.output and "line 2" in res.output
+
+
+def test_a_long_wav_is_read_only_as_far_as_the_cap_keeps(tmp_path):
+    import io
+    import tracemalloc
+
+    import soundfile as sf
+
+    from featurestore.backbones._media import decode_audio
+
+    sr, minutes = 44100, 10
+    wav = (np.sin(np.arange(sr * 60 * minutes, dtype=np.float32) * 0.01) * 8000).astype(np.int16)
+    buf = io.BytesIO()
+    sf.write(buf, wav, sr, format="WAV", subtype="PCM_16")
+    raw = buf.getvalue()
+    del wav
+    tracemalloc.start()
+    capped = decode_audio(raw, 16000, max_samples=30 * 16000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(capped) == 30 * 16000
+    assert peak < 40 * 2**20, f"peak {peak / 2**20:.0f} MiB: the whole 10 minutes were decoded"
+    short = raw[: 44 + 2 * sr * 5]  # the same file cut to 5 s (a WAV header is 44 bytes): same numbers
+    np.testing.assert_array_equal(decode_audio(short, 16000, max_samples=16000),
+                                  decode_audio(short, 16000)[:16000])
