@@ -21,7 +21,7 @@ from .errors import DiskFullError, IntegrityError, LockedError
 
 __all__ = ["TMP_SUFFIX", "tmp_path", "publish", "write_json_atomic", "write_bytes_atomic", "read_json",
            "file_lock", "json_safe", "disk_full", "raise_if_disk_full", "CHECKSUMS", "write_checksums",
-           "check_checksums", "sha256_file", "try_lock", "cleaned_on_failure"]
+           "check_checksums", "sha256_file", "try_lock", "cleaned_on_failure", "writer_alive"]
 
 TMP_SUFFIX = ".tmp"
 CHECKSUMS = "checksums.json"
@@ -29,8 +29,24 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def tmp_path(target: Path) -> Path:
-    """A unique temporary name in the target's folder (same filesystem, so rename is atomic)."""
-    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+    """A unique temporary name in the target's folder (same filesystem, so rename is atomic),
+    carrying the writer's pid so that a later job can tell a dead writer's leftovers."""
+    return target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
+def writer_alive(tmp: Path) -> bool:
+    """Whether the process that named temp file `tmp` may still be running (unknown: assume so)."""
+    stem = tmp.name[: -len(TMP_SUFFIX)]
+    pid = stem.rsplit(".", 1)[-1].split("-", 1)[0]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def disk_full(exc: BaseException) -> bool:

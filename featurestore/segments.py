@@ -34,7 +34,8 @@ import h5py
 import numpy as np
 
 from . import __version__
-from ._io import TMP_SUFFIX, file_lock, read_json, sha256_file, try_lock, write_bytes_atomic, write_json_atomic
+from ._io import (TMP_SUFFIX, file_lock, read_json, sha256_file, try_lock, write_bytes_atomic, write_json_atomic,
+                  writer_alive)
 from .errors import FeatureStoreError, IntegrityError
 from .hashing import KEY_BYTES
 
@@ -448,9 +449,13 @@ class SegmentSet:
             fh.close()
         return list(retired)
 
-    def remove_temp_files(self) -> list[Path]:
+    def remove_temp_files(self, *, dead_only: bool = False) -> list[Path]:
+        """Remove temp files (with `dead_only`, only those whose writer process is gone: safe
+        while other jobs write here)."""
         removed = []
         for tmp in self.temp_files():
+            if dead_only and writer_alive(tmp):
+                continue
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
         return removed

@@ -280,6 +280,7 @@ class _Job:
         result = ExtractResult(fs.fingerprint, config.dataset, config.modality, items=self.n_rows,
                                unique=len(self.items))
         fs.ensure_spec(spec)
+        fs.segments.remove_temp_files(dead_only=True)  # what killed jobs left half-written
         fs.segments.adopt_orphans()  # segments of a job killed between publishing and registering
         work = pending(fs, self.items, self.unreadable, config.dataset, retry_errors=config.retry_errors)
         result.cached, todo = work.cached, work.todo

@@ -527,3 +527,97 @@ def test_a_long_wav_is_read_only_as_far_as_the_cap_keeps(tmp_path):
     short = raw[: 44 + 2 * sr * 5]  # the same file cut to 5 s (a WAV header is 44 bytes): same numbers
     np.testing.assert_array_equal(decode_audio(short, 16000, max_samples=16000),
                                   decode_audio(short, 16000)[:16000])
+
+
+# ---- the kill storm ----------------------------------------------------------------------------
+_ZYGOTE = """
+import os, sys
+from featurestore import backbones
+from featurestore.store import open_store
+from jobs.extract import ExtractConfig, run
+bb = backbones.create("minilm").load()  # loaded once; no forward pass here (OpenMP is not fork-safe after one)
+store = open_store(sys.argv[1])
+cfg = ExtractConfig(dataset="d", modality="text", backbone="minilm", batch_size=int(sys.argv[2]),
+                    segment_rows=int(sys.argv[2]))
+for line in sys.stdin:
+    if line.strip() == "run":
+        pid = os.fork()
+        if pid == 0:
+            run(cfg, store, backbone=bb)
+            os._exit(0)
+        print(pid, flush=True)
+    elif line.strip() == "reap":
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_storm_leaves_byte_identical_rows_and_a_clean_verify(tmp_path, demo_df, minilm):
+    """At least 20 SIGKILLs at random moments of real extraction processes (planning, encoding,
+    publishing, registering), then a run to the end: every row is byte-identical to an
+    uninterrupted run, no row is stored twice, and `fs verify` is clean.
+
+    The processes are forked from one that loaded the model, so each kill costs no start-up."""
+    import random
+    import signal
+    import time
+
+    from featurestore.store import open_store
+
+    n, batch = 200, 4
+    stores = {name: open_store(tmp_path / name, create=True) for name in ("storm", "clean")}
+    for s in stores.values():
+        add_dataset(s, "d", demo_df.head(n), root=None, source="t")
+    zygote = subprocess.Popen([sys.executable, "-c", _ZYGOTE, str(stores["storm"].root), str(batch)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def command(word):
+        zygote.stdin.write(word + "\n")
+        zygote.stdin.flush()
+        return int(zygote.stdout.readline())
+
+    def rows():
+        sets = list_feature_sets(stores["storm"])
+        return len(sets[0].index(refresh=True).unique_keys()) if sets else 0
+
+    def segments():
+        sets = list_feature_sets(stores["storm"])
+        return len(sets[0].segments.catalogue()["segments"]) if sets else 0
+
+    rng, landed, progressed, before = random.Random(10), 0, 0, 0
+    try:
+        while landed < 24:
+            # Kill after 0, 1 or 2 new segments plus a random delay: random moments, yet at most a few
+            # segments of progress per kill whatever the machine's speed.
+            start, wait_for, deadline = segments(), rng.choice([0, 1, 2]), time.time() + 20
+            pid = command("run")
+            while segments() < start + wait_for and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.05))
+            os.kill(pid, signal.SIGKILL)
+            status = command("reap")
+            if status == 0:
+                pytest.fail(f"the job finished after {landed} kills; make the dataset bigger")
+            assert status == -signal.SIGKILL
+            landed += 1
+            now = rows()
+            progressed += now > before
+            before = now
+        assert command("run") and command("reap") == 0  # the last run goes to the end
+    finally:
+        zygote.kill()
+        zygote.wait()
+    run(ExtractConfig(dataset="d", modality="text", backbone="minilm", batch_size=batch), stores["clean"],
+        backbone=minilm)
+    keys = np.array(get_dataset(stores["clean"], "d").manifest["text_key"].to_list(), dtype="S32")
+    (storm,), (clean,) = list_feature_sets(stores["storm"]), list_feature_sets(stores["clean"])
+    a, pa = storm.read_pooled(keys)
+    b, pb = clean.read_pooled(keys)
+    assert pa.all() and pb.all() and a.tobytes() == b.tobytes()
+    assert len(storm.index(refresh=True)._keys) == n, "no row stored twice"
+    verify = subprocess.run([sys.executable, "-m", "featurestore.cli", "--store", str(stores["storm"].root),
+                             "verify"], capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout
+    print(f"kill storm: {landed} SIGKILLs, {progressed} of them after new rows were published, "
+          f"{before} of {n} rows before the final run, {len(storm.segments.segments())} segments")
+    assert progressed >= 8, "kills must land during the work"
