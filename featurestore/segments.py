@@ -34,8 +34,8 @@ import h5py
 import numpy as np
 
 from . import __version__
-from ._io import (TMP_SUFFIX, file_lock, read_json, sha256_file, try_lock, write_bytes_atomic, write_json_atomic,
-                  writer_alive)
+from ._io import (TMP_SUFFIX, cleaned_on_failure, file_lock, publish, read_json, sha256_file, tmp_path, try_lock,
+                  write_json_atomic, writer_alive)
 from .errors import FeatureStoreError, IntegrityError
 from .hashing import KEY_BYTES
 
@@ -260,8 +260,13 @@ class SegmentSet:
         digest = hashlib.sha256(image).hexdigest()
         final = self.folder / f"{_PREFIX}{digest[:32]}{_SUFFIX}"
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(final, image)
+        tmp = tmp_path(final)
+        with cleaned_on_failure(tmp, final):
+            tmp.write_bytes(image)
+        # Rename and register under the catalogue lock: a compaction deleting a retired segment of
+        # the same name (the same bytes published again) cannot slip in between.
         with self.update_catalogue() as doc:
+            publish(tmp, final)
             doc["segments"][final.name] = {"rows": len(keys), "errors": len(errors), "sha256": digest}
             if final.name in doc["retired"]:  # the same bytes published again: live, not retired
                 doc["retired"].remove(final.name)
@@ -380,6 +385,9 @@ class SegmentSet:
         problems: list[Problem] = []
         seen: dict[bytes, str] = {}
         on_disk = {p.name for p in self._files()}
+        if on_disk and not self.catalogue_path.is_file():
+            return [Problem(str(self.catalogue_path), f"no {CATALOGUE} (segments written before catalogues "
+                                                      "existed); `fs gc` builds it from the segments")]
         for name, entry in sorted(catalogue["segments"].items()):
             if name not in on_disk:
                 problems.append(Problem(str(self.folder / name), f"segment with {entry.get('rows')} rows is listed in "
@@ -441,13 +449,14 @@ class SegmentSet:
         if fh is None:
             return []
         try:
-            for name in retired:
-                (self.folder / name).unlink(missing_ok=True)
-            with self.update_catalogue() as doc:
-                doc["retired"] = sorted(set(doc["retired"]) - set(retired))
+            with self.update_catalogue() as doc:  # no writer can publish a retired name meanwhile
+                gone = [name for name in doc["retired"] if name not in doc["segments"]]
+                for name in gone:
+                    (self.folder / name).unlink(missing_ok=True)
+                doc["retired"] = []
         finally:
             fh.close()
-        return list(retired)
+        return gone
 
     def remove_temp_files(self, *, dead_only: bool = False) -> list[Path]:
         """Remove temp files (with `dead_only`, only those whose writer process is gone: safe

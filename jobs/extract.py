@@ -317,10 +317,18 @@ class _Output:
         self.fs, self.writer, self.claims, self.result = fs, writer, claims, result
         self.seen = set(fs.segments.catalogue()["segments"])
         self.done: set[str] = set()
+        self._stamp: tuple = ()
         self.last_flush = time.perf_counter()
 
     def published(self, keys: list[str]) -> list[bool]:
         """Which keys are in segments published since this job started (by other jobs)."""
+        try:
+            st = self.fs.segments.catalogue_path.stat()
+        except FileNotFoundError:  # nothing published yet
+            return [False] * len(keys)
+        if (st.st_ino, st.st_mtime_ns, st.st_size) == self._stamp:  # unchanged: no need to parse it
+            return [k in self.done for k in keys]
+        self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         for name in set(self.fs.segments.catalogue()["segments"]) - self.seen:
             self.seen.add(name)
             with contextlib.suppress(FeatureStoreError):  # retired or gone since: its rows are in the merge

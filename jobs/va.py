@@ -107,6 +107,8 @@ def run(config: VAConfig, store: Store, *, scorer: VAScorer | None = None,
     vs.folder.mkdir(parents=True, exist_ok=True)
     with vs.lock():
         vs.ensure_spec(spec)
+        vs.segments.remove_temp_files()  # the lock is exclusive: these are a killed job's
+        vs.segments.adopt_orphans()
         work = pending(vs, items, unreadable, config.dataset, retry_errors=config.retry_errors)
         result.cached, todo = work.cached, work.todo
         writer = vs.segments.writer(dtypes=DTYPES, shapes={VA: (2,), KNOWN: (2,)},
