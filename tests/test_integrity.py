@@ -621,3 +621,15 @@ def test_kill_storm_leaves_byte_identical_rows_and_a_clean_verify(tmp_path, demo
     print(f"kill storm: {landed} SIGKILLs, {progressed} of them after new rows were published, "
           f"{before} of {n} rows before the final run, {len(storm.segments.segments())} segments")
     assert progressed >= 8, "kills must land during the work"
+
+
+def test_a_store_written_before_catalogues_is_adopted_by_gc(store, tmp_path, minilm):
+    fs = two_datasets(store, tmp_path, minilm)
+    fs.segments.catalogue_path.unlink()
+    res = fs_cli(store, "verify", "--json")
+    assert res.exit_code == 8
+    (problem,) = json.loads(res.output)["problems"]
+    assert "fs gc" in problem["message"]
+    assert fs_cli(store, "gc").exit_code == 0
+    assert len(fs.segments.catalogue()["segments"]) == 2
+    assert fs_cli(store, "verify").exit_code == 0
