@@ -1,8 +1,10 @@
 """Extraction overhead: `fs extract` items/s divided by a bare forward loop on the same batches.
 
-Target (issue 2): >= 0.85. The bare loop runs only `backbone.encode` (tokenise + forward +
-pool) on the same batches; the job adds hashing, dedup, decoding on a thread, NaN checks,
-HDF5 writes and atomic publication.
+Target (issue 10): >= 0.9. The bare loop runs only `backbone.encode` (tokenise + forward +
+pool) on the same batches. The job is timed as a whole: the entire `run()` call (planning,
+reading the manifest, dedup, claims, decoding on a thread, NaN checks, segment building and
+SHA-256, atomic publication every few seconds, the catalogue, the final publish), with the
+model already loaded (its load time is the only thing left out).
 
     python bench/bench_extract.py [--n 4000] [--batch-size 64]
 """
@@ -32,7 +34,7 @@ def main() -> None:
     bb = backbones.create("minilm").load()
     batches = [[bb.prepare(t) for t in texts[i:i + args.batch_size]] for i in range(0, len(texts), args.batch_size)]
     bb.encode(batches[0])  # warm up
-    ratios, bares, jobs = [], [], []
+    ratios, bares, jobs, shares = [], [], [], []
     for r in range(args.repeat):
         t = time.perf_counter()
         for b in batches:
@@ -43,16 +45,22 @@ def main() -> None:
             df = normalise(pl.DataFrame({"item_id": [f"i{i}" for i in range(len(texts))], "text": texts}),
                            source="bench", default_split="train")
             add_dataset(store, "bench", df, root=None, source="bench")
+            t = time.perf_counter()
             res = run(ExtractConfig(dataset="bench", modality="text", backbone="minilm",
                                     batch_size=args.batch_size), store, backbone=bb)
-        ratios.append(res.items_per_s / bare)
+            elapsed = time.perf_counter() - t
+            whole = res.computed / elapsed  # the whole run(), model already loaded
+        shares.append(res.model_seconds / elapsed)
+        ratios.append(whole / bare)
         bares.append(bare)
-        jobs.append(res.items_per_s)
-        print(f"run {r}: bare loop {bare:8.1f} items/s   fs extract {res.items_per_s:8.1f} items/s   "
-              f"ratio {ratios[-1]:.3f}")
+        jobs.append(whole)
+        print(f"run {r}: bare loop {bare:8.1f} items/s   fs extract (whole run) {whole:8.1f} items/s   "
+              f"ratio {ratios[-1]:.3f}   ({res.segments} segments; encode = {shares[-1]:.3f} of the run)")
     print(f"extraction overhead ratio: median of paired runs {sorted(ratios)[len(ratios) // 2]:.3f}, "
-          f"best vs best {max(jobs) / max(bares):.3f}  (target >= 0.85; n={len(texts)}, batch {args.batch_size}, "
+          f"best vs best {max(jobs) / max(bares):.3f}  (target >= 0.9; n={len(texts)}, batch {args.batch_size}, "
           "minilm, CPU; best-vs-best is the robust figure on a shared machine)")
+    print(f"share of the whole run spent in backbone.encode: median {sorted(shares)[len(shares) // 2]:.3f} "
+          "(what the job adds is the rest; immune to load changes between the bare loop and the job)")
 
 
 if __name__ == "__main__":

@@ -1,28 +1,78 @@
 """Crash-safe file publication: write beside the target, fsync, then rename over it.
 
 A reader sees either the old file or the whole new one, never a partial write; a killed
-writer leaves only a `*.tmp` file that `fs gc` removes.
+writer leaves only a `.*.tmp` file that `fs gc` removes. A full disk is reported as one
+`DiskFullError` naming the file, and the temporary file is removed.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
 import json
 import os
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-from .errors import LockedError
+from .errors import DiskFullError, IntegrityError, LockedError
 
-__all__ = ["TMP_SUFFIX", "tmp_path", "publish", "write_json_atomic", "read_json", "file_lock", "json_safe"]
+__all__ = ["TMP_SUFFIX", "tmp_path", "publish", "write_json_atomic", "write_bytes_atomic", "read_json",
+           "file_lock", "json_safe", "disk_full", "raise_if_disk_full", "CHECKSUMS", "write_checksums",
+           "check_checksums", "sha256_file", "try_lock", "cleaned_on_failure", "writer_alive"]
 
 TMP_SUFFIX = ".tmp"
+CHECKSUMS = "checksums.json"
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def tmp_path(target: Path) -> Path:
-    """A unique temporary name in the target's folder (same filesystem, so rename is atomic)."""
-    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+    """A unique temporary name in the target's folder (same filesystem, so rename is atomic),
+    carrying the writer's pid so that a later job can tell a dead writer's leftovers."""
+    return target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
+def writer_alive(tmp: Path) -> bool:
+    """Whether the process that named temp file `tmp` may still be running (unknown: assume so)."""
+    stem = tmp.name[: -len(TMP_SUFFIX)]
+    pid = stem.rsplit(".", 1)[-1].split("-", 1)[0]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Is this error a full disk or an exhausted quota (as OSError, or wrapped by a library)?"""
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "Disk quota exceeded" in text or "errno = 28" in text
+
+
+def raise_if_disk_full(exc: BaseException, path: Path | str) -> None:
+    if disk_full(exc):
+        raise DiskFullError(f"disk full writing {path}: free some space (or move the store with --store) and "
+                            "re-run; what was already published is kept, and `fs gc` removes leftover temp files") from None
+
+
+@contextlib.contextmanager
+def cleaned_on_failure(tmp: Path, target: Path) -> Iterator[None]:
+    """Remove `tmp` if the write fails, and turn a full disk into a DiskFullError."""
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise_if_disk_full(exc, target)
+        raise
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -35,17 +85,24 @@ def _fsync_dir(folder: Path) -> None:
 
 def publish(tmp: Path, target: Path) -> None:
     """Atomically move a finished temporary file to its final name."""
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    with cleaned_on_failure(tmp, target):
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
     _fsync_dir(target.parent)
 
 
-def write_json_atomic(target: Path, obj: Any) -> None:
+def write_bytes_atomic(target: Path, data: bytes | memoryview) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(target)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    with cleaned_on_failure(tmp, target):
+        with open(tmp, "wb") as fh:
+            fh.write(data)
     publish(tmp, target)
+
+
+def write_json_atomic(target: Path, obj: Any) -> None:
+    write_bytes_atomic(Path(target), (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def json_safe(obj: Any) -> Any:
@@ -66,21 +123,76 @@ def json_safe(obj: Any) -> Any:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file, or one IntegrityError naming it when it is damaged (not UTF-8, not JSON)."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{path} is damaged ({type(exc).__name__}: {exc}); restore it from a backup or "
+                             "recreate what it belongs to (`fs verify` lists every damaged file)") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path, names: Iterable[str]) -> None:
+    """Record the SHA-256 of `names` in `folder/checksums.json` (atomically), for `fs verify`."""
+    folder = Path(folder)
+    write_json_atomic(folder / CHECKSUMS, {"sha256": {n: sha256_file(folder / n) for n in sorted(names)}})
+
+
+def check_checksums(folder: Path) -> list[str] | None:
+    """Problems with the files `checksums.json` lists (None when the folder has no checksums)."""
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).is_file():
+        return None
+    try:
+        recorded = read_json(folder / CHECKSUMS)["sha256"]
+    except (IntegrityError, KeyError, TypeError) as exc:
+        return [f"{CHECKSUMS} is damaged ({exc})"]
+    problems = []
+    for name, digest in sorted(recorded.items()):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{name} does not match its recorded SHA-256 (damaged or replaced)")
+    return problems
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, what: str) -> Iterator[None]:
-    """An exclusive advisory lock, released by the kernel if the holder is killed."""
+def file_lock(path: Path, what: str, *, shared: bool = False, wait: bool = False) -> Iterator[None]:
+    """An advisory lock (exclusive, or shared with other shared holders), released by the kernel
+    if the holder is killed. `wait` blocks until it is free instead of raising LockedError."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a+")
     try:
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh.fileno(), mode | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise LockedError(
-                f"{what} is locked by another process ({path}); wait for it to finish"
+                f"{what} is locked by another process ({path}); wait for it to finish, or pass --wait"
             ) from None
         yield
     finally:
         fh.close()
+
+
+def try_lock(path: Path, *, shared: bool = False, seconds: float = 0.0):
+    """An open file holding the lock, or None if it stays busy for `seconds` (caller closes it)."""
+    fh = open(path, "a+")
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fh.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            return fh
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                fh.close()
+                return None
+            time.sleep(0.05)

@@ -8,6 +8,7 @@ from __future__ import annotations
 __all__ = [
     "FeatureStoreError", "ConfigError", "StoreVersionError", "NotFoundError",
     "DatasetError", "BadItemError", "BackboneError", "IntegrityError", "LockedError",
+    "DiskFullError",
 ]
 
 
@@ -66,3 +67,9 @@ class LockedError(FeatureStoreError):
     """Another process holds the lock of a feature set."""
 
     exit_code = 9
+
+
+class DiskFullError(FeatureStoreError):
+    """The disk (or quota) is full: nothing half-written is left, what was published is kept."""
+
+    exit_code = 11

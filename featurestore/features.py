@@ -65,8 +65,10 @@ class FeatureSet(KeyedSet):
         return self.segments.read_ragged(keys, SEQ, dtype=dtype, index=self.index())
 
     def stats(self) -> dict:
-        segs = self.segments.segments()
-        errors = self.errors()
+        with self.segments.reading():  # no segment is deleted between listing and measuring it
+            segs = self.segments.segments()
+            errors = self.errors()
+            size = sum(s.path.stat().st_size for s in segs)
         return {
             "fingerprint": self.fingerprint,
             "backbone": self.backbone,
@@ -76,7 +78,7 @@ class FeatureSet(KeyedSet):
             "rows": len(self.index(refresh=True)),
             "errors": len({(e.dataset, e.item_id) for e in errors}),
             "segments": len(segs),
-            "bytes": sum(s.path.stat().st_size for s in segs),
+            "bytes": size,
             "created_at": self.spec.get("created_at"),
             "source": self.spec.get("source", {}),
         }

@@ -67,9 +67,23 @@ class KeyedSet:
         write_json_atomic(self.spec_path, {**spec, **self._stamp()})
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        with file_lock(self.folder / ".lock", f"{self.what} {self.name}"):
+    def lock(self, *, shared: bool = False, wait: bool = False) -> Iterator[None]:
+        """The writer lock: extraction jobs share it (each publishes its own segments),
+        compaction and single-writer jobs hold it alone. `wait` blocks instead of failing."""
+        with file_lock(self.folder / ".lock", f"{self.what} {self.name}", shared=shared, wait=wait):
             yield
+
+    def record_dataset(self, dataset: str, entry: dict) -> None:
+        """Remember which rows `dataset` needs from this set (checked by `fs verify`); the widest
+        selection of the same manifest wins."""
+        with self.segments.update_catalogue() as doc:
+            old = doc["datasets"].get(dataset)
+            if old and old.get("manifest_hash") == entry["manifest_hash"] and old.get("modality") == entry["modality"]:
+                entry = {**entry,
+                         "limit": 0 if not (old.get("limit") and entry["limit"]) else max(old["limit"], entry["limit"]),
+                         "splits": [] if not (old.get("splits") and entry["splits"])
+                         else sorted(set(old["splits"]) | set(entry["splits"]))}
+            doc["datasets"][dataset] = entry
 
     # ---- reading -------------------------------------------------------------------
     def index(self, *, refresh: bool = False) -> KeyIndex:

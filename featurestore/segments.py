@@ -8,14 +8,24 @@ A *segment set* is one folder of `seg-<sha256>.h5` files. Each segment holds
   frame sequences): row i is `data[offsets[i]:offsets[i+1]]`
 - `errors/*`        items of the same batch that failed, with their reason
 
-Segments are written to a temporary file and published by an atomic rename to a name
-that is the SHA-256 of their bytes, so a reader only ever sees whole segments, a killed
-writer loses only what it had not yet published, and `verify` detects any flipped byte.
-Plain h5py or h5dump can read every file.
+Segments are built in memory (HDF5 never writes to the disk itself, so a full disk is a
+clean error, not a crash inside the library), written to a temporary file and published by
+an atomic rename to a name that is the SHA-256 of their bytes, so a reader only ever sees
+whole segments, a killed writer loses only what it had not yet published, and `verify`
+detects any flipped byte. Plain h5py or h5dump can read every file.
+
+`catalogue.json` lists every published segment (rows, full SHA-256), so a deleted,
+truncated or replaced segment is caught; it is rewritten atomically under a short lock.
+Readers hold a shared lock (`.read.lock`) while they list and read; compaction deletes the
+segments it merged only under the exclusive lock, and otherwise leaves them "retired"
+(listed in the catalogue, ignored by readers) for the next `gc`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -24,16 +34,19 @@ import h5py
 import numpy as np
 
 from . import __version__
-from ._io import TMP_SUFFIX, publish, tmp_path
-from .errors import IntegrityError
-from .hashing import KEY_BYTES, file_digest
+from ._io import (TMP_SUFFIX, cleaned_on_failure, file_lock, publish, read_json, sha256_file, tmp_path, try_lock,
+                  write_json_atomic, writer_alive)
+from .errors import FeatureStoreError, IntegrityError
+from .hashing import KEY_BYTES
 
 __all__ = ["SegmentSet", "SegmentWriter", "Segment", "ErrorRecord", "Problem", "KEY_DTYPE", "KeyIndex",
-           "key_prefix64"]
+           "key_prefix64", "CATALOGUE"]
 
 KEY_DTYPE = np.dtype(f"S{KEY_BYTES}")
 _STR = h5py.string_dtype("utf-8")
 _PREFIX, _SUFFIX = "seg-", ".h5"
+CATALOGUE = "catalogue.json"
+_DELETE_WAIT_S = 5.0  # how long compaction waits for readers before leaving old segments retired
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +83,14 @@ class Segment:
         return self.path.name[len(_PREFIX):-len(_SUFFIX)]
 
     def open(self) -> h5py.File:
-        return h5py.File(self.path, "r")
+        try:
+            return h5py.File(self.path, "r")
+        except FileNotFoundError:
+            raise IntegrityError(f"segment {self.path} is missing; run `fs verify` to see what was lost, "
+                                 "then `fs extract` again to recompute its rows") from None
+        except OSError as exc:
+            raise IntegrityError(f"segment {self.path} is damaged ({exc}); run `fs verify`, delete it and "
+                                 "re-run `fs extract` to recompute its rows") from None
 
     def keys(self) -> np.ndarray:
         with self.open() as f:
@@ -93,9 +113,11 @@ class SegmentWriter:
     (every N rows or T seconds) so that a kill loses at most that much work.
     """
 
-    def __init__(self, segset: "SegmentSet", *, dtypes: Mapping[str, str], attrs: Mapping | None = None):
+    def __init__(self, segset: "SegmentSet", *, dtypes: Mapping[str, str], shapes: Mapping[str, tuple] | None = None,
+                 attrs: Mapping | None = None):
         self.segset = segset
         self.dtypes = dict(dtypes)
+        self.shapes = dict(shapes or {})  # row shape of each dense array: written even when a segment has 0 rows
         self.attrs = dict(attrs or {})
         self._reset()
 
@@ -108,6 +130,10 @@ class SegmentWriter:
     @property
     def pending_rows(self) -> int:
         return len(self._keys) + len(self._errors)
+
+    @property
+    def pending_keys(self) -> list[str]:
+        return list(self._keys)
 
     def add(self, keys: Sequence[str], dense: Mapping[str, np.ndarray] | None = None,
             ragged: Mapping[str, Sequence[np.ndarray]] | None = None) -> None:
@@ -128,9 +154,9 @@ class SegmentWriter:
     def flush(self) -> Path | None:
         if not self.pending_rows:
             return None
-        path = self.segset.write(self._keys,
-                                 {k: np.concatenate(v) for k, v in self._dense.items()},
-                                 self._ragged, self._errors, attrs=self.attrs)
+        dense = {k: np.empty((0, *shape), self.dtypes[k]) for k, shape in self.shapes.items()}
+        dense.update({k: np.concatenate(v) for k, v in self._dense.items()})
+        path = self.segset.write(self._keys, dense, self._ragged, self._errors, attrs=self.attrs)
         self._reset()
         return path
 
@@ -141,60 +167,120 @@ class SegmentSet:
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
 
+    # ---- the catalogue -------------------------------------------------------------
+    @property
+    def catalogue_path(self) -> Path:
+        return self.folder / CATALOGUE
+
+    def catalogue(self) -> dict:
+        """{"segments": {name: {rows, errors, sha256}}, "retired": [names], "datasets": {...}}."""
+        doc = read_json(self.catalogue_path) if self.catalogue_path.is_file() else {}
+        if not isinstance(doc, dict):
+            raise IntegrityError(f"{self.catalogue_path} is damaged (not a JSON object); run `fs verify`")
+        for key, empty in (("segments", {}), ("retired", []), ("datasets", {})):
+            doc.setdefault(key, empty)
+        return doc
+
+    @contextlib.contextmanager
+    def update_catalogue(self) -> Iterator[dict]:
+        """Read, change and atomically rewrite the catalogue, one process at a time."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.folder / ".catalogue.lock", f"catalogue of {self.folder}", wait=True):
+            doc = self.catalogue()
+            yield doc
+            write_json_atomic(self.catalogue_path, doc)
+
+    def adopt_orphans(self) -> list[str]:
+        """Register sound segments missing from the catalogue (a job killed between publishing a
+        segment and registering it, or a store written before catalogues existed)."""
+        known = self.catalogue()
+        orphans = [p for p in self._files() if p.name not in known["segments"] and p.name not in known["retired"]]
+        entries = {}
+        for path in orphans:
+            entry = _describe(Segment(path))
+            if entry is not None:
+                entries[path.name] = entry
+        if entries:
+            with self.update_catalogue() as doc:
+                doc["segments"].update(entries)
+        return sorted(entries)
+
     # ---- listing -------------------------------------------------------------------
-    def segments(self) -> list[Segment]:
+    def _files(self) -> list[Path]:
         if not self.folder.is_dir():
             return []
-        return [Segment(p) for p in sorted(self.folder.glob(f"{_PREFIX}*{_SUFFIX}"))]
+        return sorted(self.folder.glob(f"{_PREFIX}*{_SUFFIX}"))
+
+    def segments(self) -> list[Segment]:
+        """Published segments a reader should see (those a compaction retired are left out)."""
+        files = self._files()
+        if not files:
+            return []
+        retired = set(self.catalogue()["retired"])
+        return [Segment(p) for p in files if p.name not in retired]
 
     def temp_files(self) -> list[Path]:
         if not self.folder.is_dir():
             return []
         return sorted(self.folder.glob(f".*{TMP_SUFFIX}"))
 
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """A shared lock: compaction does not delete segments while a reader holds it."""
+        path = self.folder / ".read.lock"
+        try:
+            fh = try_lock(path, shared=True, seconds=3600.0) if self.folder.is_dir() else None
+        except OSError:  # a read-only store: nobody can be compacting it either
+            fh = None
+        try:
+            yield
+        finally:
+            if fh is not None:
+                fh.close()
+
     def keys(self) -> np.ndarray:
-        parts = [s.keys() for s in self.segments()]
+        with self.reading():
+            parts = [s.keys() for s in self.segments()]
         return np.concatenate(parts) if parts else np.empty(0, KEY_DTYPE)
 
     def errors(self) -> list[ErrorRecord]:
-        return [e for s in self.segments() for e in s.errors()]
+        with self.reading():
+            return [e for s in self.segments() for e in s.errors()]
 
-    def writer(self, *, dtypes: Mapping[str, str], attrs: Mapping | None = None) -> SegmentWriter:
-        return SegmentWriter(self, dtypes=dtypes, attrs=attrs)
+    def writer(self, *, dtypes: Mapping[str, str], shapes: Mapping[str, tuple] | None = None,
+               attrs: Mapping | None = None) -> SegmentWriter:
+        return SegmentWriter(self, dtypes=dtypes, shapes=shapes, attrs=attrs)
 
     # ---- writing -------------------------------------------------------------------
     def write(self, keys: Sequence[str], dense: Mapping[str, np.ndarray],
               ragged: Mapping[str, Sequence[np.ndarray]] | None = None,
               errors: Sequence[ErrorRecord] = (), *, attrs: Mapping | None = None) -> Path:
-        """Write one segment and publish it atomically; returns its final path."""
+        """Write one segment, publish it atomically and register it; returns its final path."""
+        image = _segment_image(keys, dense, ragged, errors, attrs)
+        digest = hashlib.sha256(image).hexdigest()
+        final = self.folder / f"{_PREFIX}{digest[:32]}{_SUFFIX}"
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path(self.folder / "segment.h5")
-        try:
-            with h5py.File(tmp, "w", track_order=True) as f:
-                f.attrs["writer"] = f"featurestore {__version__}"
-                for k, v in (attrs or {}).items():
-                    f.attrs[k] = v
-                f.create_dataset("keys", data=_as_keys(keys), track_times=False)
-                for name, arr in dense.items():
-                    # Contiguous and uncompressed: a full scan is one sequential read.
-                    f.create_dataset(f"arrays/{name}", data=arr, track_times=False)
-                for name, rows in (ragged or {}).items():
-                    _write_ragged(f, name, rows)
-                if errors:
-                    g = f.create_group("errors")
-                    g.create_dataset("keys", data=_as_keys([e.key for e in errors]))
-                    for col in ("dataset", "item_id", "reason"):
-                        g.create_dataset(col + "s", data=[getattr(e, col) for e in errors], dtype=_STR)
-            digest = file_digest(tmp, 32)
-            final = self.folder / f"{_PREFIX}{digest}{_SUFFIX}"
+        tmp = tmp_path(final)
+        with cleaned_on_failure(tmp, final):
+            tmp.write_bytes(image)
+        # Rename and register under the catalogue lock: a compaction deleting a retired segment of
+        # the same name (the same bytes published again) cannot slip in between.
+        with self.update_catalogue() as doc:
             publish(tmp, final)
-            return final
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+            doc["segments"][final.name] = {"rows": len(keys), "errors": len(errors), "sha256": digest}
+            if final.name in doc["retired"]:  # the same bytes published again: live, not retired
+                doc["retired"].remove(final.name)
+        return final
 
     # ---- reading -------------------------------------------------------------------
     def index(self) -> "KeyIndex":
+        with self.reading():
+            return KeyIndex.build(self.segments())
+
+    def _current(self, index: "KeyIndex | None") -> "KeyIndex":
+        """`index` if it still names the published segments, else a fresh one (under `reading`)."""
+        if index is not None and [s.path.name for s in index.segments] == [s.path.name for s in self.segments()]:
+            return index
         return KeyIndex.build(self.segments())
 
     def read(self, keys: Sequence[str] | np.ndarray, name: str, *, dtype=None,
@@ -204,12 +290,15 @@ class SegmentSet:
         Returns `(values, present)`: values `[len(keys), ...]` (zeros where absent) and a
         boolean mask of the keys that were found.
         """
-        index = index or self.index()
+        with self.reading():
+            return self._read(keys, name, dtype, self._current(index))
+
+    def _read(self, keys, name: str, dtype, index: "KeyIndex") -> tuple[np.ndarray, np.ndarray]:
         want = _as_keys(keys)
         seg_of, row_of, present = index.lookup(want)
         shape, stored = index.shape_of(name)
         if len(want) * 4 >= index.total_rows:  # most of the cache: one sequential scan, one gather
-            _, everything = self.scan(name)
+            _, everything = self._scan(index.segments, name)
             rows = np.where(present, index.seg_starts[np.maximum(seg_of, 0)] + row_of, 0)
             out = np.take(everything, rows, axis=0)
             out[~present] = 0
@@ -222,7 +311,7 @@ class SegmentSet:
             if not len(sel):
                 continue
             with seg.open() as f:
-                block = _take_rows(f[f"arrays/{name}"], row_of[sel])
+                block = _take_rows(_array(f, seg, name), row_of[sel])
             if len(sel) == len(want):  # one segment holds everything: a single gather
                 out[...] = block
             else:
@@ -231,102 +320,249 @@ class SegmentSet:
 
     def scan(self, name: str, *, dtype=None) -> tuple[np.ndarray, np.ndarray]:
         """All stored rows of `name` and their keys, in storage order (no alignment, no dedup)."""
-        segs = self.segments()
-        shapes = []
+        with self.reading():
+            return self._scan(self.segments(), name, dtype)
+
+    def _scan(self, segs: list[Segment], name: str, dtype=None) -> tuple[np.ndarray, np.ndarray]:
+        layout = []  # (segment, rows, keys location, array location), read once
         for seg in segs:
             with seg.open() as f:
-                shapes.append((f[f"arrays/{name}"].shape, f[f"arrays/{name}"].dtype))
-        if not segs:
+                n = f["keys"].shape[0]
+                layout.append((seg, n, _where(f["keys"]), _where(_array(f, seg, name)) if n else None))
+        first = next((loc for *_, loc in layout if loc is not None), None)
+        if first is None:
             return np.empty(0, KEY_DTYPE), np.empty((0,), dtype or np.float32)
-        total = sum(sh[0][0] for sh in shapes)
-        out = np.empty((total,) + shapes[0][0][1:], dtype=dtype or shapes[0][1])
+        total = sum(n for _, n, _, _ in layout)
+        out = np.empty((total,) + tuple(first[1][1:]), dtype=dtype or first[2])
         keys = np.empty(total, KEY_DTYPE)
         lo = 0
-        for seg, (shape, stored) in zip(segs, shapes):
-            hi = lo + shape[0]
-            with seg.open() as f:
-                f["keys"].read_direct(keys, dest_sel=np.s_[lo:hi])
-                ds = f[f"arrays/{name}"]
-                if hi > lo:
-                    if np.dtype(stored) == out.dtype:
-                        ds.read_direct(out, dest_sel=np.s_[lo:hi])
-                    else:
-                        out[lo:hi] = ds[...]
-            lo = hi
+        for seg, n, key_loc, loc in layout:
+            if n:
+                _read_into(seg, "keys", key_loc, keys[lo:lo + n])
+                _read_into(seg, f"arrays/{name}", loc, out[lo:lo + n])
+            lo += n
         return keys, out
 
     def read_ragged(self, keys: Sequence[str] | np.ndarray, name: str, *, dtype=None,
                     index: "KeyIndex | None" = None) -> tuple[list[np.ndarray | None], np.ndarray]:
         """Variable-length rows of `name` for `keys`; None where absent."""
-        index = index or self.index()
-        want = _as_keys(keys)
-        seg_of, row_of, present = index.lookup(want)
-        out: list[np.ndarray | None] = [None] * len(want)
-        for s, seg in enumerate(index.segments):
-            sel = np.flatnonzero(seg_of == s)
-            if not len(sel):
-                continue
-            with seg.open() as f:
-                if f"ragged/{name}" not in f:
+        with self.reading():
+            index = self._current(index)
+            want = _as_keys(keys)
+            seg_of, row_of, present = index.lookup(want)
+            out: list[np.ndarray | None] = [None] * len(want)
+            for s, seg in enumerate(index.segments):
+                sel = np.flatnonzero(seg_of == s)
+                if not len(sel):
                     continue
-                offsets = f[f"ragged/{name}/offsets"][...]
-                data = f[f"ragged/{name}/data"]
-                lo, hi = offsets[row_of[sel].min()], offsets[row_of[sel].max() + 1]
-                block = data[lo:hi]
-                for i, r in zip(sel, row_of[sel]):
-                    row = block[offsets[r] - lo: offsets[r + 1] - lo]
-                    out[i] = row.astype(dtype) if dtype else row
+                with seg.open() as f:
+                    if f"ragged/{name}" not in f:
+                        continue
+                    offsets = f[f"ragged/{name}/offsets"][...]
+                    data = f[f"ragged/{name}/data"]
+                    lo, hi = offsets[row_of[sel].min()], offsets[row_of[sel].max() + 1]
+                    block = data[lo:hi]
+                    for i, r in zip(sel, row_of[sel]):
+                        row = block[offsets[r] - lo: offsets[r + 1] - lo]
+                        out[i] = row.astype(dtype) if dtype else row
         return out, present
 
     def iter_rows(self, name: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(keys, values) per segment, for full scans that need no alignment."""
-        for seg in self.segments():
-            with seg.open() as f:
-                yield f["keys"][...], f[f"arrays/{name}"][...]
+        with self.reading():
+            for seg in self.segments():
+                with seg.open() as f:
+                    keys = f["keys"][...]
+                    yield keys, (_array(f, seg, name)[...] if len(keys) else np.empty((0,)))
 
     # ---- maintenance ---------------------------------------------------------------
     def verify(self, *, expect: Mapping[str, tuple] | None = None) -> list[Problem]:
-        """Checksums, shapes, alignment, finiteness and duplicates of every segment."""
+        """Checksums, catalogue, shapes, alignment, finiteness and duplicates of every segment."""
+        try:
+            catalogue = self.catalogue()
+        except FeatureStoreError as exc:
+            return [Problem(str(self.catalogue_path), f"{exc}")]
         problems: list[Problem] = []
         seen: dict[bytes, str] = {}
+        on_disk = {p.name for p in self._files()}
+        if on_disk and not self.catalogue_path.is_file():
+            return [Problem(str(self.catalogue_path), f"no {CATALOGUE} (segments written before catalogues "
+                                                      "existed); `fs gc` builds it from the segments")]
+        for name, entry in sorted(catalogue["segments"].items()):
+            if name not in on_disk:
+                problems.append(Problem(str(self.folder / name), f"segment with {entry.get('rows')} rows is listed in "
+                                        f"{CATALOGUE} but missing: it was deleted, and its rows are lost; re-run "
+                                        "`fs extract` for the datasets that need them"))
+        retired = set(catalogue["retired"])
         for seg in self.segments():
-            problems.extend(_verify_segment(seg, expect or {}, seen))
+            entry = catalogue["segments"].get(seg.path.name)
+            problems.extend(_verify_segment(seg, expect or {}, seen, entry))
         for tmp in self.temp_files():
             problems.append(Problem(str(tmp), "unpublished temporary file (left by a killed job; `fs gc` removes it)"))
+        for name in sorted(retired & on_disk):
+            problems.append(Problem(str(self.folder / name), "segment merged by a compaction but not yet deleted "
+                                    "(a reader was busy); `fs gc` deletes it"))
         return problems
 
     def compact(self, *, attrs: Mapping | None = None) -> tuple[int, Path | None]:
-        """Merge all segments into one (published before the old ones are removed)."""
+        """Merge all segments into one, check it, and only then retire and delete the old ones.
+
+        The caller holds the set's exclusive writer lock."""
+        self.adopt_orphans()
+        self.delete_retired()
         segs = self.segments()
         if len(segs) < 2:
             return 0, None
-        index = KeyIndex.build(segs)
-        keys = index.unique_keys()
-        dense, ragged = {}, {}
-        with segs[0].open() as f:
-            dense_names = list(f["arrays"].keys()) if "arrays" in f else []
-            ragged_names = list(f["ragged"].keys()) if "ragged" in f else []
-        for name in dense_names:
-            dense[name], _ = self.read(keys, name, index=index)
-        for name in ragged_names:
-            rows, _ = self.read_ragged(keys, name, index=index)
-            ragged[name] = rows
-        errors = self.errors()
+        with self.reading():
+            index = KeyIndex.build(segs)
+            keys = index.unique_keys()
+            dense_names, ragged_names = _array_names(segs)
+            dense = {name: self._read(keys, name, None, index)[0] for name in dense_names}
+            ragged = {name: self.read_ragged(keys, name, index=index)[0] for name in ragged_names}
+            errors = [e for s in segs for e in s.errors()]
         done = set(keys.tolist())
         errors = list({(e.key, e.dataset, e.item_id): e for e in errors
                        if e.key.encode() not in done}.values())
         merged = self.write([k.decode() for k in keys], dense, ragged, errors, attrs=attrs)
-        for seg in segs:
-            if seg.path != merged:
-                seg.path.unlink()
+        try:
+            _check_merged(Segment(merged), keys, dense, ragged_names, len(errors), self.catalogue())
+        except IntegrityError:
+            if merged not in {s.path for s in segs}:  # withdraw the bad merge; the old segments stay
+                with self.update_catalogue() as doc:
+                    doc["segments"].pop(merged.name, None)
+                merged.unlink(missing_ok=True)
+            raise
+        with self.update_catalogue() as doc:
+            for seg in segs:
+                if seg.path != merged:
+                    doc["segments"].pop(seg.path.name, None)
+                    doc["retired"] = sorted(set(doc["retired"]) | {seg.path.name})
+        self.delete_retired()
         return len(segs), merged
 
-    def remove_temp_files(self) -> list[Path]:
+    def delete_retired(self, *, wait: float = _DELETE_WAIT_S) -> list[str]:
+        """Delete retired segments once no reader holds the shared lock (else leave them for later)."""
+        retired = self.catalogue()["retired"] if self.catalogue_path.is_file() else []
+        if not retired:
+            return []
+        fh = try_lock(self.folder / ".read.lock", seconds=wait)
+        if fh is None:
+            return []
+        try:
+            with self.update_catalogue() as doc:  # no writer can publish a retired name meanwhile
+                gone = [name for name in doc["retired"] if name not in doc["segments"]]
+                for name in gone:
+                    (self.folder / name).unlink(missing_ok=True)
+                doc["retired"] = []
+        finally:
+            fh.close()
+        return gone
+
+    def remove_temp_files(self, *, dead_only: bool = False) -> list[Path]:
+        """Remove temp files (with `dead_only`, only those whose writer process is gone: safe
+        while other jobs write here)."""
         removed = []
         for tmp in self.temp_files():
+            if dead_only and writer_alive(tmp):
+                continue
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
         return removed
+
+
+def _segment_image(keys, dense, ragged, errors, attrs) -> bytes:
+    """The bytes of one segment file, built in memory."""
+    buf = io.BytesIO()
+    with h5py.File(buf, "w", track_order=True) as f:
+        f.attrs["writer"] = f"featurestore {__version__}"
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v
+        f.create_dataset("keys", data=_as_keys(keys), track_times=False)
+        for name, arr in dense.items():
+            # Contiguous and uncompressed: a full scan is one sequential read.
+            f.create_dataset(f"arrays/{name}", data=arr, track_times=False)
+        for name, rows in (ragged or {}).items():
+            _write_ragged(f, name, rows)
+        if errors:
+            g = f.create_group("errors")
+            g.create_dataset("keys", data=_as_keys([e.key for e in errors]))
+            for col in ("dataset", "item_id", "reason"):
+                g.create_dataset(col + "s", data=[getattr(e, col) for e in errors], dtype=_STR)
+    return buf.getvalue()
+
+
+def _describe(seg: Segment) -> dict | None:
+    """A catalogue entry for a sound segment file, or None if it is not one."""
+    try:
+        digest = sha256_file(seg.path)
+        if digest[:32] != seg.digest:
+            return None
+        with seg.open() as f:
+            return {"rows": int(f["keys"].shape[0]),
+                    "errors": int(f["errors/keys"].shape[0]) if "errors" in f else 0, "sha256": digest}
+    except (OSError, KeyError, FeatureStoreError):
+        return None
+
+
+def _array(f: h5py.File, seg: Segment, name: str) -> h5py.Dataset:
+    if f"arrays/{name}" not in f:
+        raise IntegrityError(f"segment {seg.path} holds {f['keys'].shape[0]} rows but no array {name!r}; "
+                             "run `fs verify`, delete it and re-run `fs extract` to recompute its rows")
+    return f[f"arrays/{name}"]
+
+
+def _array_names(segs: list[Segment]) -> tuple[list[str], list[str]]:
+    dense, ragged = set(), set()
+    for seg in segs:
+        with seg.open() as f:
+            dense.update(f["arrays"].keys() if "arrays" in f else ())
+            ragged.update(f["ragged"].keys() if "ragged" in f else ())
+    return sorted(dense), sorted(ragged)
+
+
+def _check_merged(seg: Segment, keys: np.ndarray, dense: Mapping[str, np.ndarray], ragged: Sequence[str],
+                  n_errors: int, catalogue: dict) -> None:
+    """Refuse to retire anything unless the merged segment holds every row, array and error."""
+    entry = catalogue["segments"].get(seg.path.name)
+    problems = _verify_segment(seg, {}, {}, entry)
+    with seg.open() as f:
+        if f["keys"].shape[0] != len(keys) or not np.array_equal(f["keys"][...], keys):
+            problems.append(Problem(str(seg.path), "merged keys differ from the union of the old segments"))
+        for name, arr in dense.items():
+            if f"arrays/{name}" not in f or f[f"arrays/{name}"].shape != arr.shape:
+                problems.append(Problem(str(seg.path), f"merged array {name} is missing or has the wrong shape"))
+        for name in ragged:
+            if f"ragged/{name}" not in f:
+                problems.append(Problem(str(seg.path), f"merged ragged {name} is missing"))
+        got_errors = f["errors/keys"].shape[0] if "errors" in f else 0
+        if got_errors != n_errors:
+            problems.append(Problem(str(seg.path), f"merged segment has {got_errors} errors, expected {n_errors}"))
+    if problems:
+        raise IntegrityError(f"compaction of {seg.path.parent} stopped, nothing deleted: {problems[0].message}")
+
+
+def _where(ds: h5py.Dataset):
+    """(byte offset or None, shape, dtype): where a plain contiguous dataset's bytes lie in its file."""
+    offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
+    return offset, ds.shape, ds.dtype
+
+
+def _read_into(seg: Segment, path: str, loc, out: np.ndarray) -> None:
+    """Fill `out` with a whole dataset. A contiguous one whose dtype matches is read straight into
+    `out` with one `readinto` (HDF5's own read path is about 2x slower on large arrays)."""
+    offset, shape, stored = loc
+    if offset is not None and np.dtype(stored) == out.dtype and out.flags.c_contiguous \
+            and np.dtype(stored).isnative and out.nbytes:
+        with open(seg.path, "rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(memoryview(out).cast("B")) == out.nbytes:
+                return
+    with seg.open() as f:
+        ds = f[path]
+        if np.dtype(stored) == out.dtype and out.flags.c_contiguous:
+            ds.read_direct(out)
+        else:
+            out[...] = ds[...]
 
 
 _HEX = np.zeros(256, np.uint8)
@@ -443,16 +679,24 @@ def _write_ragged(f: h5py.File, name: str, rows: Sequence[np.ndarray]) -> None:
     f.create_dataset(f"ragged/{name}/offsets", data=offsets, track_times=False)
 
 
-def _verify_segment(seg: Segment, expect: Mapping[str, tuple], seen: dict) -> list[Problem]:
+def _verify_segment(seg: Segment, expect: Mapping[str, tuple], seen: dict, entry: dict | None) -> list[Problem]:
     where = str(seg.path)
-    digest = file_digest(seg.path, 32)
-    if digest != seg.digest:
-        return [Problem(where, f"checksum mismatch: file hashes to {digest}, name says {seg.digest}; "
-                               "the segment is corrupt: delete it and re-run `fs extract` to recompute its rows")]
+    digest = sha256_file(seg.path)
+    if digest[:32] != seg.digest:
+        return [Problem(where, f"checksum mismatch: file hashes to {digest[:32]}, name says {seg.digest}; "
+                               "the segment is corrupt (truncated or changed): delete it and re-run `fs extract` "
+                               "to recompute its rows")]
     problems = []
+    if entry is None:
+        problems.append(Problem(where, f"segment is not in {CATALOGUE} (left by a job killed while publishing, "
+                                       "or copied in by hand); `fs gc` registers it"))
+    elif entry.get("sha256") != digest:
+        problems.append(Problem(where, f"segment was replaced: its SHA-256 is not the one in {CATALOGUE}"))
     try:
-        with seg.open() as f:
+        with h5py.File(seg.path, "r") as f:
             keys = f["keys"][...]
+            if entry is not None and entry.get("rows") != len(keys):
+                problems.append(Problem(where, f"segment holds {len(keys)} rows, {CATALOGUE} says {entry.get('rows')}"))
             if len(np.unique(keys)) != len(keys):
                 problems.append(Problem(where, "duplicate keys inside one segment"))
             for k in keys:
@@ -461,6 +705,10 @@ def _verify_segment(seg: Segment, expect: Mapping[str, tuple], seen: dict) -> li
                                                    "interrupted compaction; `fs gc --compact` merges them)"))
                     break
             seen.update(dict.fromkeys(keys.tolist(), seg.path.name))
+            for name in expect:
+                if len(keys) and f"arrays/{name}" not in f:
+                    problems.append(Problem(where, f"segment holds {len(keys)} rows but no array {name}: "
+                                                   "delete it and re-run `fs extract`"))
             for name, ds in f.get("arrays", {}).items():
                 if ds.shape[0] != len(keys):
                     problems.append(Problem(where, f"array {name} has {ds.shape[0]} rows for {len(keys)} keys"))
@@ -473,6 +721,6 @@ def _verify_segment(seg: Segment, expect: Mapping[str, tuple], seen: dict) -> li
                 if len(off) != len(keys) + 1 or off[0] != 0 or np.any(np.diff(off) < 0) \
                         or off[-1] != g["data"].shape[0]:
                     problems.append(Problem(where, f"ragged {name} offsets do not match its data"))
-    except (OSError, KeyError) as exc:
+    except (OSError, KeyError, ValueError) as exc:
         problems.append(Problem(where, f"unreadable segment: {exc}"))
     return problems

@@ -13,6 +13,7 @@ from pathlib import Path
 from . import __version__
 from ._io import read_json, write_json_atomic
 from .config import to_dict
+from .errors import DiskFullError
 from .hashing import spec_digest
 from .store import FORMAT_VERSION, Store
 
@@ -58,7 +59,10 @@ def lookup(store: Store, bb) -> dict | None:
 def remember(store: Store, bb, spec: dict) -> None:
     key = _key(bb)
     if key is not None:
-        write_json_atomic(_path(store, key), spec)
+        try:
+            write_json_atomic(_path(store, key), spec)
+        except (OSError, DiskFullError):
+            pass  # only a cache: the next run resolves the spec by loading the model again
 
 
 def forget(store: Store, bb) -> None:

@@ -4,9 +4,16 @@ Each distinct input (by content key) is computed once per fingerprint. Rows are
 published in segments at batch boundaries, so a killed job loses at most one unpublished
 segment and, resumed with the same batch size, forms the same batches and so writes
 bit-identical rows on CPU. Bad items are recorded with their reason; the job goes on.
+Errors that are not about an item (out of memory, a device error, a full disk) stop the
+job with what it computed published, and are not recorded: a later run retries the items.
+
+Several jobs may extract into one fingerprint at once (two datasets, two shards): each
+publishes its own segments, and keys another live job is computing are left to it
+(featurestore.claims), so no input is computed twice.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,13 +23,15 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from featurestore import backbones, spec_cache
+from featurestore._io import disk_full
 from featurestore.backbones.base import MODALITIES, Backbone, fingerprint_of
+from featurestore.claims import Claims
 from featurestore.config import field
 from featurestore.datasets import get_dataset
-from featurestore.errors import BadItemError, ConfigError
+from featurestore.errors import BackboneError, BadItemError, ConfigError, DiskFullError, FeatureStoreError
 from featurestore.features import POOLED, SEQ, FeatureSet
 from featurestore.hashing import content_key
-from featurestore.segments import ErrorRecord
+from featurestore.segments import ErrorRecord, Segment
 from featurestore.store import Store
 
 __all__ = ["ExtractConfig", "ExtractResult", "run", "plan", "pending", "Pending"]
@@ -39,8 +48,9 @@ class ExtractConfig:
     limit: int = field(0, "only the first N manifest rows (0: all)")
     splits: tuple = field((), "only these splits (empty: all)")
     segment_rows: int = field(16384, "publish a segment after this many rows")
-    segment_seconds: float = field(30.0, "... or after this many seconds, whichever comes first")
+    segment_seconds: float = field(5.0, "... or after this many seconds of work, whichever comes first")
     retry_errors: bool = field(False, "retry items that failed in an earlier run")
+    wait: bool = field(False, "wait for a compaction of the fingerprint to finish instead of failing")
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
@@ -49,6 +59,8 @@ class ExtractConfig:
             raise ConfigError(f"batch size {self.batch_size} must be at least 1")
         if self.limit < 0:
             raise ConfigError(f"limit {self.limit} must be 0 (all) or positive")
+        if self.segment_rows < 1 or not self.segment_seconds > 0:
+            raise ConfigError(f"segment rows {self.segment_rows} and seconds {self.segment_seconds} must be positive")
 
 
 @dataclasses.dataclass
@@ -90,11 +102,7 @@ class _Item:
 def plan(store: Store, config: ExtractConfig) -> tuple[list[_Item], list[ErrorRecord], int]:
     """Distinct inputs of the dataset in manifest order, items unreadable up front, row count."""
     ds = get_dataset(store, config.dataset)
-    df = ds.manifest
-    if config.splits:
-        df = df.filter(df["split"].is_in(list(config.splits)))
-    if config.limit:
-        df = df.head(config.limit)
+    df = ds.select(config.splits, config.limit)
     m = config.modality
     if df[m].null_count() == len(df):
         raise ConfigError(f"dataset {config.dataset!r} has no {m} inputs; it has "
@@ -158,6 +166,29 @@ def _raw(modality: str, item: _Item) -> bytes | str:
     return data
 
 
+def transient(exc: BaseException) -> bool:
+    """Errors about the machine, not the item (memory, device, disk): never recorded against an item."""
+    if isinstance(exc, (MemoryError, DiskFullError)) or disk_full(exc):
+        return True
+    if type(exc).__name__ in ("OutOfMemoryError", "AcceleratorError", "CudaError"):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("out of memory", "cuda error", "cudnn_status", "cublas_status",
+                                   "device-side assert", "hip error", "mps backend out of memory"))
+
+
+def _stop(exc: BaseException, config: ExtractConfig) -> BaseException:
+    """The error a transient failure stops the job with."""
+    if isinstance(exc, FeatureStoreError):
+        return exc
+    if disk_full(exc):
+        return DiskFullError(f"disk full while extracting {config.dataset}: free space and re-run; "
+                             "rows computed so far are kept")
+    return BackboneError(f"{type(exc).__name__} while extracting {config.dataset} ({str(exc)[:200]}); this is not "
+                         "about an item, so nothing was recorded against one: rows computed so far are kept, "
+                         "re-run to go on (perhaps with a smaller --batch-size)")
+
+
 def _prepare_batch(bb: Backbone, modality: str, batch: Sequence[_Item]) -> tuple[list, list, list[tuple]]:
     good, prepared, bad = [], [], []
     for item in batch:
@@ -167,6 +198,8 @@ def _prepare_batch(bb: Backbone, modality: str, batch: Sequence[_Item]) -> tuple
         except BadItemError as exc:
             bad.append((item, str(exc)))
         except Exception as exc:  # a decoder crash on one item must not stop a million-item job
+            if transient(exc):
+                raise
             bad.append((item, f"{type(exc).__name__}: {exc}"))
     return good, prepared, bad
 
@@ -176,14 +209,16 @@ def _encode_safely(bb: Backbone, good: list, prepared: list) -> tuple[list, np.n
     try:
         enc = bb.encode(prepared)
         return good, enc.pooled, enc.sequences, []
-    except Exception:
-        if len(prepared) == 1:
+    except Exception as exc:
+        if len(prepared) == 1 or transient(exc):
             raise
     keep, pooled, seqs, bad = [], [], [], []
     for item, p in zip(good, prepared):
         try:
             enc = bb.encode([p])
         except Exception as exc:
+            if transient(exc):
+                raise
             bad.append((item, f"backbone failed on this item: {type(exc).__name__}: {exc}"))
             continue
         keep.append(item)
@@ -207,58 +242,150 @@ def run(config: ExtractConfig, store: Store, *, backbone: Backbone | None = None
     if bb.modality != config.modality:
         raise ConfigError(f"backbone {bb.name!r} encodes {bb.modality}, not {config.modality}; "
                           f"pick {'an' if config.modality[0] in 'aeiou' else 'a'} {config.modality} backbone (fs backbones list)")
-    items, unreadable, n_rows = plan(store, config)
-    return _run(config, store, bb, items, unreadable, n_rows, t0, progress, log, trust_cache=True)
-
-
-def _run(config: ExtractConfig, store: Store, bb: Backbone, items, unreadable, n_rows: int, t0: float,
-         progress, log, *, trust_cache: bool) -> ExtractResult:
-    spec = spec_cache.lookup(store, bb) if trust_cache else None
-    if spec is None:  # resolve it the expensive way: load the model, hash its weights
-        bb.load()
-        spec = bb.spec()
-        spec_cache.remember(store, bb, spec)
+    job = _Job(config, store, bb, *plan(store, config), t0, progress, log)
+    remembered = spec_cache.lookup(store, bb)
+    if remembered is not None:
+        fs = FeatureSet(store, fingerprint_of(bb.name, remembered))
+        with fs.lock(shared=True, wait=config.wait):  # a compaction in progress is found before any model load
+            if fs.exists() and not pending(fs, job.items, job.unreadable, config.dataset,
+                                           retry_errors=config.retry_errors).todo:
+                return job.extract(fs, remembered)  # nothing to compute: no model needed
+            # A remembered spec is about to name rows: check it against the real model first.
+            if fingerprint_of(bb.name, bb.load().spec()) == fs.fingerprint:
+                return job.extract(fs, remembered)
+        spec_cache.forget(store, bb)
+    bb.load()
+    spec = bb.spec()
+    spec_cache.remember(store, bb, spec)
     fs = FeatureSet(store, fingerprint_of(bb.name, spec))
-    if not bb._loaded and (not fs.exists() or pending(fs, items, unreadable, config.dataset,
-                                                      retry_errors=config.retry_errors).todo):
-        # A remembered spec is about to name rows: check it against the real model first.
-        bb.load()
-        if fingerprint_of(bb.name, bb.spec()) != fs.fingerprint:
-            spec_cache.forget(store, bb)
-            return _run(config, store, bb, items, unreadable, n_rows, t0, progress, log, trust_cache=False)
-    result = ExtractResult(fs.fingerprint, config.dataset, config.modality, items=n_rows, unique=len(items))
-    fs.folder.mkdir(parents=True, exist_ok=True)
-    with fs.lock():
+    with fs.lock(shared=True, wait=config.wait):
+        return job.extract(fs, spec)
+
+
+@dataclasses.dataclass
+class _Job:
+    config: ExtractConfig
+    store: Store
+    bb: Backbone
+    items: list
+    unreadable: list
+    n_rows: int
+    t0: float
+    progress: Any
+    log: Callable[[str], None]
+
+    def extract(self, fs: FeatureSet, spec: dict) -> ExtractResult:
+        """The work, under the fingerprint's (shared) writer lock."""
+        config = self.config
+        result = ExtractResult(fs.fingerprint, config.dataset, config.modality, items=self.n_rows,
+                               unique=len(self.items))
         fs.ensure_spec(spec)
-        work = pending(fs, items, unreadable, config.dataset, retry_errors=config.retry_errors)
+        fs.segments.remove_temp_files(dead_only=True)  # what killed jobs left half-written
+        fs.segments.adopt_orphans()  # segments of a job killed between publishing and registering
+        work = pending(fs, self.items, self.unreadable, config.dataset, retry_errors=config.retry_errors)
         result.cached, todo = work.cached, work.todo
-        writer = fs.segments.writer(dtypes={POOLED: fs.dtype, SEQ: fs.dtype},
-                                    attrs={"fingerprint": fs.fingerprint, "backbone": bb.name})
+        writer = fs.segments.writer(dtypes={POOLED: fs.dtype, SEQ: fs.dtype}, shapes={POOLED: (fs.dim,)},
+                                    attrs={"fingerprint": fs.fingerprint, "backbone": self.bb.name})
         writer.add_errors(work.new_errors)
         result.failed_new += work.unreadable
-        if todo:
-            log(f"{fs.fingerprint}: {len(todo)} to compute, {result.cached} cached")
-            t_loop = time.perf_counter()
-            _extract(bb, config, todo, writer, result, progress)
-            result.extract_seconds = time.perf_counter() - t_loop
+        try:
+            if todo:
+                self.log(f"{fs.fingerprint}: {len(todo)} to compute, {result.cached} cached")
+                t_loop = time.perf_counter()
+                with Claims(fs.folder) as claims:
+                    _extract(self.bb, config, todo, _Output(fs, writer, claims, result), self.progress)
+                result.extract_seconds = time.perf_counter() - t_loop
+        except BaseException as exc:
+            with contextlib.suppress(Exception):  # publish what was computed before the job stopped
+                writer.flush()
+            if isinstance(exc, Exception) and transient(exc):
+                raise _stop(exc, config) from None
+            raise
         result.segments += bool(writer.flush())
+        ds = get_dataset(self.store, config.dataset)
+        fs.record_dataset(config.dataset, {"modality": config.modality, "limit": config.limit,
+                                           "splits": sorted(config.splits), "manifest_hash": ds.manifest_hash})
         result.failed_total = len({(e.dataset, e.item_id) for e in fs.errors() if e.dataset == config.dataset})
-    result.seconds = time.perf_counter() - t0
-    return result
+        result.seconds = time.perf_counter() - self.t0
+        return result
 
 
-def _extract(bb: Backbone, config: ExtractConfig, todo: list[_Item], writer, result: ExtractResult,
+class _Output:
+    """Where computed rows go: the writer, the claims of this job, and what others have published."""
+
+    def __init__(self, fs: FeatureSet, writer, claims: Claims, result: ExtractResult):
+        self.fs, self.writer, self.claims, self.result = fs, writer, claims, result
+        self.seen = set(fs.segments.catalogue()["segments"])
+        self.done: set[str] = set()
+        self._stamp: tuple = ()
+        self.last_flush = time.perf_counter()
+
+    def published(self, keys: list[str]) -> list[bool]:
+        """Which keys are in segments published since this job started (by other jobs)."""
+        try:
+            st = self.fs.segments.catalogue_path.stat()
+        except FileNotFoundError:  # nothing published yet
+            return [False] * len(keys)
+        if (st.st_ino, st.st_mtime_ns, st.st_size) == self._stamp:  # unchanged: no need to parse it
+            return [k in self.done for k in keys]
+        self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        for name in set(self.fs.segments.catalogue()["segments"]) - self.seen:
+            self.seen.add(name)
+            with contextlib.suppress(FeatureStoreError):  # retired or gone since: its rows are in the merge
+                seg = Segment(self.fs.folder / name)
+                self.done.update(k.decode() for k in seg.keys())
+                self.done.update(e.key for e in seg.errors() if e.key)
+        return [k in self.done for k in keys]
+
+    def claim(self, batch: Sequence[_Item]) -> tuple[list[_Item], list[_Item]]:
+        mine, theirs = self.claims.claim([it.key for it in batch], self.published)
+        mine, theirs = set(mine), set(theirs)
+        return [it for it in batch if it.key in mine], [it for it in batch if it.key in theirs]
+
+    def maybe_flush(self, config: ExtractConfig, *, force: bool = False) -> None:
+        due = self.writer.pending_rows >= config.segment_rows or \
+            time.perf_counter() - self.last_flush > config.segment_seconds
+        if force or due:
+            path = self.writer.flush()
+            if path is not None:
+                self.seen.add(path.name)
+                self.result.segments += 1
+            self.claims.release()
+            self.last_flush = time.perf_counter()
+
+
+def _extract(bb: Backbone, config: ExtractConfig, todo: list[_Item], out: _Output,
              progress: Callable[..., Any] | None) -> None:
     bar = progress(total=len(todo), desc=f"extract {config.dataset}/{config.modality}", unit="item") if progress else None
-    last_flush = time.perf_counter()
+    queue = todo
+    while queue:
+        later = _extract_pass(bb, config, queue, out, bar)
+        if later:  # inputs another live job is computing: wait for its segments (or its death)
+            out.maybe_flush(config, force=True)
+            time.sleep(0.2)
+        queue = later
+    if bar is not None:
+        bar.close()
+
+
+def _extract_pass(bb: Backbone, config: ExtractConfig, todo: list[_Item], out: _Output, bar) -> list[_Item]:
+    """One pass over `todo` in fixed batches; returns the items left to another job."""
+    result, writer, later = out.result, out.writer, []
     batches = list(_batches(todo, config.batch_size))
     # Decode batch i+1 on a thread while the model runs on batch i.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fs-decode") as pool:
-        pending = pool.submit(_prepare_batch, bb, config.modality, batches[0])
+        decoding = pool.submit(_prepare_batch, bb, config.modality, batches[0])
         for i in range(len(batches)):
-            good, prepared, bad = pending.result()
+            good, prepared, bad = decoding.result()
             if i + 1 < len(batches):
-                pending = pool.submit(_prepare_batch, bb, config.modality, batches[i + 1])
+                decoding = pool.submit(_prepare_batch, bb, config.modality, batches[i + 1])
+            mine, theirs = out.claim(batches[i])
+            later += theirs
+            if len(mine) < len(batches[i]):
+                keep = {it.key for it in mine}
+                prepared = [p for it, p in zip(good, prepared) if it.key in keep]
+                good = [it for it in good if it.key in keep]
+                bad = [(it, r) for it, r in bad if it.key in keep]
             t = time.perf_counter()
             good, pooled, seqs, bad2 = _encode_safely(bb, good, prepared) if good else ([], None, None, [])
             result.model_seconds += time.perf_counter() - t
@@ -274,11 +401,8 @@ def _extract(bb: Backbone, config: ExtractConfig, todo: list[_Item], writer, res
                 result.computed += len(keep)
             writer.add_errors(ErrorRecord(it.key, config.dataset, it.item_id, reason) for it, reason in bad)
             result.failed_new += len(bad)
-            if writer.pending_rows >= config.segment_rows or time.perf_counter() - last_flush > config.segment_seconds:
-                result.segments += bool(writer.flush())
-                last_flush = time.perf_counter()
+            out.maybe_flush(config)
             if bar is not None:
-                bar.update(len(batches[i]))
+                bar.update(len(batches[i]) - len(theirs))
                 bar.set_postfix(failed=result.failed_new, refresh=False)
-    if bar is not None:
-        bar.close()
+    return later

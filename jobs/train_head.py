@@ -24,9 +24,9 @@ import numpy as np
 
 import heads
 from featurestore import __version__
-from featurestore._io import json_safe, read_json, write_json_atomic
+from featurestore._io import check_checksums, json_safe, read_json, write_checksums, write_json_atomic
 from featurestore.config import field
-from featurestore.errors import ConfigError, NotFoundError
+from featurestore.errors import ConfigError, FeatureStoreError, IntegrityError, NotFoundError
 from featurestore.features import superseded_by
 from featurestore.reader import parse_feature_refs
 from featurestore.store import Store, check_name, now_iso
@@ -66,11 +66,12 @@ class TrainResult:
     val_score: float | None
     seconds: float
     lineage: dict
+    warnings: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"run": self.run_id, "folder": str(self.folder), "method": self.method, "dataset": self.dataset,
                 "kind": self.kind, "metrics": json_safe(self.metrics), "val_score": json_safe(self.val_score),
-                "seconds": round(self.seconds, 3), "lineage": self.lineage}
+                "seconds": round(self.seconds, 3), "lineage": self.lineage, "warnings": self.warnings}
 
 
 def make_head(method: str, params: dict, seed: int) -> heads.Head:
@@ -102,6 +103,9 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
     if data.kind not in head.supports:
         raise ConfigError(f"head {config.method!r} does not train {data.kind!r} targets (--target "
                           f"{config.target}); it supports {sorted(head.supports)}")
+    warned = coverage_warnings(data, config)
+    for message in warned:
+        say(message)
     (Xtr, ytr), (Xv, yv) = data.splits["train"], data.splits["val"]
     say(f"training {config.method} on {len(ytr)} items ({data.kind}, {len(data.classes)} classes), "
         f"validating on {len(yv)}")
@@ -127,7 +131,31 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
     folder = _publish_run(store, run_id, head, doc, lineage, (yte, pred, proba))
     say(f"saved run {run_id} to {folder}")
     return TrainResult(run_id, folder, config.method, config.dataset, data.kind, test, val,
-                       time.perf_counter() - start, lineage)
+                       time.perf_counter() - start, lineage, warned)
+
+
+def coverage_warnings(data, config: TrainHeadConfig) -> list[str]:
+    """One line per split where cached features cover fewer items than the split has: training on
+    what is left would be silent otherwise (a deleted segment, an extraction with --limit)."""
+    out = []
+    for split, missing in data.no_features.items():
+        if missing:
+            have = len(data.splits[split][1]) if split in data.splits else "?"
+            out.append(f"warning: {missing} item(s) of split {split!r} of {config.dataset!r} have no cached features "
+                       f"({have} used); `fs verify` checks the store, `fs extract --dataset {config.dataset}` fills gaps")
+    return out
+
+
+def load_head(folder: Path, loader=None) -> heads.Head:
+    """A saved head, or one IntegrityError naming the folder when its files are damaged."""
+    try:
+        return (loader or heads.Head.load)(folder)
+    except FeatureStoreError:
+        raise
+    except Exception as exc:  # safetensors, JSON and config errors of a damaged run folder
+        which = "; ".join(check_checksums(folder) or []) or f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+        raise IntegrityError(f"run {folder} is damaged ({which}); run `fs verify`, then train it again "
+                             "with `fs train-head`") from None
 
 
 def _new_run_id(method: str, dataset: str) -> str:
@@ -145,6 +173,7 @@ def _publish_run(store: Store, run_id: str, head: heads.Head, doc: dict, lineage
         write_json_atomic(tmp / "metrics.json", json_safe(doc))
         write_json_atomic(tmp / "lineage.json", lineage)
         plot(tmp, head.meta_["kind"], list(head.meta_.get("classes", [])), *evaluated)
+        write_checksums(tmp, [p.name for p in tmp.iterdir() if p.is_file()])  # checked by `fs verify`
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -230,7 +259,7 @@ def evaluate(run_id: str, dataset: str, store: Store, *, split: str = "test") ->
     from featurestore.reader import load_split
 
     folder = run_folder(store, run_id)
-    head = heads.Head.load(folder)
+    head = load_head(folder)
     lineage = read_json(folder / "lineage.json")
     classes = list(head.meta_.get("classes", []))
     seq = bool(head.meta_.get("seq_dims"))

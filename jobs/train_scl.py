@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from featurestore._io import write_checksums
 from featurestore.backbones.base import fingerprint_of
 from featurestore.config import field, to_dict
 from featurestore.errors import ConfigError, NotFoundError
@@ -28,6 +29,7 @@ from featurestore.reader import SplitData, load_split, parse_feature_refs
 from featurestore.store import FORMAT_VERSION, Store, check_name, now_iso
 from heads.base import Features, Targets
 from heads.scl import SCL
+from jobs.train_head import load_head
 
 __all__ = ["TrainSCLConfig", "TrainSCLResult", "run", "parse_data", "derived_spec", "write_derived", "load_run"]
 
@@ -165,6 +167,7 @@ def _save_run(head: SCL, folder, metrics: dict, lineage: dict) -> None:
         head.save(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
+        write_checksums(tmp, [p.name for p in tmp.iterdir() if p.is_file()])  # checked by `fs verify`
         publish_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,7 +182,7 @@ def load_run(store: Store, run: str) -> tuple[SCL, dict]:
     lineage = json.loads(lineage_path.read_text())
     if lineage.get("kind") != "scl":
         raise ConfigError(f"run {run!r} is a {lineage.get('kind')!r} run, not an scl run")
-    head = SCL.load(folder)
+    head = load_head(folder, SCL.load)
     if head.encoder_hash() != lineage["encoder_hash"]:
         from featurestore.errors import IntegrityError
         raise IntegrityError(f"run {run!r}: weights hash {head.encoder_hash()} differs from lineage.json's "
@@ -213,8 +216,8 @@ def write_derived(store: Store, head: SCL, modality: str, source_fp: str, run: s
         out.ensure_spec(spec)
         keys = src.index().unique_keys()
         keys = keys[~out.has(keys)] if len(keys) else keys
-        writer = out.segments.writer(dtypes={POOLED: "float16"}, attrs={"fingerprint": out.fingerprint,
-                                                                        "backbone": "scl"})
+        writer = out.segments.writer(dtypes={POOLED: "float16"}, shapes={POOLED: (int(spec["dim"]),)},
+                                     attrs={"fingerprint": out.fingerprint, "backbone": "scl"})
         chunks = range(0, len(keys), _CHUNK)
         for s in (progress(chunks, desc=f"scl {modality}") if progress else chunks):
             part = keys[s:s + _CHUNK]

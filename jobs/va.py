@@ -107,9 +107,12 @@ def run(config: VAConfig, store: Store, *, scorer: VAScorer | None = None,
     vs.folder.mkdir(parents=True, exist_ok=True)
     with vs.lock():
         vs.ensure_spec(spec)
+        vs.segments.remove_temp_files()  # the lock is exclusive: these are a killed job's
+        vs.segments.adopt_orphans()
         work = pending(vs, items, unreadable, config.dataset, retry_errors=config.retry_errors)
         result.cached, todo = work.cached, work.todo
-        writer = vs.segments.writer(dtypes=DTYPES, attrs={"source": vs.source, "scorer": scorer.name})
+        writer = vs.segments.writer(dtypes=DTYPES, shapes={VA: (2,), KNOWN: (2,)},
+                                    attrs={"source": vs.source, "scorer": scorer.name})
         writer.add_errors(work.new_errors)
         result.failed_new += work.unreadable
         if features is not None and todo:

@@ -72,7 +72,8 @@ class CLAPAudio(Backbone):
     def prepare(self, raw: bytes | str) -> np.ndarray:
         if isinstance(raw, str):
             raise BadItemError("expected audio bytes, got text")
-        wav = _media.decode_audio(raw, self.sampling_rate)
+        # a start crop needs only the first window: decode no more than that
+        wav = _media.decode_audio(raw, self.sampling_rate, max_samples=self.window if self.config.crop == "start" else 0)
         if len(wav) > self.window:
             start = 0 if self.config.crop == "start" else (len(wav) - self.window) // 2
             wav = wav[start:start + self.window]

@@ -189,9 +189,8 @@ class Resemblyzer(Backbone):
         """Audio bytes -> `[P, 160, 40]` mel partial utterances."""
         if isinstance(raw, str):
             raise BadItemError("expected audio bytes, got text")
-        wav = _media.decode_audio(raw, SAMPLING_RATE)
-        if self.config.max_seconds > 0:
-            wav = wav[: int(round(self.config.max_seconds * SAMPLING_RATE))]
+        cap = int(round(self.config.max_seconds * SAMPLING_RATE)) if self.config.max_seconds > 0 else 0
+        wav = _media.decode_audio(raw, SAMPLING_RATE, max_samples=cap)
         if not np.any(wav):
             raise BadItemError("audio is silent (all samples zero): no voice to embed")
         wav = normalize_volume(wav)

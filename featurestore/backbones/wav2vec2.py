@@ -69,9 +69,8 @@ class Wav2Vec2(Backbone):
     def prepare(self, raw: bytes | str) -> np.ndarray:
         if isinstance(raw, str):
             raise BadItemError("expected audio bytes, got text")
-        wav = _media.decode_audio(raw, self.sampling_rate)
-        if self.config.max_seconds > 0:
-            wav = wav[: int(round(self.config.max_seconds * self.sampling_rate))]
+        cap = int(round(self.config.max_seconds * self.sampling_rate)) if self.config.max_seconds > 0 else 0
+        wav = _media.decode_audio(raw, self.sampling_rate, max_samples=cap)
         if len(wav) < self.min_samples:  # shorter than one output frame: pad with silence
             wav = np.pad(wav, (0, self.min_samples - len(wav)))
         return wav

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Sequence
 
 import click
 
-from ..errors import FeatureStoreError
+from ..errors import DiskFullError, FeatureStoreError
 from ..store import Store, open_store
 
 __all__ = ["get_store", "emit", "table", "progress", "json_option", "params_option", "FsGroup"]
@@ -72,4 +72,12 @@ class FsGroup(click.Group):
         except FeatureStoreError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # a full disk met outside the writers that name their file themselves
+            from .._io import disk_full
+
+            if not disk_full(exc):
+                raise
+            click.echo(f"error: disk full writing {exc.filename or ctx.find_root().obj['store_root']}: free some "
+                       "space and re-run; `fs gc` removes leftover temp files", err=True)
+            ctx.exit(DiskFullError.exit_code)
 

@@ -23,18 +23,23 @@ FAILED_EXIT = 10  # the job finished, but some items could not be encoded
 @click.option("--retry-errors", is_flag=True, help="Retry items that failed in an earlier run.")
 @click.option("--segment-rows", default=16384, show_default=True, type=click.IntRange(1),
               help="Publish a segment after this many rows (smaller: less lost on a kill).")
+@click.option("--segment-seconds", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="... or after this many seconds of work, whichever comes first.")
+@click.option("--wait", is_flag=True, help="Wait while `fs gc --compact` holds the fingerprint instead of exiting 9.")
 @click.option("--va", "va_scorer", default="", metavar="NAME",
               help="Then score VA for the same dataset/modality (a scorer of fs va list, or a fitted VA model).")
 @click.option("--va-param", "va_params", multiple=True, metavar="KEY=VALUE", help="A parameter of the --va scorer.")
 @json_option
 @click.pass_context
 def extract_cmd(ctx, dataset, modality, backbone, model, adapter, params, batch_size, device, limit, splits,
-                retry_errors, segment_rows, va_scorer, va_params, as_json):
+                retry_errors, segment_rows, segment_seconds, wait, va_scorer, va_params, as_json):
     """Encode a dataset's inputs with a backbone into the feature cache.
 
     Inputs already cached under the same fingerprint are not recomputed; a killed run
-    resumes where it stopped. Exit status: 0 when every item was encoded, 10 when the
-    job finished but some items failed (they are recorded with their reason: fs info FP).
+    resumes where it stopped; several jobs may extract into one fingerprint at once.
+    Exit status: 0 when every item was encoded, 10 when the job finished but some items
+    failed (they are recorded with their reason: fs info FP), 9 when a compaction holds the
+    fingerprint (or wait for it with --wait), 11 when the disk is full.
     """
     from jobs.extract import ExtractConfig, run
 
@@ -46,7 +51,7 @@ def extract_cmd(ctx, dataset, modality, backbone, model, adapter, params, batch_
         p["adapter"] = adapter
     config = ExtractConfig(dataset=dataset, modality=modality, backbone=backbone, params=p, batch_size=batch_size,
                            device=device, limit=limit, splits=tuple(splits), retry_errors=retry_errors,
-                           segment_rows=segment_rows)
+                           segment_rows=segment_rows, segment_seconds=segment_seconds, wait=wait)
     scorer = _va_scorer(store, va_scorer, va_params, modality, device) if va_scorer else None
     result = run(config, store, progress=progress, log=lambda s: None if as_json else click.echo(s, err=True))
     va_result = _va_pass(store, scorer, config) if scorer else None

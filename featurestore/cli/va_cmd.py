@@ -190,6 +190,8 @@ def gc_cmd(ctx, compact, dry_run, as_json):
                 report["removed_temp_files"] += [str(t) for t in vs.segments.temp_files()]
                 if not dry_run:
                     vs.segments.remove_temp_files()
+                    vs.segments.adopt_orphans()
+                    vs.segments.delete_retired()
                 n = len(vs.segments.segments())
                 if compact and n > 1:
                     if not dry_run:

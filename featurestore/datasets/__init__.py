@@ -7,9 +7,9 @@ from typing import Callable
 
 import polars as pl
 
-from .._io import publish, read_json, tmp_path, write_json_atomic
+from .._io import cleaned_on_failure, publish, read_json, tmp_path, write_checksums, write_json_atomic
 from ..backbones.base import MODALITIES
-from ..errors import DatasetError, NotFoundError
+from ..errors import DatasetError, IntegrityError, NotFoundError
 from ..hashing import file_digest
 from ..store import Store, check_name, now_iso
 from .adapters import read_folder, read_manifest_file
@@ -45,6 +45,13 @@ class Dataset:
     @property
     def modalities(self) -> list[str]:
         return [m for m in MODALITIES if self.info["modalities"].get(m, 0)]
+
+    def select(self, splits=(), limit: int = 0) -> pl.DataFrame:
+        """The manifest rows of these splits (all when empty), the first `limit` of them (0: all)."""
+        df = self.manifest
+        if splits:
+            df = df.filter(df["split"].is_in(list(splits)))
+        return df.head(limit) if limit else df
 
     def split(self, name: str) -> pl.DataFrame:
         return self.manifest.filter(pl.col("split") == name)
@@ -82,11 +89,13 @@ def add_dataset(store: Store, name: str, df: pl.DataFrame, *, root: str | Path |
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "manifest.parquet"
     tmp = tmp_path(target)
-    df.write_parquet(tmp, statistics=False)
+    with cleaned_on_failure(tmp, target):
+        df.write_parquet(tmp, statistics=False)
     publish(tmp, target)
     info = {"name": name, "source": source, "root": str(Path(root).resolve()) if root else None,
             "created_at": now_iso(), "manifest_hash": file_digest(target), **_facts(df)}
     write_json_atomic(folder / "dataset.json", info)
+    write_checksums(folder, ["manifest.parquet", "dataset.json"])  # a flipped byte in either is found by verify
     return Dataset(name, info, df)
 
 
@@ -96,7 +105,13 @@ def get_dataset(store: Store, name: str) -> Dataset:
         known = ", ".join(list_datasets(store)) or "none"
         raise NotFoundError(f"dataset {name!r} is not in store {store.root}; known: {known} "
                             "(add one with `fs datasets add`)")
-    return Dataset(name, read_json(folder / "dataset.json"), pl.read_parquet(folder / "manifest.parquet"))
+    info = read_json(folder / "dataset.json")
+    try:
+        manifest = pl.read_parquet(folder / "manifest.parquet")
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise IntegrityError(f"{folder / 'manifest.parquet'} is damaged or missing ({type(exc).__name__}); "
+                             f"re-add the dataset with `fs datasets add {name} ... --replace`") from None
+    return Dataset(name, info, manifest)
 
 
 def list_datasets(store: Store) -> list[str]:

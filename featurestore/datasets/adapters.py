@@ -37,13 +37,24 @@ def read_manifest_file(path: str | Path) -> pl.DataFrame:
 
 def _read_jsonl(path: Path) -> pl.DataFrame:
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        where = f"manifest {str(path)!r} line {lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{where}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8") from None
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"manifest {str(path)!r} line {lineno}: not JSON ({exc.msg})") from None
+            raise DatasetError(f"{where}: not JSON ({exc.msg})") from None
+        try:  # a "\ud800" escape decodes to a lone surrogate, which no UTF-8 column can hold
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DatasetError(f"{where}: holds a lone surrogate ({exc.object[exc.start:exc.end]!r}); "
+                               "fix that \\u escape") from None
+        rows.append(row)
     return pl.from_dicts(rows, infer_schema_length=None)
 
 

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from .._io import read_json, write_json_atomic
+from .._io import raise_if_disk_full, read_json, write_checksums, write_json_atomic
 from ..config import field, from_dict, to_dict
 from ..errors import ConfigError, IntegrityError, NotFoundError
 from ..store import now_iso
@@ -188,7 +188,11 @@ class Memory:
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
             self.meta.write_parquet(tmp / META_FILE)
             write_json_atomic(tmp / SPEC_FILE, {**self.spec, "index": self.info(), "saved_at": now_iso()})
+            write_checksums(tmp, [INDEX_FILE, META_FILE, SPEC_FILE])  # checked by `fs verify`
             publish_folder(tmp, folder)
+        except Exception as exc:
+            raise_if_disk_full(exc, folder)
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return folder
@@ -206,9 +210,15 @@ class Memory:
         if device:
             config = dataclasses.replace(config, device=device)
         mem = cls(info["dim"], config, spec={k: v for k, v in spec.items() if k != "saved_at"})
-        mem.index = faiss.read_index(str(folder / INDEX_FILE))
+        path = folder / INDEX_FILE
+        try:
+            mem.index = faiss.read_index(str(path))
+            path = folder / META_FILE
+            mem.meta = pl.read_parquet(path)
+        except (RuntimeError, OSError, pl.exceptions.PolarsError) as exc:
+            raise IntegrityError(f"{path} is damaged ({' '.join(str(exc).split())[:120]}); run `fs verify`, "
+                                 "then rebuild the memory with `fs memory build`") from None
         mem.nprobe, mem.recall = int(info.get("nprobe") or 0), info.get("recall_at_10")
-        mem.meta = pl.read_parquet(folder / META_FILE)
         if mem.index.ntotal != len(mem.meta) or mem.index.d != mem.dim:
             raise IntegrityError(f"memory {folder}: the index holds {mem.index.ntotal} {mem.index.d}-d vectors but "
                                  f"meta.parquet has {len(mem.meta)} rows for {mem.dim}-d; rebuild it (fs memory build)")

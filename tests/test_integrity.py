@@ -1,0 +1,635 @@
+"""Issue 10: a store that never loses a row and never lies (real files, real subprocesses)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from featurestore.cli import cli
+from featurestore.datasets import add_dataset, get_dataset, read_manifest_file
+from featurestore.features import FeatureSet, list_feature_sets
+from featurestore.reader import load_split
+from jobs.extract import ExtractConfig, run
+
+
+def fs_cli(store, *args):
+    return CliRunner().invoke(cli, ["--store", str(store.root), *args], catch_exceptions=False)
+
+
+def two_datasets(store, tmp_path, minilm):
+    """Defect 1's reproduction: dataset b's only new input is empty, so its batch has no rows."""
+    (tmp_path / "a.jsonl").write_text('{"id": "a1", "text": "calm lake", "split": "train"}\n'
+                                      '{"id": "a2", "text": "angry crowd", "split": "train"}\n')
+    (tmp_path / "b.jsonl").write_text('{"id": "b1", "text": "calm lake", "split": "train"}\n'
+                                      '{"id": "b2", "text": "  ", "split": "train"}\n')
+    for name in ("a", "b"):
+        add_dataset(store, name, read_manifest_file(tmp_path / f"{name}.jsonl"), root=None, source="t")
+        run(ExtractConfig(dataset=name, modality="text", backbone="minilm"), store, backbone=minilm)
+    (fs,) = list_feature_sets(store)
+    return fs
+
+
+def test_a_batch_with_no_rows_keeps_the_store_readable(store, tmp_path, minilm):
+    fs = two_datasets(store, tmp_path, minilm)
+    assert len(fs.segments.segments()) == 2
+    data = load_split(store, "a", "train", {"text": "minilm"})
+    assert data.masks["text"].all()
+    keys, rows = fs.scan_pooled()
+    assert len(keys) == 2 and rows.shape == (2, 384)
+    assert fs_cli(store, "verify").exit_code == 0
+
+
+def test_compaction_keeps_every_row_of_a_set_with_a_rowless_segment(store, tmp_path, minilm):
+    fs = two_datasets(store, tmp_path, minilm)
+    before = load_split(store, "a", "train", {"text": "minilm"}).features["text"]
+    res = fs_cli(store, "gc", "--compact")
+    assert res.exit_code == 0, res.output
+    assert len(fs.segments.segments()) == 1
+    after = load_split(store, "a", "train", {"text": "minilm"})
+    assert after.masks["text"].all()
+    np.testing.assert_array_equal(after.features["text"], before)
+    assert len(fs.errors()) == 1 and fs_cli(store, "verify").exit_code == 0
+
+
+def test_compaction_refuses_to_delete_when_the_merge_is_short(store, tmp_path, minilm, monkeypatch):
+    """The merged segment is checked (rows, arrays, checksum) before any old segment goes."""
+    from featurestore import segments as seg_mod
+    from featurestore.errors import IntegrityError
+
+    fs = two_datasets(store, tmp_path, minilm)
+    old = sorted(s.path.name for s in fs.segments.segments())
+    real = seg_mod._segment_image
+
+    def lossy(keys, dense, ragged, errors, attrs):  # a merge that drops the pooled array
+        return real(keys, {}, ragged, errors, attrs)
+    monkeypatch.setattr(seg_mod, "_segment_image", lossy)
+    with pytest.raises(IntegrityError, match="nothing deleted"):
+        fs.segments.compact()
+    monkeypatch.undo()
+    assert sorted(s.path.name for s in fs.segments.segments()) == old  # the bad merge was withdrawn
+    assert load_split(store, "a", "train", {"text": "minilm"}).masks["text"].all()
+    assert fs_cli(store, "verify").exit_code == 0
+
+
+# ---- defect 2: verify catches deletions, missing rows, damaged heads and memories ----------------
+@pytest.fixture(scope="module")
+def trained_template(tmp_path_factory, demo_df, minilm):
+    """120 demo words in 4 segments, a linear head trained on them, a memory saved beside it."""
+    from featurestore.memory import Memory, memory_path
+    from featurestore.store import open_store
+
+    store = open_store(tmp_path_factory.mktemp("trained") / "store", create=True)
+    add_dataset(store, "words", demo_df.head(120), root=None, source="t")
+    run(ExtractConfig(dataset="words", modality="text", backbone="minilm", segment_rows=32), store, backbone=minilm)
+    res = fs_cli(store, "train-head", "--method", "linear", "--dataset", "words", "--features", "text=minilm",
+                 "--run-id", "r1", "--json")
+    assert res.exit_code == 0, res.output
+    mem = Memory(8)
+    mem.add(np.arange(5), np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32),
+            {"item_id": [f"i{i}" for i in range(5)], "class": ["a"] * 5})
+    mem.save(memory_path(store, "m1"))
+    assert fs_cli(store, "verify").exit_code == 0
+    return store
+
+
+@pytest.fixture
+def trained(trained_template, tmp_path):
+    """A fresh copy of the trained store for each test to damage."""
+    import shutil
+
+    from featurestore.store import open_store
+
+    shutil.copytree(trained_template.root, tmp_path / "store", symlinks=True)
+    return open_store(tmp_path / "store")
+
+
+def test_a_deleted_segment_is_found_and_training_warns(trained):
+    store = trained
+    (fs,) = list_feature_sets(store)
+    assert len(fs.segments.segments()) == 4
+    victim = fs.segments.segments()[1].path
+    victim.unlink()
+    res = fs_cli(store, "verify", "--json")
+    assert res.exit_code == 8
+    messages = " ".join(p["message"] for p in json.loads(res.output)["problems"])
+    assert "missing: it was deleted" in messages and "rows dataset words needs are missing" in messages
+    out = CliRunner().invoke(cli, ["--store", str(store.root), "train-head", "--method", "linear", "--dataset", "words",
+                                   "--features", "text=minilm", "--run-id", "r2"], catch_exceptions=False)
+    assert out.exit_code == 0
+    assert "have no cached features" in out.output and "split 'train'" in out.output
+
+
+@pytest.mark.parametrize("target", ["segment", "catalogue", "spec", "manifest", "dataset.json", "head weights",
+                                    "head config", "faiss index", "memory meta"])
+def test_a_flipped_byte_anywhere_is_exit_8(trained, target):
+    store = trained
+    (fs,) = list_feature_sets(store)
+    path = {"segment": lambda: fs.segments.segments()[0].path, "catalogue": lambda: fs.segments.catalogue_path,
+            "spec": lambda: fs.spec_path, "manifest": lambda: store.dataset_dir("words") / "manifest.parquet",
+            "dataset.json": lambda: store.dataset_dir("words") / "dataset.json",
+            "head weights": lambda: store.heads_dir() / "r1" / "model.safetensors",
+            "head config": lambda: store.heads_dir() / "r1" / "config.json",
+            "faiss index": lambda: store.memory_dir() / "m1" / "index.faiss",
+            "memory meta": lambda: store.memory_dir() / "m1" / "meta.parquet"}[target]()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    res = fs_cli(store, "verify", "--json")
+    assert res.exit_code == 8, res.output
+    assert json.loads(res.output)["problems"]
+
+
+# ---- defect 3: readers never fail because of a concurrent compaction -----------------------------
+_SETUP = """
+import sys, time, numpy as np
+from featurestore.store import open_store
+from featurestore.features import FeatureSet
+from featurestore.datasets import get_dataset
+store = open_store(sys.argv[1]); fs = FeatureSet(store, "bench-0000000000000000")
+keys = get_dataset(store, "d").manifest["text_key"].to_list()
+def value(i): return np.full((1, 8), i % 1000, np.float32)
+"""
+_WRITER = _SETUP + """
+for n in range(int(sys.argv[2])):
+    lo = (n * 10) % len(keys)
+    fs.segments.write(keys[lo:lo + 10], {"pooled": np.concatenate([value(i) for i in range(lo, lo + 10)])})
+    time.sleep(0.02)
+"""
+_GC = _SETUP + """
+from featurestore.errors import LockedError
+merged = 0
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    try:
+        with fs.lock():
+            merged += fs.segments.compact()[0] > 0
+    except LockedError:
+        pass
+print(merged)
+"""
+_READER = _SETUP + """
+from featurestore.reader import load_split
+failures, loops = [], 0
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    loops += 1
+    try:
+        data = load_split(store, "d", "train", {"text": fs.fingerprint})
+        idx = np.flatnonzero(data.masks["text"])
+        want = np.array([keys.index(k.decode()) % 1000 for k in data.keys["text"][idx]], np.float32)
+        assert (data.features["text"][idx, 0] == want).all(), "wrong rows"
+        fs.stats(); fs.scan_pooled()
+    except Exception as exc:
+        failures.append(f"{type(exc).__name__}: {exc}")
+print(loops, len(failures), failures[:3])
+"""
+
+
+def _py(code, *args):
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_readers_never_fail_during_concurrent_compaction(store):
+    from featurestore.datasets.manifest import normalise
+
+    df = pl.DataFrame({"item_id": [f"i{i}" for i in range(200)], "text": [f"text {i}" for i in range(200)],
+                       "split": ["train"] * 200})
+    add_dataset(store, "d", normalise(df, source="t"), root=None, source="t")
+    fs = FeatureSet(store, "bench-0000000000000000")
+    fs.ensure_spec({"backbone": "bench", "modality": "text", "dim": 8, "config": {"dtype": "float32"}})
+    seconds = 8
+    procs = [_py(_WRITER, store.root, 150), _py(_GC, store.root, seconds)] + \
+        [_py(_READER, store.root, seconds) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert int(outs[1][0]) >= 3, "compactions must have happened while the readers ran"
+    for out, _ in outs[2:]:
+        loops, failures, sample = out.split(" ", 2)
+        assert int(loops) >= 5 and int(failures) == 0, sample
+    with fs.lock():
+        fs.segments.compact()
+    assert fs.verify() == []  # (the made-up spec has no real fingerprint: check the rows only)
+
+
+# ---- defect 4: a full disk is one line and a distinct exit code; temp files are found and removed -
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 24 MB filesystem (tmpfs) to fill up; skipped where mounting is not allowed."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(mnt, leave: int):
+    """Fill the filesystem until `leave` bytes are free (a real full disk, not a simulated one)."""
+    st = os.statvfs(mnt)
+    free = st.f_bavail * st.f_frsize
+    filler = mnt / f"filler-{len(list(mnt.glob('filler-*')))}"
+    with open(filler, "wb") as fh:
+        fh.truncate(0)
+        fh.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def fs_proc(root, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "featurestore.cli", "--store", str(root), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_disk_full(res, code=11):
+    assert res.returncode == code, (res.returncode, res.stderr[-3000:])
+    lines = res.stderr.strip().splitlines()
+    assert "Traceback" not in res.stderr and [ln for ln in lines if "error" in ln] == lines[-1:], res.stderr
+    assert lines[-1].startswith("error: disk full writing ")
+
+
+def temp_files(root):
+    return [p for p in root.rglob(".*") if p.name.endswith((".tmp", ".old"))]
+
+
+@pytest.mark.slow
+def test_extraction_with_sequences_on_a_full_disk_is_exit_11_and_resumes(tiny_disk, demo_df):
+    from featurestore.store import open_store
+
+    root = tiny_disk / "store"
+    store = open_store(root, create=True)
+    add_dataset(store, "a", demo_df.head(4), root=None, source="t")
+    add_dataset(store, "b", demo_df.slice(4, 120), root=None, source="t")
+    args = ["extract", "--modality", "text", "--backbone", "minilm", "--param", "seq_cap=64", "--batch-size", "8"]
+    assert fs_proc(root, *args, "--dataset", "a").returncode == 0
+    filler = fill(tiny_disk, 300_000)  # room for a few segments of b, not all of them
+    one_line_disk_full(fs_proc(root, *args, "--dataset", "b", "--segment-rows", "16"))
+    assert not temp_files(root)
+    (fs,) = list_feature_sets(store)
+    kept = len(fs.index(refresh=True).unique_keys())
+    assert kept > 4, "rows published before the disk filled are kept"
+    filler.unlink()
+    res = fs_proc(root, *args, "--dataset", "b", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["computed"] == 120 - (kept - 4)
+    assert fs_proc(root, "verify").returncode == 0
+
+
+@pytest.mark.slow
+def test_datasets_add_and_init_on_a_full_disk_leave_no_temp_files(tiny_disk, demo_df, tmp_path):
+    from featurestore.store import open_store
+
+    root = tiny_disk / "store"
+    open_store(root, create=True)
+    manifest = tmp_path / "big.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"i{i}", "text": f"some words {i} " * 20}) + "\n"
+                                for i in range(20000)))
+    fill(tiny_disk, 64_000)
+    one_line_disk_full(fs_proc(root, "datasets", "add", "big", "--manifest", str(manifest)))
+    fill(tiny_disk, 0)
+    one_line_disk_full(fs_proc(tiny_disk / "other", "init"))
+    assert not temp_files(tiny_disk)
+
+
+def test_gc_removes_temp_files_of_killed_jobs_and_verify_reports_them(store, demo_df):
+    add_dataset(store, "d", demo_df.head(3), root=None, source="t")
+    stray = [store.dataset_dir("d") / ".manifest.parquet.0badf00d.tmp", store.root / ".store.json.12345678.tmp"]
+    for path in stray:
+        path.write_bytes(b"half a file")
+    res = fs_cli(store, "verify", "--json")
+    assert res.exit_code == 8
+    assert {p["path"] for p in json.loads(res.output)["problems"]} == {str(p) for p in stray}
+    assert "kept" in fs_cli(store, "gc").output and all(p.exists() for p in stray)  # may be a running job's
+    for path in stray:
+        os.utime(path, (0, 0))
+    assert fs_cli(store, "gc").exit_code == 0
+    assert not any(p.exists() for p in stray)
+    assert fs_cli(store, "verify").exit_code == 0
+
+
+# ---- defect 5: damaged files give one line naming the file, and verify never crashes --------------
+def _flip_header(path):
+    data = bytearray(path.read_bytes())
+    data[:8] = b"garbage!"
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _not_utf8(path):
+    path.write_bytes(b"\xff\xfe" + path.read_bytes())
+
+
+def _broken_json(path):
+    path.write_text(path.read_text()[:-5])
+
+
+_DAMAGE = {  # what is damaged, how, and a command a user would run next
+    "segment header": (lambda s: list_feature_sets(s)[0].segments.segments()[0].path, _flip_header, ["ls"]),
+    "truncated segment": (lambda s: list_feature_sets(s)[0].segments.segments()[0].path, _truncate,
+                          ["eval", "r1", "--dataset", "words"]),
+    "manifest parquet": (lambda s: s.dataset_dir("words") / "manifest.parquet", _truncate, ["ls"]),
+    "store.json not utf-8": (lambda s: s.meta_path, _not_utf8, ["ls"]),
+    "store.json broken": (lambda s: s.meta_path, _broken_json, ["ls"]),
+    "dataset.json": (lambda s: s.dataset_dir("words") / "dataset.json", _not_utf8, ["ls"]),
+    "spec.json": (lambda s: next(s.features_dir().glob("*/spec.json")), _broken_json, ["ls"]),
+    "catalogue": (lambda s: next(s.features_dir().glob("*/catalogue.json")), _broken_json,
+                  ["eval", "r1", "--dataset", "words"]),
+    "safetensors": (lambda s: s.heads_dir() / "r1" / "model.safetensors", _truncate,
+                    ["eval", "r1", "--dataset", "words"]),
+    "faiss index": (lambda s: s.memory_dir() / "m1" / "index.faiss", _flip_header, ["memory", "info", "m1"]),
+}
+
+
+@pytest.mark.parametrize("what", list(_DAMAGE))
+def test_damaged_files_are_one_line_errors_and_verify_survives(trained, what):
+    store = trained
+    locate, damage, command = _DAMAGE[what]
+    path = locate(store)
+    damage(path)
+    res = fs_cli(store, *command)  # catch_exceptions=False: a traceback fails the test
+    assert res.exit_code not in (0, 1), res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and path.name in last, res.output
+    if what.startswith("store.json"):
+        return  # no command can run on a store whose version cannot be read; the error says so
+    res = fs_cli(store, "verify", "--json")
+    assert res.exit_code == 8
+    assert any(path.name in p["path"] + p["message"] for p in json.loads(res.output)["problems"])
+
+
+# ---- defect 6: many writers per fingerprint; the lock check comes before the model load ---------
+def _popen_fs(root, *args):
+    return subprocess.Popen([sys.executable, "-m", "featurestore.cli", "--store", str(root), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_datasets_and_two_shards_extract_into_one_fingerprint_at_once(store, demo_df, minilm):
+    words = demo_df.head(150)
+    add_dataset(store, "x", words.head(100), root=None, source="t")
+    add_dataset(store, "y", words.slice(50, 100).with_columns(pl.col("item_id") + "-y"), root=None, source="t")
+    run(ExtractConfig(dataset="x", modality="text", backbone="minilm", limit=1), store, backbone=minilm)  # spec known
+    args = ["extract", "--modality", "text", "--backbone", "minilm", "--batch-size", "8", "--segment-rows", "16",
+            "--json"]
+    procs = [_popen_fs(store.root, *args, "--dataset", "x"), _popen_fs(store.root, *args, "--dataset", "y"),
+             _popen_fs(store.root, *args, "--dataset", "y", "--split", "train")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-2000:] for o in outs]
+    results = [json.loads(o[0]) for o in outs]
+    (fs,) = list_feature_sets(store)
+    index = fs.index(refresh=True)
+    assert len(index.unique_keys()) == 150
+    assert len(index._keys) == 150, "no input was computed twice"
+    assert sum(r["computed"] for r in results) == 149
+    assert all(r["segments"] > 0 for r in results[:2]), "each job published its own segments"
+    assert fs_cli(store, "verify").exit_code == 0
+
+
+def test_a_compaction_lock_is_found_before_the_model_loads_and_wait_waits(store, demo_df, minilm):
+    import threading
+    import time
+
+    from featurestore import backbones
+    from featurestore.errors import LockedError
+
+    add_dataset(store, "d", demo_df.head(20), root=None, source="t")
+    run(ExtractConfig(dataset="d", modality="text", backbone="minilm", limit=5), store, backbone=minilm)
+    (fs,) = list_feature_sets(store)
+    cfg = ExtractConfig(dataset="d", modality="text", backbone="minilm")
+    with fs.lock():  # what `fs gc --compact` holds
+        fresh = backbones.create("minilm")
+        with pytest.raises(LockedError, match="--wait"):
+            run(cfg, store, backbone=fresh)
+        assert not fresh._loaded, "the lock is checked before the model is loaded"
+    holder = threading.Event()
+
+    def hold():
+        with fs.lock():
+            holder.set()
+            time.sleep(1.5)
+    t = threading.Thread(target=hold)
+    t.start()
+    holder.wait()
+    res = run(dataclasses_replace(cfg, wait=True), store, backbone=minilm)
+    t.join()
+    assert res.computed == 15
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+# ---- defect 7: publication interval is settable, and short by default ------------------------------
+def test_segment_seconds_publishes_by_time_and_the_default_is_a_few_seconds(store, demo_df, minilm):
+    assert ExtractConfig().segment_seconds <= 5
+    add_dataset(store, "d", demo_df.head(40), root=None, source="t")
+    res = run(ExtractConfig(dataset="d", modality="text", backbone="minilm", batch_size=8, segment_rows=10**6,
+                            segment_seconds=1e-6), store, backbone=minilm)
+    assert res.segments == 5  # one per batch: the time limit, not the row limit, published them
+    out = fs_cli(store, "extract", "--dataset", "d", "--modality", "text", "--backbone", "minilm",
+                 "--segment-seconds", "2", "--segment-rows", "100", "--json")
+    assert out.exit_code == 0 and json.loads(out.output)["cache_hit"]
+
+
+# ---- defect 8: out-of-memory and device errors are not item failures -----------------------------
+class FailsOnce:
+    """A real backbone whose third forward pass raises a transient error (no GPU here to run out of)."""
+
+    def __init__(self, inner, exc):
+        self.inner, self.exc, self.calls = inner, exc, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode(self, items):
+        self.calls += 1
+        if self.calls == 3:
+            raise self.exc
+        return self.inner.encode(items)
+
+
+@pytest.mark.parametrize("exc", [lambda: __import__("torch").cuda.OutOfMemoryError("CUDA out of memory. Tried 2 GiB"),
+                                 lambda: RuntimeError("CUDA error: an illegal memory access was encountered"),
+                                 lambda: MemoryError()])
+def test_transient_errors_stop_the_job_and_are_retried_not_recorded(store, demo_df, minilm, exc):
+    from featurestore.errors import BackboneError
+
+    add_dataset(store, "d", demo_df.head(40), root=None, source="t")
+    cfg = ExtractConfig(dataset="d", modality="text", backbone="minilm", batch_size=8, segment_seconds=1e-6)
+    with pytest.raises(BackboneError, match="not about an item"):
+        run(cfg, store, backbone=FailsOnce(minilm, exc()))
+    (fs,) = list_feature_sets(store)
+    assert fs.errors() == []  # nothing recorded against the items of the failed batch
+    assert len(fs.index(refresh=True).unique_keys()) == 16  # the two batches before it are kept
+    again = run(cfg, store, backbone=minilm)  # no --retry-errors needed
+    assert (again.cached, again.computed, again.failed_total) == (16, 24, 0)
+
+
+# ---- defect 9: 16-bit PNGs, JSONL encodings, long WAVs ------------------------------------------
+def test_16_bit_grayscale_png_is_scaled_not_clipped():
+    import io
+
+    from PIL import Image
+
+    from featurestore.backbones._media import decode_image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    buf = io.BytesIO()
+    img = Image.fromarray(ramp)
+    assert img.mode == "I;16"
+    img.save(buf, format="PNG")
+    rgb = np.asarray(decode_image(buf.getvalue()))
+    assert rgb.shape == (64, 64, 3)
+    np.testing.assert_array_equal(rgb[..., 0], np.rint(ramp / 257.0).astype(np.uint8))
+    assert len(np.unique(rgb)) > 200  # a ramp, not a saturated white block
+
+
+@pytest.mark.parametrize("payload", [b'{"id": "a", "text": "caf\xe9"}\n', b'{"id": "a", "text": "\\ud800 x"}\n'])
+def test_jsonl_with_bad_unicode_is_a_clean_dataset_error(store, tmp_path, payload):
+    (tmp_path / "m.jsonl").write_bytes(b'{"id": "ok", "text": "fine"}\n' + payload)
+    res = fs_cli(store, "datasets", "add", "bad", "--manifest", str(tmp_path / "m.jsonl"))
+    assert res.exit_code == 5, res.output
+    assert "m.jsonl" in res.output and "line 2" in res.output
+
+
+def test_a_long_wav_is_read_only_as_far_as_the_cap_keeps(tmp_path):
+    import io
+    import tracemalloc
+
+    import soundfile as sf
+
+    from featurestore.backbones._media import decode_audio
+
+    sr, minutes = 44100, 10
+    wav = (np.sin(np.arange(sr * 60 * minutes, dtype=np.float32) * 0.01) * 8000).astype(np.int16)
+    buf = io.BytesIO()
+    sf.write(buf, wav, sr, format="WAV", subtype="PCM_16")
+    raw = buf.getvalue()
+    del wav
+    tracemalloc.start()
+    capped = decode_audio(raw, 16000, max_samples=30 * 16000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(capped) == 30 * 16000
+    assert peak < 40 * 2**20, f"peak {peak / 2**20:.0f} MiB: the whole 10 minutes were decoded"
+    short = raw[: 44 + 2 * sr * 5]  # the same file cut to 5 s (a WAV header is 44 bytes): same numbers
+    np.testing.assert_array_equal(decode_audio(short, 16000, max_samples=16000),
+                                  decode_audio(short, 16000)[:16000])
+
+
+# ---- the kill storm ----------------------------------------------------------------------------
+_ZYGOTE = """
+import os, sys
+from featurestore import backbones
+from featurestore.store import open_store
+from jobs.extract import ExtractConfig, run
+bb = backbones.create("minilm").load()  # loaded once; no forward pass here (OpenMP is not fork-safe after one)
+store = open_store(sys.argv[1])
+cfg = ExtractConfig(dataset="d", modality="text", backbone="minilm", batch_size=int(sys.argv[2]),
+                    segment_rows=int(sys.argv[2]))
+for line in sys.stdin:
+    if line.strip() == "run":
+        pid = os.fork()
+        if pid == 0:
+            run(cfg, store, backbone=bb)
+            os._exit(0)
+        print(pid, flush=True)
+    elif line.strip() == "reap":
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_storm_leaves_byte_identical_rows_and_a_clean_verify(tmp_path, demo_df, minilm):
+    """At least 20 SIGKILLs at random moments of real extraction processes (planning, encoding,
+    publishing, registering), then a run to the end: every row is byte-identical to an
+    uninterrupted run, no row is stored twice, and `fs verify` is clean.
+
+    The processes are forked from one that loaded the model, so each kill costs no start-up."""
+    import random
+    import signal
+    import time
+
+    from featurestore.store import open_store
+
+    n, batch = 200, 4
+    stores = {name: open_store(tmp_path / name, create=True) for name in ("storm", "clean")}
+    for s in stores.values():
+        add_dataset(s, "d", demo_df.head(n), root=None, source="t")
+    zygote = subprocess.Popen([sys.executable, "-c", _ZYGOTE, str(stores["storm"].root), str(batch)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def command(word):
+        zygote.stdin.write(word + "\n")
+        zygote.stdin.flush()
+        return int(zygote.stdout.readline())
+
+    def rows():
+        sets = list_feature_sets(stores["storm"])
+        return len(sets[0].index(refresh=True).unique_keys()) if sets else 0
+
+    def segments():
+        sets = list_feature_sets(stores["storm"])
+        return len(sets[0].segments.catalogue()["segments"]) if sets else 0
+
+    rng, landed, progressed, before = random.Random(10), 0, 0, 0
+    try:
+        while landed < 24:
+            # Kill after 0, 1 or 2 new segments plus a random delay: random moments, yet at most a few
+            # segments of progress per kill whatever the machine's speed.
+            start, wait_for, deadline = segments(), rng.choice([0, 1, 2]), time.time() + 20
+            pid = command("run")
+            while segments() < start + wait_for and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.05))
+            os.kill(pid, signal.SIGKILL)
+            status = command("reap")
+            if status == 0:
+                pytest.fail(f"the job finished after {landed} kills; make the dataset bigger")
+            assert status == -signal.SIGKILL
+            landed += 1
+            now = rows()
+            progressed += now > before
+            before = now
+        assert command("run") and command("reap") == 0  # the last run goes to the end
+    finally:
+        zygote.kill()
+        zygote.wait()
+    run(ExtractConfig(dataset="d", modality="text", backbone="minilm", batch_size=batch), stores["clean"],
+        backbone=minilm)
+    keys = np.array(get_dataset(stores["clean"], "d").manifest["text_key"].to_list(), dtype="S32")
+    (storm,), (clean,) = list_feature_sets(stores["storm"]), list_feature_sets(stores["clean"])
+    a, pa = storm.read_pooled(keys)
+    b, pb = clean.read_pooled(keys)
+    assert pa.all() and pb.all() and a.tobytes() == b.tobytes()
+    assert len(storm.index(refresh=True)._keys) == n, "no row stored twice"
+    verify = subprocess.run([sys.executable, "-m", "featurestore.cli", "--store", str(stores["storm"].root),
+                             "verify"], capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout
+    print(f"kill storm: {landed} SIGKILLs, {progressed} of them after new rows were published, "
+          f"{before} of {n} rows before the final run, {len(storm.segments.segments())} segments")
+    assert progressed >= 8, "kills must land during the work"
+
+
+def test_a_store_written_before_catalogues_is_adopted_by_gc(store, tmp_path, minilm):
+    fs = two_datasets(store, tmp_path, minilm)
+    fs.segments.catalogue_path.unlink()
+    res = fs_cli(store, "verify", "--json")
+    assert res.exit_code == 8
+    (problem,) = json.loads(res.output)["problems"]
+    assert "fs gc" in problem["message"]
+    assert fs_cli(store, "gc").exit_code == 0
+    assert len(fs.segments.catalogue()["segments"]) == 2
+    assert fs_cli(store, "verify").exit_code == 0
