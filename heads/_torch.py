@@ -20,7 +20,7 @@ from featurestore.errors import ConfigError
 from .base import Features, Head, Targets
 from ._data import TensorSet, align
 
-__all__ = ["TorchParams", "pick_device", "seeded", "autocast", "train_loop", "TorchHead", "task_loss",
+__all__ = ["TorchParams", "Plateau", "pick_device", "seeded", "autocast", "train_loop", "TorchHead", "task_loss",
            "scores_from_outputs"]
 
 
@@ -42,6 +42,15 @@ class TorchParams:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         if self.lr <= 0 or self.weight_decay < 0 or self.patience < 0:
             raise ConfigError(f"lr={self.lr} must be > 0, weight_decay and patience >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plateau:
+    """ReduceLROnPlateau on a loss (lower is better), and stop once every learning rate is below `min_lr`."""
+
+    factor: float = 0.6
+    patience: int = 3
+    min_lr: float = 1e-7
 
 
 def pick_device(pref: str = "auto"):
@@ -75,15 +84,20 @@ def autocast(device: Any):
 
 
 def train_loop(model, loss_fn: Callable[[Any, dict], Any], train: TensorSet, *, params: TorchParams, device,
-               val_score: Callable[[Any], float] | None = None, log: Callable[[str], None] | None = None) -> dict:
+               val_score: Callable[[Any], float] | None = None, log: Callable[[str], None] | None = None,
+               plateau: Plateau | None = None, val_loss: Callable[[Any], float] | None = None) -> dict:
     """Train `model` with AdamW on mini-batch slices of `train`; early-stop on `val_score` (higher is better).
 
     `loss_fn(model, batch) -> scalar tensor`. Returns the history; the model ends with its best weights.
+    With `plateau`, the learning rate follows torch's ReduceLROnPlateau on `val_loss(model)` (the
+    epoch's training loss when there is none) and training stops once it falls below `plateau.min_lr`.
     """
     import torch
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=params.lr,
                             weight_decay=params.weight_decay)
+    sched = None if plateau is None else torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=plateau.factor, patience=plateau.patience)
     gen = torch.Generator().manual_seed(params.seed)
     data = train.to(device)
     best, best_state, since, history = -math.inf, None, 0, {"train_loss": [], "val_score": []}
@@ -99,7 +113,10 @@ def train_loop(model, loss_fn: Callable[[Any, dict], Any], train: TensorSet, *, 
             total += float(loss.detach()) * len(next(iter(batch.values())))
             count += len(next(iter(batch.values())))
         history["train_loss"].append(total / max(count, 1))
+        lr_spent = sched is not None and _plateau_step(sched, model, val_loss, history, plateau.min_lr)
         if val_score is None:
+            if lr_spent:
+                break
             continue
         model.eval()
         with torch.no_grad():
@@ -114,11 +131,30 @@ def train_loop(model, loss_fn: Callable[[Any, dict], Any], train: TensorSet, *, 
             since += 1
             if params.patience and since >= params.patience:
                 break
+        if lr_spent:
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     history["epochs_run"] = len(history["train_loss"])
     model.eval()
     return history
+
+
+def _plateau_step(sched, model, val_loss, history: dict, min_lr: float) -> bool:
+    """One ReduceLROnPlateau step on the validation (else training) loss; True once every lr < min_lr."""
+    import torch
+
+    if val_loss is not None:
+        model.eval()
+        with torch.no_grad():
+            loss = float(val_loss(model))
+        history.setdefault("val_loss", []).append(loss)
+    else:
+        loss = history["train_loss"][-1]
+    sched.step(loss)
+    lrs = [g["lr"] for g in sched.optimizer.param_groups]
+    history.setdefault("lr", []).append(max(lrs))
+    return max(lrs) < min_lr
 
 
 def task_loss(out, y, kind: str):
