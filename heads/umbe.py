@@ -192,11 +192,13 @@ class UMBENet(nn.Module):
         """F_fusion `[B, hidden]`, L2-normalised; `present[m]` (bool `[B]`) overrides the batch's masks."""
         tokens, have = [], []
         for i, m in enumerate(self.mods):
-            tokens.append(self.encoders[m](batch[f"x.{m}"], batch.get(f"s.{m}")) + self.modality[i])
-            have.append(present[m] if present is not None else batch[f"m.{m}"] > 0)
+            on = present[m] if present is not None else batch[f"m.{m}"] > 0
+            token = self.encoders[m](batch[f"x.{m}"], batch.get(f"s.{m}"))
+            tokens.append(token * on[:, None].to(token.dtype) + self.modality[i])  # absent: content-free
+            have.append(on)
         tokens, have = torch.stack(tokens, 1), torch.stack(have, 1)
         have = have.clone()
-        have[:, 0] |= ~have.any(1)  # an item with no modality at all reads its first (zero) slot
+        have[:, 0] |= ~have.any(1)  # an item with no modality at all reads its first slot (no content)
         h = self.fusion(tokens, mask=None, src_key_padding_mask=~have)  # eq. 3: -inf where absent
         w = have.to(h.dtype)[..., None]
         return F.normalize(((h * w).sum(1) / w.sum(1)).float(), dim=-1)
