@@ -25,6 +25,7 @@ folder), and `predict_proba` selects with it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -51,11 +52,12 @@ INDEX_FILE = "prompt_keys.faiss"
 @dataclasses.dataclass(frozen=True)
 class UMBEConfig(TorchParams):
     epochs: int = field(40, "maximum epochs per stage (the lr schedule usually stops a stage first)")
-    batch_size: int = field(16, "items per mini-batch (the paper: 16)")
+    batch_size: int = field(128, "items per mini-batch (the paper: 16; 128 chosen on the demo's validation split)")
     lr: float = field(2e-3, "Adam learning rate (the paper: 0.002)")
     weight_decay: float = field(0.0, "AdamW weight decay (0: plain Adam, as the paper)")
     patience: int = field(8, "also stop a stage after this many epochs without a better validation score (0: never)")
-    hidden: int = field(256, "width of the modality tokens, F_fusion, the keys and the prompt tokens")
+    hidden: int = field(128, "width of the modality tokens, F_fusion, the keys and the prompt tokens "
+                             "(the paper: CLIP's 768)")
     heads: int = field(4, "attention heads of every transformer layer")
     fusion_layers: int = field(1, "transformer layers of the adaptive fusion over modality tokens (eq. 3)")
     seq_layers: int = field(1, "transformer layers over a modality's stored sequence")
@@ -118,15 +120,34 @@ def _sinusoid(steps: int, dim: int, device) -> torch.Tensor:
     return out
 
 
+class Standardise(nn.Module):
+    """(x - mean) / std per feature, with the training split's statistics (buffers, saved with the net)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, rows: torch.Tensor) -> None:
+        if len(rows):
+            self.mean.copy_(rows.mean(0))
+            self.std.copy_(rows.std(0, unbiased=False) + 1e-6)
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
 class PooledEncoder(nn.Module):
     """A pooled row -> one modality token (the backbone already did the heavy encoding)."""
 
     def __init__(self, dim: int, cfg):
         super().__init__()
-        self.proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, cfg.hidden))
+        self.norm = Standardise(dim)
+        self.proj = nn.Linear(dim, cfg.hidden)
 
     def forward(self, x, steps=None):
-        return self.proj(x)
+        return self.proj(self.norm(x))
 
 
 class SequenceEncoder(nn.Module):
@@ -134,13 +155,14 @@ class SequenceEncoder(nn.Module):
 
     def __init__(self, dim: int, cfg):
         super().__init__()
-        self.proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, cfg.hidden))
+        self.norm = Standardise(dim)
+        self.proj = nn.Linear(dim, cfg.hidden)
         self.sat = nn.TransformerEncoder(_layer(cfg), cfg.seq_layers, enable_nested_tensor=False)
 
     def forward(self, x, steps):
         steps = steps.clone()
         steps[:, 0] |= ~steps.any(1)  # an absent item attends to one zero step, never to nothing
-        h = self.proj(x)
+        h = self.proj(self.norm(x))
         h = self.sat(h + _sinusoid(h.shape[1], h.shape[2], h.device), src_key_padding_mask=~steps)
         w = steps.to(h.dtype)[..., None]
         return (h * w).sum(1) / w.sum(1)
@@ -320,18 +342,27 @@ class UMBE(Head):
             self._check_features(eval_set[0])
             val = self._tensors(*eval_set).to(device)
         with seeded(self.seed, device):
-            net = self._network().to(device)
-            hists, stages = [], {}
+            net = self._network()
+            for m in net.mods:  # standardise with the training rows (steps) where the modality is present
+                x, on = train.tensors[f"x.{m}"], train.tensors[f"m.{m}"] > 0
+                net.encoders[m].norm.fit(x[on][train.tensors[f"s.{m}"][on]] if x.dim() == 3 else x[on])
+            net = net.to(device)
+            hists, stages, best = [], {}, None
             for stage in range(1, self.stages + 1):
                 if stage == 2:
                     stages = self._next_pool(net, train.to(device))
                 hists.append(self._train_stage(net, train, val, eval_set, y.kind, stage, device))
+                score = max(hists[-1]["val_score"], default=None)
+                if best is None or (score is not None and score > best[1]):
+                    best = (stage, score, copy.deepcopy(net.state_dict()))
+            if best[0] != self.stages:  # stage 1 scored better on validation: keep its weights and pool
+                net.load_state_dict(best[2])
         self.net_ = net.cpu().eval()
-        self.meta_["stages"] = stages
+        self.meta_["stages"] = {**stages, "chosen": best[0]} if stages else {}
         self.index_ = self._key_index()
-        last = hists[-1]
-        self.history_ = {**last, "epochs_run": sum(h["epochs_run"] for h in hists),
-                         "stage_histories": hists, **({"stage1_counts": stages["counts"]} if stages else {})}
+        self.history_ = {**hists[best[0] - 1], "epochs_run": sum(h["epochs_run"] for h in hists),
+                         "chosen_stage": best[0], "stage_histories": hists,
+                         **({"stage1_counts": stages["counts"]} if stages else {})}
         return self
 
     def _stage_loss(self, stage: int):

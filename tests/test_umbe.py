@@ -295,7 +295,7 @@ def demo_store(tmp_path_factory):
 def test_train_head_saves_the_index_and_eval_selects_with_it(demo_store):
     from jobs.train_head import TrainHeadConfig, evaluate, run
 
-    params = {k: str(v) for k, v in SMALL.items()}
+    params = {k: str(v) for k, v in {**SMALL, "epochs": 2, "stages": 1}.items()}
     res = run(TrainHeadConfig(method="umbe", dataset="demo", features={"text": "minilm"}, target="label",
                               params=params, run_id="umbe-demo"), demo_store)
     assert {"war", "uar"} <= set(res.metrics) and res.metrics["war"] == res.metrics["accuracy"]
@@ -310,7 +310,9 @@ def test_sweep_trains_umbe_one_configuration_after_another(demo_store):
 
     res = sweep_job.run(sweep_job.SweepConfig(method="umbe", dataset="demo", features={"text": "minilm"},
                                               grid={"lr": ["1e-3", "3e-3"]},
-                                              params={k: str(v) for k, v in SMALL.items()}), demo_store)
+                                              params={k: str(v) for k, v in {**SMALL, "epochs": 1,
+                                                                                "stages": 1}.items()}),
+                        demo_store)
     assert res.table.height == 2 and set(res.table["stack"]) == {1}
     assert {"val_uar", "test_uar", "test_war"} <= set(res.table.columns)
     assert sorted(res.table["lr"]) == [1e-3, 3e-3]
