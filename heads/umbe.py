@@ -353,7 +353,7 @@ class UMBE(Head):
                     stages = self._next_pool(net, train.to(device))
                 hists.append(self._train_stage(net, train, val, eval_set, y.kind, stage, device))
                 score = max(hists[-1]["val_score"], default=None)
-                if best is None or (score is not None and score > best[1]):
+                if best is None or score is None or score > best[1]:  # no validation: the last stage
                     best = (stage, score, copy.deepcopy(net.state_dict()))
             if best[0] != self.stages:  # stage 1 scored better on validation: keep its weights and pool
                 net.load_state_dict(best[2])

@@ -240,6 +240,8 @@ def test_one_stage_is_a_single_run_of_the_loop(monkeypatch):
     X, y = three(60, 9)
     head = heads.create("umbe", **{**SMALL, "stages": 1}).fit(X, y)
     assert len(calls) == 1 and head.meta_["stages"] == {}
+    two = heads.create("umbe", **SMALL).fit(X, y)  # without validation the last stage is the model
+    assert len(calls) == 3 and two.meta_["stages"]["chosen"] == 2 and two.history_["chosen_stage"] == 2
 
 
 def test_a_model_trained_on_all_modalities_predicts_from_any_subset(fitted):
