@@ -15,6 +15,7 @@ _BUILTIN: dict[str, str] = {
     "scl": "heads.scl:SCL",
     "linear": "heads.linear:Linear",
     "mlp": "heads.mlp:MLP",
+    "umbe": "heads.umbe:UMBE",
     "univa": "heads.univa:UniVA",
     "xgboost": "heads.xgb:XGBoost",
 }

@@ -16,7 +16,7 @@ from featurestore.errors import ConfigError, DatasetError
 from .base import Features, Targets
 
 __all__ = ["TARGETS", "target_kind", "encode_targets", "features_of", "usable", "carve_validation", "Prepared",
-           "prepare", "align", "TensorSet"]
+           "prepare", "align", "TensorSet", "pad_sequences"]
 
 TARGETS = ("label", "labels", "va")
 VAL_NAMES = ("val", "valid", "validation", "dev")
@@ -249,3 +249,24 @@ class TensorSet:
         else:
             for i in range(0, self.n, batch_size):
                 yield {k: v[i:i + batch_size] for k, v in self.tensors.items()}
+
+
+def pad_sequences(seqs: Sequence, pooled: np.ndarray, mask: np.ndarray, dim: int, *, cap: int = 0,
+                  what: str = "sequences") -> tuple[np.ndarray, np.ndarray]:
+    """Ragged `[L_i, dim]` rows -> `[N, L, dim]` float32 + step mask, padded once.
+
+    An item without a sequence uses its pooled row as one step; an absent item (mask false) has no steps.
+    `cap` keeps at most that many steps (0: all). A row of another width is a `ConfigError` naming `what`.
+    """
+    rows = [s[:cap or None] if s is not None and len(s) else (pooled[i:i + 1] if mask[i] else None)
+            for i, s in enumerate(seqs)]
+    longest = max((len(r) for r, m in zip(rows, mask) if r is not None and m), default=1)
+    x = np.zeros((len(rows), longest, dim), np.float32)
+    steps = np.zeros((len(rows), longest), bool)
+    for i, r in enumerate(rows):
+        if r is not None and mask[i]:
+            if r.shape[1] != dim:
+                raise ConfigError(f"{what} are {r.shape[1]}-d but the head was trained on {dim}-d; "
+                                  "use the feature set it was trained on")
+            x[i, :len(r)], steps[i, :len(r)] = r, True
+    return x, steps

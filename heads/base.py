@@ -191,6 +191,12 @@ class Head(abc.ABC):
     def _restore(self, state: Mapping[str, np.ndarray], meta: dict) -> None:
         """Rebuild learned state from `_state()` output and the saved meta."""
 
+    def _save_files(self, folder: Path) -> None:
+        """Write learned state that is not a tensor (e.g. a FAISS index) into the run folder; default none."""
+
+    def _load_files(self, folder: Path) -> None:
+        """Read back what `_save_files` wrote, after `_restore`; default none."""
+
     # ---- shared ----------------------------------------------------------------------
     def _check_fitted(self) -> None:
         if not getattr(self, "meta_", None):
@@ -275,6 +281,7 @@ class Head(abc.ABC):
         (folder / "config.json").write_text(json.dumps(
             {"head": self.name, "params": to_dict(self.config), "meta": self.meta_}, indent=2, sort_keys=True,
             default=_json_default) + "\n")
+        self._save_files(folder)
         return folder
 
     @staticmethod
@@ -292,6 +299,7 @@ class Head(abc.ABC):
             setattr(head, key, value)
         head.meta_ = cfg["meta"]
         head._restore(load_file(str(folder / "model.safetensors")), cfg["meta"])
+        head._load_files(folder)
         return head
 
     def __repr__(self) -> str:

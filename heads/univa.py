@@ -39,7 +39,7 @@ from featurestore.errors import ConfigError
 
 from . import losses
 from .base import Features, Head, Targets, parse_threshold
-from ._data import TensorSet, align
+from ._data import TensorSet, align, pad_sequences
 from ._engine import autocast, check_kind, pick_device, seeded, validation_scorer
 from ._torch import TorchParams
 from ._vmapped import VmapSpec, train_vmapped
@@ -210,18 +210,8 @@ class UniVA(Head):
         seqs = X.sequences.get(mod)
         if seqs is None:
             raise ConfigError(f"head 'univa' was trained on {mod} sequences; pass them (Features.sequences)")
-        cap = self.max_len or None
-        rows = [s[:cap] if s is not None and len(s) else (pooled[i:i + 1] if mask[i] else None)
-                for i, s in enumerate(seqs)]
-        dim = self.meta_["seq_dims"][mod]
-        longest = max((len(r) for r in rows if r is not None), default=1)
-        x = np.zeros((len(rows), longest, dim), np.float32)
-        steps = np.zeros((len(rows), longest), bool)
-        for i, r in enumerate(rows):
-            if r is not None and mask[i]:
-                if r.shape[1] != dim:
-                    raise ConfigError(f"{mod} sequences are {r.shape[1]}-d but head 'univa' was trained on {dim}-d")
-                x[i, :len(r)], steps[i, :len(r)] = r, True
+        x, steps = pad_sequences(seqs, pooled, mask, self.meta_["seq_dims"][mod], cap=self.max_len,
+                                 what=f"{mod} sequences")
         return torch.from_numpy(x), torch.from_numpy(steps)
 
     def _prior(self, y: Targets) -> np.ndarray | None:

@@ -1,0 +1,152 @@
+"""The `umbe` acceptance figures (issue 13).
+
+(a) The demo's single-label target (polarity of 6,468 NRC words, MiniLM text features): `mlp` and
+    `umbe` with their defaults (or `--umbe-param k=v` overrides), `--seeds` seeds each, trained by
+    the `fs train-head` job (selection on validation, test evaluated once, umbe's test predictions
+    through its FAISS key index). Prints test WAR and UAR mean +- std.
+(b) A synthetic three-modality task where each class is visible in one modality only: `umbe` with
+    two-stage training against the one-stage ablation, trained on complete items, tested with all
+    modalities and with each one missing. Prints UAR and WAR per condition, mean +- std over seeds.
+
+    .venv/bin/python bench/umbe_check.py [--store DIR] [--seeds 3] [--only demo|synthetic] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def demo_store(root: Path):
+    from featurestore.datasets import add_dataset, build_demo
+    from featurestore.store import open_store
+    from jobs.extract import ExtractConfig, run
+
+    store = open_store(root, create=True)
+    from featurestore.datasets import get_dataset
+    from featurestore.errors import NotFoundError
+
+    try:
+        get_dataset(store, "demo")
+    except NotFoundError:
+        add_dataset(store, "demo", build_demo(), root=None, source="builtin demo")
+    run(ExtractConfig(dataset="demo", modality="text", backbone="minilm", batch_size=64), store)  # cache hit if done
+    return store
+
+
+def run_demo(store, seeds: list[int], umbe_params: dict, methods: list[str]) -> dict:
+    from jobs.train_head import TrainHeadConfig, run
+
+    out = {}
+    for method in methods:
+        rows = []
+        for seed in seeds:
+            t0 = time.perf_counter()
+            res = run(TrainHeadConfig(method=method, dataset="demo", features={"text": "minilm"}, target="label",
+                                      seed=seed, params=umbe_params if method == "umbe" else {}), store)
+            rows.append((res.metrics["war"], res.metrics["uar"], res.val_score))
+            print(f"  {method} seed {seed}: test WAR {res.metrics['war']:.4f} UAR {res.metrics['uar']:.4f} "
+                  f"(val UAR {res.val_score:.4f}, {time.perf_counter() - t0:.0f} s, run {res.run_id})", flush=True)
+        out[method] = np.array(rows)
+    return out
+
+
+def three_modalities(n: int, seed: int, dim: int = 16, strength: float = 2.0):
+    """Six classes; classes c and c + 3 carry a signal (two directions) in modality c % 3 only."""
+    from heads import Features, Targets
+
+    rng = np.random.default_rng(seed)
+    directions = np.random.default_rng(1234).normal(size=(6, dim))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    y = rng.integers(0, 6, n)
+    pooled = {}
+    for m, name in enumerate(("audio", "image", "text")):
+        x = rng.normal(size=(n, dim))
+        mine = y % 3 == m
+        x[mine] += strength * directions[y[mine]]
+        pooled[name] = x.astype(np.float32)
+    return Features(pooled, {}), Targets("single", y, [f"c{i}" for i in range(6)])
+
+
+def without(X, mod: str):
+    from heads import Features
+
+    masks = {m: np.ones(len(X), bool) for m in X.pooled}
+    masks[mod] = np.zeros(len(X), bool)
+    return Features(dict(X.pooled), masks)
+
+
+def run_synthetic(seeds: list[int], params: dict) -> dict:
+    import heads
+    from heads import metrics
+
+    conditions = ["all", "no audio", "no image", "no text"]
+    out = {}
+    for stages in (2, 1):
+        rows = []
+        for seed in seeds:
+            X, y = three_modalities(1500, seed)
+            Xv, yv = three_modalities(400, seed + 100)
+            Xt, yt = three_modalities(1200, seed + 200)
+            t0 = time.perf_counter()
+            head = heads.create("umbe", stages=stages, seed=seed, **params).fit(X, y, eval_set=(Xv, yv))
+            row = []
+            for cond in conditions:
+                Xc = Xt if cond == "all" else without(Xt, cond.split()[1])
+                m = metrics.evaluate(yt, head.predict(Xc))
+                row += [m["uar"], m["war"]]
+            rows.append(row)
+            print(f"  stages={stages} seed {seed}: " + ", ".join(
+                f"{c} UAR {row[2 * i]:.3f}" for i, c in enumerate(conditions)) +
+                f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+        out[stages] = np.array(rows)
+    return {"conditions": conditions, **out}
+
+
+def fmt(a: np.ndarray) -> str:
+    return f"{100 * a.mean():.2f} +- {100 * a.std():.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", default="", help="store folder to build or reuse (default: a temporary one)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--only", choices=["demo", "synthetic"], default=None)
+    ap.add_argument("--methods", default="mlp,umbe", help="demo heads to compare")
+    ap.add_argument("--umbe-param", action="append", default=[], help="k=v override for umbe on the demo")
+    ap.add_argument("--synthetic-param", action="append", default=[], help="k=v override for umbe (synthetic)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    seeds = list(range(args.seeds))
+    if args.only in (None, "demo"):
+        with tempfile.TemporaryDirectory() as tmp:
+            store = demo_store(Path(args.store or tmp))
+            params = dict(p.split("=", 1) for p in args.umbe_param)
+            res = run_demo(store, seeds, params, args.methods.split(","))
+        print(f"demo single-label (polarity), {len(seeds)} seeds, test split:")
+        for method, a in res.items():
+            print(f"  {method:5s} WAR {fmt(a[:, 0])}  UAR {fmt(a[:, 1])}  (val UAR {fmt(a[:, 2])})")
+    if args.only in (None, "synthetic"):
+        params = dict(p.split("=", 1) for p in args.synthetic_param)
+        res = run_synthetic(seeds, params)
+        print(f"synthetic three modalities (each class visible in one modality), {len(seeds)} seeds, test split:")
+        for stages in (2, 1):
+            a = res[stages]
+            print(f"  {'two-stage' if stages == 2 else 'one-stage'}: " + "; ".join(
+                f"{c}: UAR {fmt(a[:, 2 * i])} WAR {fmt(a[:, 2 * i + 1])}" for i, c in enumerate(res["conditions"])))
+            missing = a[:, 2:].reshape(len(a), 3, 2)
+            print(f"    mean over one modality missing: UAR {fmt(missing[:, :, 0].mean(1))} "
+                  f"WAR {fmt(missing[:, :, 1].mean(1))}")
+
+
+if __name__ == "__main__":
+    main()

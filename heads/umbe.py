@@ -1,0 +1,474 @@
+"""`umbe`: UMBEnet (paper 001, section 3) trained from cached features.
+
+Per modality an encoder makes one token (a pooled row through a linear map, or a stored
+sequence through a small transformer and a masked mean). Adaptive fusion (eq. 2-3) runs a
+transformer over the modality tokens with an additive mask for the modalities an item lacks,
+then takes the masked mean and L2-normalises it: F_fusion, the query of the prompt pool.
+
+The prompt pool (sec. 3.2, eq. 4, 8-9) holds `pool_size` keys and values (`prompt_length / 2`
+tokens each, as the authors' code); each item selects its `top_k` keys by cosine similarity.
+Sparse feature fusion (sec. 3.3, eq. 11-13) gates every value token with
+sigmoid(W2 ReLU(W1 v + b1) + b2) and sums the selected values; the result is joined with the
+inherent prompt tokens, and a small prompt encoder (a transformer decoder whose query is a
+learned class token) gives one text feature per class. The logits are `scale` times the cosine
+of F_fusion with each class's feature (eq. 5, 14); the loss is cross-entropy plus the L1 term
+of eq. 13 plus a matching (pull) term that trains the keys towards their queries.
+
+Training (sec. 3.4): stage 1 trains with each modality alone; the prompts stage 1 activates
+(selection counts over the training split) move into a new pool and stage 2 trains with
+modalities dropped at random per item. `stages=1` is the paper's one-stage ablation. Each stage
+uses Adam at `lr`, ReduceLROnPlateau on the validation loss and stops when lr < `min_lr`.
+
+During training the top-k selection runs in torch (the keys move every step). The trained keys
+are kept as a FAISS inner-product index over the normalised keys (`prompt_keys.faiss` in the run
+folder), and `predict_proba` selects with it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from pathlib import Path
+from typing import Literal, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from featurestore.config import field
+from featurestore.errors import ConfigError, FeatureStoreError
+
+from .base import Features, Head, Targets
+from ._data import TensorSet, align, pad_sequences
+from ._torch import Plateau, TorchParams, _check_kind, pick_device, scores_from_outputs, seeded, train_loop, \
+    validation_scorer
+
+__all__ = ["UMBE", "UMBEConfig", "UMBENet", "umbe_loss", "unimodal_batch", "drop_modalities", "INDEX_FILE"]
+
+INDEX_FILE = "prompt_keys.faiss"
+
+
+@dataclasses.dataclass(frozen=True)
+class UMBEConfig(TorchParams):
+    epochs: int = field(40, "maximum epochs per stage (the lr schedule usually stops a stage first)")
+    batch_size: int = field(128, "items per mini-batch (the paper: 16; 128 chosen on the demo's validation split)")
+    lr: float = field(2e-3, "Adam learning rate (the paper: 0.002)")
+    weight_decay: float = field(0.0, "AdamW weight decay (0: plain Adam, as the paper)")
+    patience: int = field(8, "also stop a stage after this many epochs without a better validation score (0: never)")
+    hidden: int = field(128, "width of the modality tokens, F_fusion, the keys and the prompt tokens "
+                             "(the paper: CLIP's 768)")
+    heads: int = field(4, "attention heads of every transformer layer")
+    fusion_layers: int = field(1, "transformer layers of the adaptive fusion over modality tokens (eq. 3)")
+    seq_layers: int = field(1, "transformer layers over a modality's stored sequence")
+    text_layers: int = field(1, "layers of the prompt encoder (the class token attends to the prompt tokens)")
+    dropout: float = field(0.1, "dropout inside the transformer layers")
+    pool_size: int = field(32, "prompts in the pool (the paper's Table 4: 32)")
+    prompt_length: int = field(64, "prompt length: half selected value tokens, half inherent tokens (Table 4: 64)")
+    top_k: int = field(5, "prompts each item selects (Table 4: 5)")
+    match_weight: float = field(0.1, "weight of the key matching (pull) term: sum of 1 - cos(query, key) over "
+                                     "the selected keys (L2P-style; the authors' code trains no key)")
+    sff: Literal["mlp", "linear"] = field("mlp", "sparse feature fusion gate: mlp (eq. 11, L1 on W1) | linear "
+                                                 "(the authors' code: sigmoid of one linear layer, L1 on it)")
+    sff_hidden: int = field(16, "width of W1 in the SFF gate (sff=mlp)")
+    l1: float = field(0.01, "lambda of eq. 13 (the authors' code: 0.01)")
+    scale: float = field(100.0, "logit scale of the cosine similarities (CLIP's 100, as the authors' code)")
+    stages: int = field(2, "2: two-stage training (sec. 3.4); 1: train on all modalities at once (the ablation)")
+    drop_prob: float = field(0.3, "stage 2: chance to drop each present modality of an item (one always stays)")
+    lr_factor: float = field(0.6, "ReduceLROnPlateau factor on the validation loss (the paper: 0.6)")
+    lr_patience: int = field(3, "ReduceLROnPlateau patience in epochs (the paper: 3)")
+    min_lr: float = field(1e-7, "a stage ends once the learning rate falls below this (the paper: 1e-7)")
+    sequences: bool = field(True, "use stored sequences when the store has them (else pooled features)")
+    max_len: int = field(0, "keep at most this many sequence steps per item (0: all)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.hidden < 1 or self.heads < 1 or self.hidden % self.heads:
+            raise ConfigError(f"hidden={self.hidden} must be a positive multiple of heads={self.heads}")
+        for name in ("fusion_layers", "seq_layers", "text_layers", "pool_size", "top_k", "sff_hidden"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.top_k > self.pool_size:
+            raise ConfigError(f"top_k={self.top_k} exceeds pool_size={self.pool_size}; choose top_k <= pool_size")
+        if self.prompt_length < 2:
+            raise ConfigError(f"prompt_length={self.prompt_length} must be at least 2 (half value, half inherent)")
+        if self.stages not in (1, 2):
+            raise ConfigError(f"stages={self.stages} must be 1 (one-stage ablation) or 2 (two-stage training)")
+        if not 0 <= self.dropout < 1 or not 0 <= self.drop_prob < 1:
+            raise ConfigError(f"dropout={self.dropout} and drop_prob={self.drop_prob} must be in [0, 1)")
+        if not 0 < self.lr_factor < 1 or self.lr_patience < 0 or self.min_lr < 0:
+            raise ConfigError(f"lr_factor={self.lr_factor} must be in (0, 1), lr_patience={self.lr_patience} "
+                              f"and min_lr={self.min_lr} >= 0")
+        if self.l1 < 0 or self.match_weight < 0 or self.scale <= 0 or self.max_len < 0:
+            raise ConfigError(f"l1={self.l1}, match_weight={self.match_weight}, max_len={self.max_len} must be "
+                              f">= 0 and scale={self.scale} > 0")
+
+
+# ---- the network ---------------------------------------------------------------------
+def _layer(cfg, decoder: bool = False):
+    cls = nn.TransformerDecoderLayer if decoder else nn.TransformerEncoderLayer
+    return cls(cfg.hidden, cfg.heads, 2 * cfg.hidden, cfg.dropout, activation="gelu", batch_first=True,
+               norm_first=True)
+
+
+def _sinusoid(steps: int, dim: int, device) -> torch.Tensor:
+    pos = torch.arange(steps, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(1e4) / dim))
+    out = torch.zeros(steps, dim, device=device)
+    out[:, 0::2] = torch.sin(pos * freq)
+    out[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return out
+
+
+class Standardise(nn.Module):
+    """(x - mean) / std per feature, with the training split's statistics (buffers, saved with the net)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, rows: torch.Tensor) -> None:
+        if len(rows):
+            self.mean.copy_(rows.mean(0))
+            self.std.copy_(rows.std(0, unbiased=False) + 1e-6)
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class PooledEncoder(nn.Module):
+    """A pooled row -> one modality token (the backbone already did the heavy encoding)."""
+
+    def __init__(self, dim: int, cfg):
+        super().__init__()
+        self.norm = Standardise(dim)
+        self.proj = nn.Linear(dim, cfg.hidden)
+
+    def forward(self, x, steps=None):
+        return self.proj(self.norm(x))
+
+
+class SequenceEncoder(nn.Module):
+    """Frames or tokens -> one modality token: projection, positions, self-attention, masked mean."""
+
+    def __init__(self, dim: int, cfg):
+        super().__init__()
+        self.norm = Standardise(dim)
+        self.proj = nn.Linear(dim, cfg.hidden)
+        self.sat = nn.TransformerEncoder(_layer(cfg), cfg.seq_layers, enable_nested_tensor=False)
+
+    def forward(self, x, steps):
+        steps = steps.clone()
+        steps[:, 0] |= ~steps.any(1)  # an absent item attends to one zero step, never to nothing
+        h = self.proj(self.norm(x))
+        h = self.sat(h + _sinusoid(h.shape[1], h.shape[2], h.device), src_key_padding_mask=~steps)
+        w = steps.to(h.dtype)[..., None]
+        return (h * w).sum(1) / w.sum(1)
+
+
+class SparseGate(nn.Module):
+    """SFF (eq. 11): sigmoid(W2 ReLU(W1 v + b1) + b2) per value token; `linear`: sigmoid(W v + b)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.kind = cfg.sff
+        width = cfg.sff_hidden if cfg.sff == "mlp" else 1
+        self.first = nn.Linear(cfg.hidden, width)
+        self.second = nn.Linear(width, 1) if cfg.sff == "mlp" else None
+
+    def forward(self, v):
+        h = self.first(v)
+        if self.second is not None:
+            h = self.second(torch.relu(h))
+        return torch.sigmoid(h)
+
+    def l1(self):
+        """Sum of |W1| (eq. 13); the linear gate's only weight for `linear`."""
+        return self.first.weight.abs().sum()
+
+
+class UMBENet(nn.Module):
+    """Encoders, adaptive fusion, the prompt pool, SFF and the prompt encoder (the dual stream)."""
+
+    def __init__(self, dims: Mapping[str, int], seq_dims: Mapping[str, int], n_classes: int, cfg):
+        super().__init__()
+        self.mods = sorted(dims)
+        self.top_k, self.scale = cfg.top_k, cfg.scale
+        self.encoders = nn.ModuleDict({m: SequenceEncoder(seq_dims[m], cfg) if m in seq_dims
+                                       else PooledEncoder(dims[m], cfg) for m in self.mods})
+        self.modality = nn.Parameter(torch.randn(len(self.mods), cfg.hidden) * 0.02)  # which slot is which
+        self.fusion = nn.TransformerEncoder(_layer(cfg), cfg.fusion_layers, enable_nested_tensor=False)
+        n_tok = cfg.prompt_length // 2
+        self.keys = nn.Parameter(torch.randn(cfg.pool_size, cfg.hidden) * 0.02)
+        self.values = nn.Parameter(torch.randn(cfg.pool_size, n_tok, cfg.hidden) * 0.02)
+        self.gate = SparseGate(cfg)
+        self.inherent = nn.Parameter(torch.randn(cfg.prompt_length - n_tok, cfg.hidden) * 0.02)
+        self.class_tokens = nn.Parameter(torch.randn(n_classes, cfg.hidden) * 0.02)
+        self.text = nn.TransformerDecoder(_layer(cfg, decoder=True), cfg.text_layers)
+        self.text_out = nn.Sequential(nn.LayerNorm(cfg.hidden), nn.Linear(cfg.hidden, cfg.hidden, bias=False))
+
+    # -- stream 1: the fused query --
+    def fuse(self, batch: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None = None):
+        """F_fusion `[B, hidden]`, L2-normalised; `present[m]` (bool `[B]`) overrides the batch's masks."""
+        tokens, have = [], []
+        for i, m in enumerate(self.mods):
+            on = present[m] if present is not None else batch[f"m.{m}"] > 0
+            token = self.encoders[m](batch[f"x.{m}"], batch.get(f"s.{m}"))
+            tokens.append(token * on[:, None].to(token.dtype) + self.modality[i])  # absent: content-free
+            have.append(on)
+        tokens, have = torch.stack(tokens, 1), torch.stack(have, 1)
+        have = have.clone()
+        have[:, 0] |= ~have.any(1)  # an item with no modality at all reads its first slot (no content)
+        h = self.fusion(tokens, mask=None, src_key_padding_mask=~have)  # eq. 3: -inf where absent
+        w = have.to(h.dtype)[..., None]
+        return F.normalize(((h * w).sum(1) / w.sum(1)).float(), dim=-1)
+
+    # -- the pool --
+    def normalised_keys(self):
+        return F.normalize(self.keys.float(), dim=-1)
+
+    def select(self, q):
+        """Indices `[B, top_k]` of the keys most cosine-similar to each item's own query (eq. 4, 8)."""
+        return torch.topk(q @ self.normalised_keys().T, self.top_k, dim=-1).indices
+
+    def match_loss(self, q, idx):
+        """Mean over items of sum over its selected keys of 1 - cos(query, key); the query is held fixed."""
+        k = self.normalised_keys()[idx]  # [B, k, H]
+        return (1 - (k * q.detach()[:, None]).sum(-1)).sum(1).mean()
+
+    # -- stream 2: prompts -> one text feature per class --
+    def class_features(self, idx):
+        """`[B, C, hidden]` normalised: SFF over the selected values, + inherent tokens, encoded per class."""
+        gated = self.gate(self.values) * self.values  # [P, L, H]: the gate of eq. 11 on every value token
+        selected = gated[idx].sum(1)  # [B, L, H]: P' of eq. 10, the gated selected prompts fused
+        memory = torch.cat([selected, self.inherent.expand(len(idx), -1, -1).to(selected.dtype)], 1)
+        n_cls = len(self.class_tokens)
+        own = ~torch.eye(n_cls, dtype=torch.bool, device=idx.device)  # a class token sees only itself
+        out = self.text(self.class_tokens.expand(len(idx), -1, -1).to(memory.dtype), memory, tgt_mask=own)
+        return F.normalize(self.text_out(out).float(), dim=-1)
+
+    def logits(self, q, idx):
+        """Eq. 5/14: `scale` x cosine of F_fusion with each class's combined prompt feature."""
+        return self.scale * torch.einsum("bh,bch->bc", q, self.class_features(idx))
+
+    def forward(self, batch, present=None, idx=None):
+        q = self.fuse(batch, present)
+        idx = self.select(q) if idx is None else idx
+        return self.logits(q, idx), q, idx
+
+
+def umbe_loss(net: UMBENet, batch: Mapping[str, torch.Tensor], *, l1: float, match_weight: float,
+              present=None) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy + l1 * sum|W1| (eq. 13) + match_weight * matching term; returns (total, parts)."""
+    logits, q, idx = net(batch, present)
+    parts = {"ce": F.cross_entropy(logits.float(), batch["y"]), "l1": net.gate.l1(), "match": net.match_loss(q, idx)}
+    return parts["ce"] + l1 * parts["l1"] + match_weight * parts["match"], parts
+
+
+def unimodal_batch(batch: Mapping[str, torch.Tensor], mods: list[str]) -> dict:
+    """Stage 1: every (item, present modality) pair as its own row with only that modality present."""
+    parts = []
+    for m in mods:
+        rows = torch.nonzero(batch[f"m.{m}"] > 0).squeeze(1)
+        if len(rows):
+            sub = {k: v.index_select(0, rows) for k, v in batch.items()}
+            for other in mods:
+                sub[f"m.{other}"] = torch.full_like(sub[f"m.{other}"], float(other == m))
+            parts.append(sub)
+    if not parts:
+        return dict(batch)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def drop_modalities(batch: Mapping[str, torch.Tensor], mods: list[str], p: float) -> dict:
+    """Stage 2: drop each present modality of each item with chance p; an item keeps at least one."""
+    have = torch.stack([batch[f"m.{m}"] > 0 for m in mods], 1)
+    keep = have & (torch.rand(have.shape, device=have.device) >= p)
+    lost = ~keep.any(1) & have.any(1)
+    if lost.any():  # restore one present modality, chosen uniformly
+        pick = torch.argmax(torch.rand(have.shape, device=have.device) * have, 1)
+        keep[lost] = F.one_hot(pick[lost], len(mods)).bool() & have[lost]
+    out = dict(batch)
+    for i, m in enumerate(mods):
+        out[f"m.{m}"] = keep[:, i].to(batch[f"m.{m}"].dtype)
+    return out
+
+
+# ---- the head --------------------------------------------------------------------------
+class UMBE(Head):
+    name = "umbe"
+    Config = UMBEConfig
+    supports = frozenset({"single", "binary"})
+    uses_sequences = True
+    description = ("UMBEnet: adaptive modality fusion, a prompt pool with a FAISS key lookup, sparse feature "
+                   "fusion, dual-stream cosine classifier, two-stage training for missing modalities")
+
+    # ---- inputs --------------------------------------------------------------------
+    def _tensors(self, X: Features, y: Targets | None = None) -> TensorSet:
+        t = {}
+        for mod, (arr, mask) in align(X, self.meta_["dims"]).items():
+            t[f"m.{mod}"] = torch.from_numpy(mask.astype(np.float32))
+            if mod in self.meta_["seq_dims"]:
+                seqs = X.sequences.get(mod)
+                if seqs is None:
+                    raise ConfigError(f"head 'umbe' was trained on {mod} sequences; pass them (Features.sequences) "
+                                      "or train with sequences=false")
+                x, steps = pad_sequences(seqs, arr, mask, self.meta_["seq_dims"][mod], cap=self.max_len,
+                                         what=f"{mod} sequences")
+                t[f"x.{mod}"], t[f"s.{mod}"] = torch.from_numpy(x), torch.from_numpy(steps)
+            else:
+                t[f"x.{mod}"] = torch.from_numpy(arr)
+        if y is not None:
+            t["y"] = torch.as_tensor(np.asarray(y.y, np.int64))
+        return TensorSet(t, len(X))
+
+    def _network(self) -> UMBENet:
+        return UMBENet(self.meta_["dims"], self.meta_["seq_dims"], len(self.meta_["classes"]), self.config)
+
+    # ---- training ------------------------------------------------------------------
+    def fit(self, X: Features, y: Targets, *, eval_set: tuple[Features, Targets] | None = None) -> "UMBE":
+        _check_kind(self, y)
+        if not len(y):
+            raise ConfigError("head 'umbe': no training items")
+        seq_dims = {m: int(next(s.shape[1] for s in X.sequences[m] if s is not None)) for m in X.pooled
+                    if self.sequences and any(s is not None for s in X.sequences.get(m, []))}
+        self._set_meta(X, y, seq_dims=seq_dims)
+        device = pick_device(self.device)
+        train = self._tensors(X, y)
+        val = None
+        if eval_set is not None:
+            self._check_features(eval_set[0])
+            val = self._tensors(*eval_set).to(device)
+        with seeded(self.seed, device):
+            net = self._network()
+            for m in net.mods:  # standardise with the training rows (steps) where the modality is present
+                x, on = train.tensors[f"x.{m}"], train.tensors[f"m.{m}"] > 0
+                net.encoders[m].norm.fit(x[on][train.tensors[f"s.{m}"][on]] if x.dim() == 3 else x[on])
+            net = net.to(device)
+            hists, stages, best = [], {}, None
+            for stage in range(1, self.stages + 1):
+                if stage == 2:
+                    stages = self._next_pool(net, train.to(device))
+                hists.append(self._train_stage(net, train, val, eval_set, y.kind, stage, device))
+                score = max(hists[-1]["val_score"], default=None)
+                if best is None or score is None or score > best[1]:  # no validation: the last stage
+                    best = (stage, score, copy.deepcopy(net.state_dict()))
+            if best[0] != self.stages:  # stage 1 scored better on validation: keep its weights and pool
+                net.load_state_dict(best[2])
+        self.net_ = net.cpu().eval()
+        self.meta_["stages"] = {**stages, "chosen": best[0]} if stages else {}
+        self.index_ = self._key_index()
+        self.history_ = {**hists[best[0] - 1], "epochs_run": sum(h["epochs_run"] for h in hists),
+                         "chosen_stage": best[0], "stage_histories": hists,
+                         **({"stage1_counts": stages["counts"]} if stages else {})}
+        return self
+
+    def _stage_loss(self, stage: int):
+        mods = self.meta_["dims"]
+        cfg = dict(l1=self.l1, match_weight=self.match_weight)
+        if self.stages == 1:
+            return lambda net, b: umbe_loss(net, b, **cfg)[0]
+        if stage == 1:
+            return lambda net, b: umbe_loss(net, unimodal_batch(b, sorted(mods)), **cfg)[0]
+        return lambda net, b: umbe_loss(net, drop_modalities(b, sorted(mods), self.drop_prob), **cfg)[0]
+
+    def _train_stage(self, net, train: TensorSet, val: TensorSet | None, eval_set, kind: str, stage: int,
+                     device) -> dict:
+        val_score = val_loss = None
+        if val is not None:
+            scorer = validation_scorer(self, eval_set[1], kind)
+            val_score = lambda m: scorer(self._proba_torch(m, val))  # noqa: E731
+            val_loss = lambda m: self._loss_on(m, val)  # noqa: E731
+        hist = train_loop(net, self._stage_loss(stage), train, params=self._loop_params(), device=device,
+                          val_score=val_score, plateau=Plateau(self.lr_factor, self.lr_patience, self.min_lr),
+                          val_loss=val_loss)
+        return {**hist, "stage": stage}
+
+    def _loop_params(self) -> TorchParams:
+        return TorchParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TorchParams)})
+
+    def _loss_on(self, net, data: TensorSet) -> float:
+        """Validation loss of the ReduceLROnPlateau schedule: the mean cross-entropy, all modalities given."""
+        total = sum(float(F.cross_entropy(net(b)[0].float(), b["y"], reduction="sum")) for b in data.batches(1024))
+        return total / max(len(data), 1)
+
+    @staticmethod
+    def _proba_torch(net, data: TensorSet) -> np.ndarray:
+        outs = [net(b)[0] for b in data.batches(1024)]
+        return scores_from_outputs(torch.cat(outs), "single")
+
+    @torch.no_grad()
+    def _next_pool(self, net: UMBENet, train: TensorSet) -> dict:
+        """Count stage 1's selections (each modality alone, the training split), then rebuild the pool:
+        the activated prompts (most selected first) and fresh ones for the remaining slots."""
+        net.eval()
+        counts = torch.zeros(len(net.keys), dtype=torch.long, device=net.keys.device)
+        for b in train.batches(1024):
+            idx = net.select(net.fuse(unimodal_batch(b, net.mods)))
+            counts += torch.bincount(idx.flatten(), minlength=len(counts))
+        order = sorted(range(len(counts)), key=lambda i: (-int(counts[i]), i))
+        carried = [i for i in order if counts[i] > 0]
+        keys = torch.randn_like(net.keys) * 0.02
+        values = torch.randn_like(net.values) * 0.02
+        keys[:len(carried)], values[:len(carried)] = net.keys[carried], net.values[carried]
+        net.keys.copy_(keys)
+        net.values.copy_(values)
+        return {"counts": counts.tolist(), "carried": carried}
+
+    # ---- the FAISS prompt-key lookup ------------------------------------------------
+    def _key_index(self):
+        import faiss
+
+        keys = np.ascontiguousarray(self.net_.normalised_keys().detach().cpu().numpy(), np.float32)
+        index = faiss.IndexFlatIP(keys.shape[1])
+        index.add(keys)
+        return index
+
+    def select_faiss(self, q: np.ndarray) -> np.ndarray:
+        """Top-k key indices of normalised queries `[N, hidden]` from the FAISS inner-product index."""
+        _, idx = self.index_.search(np.ascontiguousarray(q, np.float32), self.top_k)
+        return idx
+
+    # ---- inference -----------------------------------------------------------------
+    def predict_proba(self, X: Features) -> np.ndarray:
+        self._check_features(X)
+        data = self._tensors(X)
+        self.net_.eval()
+        outs = []
+        with torch.no_grad():
+            for b in data.batches(2048):
+                q = self.net_.fuse(b)
+                idx = torch.from_numpy(self.select_faiss(q.numpy()))
+                outs.append(self.net_.logits(q, idx))
+        if not outs:
+            return np.zeros((0, len(self.meta_["classes"])))
+        return scores_from_outputs(torch.cat(outs), self.meta_["kind"])
+
+    # ---- persistence ---------------------------------------------------------------
+    def _state(self) -> dict[str, np.ndarray]:
+        return {f"net.{k}": v.detach().cpu().numpy() for k, v in self.net_.state_dict().items()}
+
+    def _restore(self, state: Mapping[str, np.ndarray], meta: dict) -> None:
+        self.net_ = self._network()
+        self.net_.load_state_dict({k[4:]: torch.from_numpy(np.array(v)) for k, v in state.items()
+                                   if k.startswith("net.")})
+        self.net_.eval()
+
+    def _save_files(self, folder: Path) -> None:
+        import faiss
+
+        faiss.write_index(self.index_, str(folder / INDEX_FILE))
+
+    def _load_files(self, folder: Path) -> None:
+        import faiss
+
+        path = folder / INDEX_FILE
+        if not path.is_file():
+            raise FeatureStoreError(f"{path} is missing: the umbe run's prompt-key index was not saved; "
+                                    "retrain the run (fs train-head --method umbe)")
+        self.index_ = faiss.read_index(str(path))
+        if self.index_.ntotal != self.pool_size or self.index_.d != self.hidden:
+            raise ConfigError(f"{path} holds {self.index_.ntotal} keys of {self.index_.d}-d, but the head has "
+                              f"pool_size={self.pool_size}, hidden={self.hidden}; retrain the run")

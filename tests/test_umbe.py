@@ -1,0 +1,320 @@
+"""`umbe`: the FAISS lookup against torch and a numpy loop, per-item queries, key gradients, the L1 term,
+masked modalities, two-stage training, the plateau schedule, and the job / sweep / eval paths."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import heads
+from featurestore.errors import ConfigError, FeatureStoreError
+from heads import Features, Head, Targets
+from heads import umbe as U
+from heads._torch import Plateau, TorchParams, train_loop
+
+CLASSES = ["c0", "c1", "c2"]
+SMALL = dict(epochs=3, patience=0, hidden=16, heads=2, batch_size=32, pool_size=8, top_k=3, prompt_length=8,
+             sff_hidden=4, dropout=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def three(n: int, seed: int, sequences: bool = False) -> tuple[Features, Targets]:
+    """Class c is visible in modality c; the image modality is absent for about a third of the items."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    pooled = {m: rng.normal(size=(n, d)).astype(np.float32) for m, d in (("audio", 5), ("image", 6), ("text", 7))}
+    for c, m in enumerate(("audio", "image", "text")):
+        pooled[m][y == c, 0] += 3
+    masks = {"image": rng.random(n) > 0.3}
+    X = Features(pooled, masks)
+    if sequences:
+        X.sequences = {"audio": [np.repeat(pooled["audio"][i:i + 1], 1 + i % 3, 0) + rng.normal(0, 0.1, (1 + i % 3, 5))
+                                 .astype(np.float32) for i in range(n)]}
+    return X, Targets("single", y, CLASSES)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    X, y = three(150, 0)
+    Xv, yv = three(60, 1)
+    return heads.create("umbe", **SMALL).fit(X, y, eval_set=(Xv, yv)), Xv
+
+
+def numpy_topk(q: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """Cosine top-k written out item by item (the reference for both selections)."""
+    out = []
+    for row in q:
+        sims = [float(row @ key / np.linalg.norm(key)) for key in keys]
+        out.append(sorted(range(len(keys)), key=lambda j: -sims[j])[:k])
+    return np.array(out)
+
+
+# ---- the prompt-key lookup ----------------------------------------------------------------
+def test_faiss_selection_equals_torch_selection_and_a_numpy_loop(fitted, tmp_path):
+    head, X = fitted
+    batch = next(head._tensors(X).batches(len(X)))
+    with torch.no_grad():
+        q = head.net_.fuse(batch)
+        by_torch = head.net_.select(q).numpy()
+    by_faiss = head.select_faiss(q.numpy())
+    reference = numpy_topk(q.numpy().astype(np.float64), head.net_.keys.detach().numpy().astype(np.float64), 3)
+    np.testing.assert_array_equal(by_faiss, by_torch)
+    np.testing.assert_array_equal(by_faiss, reference)
+    # predictions go through that selection, also after a save/load that reads the index file
+    with torch.no_grad():
+        want = torch.softmax(head.net_.logits(q, torch.from_numpy(reference)), -1).numpy()
+    np.testing.assert_allclose(head.predict_proba(X), want, atol=1e-6)
+    head.save(tmp_path / "run")
+    assert (tmp_path / "run" / U.INDEX_FILE).is_file()
+    loaded = Head.load(tmp_path / "run")
+    np.testing.assert_array_equal(loaded.select_faiss(q.numpy()), reference)
+    np.testing.assert_array_equal(loaded.predict_proba(X), head.predict_proba(X))
+    (tmp_path / "run" / U.INDEX_FILE).unlink()
+    with pytest.raises(FeatureStoreError, match=U.INDEX_FILE):
+        Head.load(tmp_path / "run")
+
+
+def test_a_prediction_does_not_depend_on_its_batch_neighbours(fitted):
+    head, X = fitted
+    alone = head.predict_proba(X.take(np.arange(5)))
+    rng = np.random.default_rng(3)
+    mixed_order = np.r_[rng.permutation(np.arange(5, len(X)))[:20], np.arange(5)]
+    mixed = head.predict_proba(X.take(mixed_order))[-5:]
+    np.testing.assert_allclose(mixed, alone, atol=1e-6)
+    # in training too (torch selection, dropout off): an item's logits ignore the rest of its batch
+    net = copy.deepcopy(head.net_).train()
+    full = next(head._tensors(X).batches(len(X)))
+    small = {k: v[:4] for k, v in full.items()}
+    np.testing.assert_allclose(net(full)[0][:4].detach(), net(small)[0].detach(), atol=1e-5)
+
+
+def test_keys_are_trained_by_the_matching_term_only():
+    X, y = three(40, 2)
+    head = heads.create("umbe", **SMALL)
+    head._set_meta(X, y, seq_dims={})
+    torch.manual_seed(0)
+    net = head._network()
+    batch = next(head._tensors(X, y).batches(40))
+    loss, _ = U.umbe_loss(net, batch, l1=0.01, match_weight=0.5)
+    loss.backward()
+    with torch.no_grad():
+        q = net.fuse(batch)
+    idx = numpy_topk(q.numpy().astype(np.float64), net.keys.detach().numpy().astype(np.float64), 3)
+    # reference: the gradient of 0.5 * mean_b sum_{j in top-k(b)} (1 - q_b . k_j / |k_j|), written out
+    keys = net.keys.detach().clone().requires_grad_(True)
+    ref = sum(1 - q[b] @ keys[j] / keys[j].norm() for b in range(len(q)) for j in idx[b]) * 0.5 / len(q)
+    ref.backward()
+    np.testing.assert_allclose(net.keys.grad.numpy(), keys.grad.numpy(), atol=1e-6)
+    assert set(np.flatnonzero(np.abs(net.keys.grad.numpy()).sum(1))) == set(idx.ravel())
+    net.zero_grad()
+    U.umbe_loss(net, batch, l1=0.01, match_weight=0.0)[0].backward()
+    assert net.keys.grad is None or not net.keys.grad.abs().sum()
+    assert net.values.grad.abs().sum() > 0  # the selected values learn through the classifier
+
+
+@pytest.mark.parametrize("sff", ["mlp", "linear"])
+def test_sff_gate_and_its_l1_term_are_in_the_loss(sff):
+    X, y = three(30, 4)
+    head = heads.create("umbe", **{**SMALL, "sff": sff})
+    head._set_meta(X, y, seq_dims={})
+    torch.manual_seed(1)
+    net = head._network().eval()
+    batch = next(head._tensors(X, y).batches(30))
+    with torch.no_grad():
+        without, _ = U.umbe_loss(net, batch, l1=0.0, match_weight=0.1)
+        with_l1, _ = U.umbe_loss(net, batch, l1=0.25, match_weight=0.1)
+    W1 = net.gate.first.weight.detach().numpy()
+    assert W1.shape == ((4, 16) if sff == "mlp" else (1, 16))
+    assert float(with_l1 - without) == pytest.approx(0.25 * np.abs(W1).sum(), rel=1e-5)
+    # eq. 11 by hand on one value token
+    v = net.values.detach().numpy()[2, 1]
+    h = W1 @ v + net.gate.first.bias.detach().numpy()
+    if sff == "mlp":
+        h = net.gate.second.weight.detach().numpy() @ np.maximum(h, 0) + net.gate.second.bias.detach().numpy()
+    with torch.no_grad():
+        got = float(net.gate(net.values)[2, 1, 0])
+    assert got == pytest.approx(float(1 / (1 + np.exp(-h[0]))), rel=1e-5)
+
+
+@pytest.mark.parametrize("sequences", [False, True])
+def test_a_masked_modality_content_does_not_change_the_output(sequences):
+    X, y = three(80, 5, sequences=sequences)
+    Xv, yv = three(30, 6, sequences=sequences)
+    head = heads.create("umbe", **SMALL).fit(X, y, eval_set=(Xv, yv))
+    assert ("audio" in head.meta_["seq_dims"]) == sequences
+    batch = next(head._tensors(Xv).batches(30))
+    gone = torch.tensor(np.arange(30) % 2 == 0)
+    masked = dict(batch, **{"m.text": (~gone).float()})
+    noisy = dict(masked, **{"x.text": torch.where(gone[:, None], torch.randn_like(batch["x.text"]) * 50,
+                                                   batch["x.text"])})
+    if sequences:  # a masked item's frames too
+        masked["m.audio"] = noisy["m.audio"] = (~gone).float()
+        noisy["x.audio"] = torch.where(gone[:, None, None], torch.randn_like(batch["x.audio"]) * 50, batch["x.audio"])
+    with torch.no_grad():
+        np.testing.assert_allclose(head.net_(noisy)[0].numpy(), head.net_(masked)[0].numpy(), atol=1e-5)
+        assert not np.allclose(head.net_(batch)[0].numpy(), head.net_(masked)[0].numpy(), atol=1e-3)
+    # through the head: a masked modality's rows may hold anything
+    Xn = Features({m: a.copy() for m, a in Xv.pooled.items()}, {**Xv.masks, "text": ~gone.numpy()},
+                  sequences=Xv.sequences)
+    Xz = Features({m: a.copy() for m, a in Xv.pooled.items()}, {**Xv.masks, "text": ~gone.numpy()},
+                  sequences=Xv.sequences)
+    Xn.pooled["text"][gone.numpy()] = 99.0
+    Xz.pooled["text"][gone.numpy()] = 0.0
+    np.testing.assert_allclose(head.predict_proba(Xn), head.predict_proba(Xz), atol=1e-6)
+
+
+# ---- two-stage training -----------------------------------------------------------------
+def test_stage_one_rows_and_stage_two_drops():
+    batch = {"m.a": torch.tensor([1.0, 1.0, 0.0, 1.0]), "m.b": torch.tensor([1.0, 0.0, 1.0, 0.0]),
+             "x.a": torch.arange(4.0)[:, None], "y": torch.arange(4)}
+    rows = U.unimodal_batch(batch, ["a", "b"])
+    # (item, modality) pairs: a of items 0, 1, 3; b of items 0, 2
+    assert rows["y"].tolist() == [0, 1, 3, 0, 2]
+    assert rows["m.a"].tolist() == [1, 1, 1, 0, 0] and rows["m.b"].tolist() == [0, 0, 0, 1, 1]
+    torch.manual_seed(0)
+    n = 20000
+    big = {"m.a": torch.ones(n), "m.b": (torch.arange(n) % 2).float(), "m.c": torch.zeros(n)}
+    out = U.drop_modalities(big, ["a", "b", "c"], 0.3)
+    have = torch.stack([out["m.a"], out["m.b"], out["m.c"]], 1)
+    assert (have.sum(1) >= 1).all() and not out["m.c"].any()  # one always stays; absent ones never appear
+    assert not (have[:, 1] > big["m.b"]).any()
+    both = big["m.b"] > 0  # both present: both dropped (p^2) is undone, so a is kept with 0.7 + 0.3*0.3*0.5
+    assert float(out["m.a"][both].mean()) == pytest.approx(0.7 + 0.045, abs=0.015)
+    assert float(out["m.a"][~both].mean()) == 1.0  # the only present modality is never dropped
+
+
+def test_stage_two_starts_from_the_prompts_stage_one_activated(monkeypatch):
+    X, y = three(120, 7)
+    Xv, yv = three(40, 8)
+    seen = []
+
+    def spy(net, *args, **kwargs):
+        seen.append(("start", copy.deepcopy(net.state_dict())))
+        hist = train_loop(net, *args, **kwargs)
+        seen.append(("end", copy.deepcopy(net.state_dict())))
+        return hist
+
+    monkeypatch.setattr(U, "train_loop", spy)
+    head = heads.create("umbe", **{**SMALL, "pool_size": 16, "top_k": 2}).fit(X, y, eval_set=(Xv, yv))
+    assert [s for s, _ in seen] == ["start", "end", "start", "end"]
+    stage1, stage2 = seen[1][1], seen[2][1]
+    # the counts, recomputed: each training item with each of its modalities alone, cosine top-k
+    net = head._network()
+    net.load_state_dict(stage1)
+    net.eval()
+    counts = np.zeros(16, int)
+    batch = next(head._tensors(X, y).batches(len(X)))
+    keys = stage1["keys"].numpy().astype(np.float64)
+    for m in net.mods:
+        present = {o: (batch[f"m.{o}"] > 0) & (o == m) for o in net.mods}
+        rows = present[m].numpy()
+        with torch.no_grad():
+            q = net.fuse(batch, present).numpy()[rows]
+        for sel in numpy_topk(q.astype(np.float64), keys, 2):
+            counts[sel] += 1
+    assert head.meta_["stages"]["counts"] == counts.tolist()
+    carried = sorted(np.flatnonzero(counts), key=lambda j: (-counts[j], j))
+    assert head.meta_["stages"]["carried"] == carried
+    n = len(carried)
+    np.testing.assert_array_equal(stage2["keys"][:n], stage1["keys"][carried])
+    np.testing.assert_array_equal(stage2["values"][:n], stage1["values"][carried])
+    if n < 16:  # the free slots are fresh prompts, not stage 1's unused ones
+        assert not np.isin(stage2["keys"][n:].numpy(), stage1["keys"].numpy()).any()
+    for k in stage1:  # everything else continues from stage 1
+        if k not in ("keys", "values"):
+            np.testing.assert_array_equal(stage2[k], stage1[k])
+
+
+def test_one_stage_is_a_single_run_of_the_loop(monkeypatch):
+    calls = []
+    monkeypatch.setattr(U, "train_loop", lambda *a, **k: calls.append(1) or train_loop(*a, **k))
+    X, y = three(60, 9)
+    head = heads.create("umbe", **{**SMALL, "stages": 1}).fit(X, y)
+    assert len(calls) == 1 and head.meta_["stages"] == {}
+    two = heads.create("umbe", **SMALL).fit(X, y)  # without validation the last stage is the model
+    assert len(calls) == 3 and two.meta_["stages"]["chosen"] == 2 and two.history_["chosen_stage"] == 2
+
+
+def test_a_model_trained_on_all_modalities_predicts_from_any_subset(fitted):
+    head, X = fitted
+    for keep in (["audio"], ["image"], ["text"], ["audio", "text"]):
+        sub = Features({m: X.pooled[m] for m in keep}, {m: X.masks[m] for m in keep})
+        proba = head.predict_proba(sub)
+        assert proba.shape == (len(X), 3) and np.isfinite(proba).all()
+
+
+# ---- the schedule -----------------------------------------------------------------------
+def test_train_loop_plateau_follows_torch_and_stops_below_min_lr():
+    from heads._data import TensorSet
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    data = TensorSet({"x": torch.randn(8, 2)}, 8)
+    params = TorchParams(epochs=50, batch_size=4, lr=1e-3, patience=0)
+    hist = train_loop(model, lambda m, b: m(b["x"]).pow(2).mean(), data, params=params, device=torch.device("cpu"),
+                      plateau=Plateau(factor=0.5, patience=0, min_lr=2e-4), val_loss=lambda m: 1.0)
+    # a validation loss that never improves: halved every epoch after the first, stop once below 2e-4
+    assert hist["lr"] == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4]) and hist["epochs_run"] == 4
+    assert hist["val_loss"] == [1.0] * 4
+    plain = train_loop(torch.nn.Linear(2, 1), lambda m, b: m(b["x"]).pow(2).mean(), data,
+                       params=TorchParams(epochs=3, batch_size=4), device=torch.device("cpu"))
+    assert plain["epochs_run"] == 3 and "lr" not in plain
+
+
+def test_bad_parameters_are_refused_naming_the_value():
+    for bad, match in [({"top_k": 9, "pool_size": 8}, "top_k=9"), ({"stages": 3}, "stages=3"),
+                       ({"hidden": 10, "heads": 4}, "hidden=10"), ({"lr_factor": 1.5}, "lr_factor=1.5"),
+                       ({"sff": "conv"}, "conv"), ({"prompt_length": 1}, "prompt_length=1")]:
+        with pytest.raises(ConfigError, match=match):
+            heads.create("umbe", **bad)
+    X, _ = three(10, 0)
+    with pytest.raises(ConfigError, match="supports"):
+        heads.create("umbe").fit(X, Targets("multi", np.eye(3, dtype=np.float32)[np.arange(10) % 3], CLASSES))
+
+
+# ---- through the jobs: train-head, eval, sweep --------------------------------------------
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory):
+    from featurestore.datasets import add_dataset, build_demo
+    from featurestore.store import open_store
+    from jobs.extract import ExtractConfig, run
+
+    store = open_store(tmp_path_factory.mktemp("umbestore"), create=True)
+    add_dataset(store, "demo", build_demo(), root=None, source="builtin demo")
+    run(ExtractConfig(dataset="demo", modality="text", backbone="minilm", limit=240), store)
+    return store
+
+
+def test_train_head_saves_the_index_and_eval_selects_with_it(demo_store):
+    from jobs.train_head import TrainHeadConfig, evaluate, run
+
+    params = {k: str(v) for k, v in {**SMALL, "epochs": 2, "stages": 1}.items()}
+    res = run(TrainHeadConfig(method="umbe", dataset="demo", features={"text": "minilm"}, target="label",
+                              params=params, run_id="umbe-demo"), demo_store)
+    assert {"war", "uar"} <= set(res.metrics) and res.metrics["war"] == res.metrics["accuracy"]
+    assert (res.folder / U.INDEX_FILE).is_file()
+    again = evaluate("umbe-demo", "demo", demo_store)
+    assert again["metrics"]["uar"] == pytest.approx(res.metrics["uar"], abs=1e-12)
+    assert again["metrics"]["war"] == pytest.approx(res.metrics["war"], abs=1e-12)
+
+
+def test_sweep_trains_umbe_one_configuration_after_another(demo_store):
+    from jobs import sweep as sweep_job
+
+    res = sweep_job.run(sweep_job.SweepConfig(method="umbe", dataset="demo", features={"text": "minilm"},
+                                              grid={"lr": ["1e-3", "3e-3"]},
+                                              params={k: str(v) for k, v in {**SMALL, "epochs": 1,
+                                                                                "stages": 1}.items()}),
+                        demo_store)
+    assert res.table.height == 2 and set(res.table["stack"]) == {1}
+    assert {"val_uar", "val_war"} <= set(res.table.columns)
+    assert sorted(res.table["lr"]) == [1e-3, 3e-3]
