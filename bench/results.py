@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import math
 import os
 import sys
@@ -101,12 +102,47 @@ def fit_eval(name: str, params: dict, seed: int, data) -> dict:
         p["seed"] = seed
     start = time.perf_counter()
     head = cls(**p).fit(Xtr, ytr, eval_set=(Xv, yv))
-    out = metrics.evaluate(yte, head.predict(Xte), head.predict_proba(Xte))
+    out = {k: float(v) for k, v in metrics.evaluate(yte, head.predict(Xte), head.predict_proba(Xte)).items()
+           if isinstance(v, (int, float, np.number))}
     out["val_primary"] = metrics.primary(yv, head.predict(Xv), head.predict_proba(Xv))
     out["seconds"] = time.perf_counter() - start
     if "threshold" in head.meta_:
         out["threshold"] = head.meta_["threshold"]
     return out
+
+
+class RowCache:
+    """Finished (task, row, seed) results in a JSON file, so a rerun computes only what changed.
+
+    An entry is reused while the source of the head's own module and of the shared training code
+    (heads/base.py, _engine.py, _torch.py, _stacked.py, _vmapped.py, losses.py) is unchanged; delete
+    the file (or pass --fresh) to recompute every row."""
+
+    SHARED = ("base.py", "_engine.py", "_torch.py", "_stacked.py", "_vmapped.py", "losses.py")
+
+    def __init__(self, path: Path, fresh: bool):
+        self.path = path
+        self.rows = {} if fresh or not path.is_file() else json.loads(path.read_text())
+
+    @staticmethod
+    def key(target: str, name: str, label: str, params: dict, seed: int) -> str:
+        import hashlib
+
+        import heads
+
+        module = importlib.import_module(heads.get(name).__module__)
+        files = [Path(module.__file__)] + [ROOT / "heads" / f for f in RowCache.SHARED]
+        code = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+        return json.dumps([target, label, sorted(params.items()), seed, code])
+
+    def get(self, key: str) -> dict | None:
+        return self.rows.get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        self.rows[key] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.rows, indent=1, default=float))
+        os.replace(tmp, self.path)
 
 
 def summarise(runs: list[dict], names: tuple[str, ...]) -> dict[str, tuple[float, float]]:
@@ -202,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     ap.add_argument("--only", default="", help="comma-separated head names (default: every registered head)")
     ap.add_argument("--tasks", default="", help="comma-separated targets: labels,label,va (default: all)")
+    ap.add_argument("--fresh", action="store_true", help="recompute every row (default: reuse rows whose code "
+                                                          "is unchanged, from bench/out/results-cache.json)")
     args = ap.parse_args(argv)
 
     import torch
@@ -211,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     start = time.perf_counter()
     store = build_store(Path(args.store))
+    cache = RowCache(ROOT / "bench" / "out" / "results-cache.json", args.fresh)
     only = set(filter(None, args.only.split(","))) or None
     targets = set(filter(None, args.tasks.split(","))) or None
     results: dict[str, dict] = {}
@@ -220,7 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare(store, "demo", {"text": "minilm"}, target=task.target, seed=0, va=True)
         results[task.name] = {}
         for name, label, params in rows_for(data.kind, only):
-            runs = [fit_eval(name, params, seed, data) for seed in range(args.seeds)]
+            runs = []
+            for seed in range(args.seeds):
+                key = cache.key(task.target, name, label, params, seed)
+                run = cache.get(key)
+                if run is None:
+                    run = fit_eval(name, params, seed, data)
+                    cache.put(key, run)
+                runs.append(run)
             results[task.name][label] = summarise(runs, task.metrics)
             s = results[task.name][label][task.key]
             print(f"{task.target:7s} {label:40s} test {task.key} {s[0]:.4f} ± {s[1]:.4f}", flush=True)
