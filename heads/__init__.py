@@ -12,6 +12,7 @@ __all__ = ["Features", "Head", "Targets", "REGISTRY", "register", "get", "create
 
 _BUILTIN: dict[str, str] = {
     "concept": "heads.concept:ConceptHead",
+    "drkf": "heads.drkf:DRKF",
     "scl": "heads.scl:SCL",
     "linear": "heads.linear:Linear",
     "mlp": "heads.mlp:MLP",

@@ -6,7 +6,11 @@
 - single-label: `accuracy` = `war` (weighted average recall), `uar` (unweighted average
   recall = balanced accuracy, over the classes present in the truth), `weighted_f1`,
   `macro_f1` (over the classes present in the truth or the predictions, like scikit-learn),
-  and the `confusion_matrix` (rows: truth, columns: prediction).
+  `precision` / `recall` (support-weighted, scikit-learn's average='weighted'), `micro_f1`
+  (equal to accuracy for one label per item), and the `confusion_matrix` (rows: truth,
+  columns: prediction). As the papers name them: IEMOCAP's UA / ACC = `uar`, WA / WACC = `war`;
+  MELD's weighted F1 = `weighted_f1`; M3ED's precision / recall / ACC / micro-F1 = `precision`,
+  `recall`, `accuracy`, `micro_f1`.
 - binary: `acc2` and `f1` of the positive class (index 1).
 - VA regression: Pearson `r` and `ccc` (Lin's concordance) per dimension, ignoring NaN.
 
@@ -77,12 +81,16 @@ def single(y: np.ndarray, pred: np.ndarray, n_classes: int | None = None) -> dic
     f1 = f1_counts(tp, predicted - tp, support - tp)
     seen = (support > 0) | (predicted > 0)
     total = support.sum()
+    precision = _safe_div(tp, predicted)
     return {
         "accuracy": float(tp.sum() / total) if total else math.nan,
         "war": float(tp.sum() / total) if total else math.nan,
         "uar": float(_safe_div(tp, support)[support > 0].mean()) if total else math.nan,
         "weighted_f1": float((f1 * support).sum() / total) if total else math.nan,
         "macro_f1": float(f1[seen].mean()) if seen.any() else math.nan,
+        "precision": float((precision * support).sum() / total) if total else math.nan,
+        "recall": float(tp.sum() / total) if total else math.nan,  # support-weighted recall is accuracy
+        "micro_f1": float(tp.sum() / total) if total else math.nan,
         "confusion_matrix": cm.tolist(),
     }
 

@@ -47,8 +47,13 @@ class TrainHeadConfig:
     val_fraction: float = field(0.1, "fraction of train carved as validation when the dataset has none")
     eval_split: str = field("test", "split evaluated once after training")
     run_id: str = field("", "name of the run folder (default: method-dataset-time-random)")
+    cv: str = field("", "cross-validation over every item instead of the splits: group (leave one group out) "
+                        "| K (K stratified folds); jobs/cv.py")
 
     def __post_init__(self):
+        if self.cv:
+            from .cv import parse_cv
+            parse_cv(self.cv)
         if self.target not in TARGETS:
             raise ConfigError(f"target {self.target!r} is not one of {list(TARGETS)}")
         if not self.dataset:
@@ -93,6 +98,9 @@ def run_folder(store: Store, run_id: str) -> Path:
 
 def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | None = None) -> TrainResult:
     """Train on train, early-stop on validation, evaluate on `eval_split` once, save the run."""
+    if config.cv:
+        from .cv import run_cv
+        return run_cv(config, store, log=log)
     start = time.perf_counter()
     say = log or (lambda s: None)
     head = make_head(config.method, config.params, config.seed)  # bad --param fails here, before any reading

@@ -53,6 +53,11 @@ def test_single_label_matches_sklearn(seed):
     assert got["weighted_f1"] == pytest.approx(sk.f1_score(y, pred, average="weighted", zero_division=0), abs=1e-9)
     assert got["macro_f1"] == pytest.approx(sk.f1_score(y, pred, average="macro", zero_division=0), abs=1e-9)
     np.testing.assert_array_equal(got["confusion_matrix"], sk.confusion_matrix(y, pred, labels=range(6)))
+    # M3ED's figures: support-weighted precision and recall, micro-F1
+    assert got["precision"] == pytest.approx(sk.precision_score(y, pred, average="weighted", zero_division=0),
+                                             abs=1e-9)
+    assert got["recall"] == pytest.approx(sk.recall_score(y, pred, average="weighted", zero_division=0), abs=1e-9)
+    assert got["micro_f1"] == pytest.approx(sk.f1_score(y, pred, average="micro"), abs=1e-9)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

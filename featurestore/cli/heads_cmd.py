@@ -26,9 +26,13 @@ def _metric_rows(metrics: dict) -> list[dict]:
 @click.option("--run-id", default="", help="Name of the run folder (default: generated).")
 @click.option("--eval-split", default="test", show_default=True, help="Split evaluated once after training.")
 @click.option("--memory", default="", help="Replay memory name (fs memory list), for heads that read one (concept).")
+@click.option("--cv", default="", metavar="group|K",
+              help="Cross-validate over every item instead: group (leave one manifest group out) or K stratified "
+                   "folds; validation is carved inside each training fold.")
 @json_option
 @click.pass_context
-def train_head_cmd(ctx, method, dataset, features, params, seed, target, val_fraction, run_id, eval_split, memory, as_json):
+def train_head_cmd(ctx, method, dataset, features, params, seed, target, val_fraction, run_id, eval_split, memory, cv,
+                   as_json):
     """Train a head on the train split, early-stop on validation, evaluate on test once, save the run."""
     from jobs.train_head import TrainHeadConfig, run
 
@@ -42,14 +46,27 @@ def train_head_cmd(ctx, method, dataset, features, params, seed, target, val_fra
         params["memory"] = str(memory_folder(store, params["memory"]).resolve())
     config = TrainHeadConfig(method=method, dataset=dataset, features=parse_feature_refs(features), params=params,
                              target=target, seed=seed, val_fraction=val_fraction, run_id=run_id,
-                             eval_split=eval_split)
+                             eval_split=eval_split, cv=cv)
     result = run(config, store, log=None if as_json else lambda s: click.echo(s, err=True))
     if as_json:
-        return emit(result.to_dict())
+        return emit({**result.to_dict(), **({"folds": result.folds, "std": result.std} if cv else {})})
+    if cv:
+        return click.echo(_fold_table(result))
     click.echo(f"run {result.run_id} ({result.method} on {result.dataset}, {result.kind}) in {result.seconds:.1f}s")
     click.echo(table(_metric_rows(result.to_dict()["metrics"])))
     if "confusion_matrix" in result.metrics:
         click.echo(f"confusion matrix: {result.folder / 'confusion.png'}")
+
+
+def _fold_table(result) -> str:
+    """One row per fold and a mean +- std row, with the metrics the papers report."""
+    keys = [k for k in ("uar", "war", "weighted_f1", "macro_f1", "acc2", "acc", "micro_f1", "ccc")
+            if k in result.metrics]
+    rows = [{"fold": f["fold"], "n_test": f["n_test"], **{k: f[k] for k in keys}} for f in result.folds]
+    rows.append({"fold": "mean", "n_test": sum(f["n_test"] for f in result.folds),
+                 **{k: f"{result.metrics[k]:.4f} +- {result.std[k]:.4f}" for k in keys}})
+    return f"run {result.run_id} ({result.method} on {result.dataset}, {result.kind}, cv) in " \
+           f"{result.seconds:.1f}s\n" + table(rows)
 
 
 @click.command("runs")
