@@ -75,7 +75,7 @@ class DRKFConfig(TorchParams):
     mse_scale: Literal["element", "item"] = field(
         "element", "eq. 10's squared error per item: averaged over its steps and dimensions (the code's MSELoss) "
                    "| summed (the printed squared norm)")
-    ed_pairs: int = field(0, "shuffled pairs per batch for ED, drawn at random (0: all M(M-1))")
+    ed_pairs: int = field(256, "shuffled pairs per batch for ED, drawn at random (0: all M(M-1), as the paper)")
     standardize: bool = field(True, "z-score each input dimension with training statistics")
     sequences: bool = field(True, "use stored sequences when the store has them (else pooled features)")
     max_len: int = field(0, "keep at most this many sequence steps per item (0: all)")
