@@ -30,3 +30,13 @@ def demo_df():
     from featurestore.datasets import build_demo
 
     return build_demo()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared CPU: one intra-op thread avoids oversubscription stalls (restored after)."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,13 +18,7 @@ ROWS = 150
 GROUPS = ("ses1", "ses2", "ses3")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 
 def test_group_folds_hold_out_one_group_each_and_are_disjoint():

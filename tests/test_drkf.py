@@ -16,12 +16,7 @@ from heads.drkf import (DRKFConfig, DRKFNet, cmie_paper, drkf_loss, kl_to_labels
                         shuffle_pairs)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 
 def _cos(a, b):

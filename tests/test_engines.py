@@ -22,12 +22,7 @@ from heads._stacked import StackSpec, train_stack
 from heads._vmapped import VmapSpec, train_vmapped
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 
 def _batches(n: int, batch: int, seed: int, epochs: int):

@@ -18,14 +18,7 @@ CLASSES = ["happy", "sad", "anger"]  # names the label VA table knows
 DIMS = {"text": 12, "audio": 6}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared CPU: one intra-op thread avoids oversubscription stalls."""
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 
 def fast_params(cls: type[Head]) -> dict:

@@ -19,13 +19,7 @@ CLASSES = ["happy", "sad", "anger"]
 ROWS = 300
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 
 def synthetic(kind: str, n: int, seed: int) -> tuple[Features, Targets]:

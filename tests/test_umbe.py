@@ -19,12 +19,7 @@ SMALL = dict(epochs=3, patience=0, hidden=16, heads=2, batch_size=32, pool_size=
              sff_hidden=4, dropout=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 
 def three(n: int, seed: int, sequences: bool = False) -> tuple[Features, Targets]:

@@ -22,12 +22,7 @@ from heads import Features, Head, Targets, losses
 ROWS = 400  # manifest rows extracted for the end-to-end store
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 
 # ---- eq. 3-5 against a direct loop ---------------------------------------------------
