@@ -41,7 +41,7 @@ def emotion_words(store, dataset: str, features: dict) -> dict:
     """split -> (Features, Targets, item ids) of the items with exactly one emotion in `labels` and every modality."""
     from featurestore.errors import ConfigError
     from featurestore.reader import load_split
-    from heads.base import Features, Targets
+    from featurestore.heads.base import Features, Targets
 
     raw = {s: load_split(store, dataset, s, features) for s in ("train", "val", "test")}
     one = {s: [lab[0] if lab is not None and len(lab) == 1 else None for lab in d.labels] for s, d in raw.items()}
@@ -74,7 +74,7 @@ def _cosine_to_means(train: np.ndarray, y: np.ndarray, queries: np.ndarray, n_cl
 
 def _memory(head, modality: str, emo: np.ndarray, y, item_ids, folder: Path):
     """The replay memory of the SCL train features, built as `fs memory build` builds one."""
-    from jobs.build_memory import BuildMemoryConfig, assemble, exemplar_meta
+    from featurestore.jobs.build_memory import BuildMemoryConfig, assemble, exemplar_meta
 
     config = BuildMemoryConfig(name=folder.name, run="bench")
     meta = exemplar_meta(head, modality, emo, y, item_id=item_ids, dataset="bench", split="train")
@@ -102,11 +102,11 @@ def concept_section(store, *, dataset: str = "demo", features: dict = {"text": "
 
 
 def _section(store, dataset: str, features: dict, seeds, workdir: Path) -> dict:
-    import heads
-    from heads.concept import fit_concept
-    from heads.concepts import ConceptBank
-    from heads.metrics import evaluate
-    from heads.scl import SCL
+    import featurestore.heads as heads
+    from featurestore.heads.concept import fit_concept
+    from featurestore.heads.concepts import ConceptBank
+    from featurestore.heads.metrics import evaluate
+    from featurestore.heads.scl import SCL
 
     split = emotion_words(store, dataset, features)
     (Xtr, ytr, ids_tr), (Xva, yva, _), (Xte, yte, _) = split["train"], split["val"], split["test"]

@@ -21,7 +21,7 @@ from featurestore import backbones
 from featurestore.datasets import add_dataset
 from featurestore.datasets.manifest import normalise
 from featurestore.store import open_store
-from jobs.extract import ExtractConfig, run
+from featurestore.jobs.extract import ExtractConfig, run
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ def child(n: int, batch_size: int) -> None:
     from featurestore.datasets import add_dataset
     from featurestore.datasets.manifest import normalise
     from featurestore.store import open_store
-    from jobs.extract import ExtractConfig, run
+    from featurestore.jobs.extract import ExtractConfig, run
 
     texts = phrases(n)
     with tempfile.TemporaryDirectory(dir=".") as tmp:

@@ -32,14 +32,14 @@ def _sentences(df, words_per_item: int):
 def bench_cache_vs_backbone(n: int, batch_size: int, words_per_item: int = 1) -> dict:
     import torch
 
-    import heads
+    import featurestore.heads as heads
     from featurestore.backbones import create as create_backbone
     from featurestore.datasets import add_dataset, build_demo
     from featurestore.reader import load_split
     from featurestore.store import open_store
-    from heads._data import encode_targets, features_of
-    from heads._torch import task_loss
-    from jobs.extract import ExtractConfig, run
+    from featurestore.heads._data import encode_targets, features_of
+    from featurestore.heads._torch import task_loss
+    from featurestore.jobs.extract import ExtractConfig, run
 
     with tempfile.TemporaryDirectory() as root:
         store = open_store(root, create=True)
@@ -76,8 +76,8 @@ def bench_cache_vs_backbone(n: int, batch_size: int, words_per_item: int = 1) ->
 
 
 def bench_univa(n: int, batch_size: int) -> dict:
-    import heads
-    from heads import Features, Targets
+    import featurestore.heads as heads
+    from featurestore.heads import Features, Targets
 
     rng = np.random.default_rng(0)
     dims = {"text": 384, "image": 512, "audio": 768}

@@ -73,7 +73,7 @@ def bench_memory(args) -> None:
 
 
 def bench_concepts(args) -> None:
-    from heads.concepts import ConceptBank
+    from featurestore.heads.concepts import ConceptBank
 
     rng = np.random.default_rng(1)
     classes = ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]

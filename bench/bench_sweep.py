@@ -45,7 +45,7 @@ def make_features(folder: Path, n: int, seed: int = 0):
 
 
 def load(folder: Path):
-    from heads import Features, Targets
+    from featurestore.heads import Features, Targets
 
     x = np.load(folder / "x.npy").astype(np.float32)  # float16 on disk -> float32, as the reader does
     y = np.load(folder / "y.npy")
@@ -112,7 +112,7 @@ def bare_gemm_seconds(n_train: int, n_val: int, C: int, epochs: int) -> float:
 
 
 def univa_data(n: int, seed: int = 0):
-    from heads import Features, Targets
+    from featurestore.heads import Features, Targets
 
     rng = np.random.default_rng(seed)
     cls = rng.integers(0, K, n)
@@ -126,8 +126,8 @@ def univa_data(n: int, seed: int = 0):
 
 
 def bench_univa(n: int, C: int) -> None:
-    import heads
-    from heads._stacked import fit_heads
+    import featurestore.heads as heads
+    from featurestore.heads._stacked import fit_heads
 
     (X, y), (Xv, yv) = univa_data(n, 0), univa_data(max(n // 10, 1), 1)
     grid = [dict(lr=lr, lam=lam, tau=tau) for lr in (1e-4, 3e-4, 1e-3, 3e-3) for lam in (0.2, 0.5)
@@ -163,9 +163,9 @@ def main() -> None:
 
     import torch
 
-    import heads
-    from heads import Features, Targets
-    from heads._stacked import fit_heads
+    import featurestore.heads as heads
+    from featurestore.heads import Features, Targets
+    from featurestore.heads._stacked import fit_heads
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.n} x {D} float16 -> float32, "
           f"{args.configs} mlp configs (hidden {HIDDEN}, {LAYERS} layers, batch {BATCH}), {args.epochs} epochs each")

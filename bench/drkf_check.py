@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def with_noise(X, dim: int = 384):
-    from heads import Features
+    from featurestore.heads import Features
 
     text = X.pooled["text"]
     noise = np.stack([np.random.default_rng(int.from_bytes(hashlib.sha256(row.tobytes()).digest()[:8], "little"))
@@ -37,14 +37,14 @@ def with_noise(X, dim: int = 384):
 
 
 def text_only(X):
-    from heads import Features
+    from featurestore.heads import Features
 
     return Features({"text": X.pooled["text"]}, {"text": X.masks["text"]})
 
 
 def fit_eval(method: str, params: dict, train, val, test, seed: int) -> tuple[dict, float]:
-    import heads
-    from heads import metrics
+    import featurestore.heads as heads
+    from featurestore.heads import metrics
 
     t0 = time.perf_counter()
     head = heads.create(method, **{**params, "seed": seed}).fit(*train, eval_set=val)
@@ -54,7 +54,7 @@ def fit_eval(method: str, params: dict, train, val, test, seed: int) -> tuple[di
 
 def part_demo(store_dir: str, seeds: int, drkf_params: dict) -> None:
     from featurestore.store import open_store
-    from heads._data import prepare
+    from featurestore.heads._data import prepare
 
     data = prepare(open_store(store_dir), "demo", {"text": "minilm"}, target="label")
     split = {k: data.splits[k] for k in ("train", "val", "test")}
@@ -73,7 +73,7 @@ def part_demo(store_dir: str, seeds: int, drkf_params: dict) -> None:
 
 
 def synthetic(n: int, seed: int):
-    from heads import Features, Targets
+    from featurestore.heads import Features, Targets
 
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 3, n)
@@ -92,8 +92,8 @@ def synthetic(n: int, seed: int):
 
 
 def part_synthetic(seeds: int, drkf_params: dict) -> None:
-    import heads
-    from heads import metrics
+    import featurestore.heads as heads
+    from featurestore.heads import metrics
 
     for method, params in (("mlp", {}), ("drkf", drkf_params)):
         rows = []

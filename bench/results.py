@@ -62,8 +62,8 @@ def build_store(folder: Path):
     when they already are."""
     from featurestore.datasets import add_dataset, build_demo, list_datasets
     from featurestore.store import open_store
-    from jobs import va
-    from jobs.extract import ExtractConfig, run
+    from featurestore.jobs import va
+    from featurestore.jobs.extract import ExtractConfig, run
 
     store = open_store(folder, create=True)
     if "demo" not in list_datasets(store):
@@ -77,7 +77,7 @@ def build_store(folder: Path):
 
 def rows_for(kind: str, only: set[str] | None) -> list[tuple[str, str, dict]]:
     """(head, label, params) of every registered head that trains `kind` from features alone, and the ablations."""
-    import heads
+    import featurestore.heads as heads
 
     out = []
     for name in heads.names():
@@ -92,8 +92,8 @@ def rows_for(kind: str, only: set[str] | None) -> list[tuple[str, str, dict]]:
 
 
 def fit_eval(name: str, params: dict, seed: int, data) -> dict:
-    import heads
-    from heads import metrics
+    import featurestore.heads as heads
+    from featurestore.heads import metrics
 
     (Xtr, ytr), (Xv, yv), (Xte, yte) = data.splits["train"], data.splits["val"], data.splits["test"]
     cls = heads.get(name)
@@ -128,7 +128,7 @@ class RowCache:
     def key(target: str, name: str, label: str, params: dict, seed: int) -> str:
         import hashlib
 
-        import heads
+        import featurestore.heads as heads
 
         module = importlib.import_module(heads.get(name).__module__)
         files = [Path(module.__file__)] + [ROOT / "heads" / f for f in RowCache.SHARED]
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from heads._data import prepare
+    from featurestore.heads._data import prepare
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     start = time.perf_counter()

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def demo_store(root: Path):
     from featurestore.datasets import add_dataset, build_demo
     from featurestore.store import open_store
-    from jobs.extract import ExtractConfig, run
+    from featurestore.jobs.extract import ExtractConfig, run
 
     store = open_store(root, create=True)
     from featurestore.datasets import get_dataset
@@ -41,7 +41,7 @@ def demo_store(root: Path):
 
 
 def run_demo(store, seeds: list[int], umbe_params: dict, methods: list[str]) -> dict:
-    from jobs.train_head import TrainHeadConfig, run
+    from featurestore.jobs.train_head import TrainHeadConfig, run
 
     out = {}
     for method in methods:
@@ -59,7 +59,7 @@ def run_demo(store, seeds: list[int], umbe_params: dict, methods: list[str]) -> 
 
 def three_modalities(n: int, seed: int, dim: int = 16, strength: float = 2.0):
     """Six classes; classes c and c + 3 carry a signal (two directions) in modality c % 3 only."""
-    from heads import Features, Targets
+    from featurestore.heads import Features, Targets
 
     rng = np.random.default_rng(seed)
     directions = np.random.default_rng(1234).normal(size=(6, dim))
@@ -75,7 +75,7 @@ def three_modalities(n: int, seed: int, dim: int = 16, strength: float = 2.0):
 
 
 def without(X, mod: str):
-    from heads import Features
+    from featurestore.heads import Features
 
     masks = {m: np.ones(len(X), bool) for m in X.pooled}
     masks[mod] = np.zeros(len(X), bool)
@@ -83,8 +83,8 @@ def without(X, mod: str):
 
 
 def run_synthetic(seeds: list[int], params: dict) -> dict:
-    import heads
-    from heads import metrics
+    import featurestore.heads as heads
+    from featurestore.heads import metrics
 
     conditions = ["all", "no audio", "no image", "no text"]
     out = {}

@@ -11,14 +11,14 @@ from .base import Features, Head, Targets
 __all__ = ["Features", "Head", "Targets", "REGISTRY", "register", "get", "create", "names"]
 
 _BUILTIN: dict[str, str] = {
-    "concept": "heads.concept:ConceptHead",
-    "drkf": "heads.drkf:DRKF",
-    "scl": "heads.scl:SCL",
-    "linear": "heads.linear:Linear",
-    "mlp": "heads.mlp:MLP",
-    "umbe": "heads.umbe:UMBE",
-    "univa": "heads.univa:UniVA",
-    "xgboost": "heads.xgb:XGBoost",
+    "concept": "featurestore.heads.concept:ConceptHead",
+    "drkf": "featurestore.heads.drkf:DRKF",
+    "scl": "featurestore.heads.scl:SCL",
+    "linear": "featurestore.heads.linear:Linear",
+    "mlp": "featurestore.heads.mlp:MLP",
+    "umbe": "featurestore.heads.umbe:UMBE",
+    "univa": "featurestore.heads.univa:UniVA",
+    "xgboost": "featurestore.heads.xgb:XGBoost",
 }
 REGISTRY: Registry[type[Head]] = Registry("head", _BUILTIN, list_hint="fs heads list")
 register, get, names = REGISTRY.register, REGISTRY.get, REGISTRY.names

@@ -24,8 +24,8 @@ from featurestore.datasets import get_dataset
 from featurestore.errors import ConfigError, DatasetError
 from featurestore.reader import parse_feature_refs
 from featurestore.store import Store, check_name, now_iso
-from heads import Features, Targets, metrics
-from heads._data import _label_va, _load, carve_validation, target_kind, usable
+from featurestore.heads import Features, Targets, metrics
+from featurestore.heads._data import _label_va, _load, carve_validation, target_kind, usable
 
 __all__ = ["parse_cv", "cv_folds", "load_all", "run_cv"]
 

@@ -34,7 +34,7 @@ from featurestore.hashing import content_key
 from featurestore.memory import open_memory
 from featurestore.memory._index import normalise
 from featurestore.store import Store
-from heads.concepts import ConceptBank
+from featurestore.heads.concepts import ConceptBank
 
 from .train_scl import load_run
 

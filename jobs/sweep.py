@@ -26,14 +26,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-import heads
+import featurestore.heads as heads
 from featurestore._io import file_lock, json_safe, publish, read_json, tmp_path, write_json_atomic
 from featurestore.config import field, from_strings
 from featurestore.errors import ConfigError, NotFoundError
 from featurestore.reader import parse_feature_refs
 from featurestore.store import Store, check_name, now_iso
-from heads import metrics
-from heads._data import TARGETS, prepare
+from featurestore.heads import metrics
+from featurestore.heads._data import TARGETS, prepare
 
 __all__ = ["SweepConfig", "SweepResult", "parse_grid", "load_space", "expand_grid", "sample_random", "run",
            "read_results", "list_sweeps", "show", "export_best", "best_test", "sweep_folder", "LOWER_IS_BETTER"]
@@ -298,7 +298,7 @@ def _metric_names(data) -> list[str]:
     X, y = data.splits["val"]
     fake = y.y[:2]
     pred = fake if data.kind != "multi" else fake.astype(np.int64)
-    from heads.base import Targets
+    from featurestore.heads.base import Targets
 
     res = metrics.evaluate(Targets(data.kind, fake, list(data.classes)), pred, None)
     return sorted(k for k, v in res.items() if not isinstance(v, (list, dict)))
@@ -344,7 +344,7 @@ class _Runner:
         if not pending:
             return rows
         if getattr(self.cls, "stacked", False):
-            from heads._stacked import group_key
+            from featurestore.heads._stacked import group_key
 
             groups: dict[tuple, list[int]] = {}
             for i in pending:
@@ -365,7 +365,7 @@ class _Runner:
         hs = [self.cls(**p) for p in configs]
         t0 = time.perf_counter()
         if len(hs) > 1 and getattr(self.cls, "stacked", False):
-            from heads._stacked import fit_heads
+            from featurestore.heads._stacked import fit_heads
 
             fit_heads(hs, Xtr, ytr, eval_set=(Xv, yv), log=self.say)
         else:

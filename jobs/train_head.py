@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-import heads
+import featurestore.heads as heads
 from featurestore import __version__
 from featurestore._io import check_checksums, json_safe, read_json, write_checksums, write_json_atomic
 from featurestore.config import field
@@ -30,8 +30,8 @@ from featurestore.errors import ConfigError, FeatureStoreError, IntegrityError, 
 from featurestore.features import superseded_by
 from featurestore.reader import parse_feature_refs
 from featurestore.store import Store, check_name, now_iso
-from heads import metrics
-from heads._data import TARGETS, features_of, prepare, usable
+from featurestore.heads import metrics
+from featurestore.heads._data import TARGETS, features_of, prepare, usable
 
 __all__ = ["TrainHeadConfig", "TrainResult", "run", "evaluate", "list_runs", "run_folder", "make_head"]
 

@@ -27,9 +27,9 @@ from featurestore.features import POOLED, FeatureSet
 from featurestore.memory import publish_folder
 from featurestore.reader import SplitData, load_split, parse_feature_refs
 from featurestore.store import FORMAT_VERSION, Store, check_name, now_iso
-from heads.base import Features, Targets
-from heads.scl import SCL
-from jobs.train_head import load_head
+from featurestore.heads.base import Features, Targets
+from featurestore.heads.scl import SCL
+from featurestore.jobs.train_head import load_head
 
 __all__ = ["TrainSCLConfig", "TrainSCLResult", "run", "parse_data", "derived_spec", "write_derived", "load_run"]
 

@@ -29,7 +29,7 @@ from featurestore.va.base import VAScorer
 from featurestore.va.cache import DTYPES, KNOWN, VA, VASet
 from featurestore.va.learned import (CONFIG, METRICS, REGRESSORS, WEIGHTS, FitParams, evaluate, list_models,
                                      models_root)
-from jobs.extract import ExtractConfig, _batches, _Item, _raw, pending, plan
+from featurestore.jobs.extract import ExtractConfig, _batches, _Item, _raw, pending, plan
 
 __all__ = ["VAConfig", "VAResult", "run", "make_scorer", "FitConfig", "FitResult", "fit"]
 

@@ -19,9 +19,9 @@ from featurestore.errors import IntegrityError
 from featurestore.features import POOLED, FeatureSet
 from featurestore.memory import open_memory
 from featurestore.reader import load_split
-from heads import create
-from heads.base import Features, Head, Targets
-from heads.concepts import ConceptBank
+from featurestore.heads import create
+from featurestore.heads.base import Features, Head, Targets
+from featurestore.heads.concepts import ConceptBank
 
 # ---- concepts ------------------------------------------------------------------------------
 
@@ -130,7 +130,7 @@ def test_concept_head_fails_when_no_class_gets_a_concept(tmp_path):
 def test_concept_loss_is_eq7_and_eq8_by_loops():
     import torch
 
-    from heads.concept import concept_loss
+    from featurestore.heads.concept import concept_loss
 
     rng = np.random.default_rng(6)
     C, B, K, W = 3, 7, 4, 5
@@ -170,7 +170,7 @@ IMG = ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
 
 
 def build_store(store, demo_df, minilm, root: Path):
-    from jobs.extract import ExtractConfig, run as extract
+    from featurestore.jobs.extract import ExtractConfig, run as extract
 
     words = pl.concat([demo_df.filter(pl.col("label") == c).head(60) for c in ("positive", "negative", "neutral")])
     words = words.with_columns(split=pl.Series(["val" if i % 5 == 0 else "test" if i % 5 == 1 else "train"
@@ -202,8 +202,8 @@ def build_store(store, demo_df, minilm, root: Path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, demo_df, minilm):
     from featurestore.store import open_store
-    from jobs.build_memory import BuildMemoryConfig, run as build_memory
-    from jobs.train_scl import TrainSCLConfig, run as train_scl
+    from featurestore.jobs.build_memory import BuildMemoryConfig, run as build_memory
+    from featurestore.jobs.train_scl import TrainSCLConfig, run as train_scl
 
     root = tmp_path_factory.mktemp("concepts")
     store = open_store(root / "store", create=True)
@@ -276,7 +276,7 @@ def test_concept_head_trains_through_the_head_api_in_every_mode(trained, tmp_pat
 
 
 def test_query_by_raw_text_id_and_batch(trained, tmp_path):
-    from jobs.query import Querier
+    from featurestore.jobs.query import Querier
 
     store, result, _, image_fp = trained
     q = Querier(store, "m1", k=4, device="cpu")
@@ -363,7 +363,7 @@ def test_cli_train_head_concept_with_a_memory_by_name(trained):
 def test_concept_section_on_a_small_real_store(store, demo_df, minilm, tmp_path, monkeypatch):
     import importlib.util
 
-    from jobs.extract import ExtractConfig, run as extract
+    from featurestore.jobs.extract import ExtractConfig, run as extract
 
     path = Path(__file__).parents[1] / "bench" / "_concepts.py"
     spec = importlib.util.spec_from_file_location("bench_concepts", path)

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from featurestore.cli import cli
 from featurestore.errors import ConfigError, DatasetError
-from heads import Targets
-from jobs import cv as cv_job
-from jobs.train_head import TrainHeadConfig, run
+from featurestore.heads import Targets
+from featurestore.jobs import cv as cv_job
+from featurestore.jobs.train_head import TrainHeadConfig, run
 
 ROWS = 150
 GROUPS = ("ses1", "ses2", "ses3")
@@ -59,7 +59,7 @@ def test_bad_cv_values_are_one_line_errors(bad):
 def grouped_store(tmp_path_factory):
     from featurestore.datasets import add_dataset, build_demo
     from featurestore.store import open_store
-    from jobs.extract import ExtractConfig, run as extract
+    from featurestore.jobs.extract import ExtractConfig, run as extract
 
     store = open_store(tmp_path_factory.mktemp("cvstore"), create=True)
     df = build_demo()

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import heads
+import featurestore.heads as heads
 from featurestore.errors import ConfigError
-from heads import Features, Targets
-from heads.drkf import (DRKFConfig, DRKFNet, cmie_paper, drkf_loss, kl_to_labels, nt_xent, recon_loss,
+from featurestore.heads import Features, Targets
+from featurestore.heads.drkf import (DRKFConfig, DRKFNet, cmie_paper, drkf_loss, kl_to_labels, nt_xent, recon_loss,
                         shuffle_pairs)
 
 

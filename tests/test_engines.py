@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-import heads
-from heads import Features, Targets, losses
-from heads._data import TensorSet
-from heads._engine import task_loss
-from heads._stacked import StackSpec, train_stack
-from heads._vmapped import VmapSpec, train_vmapped
+import featurestore.heads as heads
+from featurestore.heads import Features, Targets, losses
+from featurestore.heads._data import TensorSet
+from featurestore.heads._engine import task_loss
+from featurestore.heads._stacked import StackSpec, train_stack
+from featurestore.heads._vmapped import VmapSpec, train_vmapped
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
@@ -189,8 +189,8 @@ def test_learnable_m_moves_and_fixed_m_stays():
 
 # ---- the multi-label decision -----------------------------------------------------------
 def test_threshold_auto_is_the_best_on_validation_and_strict():
-    from heads import metrics
-    from heads.base import THRESHOLD_GRID
+    from featurestore.heads import metrics
+    from featurestore.heads.base import THRESHOLD_GRID
 
     X, y = _multi_task(200)
     Xv, yv = _multi_task(100, seed=1)

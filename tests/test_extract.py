@@ -18,7 +18,7 @@ from featurestore.datasets import add_dataset, read_manifest_file
 from featurestore.errors import ConfigError
 from featurestore.features import FeatureSet, list_feature_sets
 from featurestore.reader import load_split
-from jobs.extract import ExtractConfig, run
+from featurestore.jobs.extract import ExtractConfig, run
 
 
 class Counting:

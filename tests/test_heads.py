@@ -10,9 +10,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-import heads
+import featurestore.heads as heads
 from featurestore.errors import ConfigError, FeatureStoreError
-from heads import Features, Head, Targets
+from featurestore.heads import Features, Head, Targets
 
 CLASSES = ["happy", "sad", "anger"]  # names the label VA table knows
 DIMS = {"text": 12, "audio": 6}
@@ -196,7 +196,7 @@ def test_head_refuses_target_kinds_it_does_not_support():
 
 
 def test_carve_validation_is_seeded_and_group_aware():
-    from heads._data import carve_validation
+    from featurestore.heads._data import carve_validation
 
     groups = np.array([f"spk{i % 10}" for i in range(100)], object)
     tr1, va1, rec = carve_validation(100, fraction=0.2, seed=3, groups=groups)
@@ -211,7 +211,7 @@ def test_carve_validation_is_seeded_and_group_aware():
 def test_tensor_batches_are_slices_of_one_tensor():
     import torch
 
-    from heads._data import TensorSet
+    from featurestore.heads._data import TensorSet
 
     t = torch.arange(10.0)[:, None]
     ts = TensorSet({"x": t}, 10)

@@ -15,7 +15,7 @@ from featurestore.cli import cli
 from featurestore.datasets import add_dataset, get_dataset, read_manifest_file
 from featurestore.features import FeatureSet, list_feature_sets
 from featurestore.reader import load_split
-from jobs.extract import ExtractConfig, run
+from featurestore.jobs.extract import ExtractConfig, run
 
 
 def fs_cli(store, *args):
@@ -147,7 +147,7 @@ def test_a_flipped_byte_anywhere_is_exit_8(trained, target):
 
 # ---- defect 3: readers never fail because of a concurrent compaction -----------------------------
 _SETUP = """
-import sys, time, numpy as np
+import os, sys, time, numpy as np
 from featurestore.store import open_store
 from featurestore.features import FeatureSet
 from featurestore.datasets import get_dataset
@@ -160,24 +160,34 @@ for n in range(int(sys.argv[2])):
     lo = (n * 10) % len(keys)
     fs.segments.write(keys[lo:lo + 10], {"pooled": np.concatenate([value(i) for i in range(lo, lo + 10)])})
     time.sleep(0.02)
+    if n % 30 == 29:  # a burst done: wait (60 s at most) for the compactor to merge it, so merges interleave
+        end = time.time() + 60
+        while time.time() < end and not (os.path.exists(sys.argv[4]) and
+                                         int(open(sys.argv[4]).read() or 0) > n // 30):
+            time.sleep(0.05)
+open(sys.argv[3], "w").close()
 """
 _GC = _SETUP + """
 from featurestore.errors import LockedError
 merged = 0
-end = time.time() + float(sys.argv[2])
-while time.time() < end:
+end = time.time() + float(sys.argv[2])  # a safety limit: it stops once the writer is done
+while time.time() < end and not os.path.exists(sys.argv[3]):
     try:
         with fs.lock():
             merged += fs.segments.compact()[0] > 0
     except LockedError:
         pass
+    with open(sys.argv[4] + ".tmp", "w") as f:
+        f.write(str(merged))
+    os.replace(sys.argv[4] + ".tmp", sys.argv[4])
+open(sys.argv[5], "w").close()
 print(merged)
 """
 _READER = _SETUP + """
 from featurestore.reader import load_split
 failures, loops = [], 0
-end = time.time() + float(sys.argv[2])
-while time.time() < end:
+end = time.time() + float(sys.argv[2])  # a safety limit: readers run until the compactor is done
+while time.time() < end and not os.path.exists(sys.argv[3]):
     loops += 1
     try:
         data = load_split(store, "d", "train", {"text": fs.fingerprint})
@@ -205,10 +215,11 @@ def test_readers_never_fail_during_concurrent_compaction(store):
     add_dataset(store, "d", normalise(df, source="t"), root=None, source="t")
     fs = FeatureSet(store, "bench-0000000000000000")
     fs.ensure_spec({"backbone": "bench", "modality": "text", "dim": 8, "config": {"dtype": "float32"}})
-    seconds = 8
-    procs = [_py(_WRITER, store.root, 150), _py(_GC, store.root, seconds)] + \
-        [_py(_READER, store.root, seconds) for _ in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
+    seconds = 90  # upper bounds only: the processes stop on markers, so a loaded machine changes nothing
+    wrote, count, merged = store.root / "writer-done", store.root / "merges", store.root / "gc-done"
+    procs = [_py(_WRITER, store.root, 150, wrote, count), _py(_GC, store.root, seconds, wrote, count, merged)] + \
+        [_py(_READER, store.root, seconds, merged) for _ in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert int(outs[1][0]) >= 3, "compactions must have happened while the readers ran"
     for out, _ in outs[2:]:
@@ -534,7 +545,7 @@ _ZYGOTE = """
 import os, sys
 from featurestore import backbones
 from featurestore.store import open_store
-from jobs.extract import ExtractConfig, run
+from featurestore.jobs.extract import ExtractConfig, run
 bb = backbones.create("minilm").load()  # loaded once; no forward pass here (OpenMP is not fork-safe after one)
 store = open_store(sys.argv[1])
 cfg = ExtractConfig(dataset="d", modality="text", backbone="minilm", batch_size=int(sys.argv[2]),

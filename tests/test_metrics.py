@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from heads import Targets, metrics
+from featurestore.heads import Targets, metrics
 
 sk = pytest.importorskip("sklearn.metrics")
 SEEDS = range(5)

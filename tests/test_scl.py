@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from featurestore.errors import ConfigError
-from heads import create
-from heads.base import Features, Head, Targets
-from heads.scl import SCL, coarse_labels, orthogonality_loss, parse_cycle, triplet_loss
+from featurestore.heads import create
+from featurestore.heads.base import Features, Head, Targets
+from featurestore.heads.scl import SCL, coarse_labels, orthogonality_loss, parse_cycle, triplet_loss
 
 
 @pytest.mark.parametrize("normalize", [False, True])

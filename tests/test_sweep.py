@@ -8,12 +8,12 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-import heads
+import featurestore.heads as heads
 from featurestore.cli import cli
 from featurestore.errors import ConfigError
-from heads import Features, Targets
-from heads._stacked import fit_heads
-from jobs import sweep as sweep_job
+from featurestore.heads import Features, Targets
+from featurestore.heads._stacked import fit_heads
+from featurestore.jobs import sweep as sweep_job
 
 CLASSES = ["happy", "sad", "anger"]
 ROWS = 300
@@ -117,7 +117,7 @@ def test_random_sampling_is_seeded_and_extends():
 def demo_store(tmp_path_factory):
     from featurestore.datasets import add_dataset, build_demo
     from featurestore.store import open_store
-    from jobs.extract import ExtractConfig, run
+    from featurestore.jobs.extract import ExtractConfig, run
 
     store = open_store(tmp_path_factory.mktemp("sweepstore"), create=True)
     add_dataset(store, "demo", build_demo(), root=None, source="builtin demo")
@@ -159,7 +159,7 @@ def test_bad_space_is_refused(demo_store, tmp_path):
 
 
 def test_grid_sweep_resumes_without_rerunning_and_exports_best(demo_store, tmp_path):
-    from jobs.train_head import TrainHeadConfig, run as train
+    from featurestore.jobs.train_head import TrainHeadConfig, run as train
 
     cfg = dict(method="mlp", dataset="demo", features={"text": "minilm"}, seed=2,
                grid={"lr": ["3e-4", "1e-3", "3e-3"], "dropout": ["0.0", "0.3"]},
@@ -339,7 +339,7 @@ def test_univa_stack_keys_split_what_cannot_share_a_stack():
 
 
 def test_concept_stacked_configs_match_solo_training(tmp_path):
-    from heads.concept import ConceptHead
+    from featurestore.heads.concept import ConceptHead
 
     memory = ConceptHead.example_params(tmp_path)["memory"]
     X, y = synthetic("single", 200, 0)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import heads
+import featurestore.heads as heads
 from featurestore.errors import ConfigError, FeatureStoreError
-from heads import Features, Head, Targets
-from heads import umbe as U
-from heads._torch import Plateau, TorchParams, train_loop
+from featurestore.heads import Features, Head, Targets
+from featurestore.heads import umbe as U
+from featurestore.heads._torch import Plateau, TorchParams, train_loop
 
 CLASSES = ["c0", "c1", "c2"]
 SMALL = dict(epochs=3, patience=0, hidden=16, heads=2, batch_size=32, pool_size=8, top_k=3, prompt_length=8,
@@ -249,7 +249,7 @@ def test_a_model_trained_on_all_modalities_predicts_from_any_subset(fitted):
 
 # ---- the schedule -----------------------------------------------------------------------
 def test_train_loop_plateau_follows_torch_and_stops_below_min_lr():
-    from heads._data import TensorSet
+    from featurestore.heads._data import TensorSet
 
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 1)
@@ -281,7 +281,7 @@ def test_bad_parameters_are_refused_naming_the_value():
 def demo_store(tmp_path_factory):
     from featurestore.datasets import add_dataset, build_demo
     from featurestore.store import open_store
-    from jobs.extract import ExtractConfig, run
+    from featurestore.jobs.extract import ExtractConfig, run
 
     store = open_store(tmp_path_factory.mktemp("umbestore"), create=True)
     add_dataset(store, "demo", build_demo(), root=None, source="builtin demo")
@@ -290,7 +290,7 @@ def demo_store(tmp_path_factory):
 
 
 def test_train_head_saves_the_index_and_eval_selects_with_it(demo_store):
-    from jobs.train_head import TrainHeadConfig, evaluate, run
+    from featurestore.jobs.train_head import TrainHeadConfig, evaluate, run
 
     params = {k: str(v) for k, v in {**SMALL, "epochs": 2, "stages": 1}.items()}
     res = run(TrainHeadConfig(method="umbe", dataset="demo", features={"text": "minilm"}, target="label",
@@ -303,7 +303,7 @@ def test_train_head_saves_the_index_and_eval_selects_with_it(demo_store):
 
 
 def test_sweep_trains_umbe_one_configuration_after_another(demo_store):
-    from jobs import sweep as sweep_job
+    from featurestore.jobs import sweep as sweep_job
 
     res = sweep_job.run(sweep_job.SweepConfig(method="umbe", dataset="demo", features={"text": "minilm"},
                                               grid={"lr": ["1e-3", "3e-3"]},

@@ -14,10 +14,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import heads
+import featurestore.heads as heads
 from featurestore.cli import cli
 from featurestore.errors import ConfigError
-from heads import Features, Head, Targets, losses
+from featurestore.heads import Features, Head, Targets, losses
 
 ROWS = 400  # manifest rows extracted for the end-to-end store
 
@@ -180,7 +180,7 @@ def test_prior_needs_label_va():
 def demo_store(tmp_path_factory):
     from featurestore.datasets import add_dataset, build_demo
     from featurestore.store import open_store
-    from jobs.extract import ExtractConfig, run
+    from featurestore.jobs.extract import ExtractConfig, run
 
     store = open_store(tmp_path_factory.mktemp("store"), create=True)
     df = build_demo()
@@ -233,7 +233,7 @@ def test_carved_validation_and_runs_staleness(demo_store):
     assert (demo_store.heads_dir() / out["run"] / "confusion.png").is_file()
     runs = json.loads(fs(demo_store, "runs", "--json").output)["runs"]
     assert not next(x for x in runs if x["run"] == out["run"])["stale"]
-    from jobs.extract import ExtractConfig, run
+    from featurestore.jobs.extract import ExtractConfig, run
 
     run(ExtractConfig(dataset="noval", modality="text", backbone="minilm", params={"max_length": 32}, limit=20),
         demo_store)  # a newer fingerprint of the same backbone supersedes the run's

@@ -31,9 +31,9 @@ from featurestore.va.cache import VASet, list_va_sets  # noqa: E402
 from featurestore.va.labels import dataset_label_va, default_table  # noqa: E402
 from featurestore.va.learned import ccc, pearson  # noqa: E402
 from featurestore.va.lexicon import read_lexicon  # noqa: E402
-from jobs.extract import ExtractConfig  # noqa: E402
-from jobs.extract import run as extract  # noqa: E402
-from jobs.va import FitConfig, VAConfig, fit, run  # noqa: E402
+from featurestore.jobs.extract import ExtractConfig  # noqa: E402
+from featurestore.jobs.extract import run as extract  # noqa: E402
+from featurestore.jobs.va import FitConfig, VAConfig, fit, run  # noqa: E402
 
 
 # ---- helpers ---------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import parse_params
+from featurestore.config import parse_params
 from ._common import emit, get_store, json_option, params_option, progress
 
 FAILED_EXIT = 10  # the job finished, but some items could not be encoded
@@ -41,7 +41,7 @@ def extract_cmd(ctx, dataset, modality, backbone, model, adapter, params, batch_
     failed (they are recorded with their reason: fs info FP), 9 when a compaction holds the
     fingerprint (or wait for it with --wait), 11 when the disk is full.
     """
-    from jobs.extract import ExtractConfig, run
+    from featurestore.jobs.extract import ExtractConfig, run
 
     store = get_store(ctx, create=True)
     p = parse_params(params)
@@ -75,7 +75,7 @@ def extract_cmd(ctx, dataset, modality, backbone, model, adapter, params, batch_
 
 def _va_scorer(store, name, params, modality, device):
     """The --va scorer, refused before extraction starts if it cannot score this modality."""
-    from jobs.va import make_scorer
+    from featurestore.jobs.va import make_scorer
 
     scorer = make_scorer(store, name, parse_params(params), device=device)
     scorer.check_modality(modality)
@@ -83,7 +83,7 @@ def _va_scorer(store, name, params, modality, device):
 
 
 def _va_pass(store, scorer, config):
-    from jobs.va import VAConfig, run as run_va
+    from featurestore.jobs.va import VAConfig, run as run_va
 
     return run_va(VAConfig(dataset=config.dataset, modality=config.modality, scorer=scorer.name,
                            device=config.device, limit=config.limit, splits=config.splits), store,

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ..config import describe, parse_params
-from ..reader import parse_feature_refs
+from featurestore.config import describe, parse_params
+from featurestore.reader import parse_feature_refs
 from ._common import emit, get_store, json_option, params_option, table
 
 
@@ -34,14 +34,14 @@ def _metric_rows(metrics: dict) -> list[dict]:
 def train_head_cmd(ctx, method, dataset, features, params, seed, target, val_fraction, run_id, eval_split, memory, cv,
                    as_json):
     """Train a head on the train split, early-stop on validation, evaluate on test once, save the run."""
-    from jobs.train_head import TrainHeadConfig, run
+    from featurestore.jobs.train_head import TrainHeadConfig, run
 
     store = get_store(ctx)
     params = parse_params(params)
     if memory:
         params["memory"] = memory
     if "memory" in params:
-        from ..memory import memory_folder
+        from featurestore.memory import memory_folder
 
         params["memory"] = str(memory_folder(store, params["memory"]).resolve())
     config = TrainHeadConfig(method=method, dataset=dataset, features=parse_feature_refs(features), params=params,
@@ -74,7 +74,7 @@ def _fold_table(result) -> str:
 @click.pass_context
 def runs_cmd(ctx, as_json):
     """List saved runs; a run whose feature fingerprint has since been superseded is marked stale."""
-    from jobs.train_head import list_runs
+    from featurestore.jobs.train_head import list_runs
 
     rows = list_runs(get_store(ctx))
     if as_json:
@@ -90,7 +90,7 @@ def runs_cmd(ctx, as_json):
 @click.pass_context
 def eval_cmd(ctx, run_id, dataset, split, as_json):
     """Evaluate a saved run on a dataset split, with the exact features it was trained on."""
-    from jobs.train_head import evaluate
+    from featurestore.jobs.train_head import evaluate
 
     result = evaluate(run_id, dataset, get_store(ctx), split=split)
     if as_json:
@@ -110,7 +110,7 @@ def heads_group():
 @json_option
 def heads_list_cmd(as_json):
     """List registered heads."""
-    import heads
+    import featurestore.heads as heads
 
     rows = []
     for name in heads.names():
@@ -126,7 +126,7 @@ def heads_list_cmd(as_json):
 @json_option
 def heads_show_cmd(name, as_json):
     """A head's parameters, with defaults and help."""
-    import heads
+    import featurestore.heads as heads
 
     cls = heads.get(name)
     rows = [{"param": n, "type": t, "default": d, "help": h} for n, t, d, h in describe(cls.Config)]
@@ -137,7 +137,7 @@ def heads_show_cmd(name, as_json):
 
 
 def _ls_runs(store) -> dict:
-    from jobs.train_head import list_runs
+    from featurestore.jobs.train_head import list_runs
 
     return {"runs": [{k: r[k] for k in ("run", "method", "dataset", "metric", "score", "stale")}
                      for r in list_runs(store)]}

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import click
 
-from ..datasets import get_dataset, list_datasets
-from ..errors import FeatureStoreError, IntegrityError, NotFoundError
-from ..features import FeatureSet, list_feature_sets
-from .._io import TMP_SUFFIX, check_checksums
-from ..hashing import file_digest
-from ..store import FORMAT_VERSION
+from featurestore.datasets import get_dataset, list_datasets
+from featurestore.errors import FeatureStoreError, IntegrityError, NotFoundError
+from featurestore.features import FeatureSet, list_feature_sets
+from featurestore._io import TMP_SUFFIX, check_checksums
+from featurestore.hashing import file_digest
+from featurestore.store import FORMAT_VERSION
 from ._common import emit, get_store, json_option, table
 
 
@@ -171,7 +171,7 @@ def _feature_sets(store) -> list[FeatureSet]:
 
 
 def _verify_features(store, fs: FeatureSet):
-    from ..backbones.base import fingerprint_of
+    from featurestore.backbones.base import fingerprint_of
 
     spec = {k: v for k, v in fs.spec.items() if k not in ("fingerprint", "created_at")}
     if fingerprint_of(spec["backbone"], spec) != fs.fingerprint:
@@ -282,7 +282,7 @@ def gc_cmd(ctx: click.Context, compact: bool, dry_run: bool, as_json: bool) -> N
 
     A feature set being written is skipped. Temporary files elsewhere (datasets, heads,
     memories) are removed once they are 10 minutes old (younger ones may belong to a running job)."""
-    from ..errors import LockedError
+    from featurestore.errors import LockedError
 
     store = get_store(ctx)
     report = {"removed_temp_files": [], "compacted": {}, "skipped_locked": [], "kept_recent_temp_files": []}

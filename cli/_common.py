@@ -7,8 +7,8 @@ from typing import Any, Iterable, Sequence
 
 import click
 
-from ..errors import DiskFullError, FeatureStoreError
-from ..store import Store, open_store
+from featurestore.errors import DiskFullError, FeatureStoreError
+from featurestore.store import Store, open_store
 
 __all__ = ["get_store", "emit", "table", "progress", "json_option", "params_option", "FsGroup"]
 
@@ -24,7 +24,7 @@ def get_store(ctx: click.Context, *, create: bool = False) -> Store:
 
 def emit(obj: Any) -> None:
     """One JSON document on stdout (NaN and inf become null: strict JSON parsers accept it)."""
-    from .._io import json_safe
+    from featurestore._io import json_safe
 
     click.echo(json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str))
 
@@ -73,7 +73,7 @@ class FsGroup(click.Group):
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except OSError as exc:  # a full disk met outside the writers that name their file themselves
-            from .._io import disk_full
+            from featurestore._io import disk_full
 
             if not disk_full(exc):
                 raise

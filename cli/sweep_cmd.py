@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
-from ..config import parse_params
-from ..errors import ConfigError
-from ..reader import parse_feature_refs
+from featurestore.config import parse_params
+from featurestore.errors import ConfigError
+from featurestore.reader import parse_feature_refs
 from ._common import emit, get_store, json_option, params_option, table
 
 
@@ -46,7 +46,7 @@ def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_
     """
     if ctx.invoked_subcommand is not None:
         return
-    from jobs.sweep import SweepConfig, export_best, load_space, parse_grid, run
+    from featurestore.jobs.sweep import SweepConfig, export_best, load_space, parse_grid, run
 
     missing = [f"--{n}" for n, v in (("method", method), ("dataset", dataset), ("features", features)) if not v]
     if missing:
@@ -92,7 +92,7 @@ def _say_exported(exported: dict | None, export_path: str | None) -> None:
 @click.pass_context
 def sweep_show_cmd(ctx, sweep_id, top, export_path, show_test, as_json):
     """A sweep's definition and leaderboard (validation metrics only)."""
-    from jobs.sweep import export_best, leaderboard, show
+    from featurestore.jobs.sweep import export_best, leaderboard, show
 
     store = get_store(ctx)
     definition, results = show(store, sweep_id)
@@ -113,7 +113,7 @@ def sweep_show_cmd(ctx, sweep_id, top, export_path, show_test, as_json):
 @click.pass_context
 def sweep_list_cmd(ctx, as_json):
     """Sweeps in the store with their best configuration."""
-    from jobs.sweep import list_sweeps
+    from featurestore.jobs.sweep import list_sweeps
 
     rows = list_sweeps(get_store(ctx))
     if as_json:

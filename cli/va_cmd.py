@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import click
 
-from ..config import describe, parse_params
-from ..errors import NotFoundError
+from featurestore.config import describe, parse_params
+from featurestore.errors import NotFoundError
 from ._common import emit, get_store, json_option, params_option, progress, table
 
 FAILED_EXIT = 10  # the job finished, but some items could not be scored
@@ -22,7 +22,7 @@ def va_group() -> None:
 @json_option
 def list_cmd(as_json: bool) -> None:
     """List the registered VA scorers."""
-    from .. import va
+    from featurestore import va
 
     rows = [{"name": n, "modalities": va.get(n).modality_hint, "description": va.get(n).description}
             for n in va.names()]
@@ -34,7 +34,7 @@ def list_cmd(as_json: bool) -> None:
 @json_option
 def show_cmd(name: str, as_json: bool) -> None:
     """The parameters VA scorer NAME takes (pass them as --param KEY=VALUE)."""
-    from .. import va
+    from featurestore import va
 
     cls = va.get(name)
     rows = [{"param": n, "type": t, "default": d, "help": h} for n, t, d, h in describe(cls.Config)]
@@ -62,7 +62,7 @@ def score_cmd(ctx, dataset, modality, scorer, params, batch_size, device, limit,
     Inputs already scored under the same source are not rescored. Exit status: 0 when
     every item was scored, 10 when some failed (reasons: fs va info SOURCE).
     """
-    from jobs.va import VAConfig, run
+    from featurestore.jobs.va import VAConfig, run
 
     store = get_store(ctx, create=True)
     config = VAConfig(dataset=dataset, modality=modality, scorer=scorer, params=parse_params(params),
@@ -105,7 +105,7 @@ def report_score(ctx: click.Context, result, as_json: bool) -> None:
 @click.pass_context
 def fit_cmd(ctx, dataset, features, out, params, train_splits, test_split, replace, then_score, as_json):
     """Fit a VA regressor (--param kind=ridge|mlp) on cached embeddings; report held-out Pearson r and CCC."""
-    from jobs.va import FitConfig, VAConfig, fit, run
+    from featurestore.jobs.va import FitConfig, VAConfig, fit, run
 
     store = get_store(ctx)
     config = FitConfig(dataset=dataset, features=features, out=out, params=parse_params(params),
@@ -160,9 +160,9 @@ def info_cmd(ctx, name, as_json):
 
 def va_info(store, name: str) -> dict:
     """Facts about a VA source or a fitted VA model; {} when `name` is neither."""
-    from .._io import read_json
-    from ..va.cache import VASet
-    from ..va.learned import CONFIG, METRICS, list_models, models_root
+    from featurestore._io import read_json
+    from featurestore.va.cache import VASet
+    from featurestore.va.learned import CONFIG, METRICS, list_models, models_root
 
     vs = VASet(store, name)
     if vs.exists():
@@ -180,8 +180,8 @@ def va_info(store, name: str) -> dict:
 @click.pass_context
 def gc_cmd(ctx, compact, dry_run, as_json):
     """Remove temporary files left by killed VA jobs, and optionally compact VA segments."""
-    from ..errors import LockedError
-    from ..va.cache import list_va_sets
+    from featurestore.errors import LockedError
+    from featurestore.va.cache import list_va_sets
 
     report = {"removed_temp_files": [], "compacted": {}, "skipped_locked": []}
     for vs in list_va_sets(get_store(ctx)):
@@ -210,15 +210,15 @@ def gc_cmd(ctx, compact, dry_run, as_json):
 
 # ---- rows shared with fs ls / fs info ----------------------------------------------------
 def source_rows(store) -> list[dict]:
-    from ..va.cache import list_va_sets
+    from featurestore.va.cache import list_va_sets
 
     keep = ("source", "scorer", "modality", "rows", "valence", "arousal", "errors", "segments")
     return [{k: s[k] for k in keep} for s in (v.stats() for v in list_va_sets(store))]
 
 
 def model_rows(store) -> list[dict]:
-    from .._io import read_json
-    from ..va.learned import CONFIG, METRICS, list_models, models_root
+    from featurestore._io import read_json
+    from featurestore.va.learned import CONFIG, METRICS, list_models, models_root
 
     rows = []
     for name in list_models(store):
@@ -236,9 +236,9 @@ def _ls_extra(store) -> dict:
 
 
 def _info_extra(store, name) -> dict:
-    from ..datasets import get_dataset, list_datasets
-    from ..va.cache import list_va_sets, va_coverage
-    from ..va.learned import list_models
+    from featurestore.datasets import get_dataset, list_datasets
+    from featurestore.va.cache import list_va_sets, va_coverage
+    from featurestore.va.learned import list_models
 
     if name is None:
         return {"va_sources": len(list_va_sets(store)), "va_models": len(list_models(store))}
@@ -248,7 +248,7 @@ def _info_extra(store, name) -> dict:
 
 
 def _verify_extra(store) -> list[dict]:
-    from ..va.cache import list_va_sets, va_root
+    from featurestore.va.cache import list_va_sets, va_root
 
     problems = []
     for vs in list_va_sets(store):

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from ..datasets import BUILTINS, add_dataset, get_dataset, read_folder, read_manifest_file
-from ..errors import ConfigError
+from featurestore.datasets import BUILTINS, add_dataset, get_dataset, read_folder, read_manifest_file
+from featurestore.errors import ConfigError
 from ._common import emit, get_store, json_option, progress, table
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .. import backbones
-from ..config import describe
+from featurestore import backbones
+from featurestore.config import describe
 from ._common import emit, json_option, table
 
 

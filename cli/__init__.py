@@ -5,7 +5,7 @@ import os
 
 import click
 
-from .. import __version__
+from featurestore import __version__
 from ._common import FsGroup
 
 

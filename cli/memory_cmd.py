@@ -5,7 +5,7 @@ import warnings
 
 import click
 
-from ..config import parse_params
+from featurestore.config import parse_params
 from ._common import emit, get_store, json_option, params_option, progress, table
 
 
@@ -25,7 +25,7 @@ def scl_group() -> None:
 @click.pass_context
 def scl_train(ctx, data, run_name, params, split, replace, as_json):
     """Train SCL over the datasets, then write its emotion features back as derived feature sets."""
-    from jobs.train_scl import TrainSCLConfig, run
+    from featurestore.jobs.train_scl import TrainSCLConfig, run
 
     store = get_store(ctx)
     config = TrainSCLConfig(data=tuple(data), run=run_name, params=parse_params(params), split=split, replace=replace)
@@ -58,7 +58,7 @@ def memory_group() -> None:
 @click.pass_context
 def memory_build(ctx, name, run_name, top_p, min_pool, split, exact_max, replace, as_json):
     """Build memory NAME from scl run RUN."""
-    from jobs.build_memory import BuildMemoryConfig, run
+    from featurestore.jobs.build_memory import BuildMemoryConfig, run
 
     store = get_store(ctx)
     config = BuildMemoryConfig(name=name, run=run_name, top_p=top_p, min_pool=min_pool, split=split,
@@ -135,7 +135,7 @@ def query_cmd(ctx, text, image, audio, item, batch_file, memory, k, device, as_j
 
     Exit status 0, or 11 when some lines of a --batch file failed (each has its error).
     """
-    from jobs.query import QueryConfig, run
+    from featurestore.jobs.query import QueryConfig, run
 
     given = {n: v for n, v in (("text", text), ("image", image), ("audio", audio), ("id", item)) if v is not None}
     if len(given) + bool(batch_file) != 1:
