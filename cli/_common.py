@@ -10,7 +10,8 @@ import click
 from featurestore.errors import DiskFullError, FeatureStoreError
 from featurestore.store import Store, open_store
 
-__all__ = ["get_store", "emit", "table", "progress", "json_option", "params_option", "FsGroup"]
+__all__ = ["get_store", "emit", "table", "progress", "json_option", "params_option", "FsGroup", "ray_options",
+           "ray_config"]
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 params_option = click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
@@ -81,3 +82,41 @@ class FsGroup(click.Group):
                        "space and re-run; `fs gc` removes leftover temp files", err=True)
             ctx.exit(DiskFullError.exit_code)
 
+
+
+def ray_options(f):
+    """--engine and the Ray options of `fs extract` and `fs sweep` (docs/ray.md)."""
+    opts = [
+        click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+                     help="local: this process; ray: a Ray pool (local, or a cluster with --address); "
+                          "needs `pip install 'featurestore[ray]'`."),
+        click.option("--address", default="", metavar="ADDR",
+                     help="[ray] Join this Ray cluster (auto, HOST:6379, ray://HOST:10001); default: a local Ray."),
+        click.option("--workers", default=0, type=click.IntRange(0), metavar="N",
+                     help="[ray] Actors / concurrent tasks (default: as many as the CPUs or GPUs hold)."),
+        click.option("--cpus-per-worker", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                     help="[ray] CPUs each worker reserves (and its torch threads)."),
+        click.option("--gpus-per-worker", default=-1.0, type=float, metavar="G",
+                     help="[ray] GPUs each worker reserves (default: 1 where the cluster has GPUs, else 0)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def ray_config(engine: str, address: str, workers: int, cpus_per_worker: float, gpus_per_worker: float):
+    """RayOptions for --engine ray (None for local); Ray options without --engine ray are refused."""
+    from featurestore.errors import ConfigError
+
+    if engine != "ray":
+        given = [n for n, v, d in (("--address", address, ""), ("--workers", workers, 0),
+                                   ("--cpus-per-worker", cpus_per_worker, 1.0),
+                                   ("--gpus-per-worker", gpus_per_worker, -1.0)) if v != d]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply with --engine ray")
+        return None
+    from featurestore.jobs._ray import RayOptions, require_ray
+
+    require_ray()
+    return RayOptions(address=address, workers=workers, cpus_per_worker=cpus_per_worker,
+                      gpus_per_worker=gpus_per_worker)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from featurestore.config import parse_params
-from ._common import emit, get_store, json_option, params_option, progress
+from ._common import emit, get_store, json_option, params_option, progress, ray_config, ray_options
 
 FAILED_EXIT = 10  # the job finished, but some items could not be encoded
 
@@ -29,10 +29,12 @@ FAILED_EXIT = 10  # the job finished, but some items could not be encoded
 @click.option("--va", "va_scorer", default="", metavar="NAME",
               help="Then score VA for the same dataset/modality (a scorer of fs va list, or a fitted VA model).")
 @click.option("--va-param", "va_params", multiple=True, metavar="KEY=VALUE", help="A parameter of the --va scorer.")
+@ray_options
 @json_option
 @click.pass_context
 def extract_cmd(ctx, dataset, modality, backbone, model, adapter, params, batch_size, device, limit, splits,
-                retry_errors, segment_rows, segment_seconds, wait, va_scorer, va_params, as_json):
+                retry_errors, segment_rows, segment_seconds, wait, va_scorer, va_params, engine, address, workers,
+                cpus_per_worker, gpus_per_worker, as_json):
     """Encode a dataset's inputs with a backbone into the feature cache.
 
     Inputs already cached under the same fingerprint are not recomputed; a killed run
@@ -40,9 +42,13 @@ def extract_cmd(ctx, dataset, modality, backbone, model, adapter, params, batch_
     Exit status: 0 when every item was encoded, 10 when the job finished but some items
     failed (they are recorded with their reason: fs info FP), 9 when a compaction holds the
     fingerprint (or wait for it with --wait), 11 when the disk is full.
+
+    With --engine ray the model runs in a pool of Ray actors (a local Ray, or a cluster with
+    --address; the store must then be on a filesystem every node mounts): same rows, see docs/ray.md.
     """
     from featurestore.jobs.extract import ExtractConfig, run
 
+    ray = ray_config(engine, address, workers, cpus_per_worker, gpus_per_worker)
     store = get_store(ctx, create=True)
     p = parse_params(params)
     if model:
@@ -53,10 +59,17 @@ def extract_cmd(ctx, dataset, modality, backbone, model, adapter, params, batch_
                            device=device, limit=limit, splits=tuple(splits), retry_errors=retry_errors,
                            segment_rows=segment_rows, segment_seconds=segment_seconds, wait=wait)
     scorer = _va_scorer(store, va_scorer, va_params, modality, device) if va_scorer else None
-    result = run(config, store, progress=progress, log=lambda s: None if as_json else click.echo(s, err=True))
+    say = lambda s: None if as_json else click.echo(s, err=True)  # noqa: E731
+    if ray is not None:
+        from featurestore.jobs.ray_extract import run as run_ray
+
+        result = run_ray(config, store, ray, progress=progress, log=say)
+    else:
+        result = run(config, store, progress=progress, log=say)
     va_result = _va_pass(store, scorer, config) if scorer else None
     if as_json:
-        emit(result.to_dict() | ({"va": va_result.to_dict()} if va_result else {}))
+        emit(result.to_dict() | ({"va": va_result.to_dict()} if va_result else {})
+             | ({"engine": "ray", "ray": getattr(result, "ray", {})} if ray is not None else {}))
     else:
         if result.cache_hit:
             click.echo(f"cache hit: all {result.unique} inputs of {dataset}/{modality} are already in "

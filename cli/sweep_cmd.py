@@ -6,7 +6,7 @@ import click
 from featurestore.config import parse_params
 from featurestore.errors import ConfigError
 from featurestore.reader import parse_feature_refs
-from ._common import emit, get_store, json_option, params_option, table
+from ._common import emit, get_store, json_option, params_option, ray_config, ray_options, table
 
 
 @click.group("sweep", invoke_without_command=True)
@@ -30,10 +30,12 @@ from ._common import emit, get_store, json_option, params_option, table
 @click.option("--top", default=10, show_default=True, type=int, help="Rows of the leaderboard shown.")
 @click.option("--export-best", "export_path", type=click.Path(dir_okay=False),
               help="Write the best configuration as `fs train-head` takes it (JSON + command line).")
+@ray_options
 @json_option
 @click.pass_context
 def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_file, storage, params, metric, seed,
-                target, val_fraction, limit, top, export_path, as_json):
+                target, val_fraction, limit, top, export_path, engine, address, workers, cpus_per_worker,
+                gpus_per_worker, as_json):
     """Train many configurations of a head at once from the cache, resumably.
 
     \b
@@ -43,6 +45,7 @@ def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_
     fs sweep list;  fs sweep show ID
 
     Rerunning the same command continues the same sweep; finished configurations are not rerun.
+    With --engine ray the configurations train as Ray tasks (same results, same folder; docs/ray.md).
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -60,8 +63,15 @@ def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_
     config = SweepConfig(method=method, dataset=dataset, features=parse_feature_refs(features), grid=parsed_grid,
                          random=n_random, optuna=n_optuna, space=space, params=parse_params(params), metric=metric,
                          seed=seed, target=target, val_fraction=val_fraction, storage=storage, limit=limit)
+    ray = ray_config(engine, address, workers, cpus_per_worker, gpus_per_worker)
     store = get_store(ctx)
-    result = run(config, store, log=None if as_json else lambda s: click.echo(s, err=True))
+    say = None if as_json else lambda s: click.echo(s, err=True)
+    if ray is not None:
+        from featurestore.jobs.ray_sweep import run as run_ray
+
+        result = run_ray(config, store, ray, log=say)
+    else:
+        result = run(config, store, log=say)
     exported = export_best(result.definition, result.table, export_path, store=store) \
         if export_path and result.table.height else None
     if as_json:

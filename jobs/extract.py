@@ -292,8 +292,7 @@ class _Job:
             if todo:
                 self.log(f"{fs.fingerprint}: {len(todo)} to compute, {result.cached} cached")
                 t_loop = time.perf_counter()
-                with Claims(fs.folder) as claims:
-                    _extract(self.bb, config, todo, _Output(fs, writer, claims, result), self.progress)
+                self.compute(fs, todo, writer, result)
                 result.extract_seconds = time.perf_counter() - t_loop
         except BaseException as exc:
             with contextlib.suppress(Exception):  # publish what was computed before the job stopped
@@ -308,6 +307,12 @@ class _Job:
         result.failed_total = len({(e.dataset, e.item_id) for e in fs.errors() if e.dataset == config.dataset})
         result.seconds = time.perf_counter() - self.t0
         return result
+
+
+    def compute(self, fs: FeatureSet, todo: list, writer, result: ExtractResult) -> None:
+        """Encode `todo` into `fs` in this process (`--engine ray` overrides this: jobs/ray_extract.py)."""
+        with Claims(fs.folder) as claims:
+            _extract(self.bb, self.config, todo, _Output(fs, writer, claims, result), self.progress)
 
 
 class _Output:

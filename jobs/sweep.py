@@ -230,8 +230,11 @@ def sweep_folder(store: Store, sweep_id: str) -> Path:
 
 
 # ---- running ---------------------------------------------------------------------------
-def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None = None) -> SweepResult:
-    """Validate every configuration, load the features once, train what is not finished, save the table."""
+def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None = None,
+        runner_cls: Callable[..., Any] | None = None) -> SweepResult:
+    """Validate every configuration, load the features once, train what is not finished, save the table.
+
+    `runner_cls` trains elsewhere with the same interface as `_Runner` (`--engine ray`: jobs/ray_sweep.py)."""
     start = time.perf_counter()
     say = log or (lambda s: None)
     cls = heads.get(config.method)
@@ -280,7 +283,7 @@ def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None 
         if not (folder / "sweep.json").is_file():
             write_json_atomic(folder / "sweep.json", {**definition, "created_at": now_iso()})
         (folder / "parts").mkdir(parents=True, exist_ok=True)
-        runner = _Runner(cls, data, folder, metric, config.limit, say)
+        runner = (runner_cls or _Runner)(cls, data, folder, metric, config.limit, say)
         say(f"sweep {sweep_id}: {config.method} on {config.dataset} ({data.kind}), ranking by val {metric}")
         if config.mode == "optuna":
             _run_optuna(runner, config, space, fixed, sweep_id, folder, metric)
@@ -417,8 +420,9 @@ def _run_optuna(runner: _Runner, config: SweepConfig, space: dict, fixed: dict, 
             study.tell(t.number, state=TrialState.FAIL)
     while True:
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        want = min(config.optuna - done, OPTUNA_BATCH if getattr(runner.cls, "stacked", False) else 1,
-                   runner.budget())
+        per_round = getattr(runner, "optuna_batch", 0) or (OPTUNA_BATCH if getattr(runner.cls, "stacked", False)
+                                                           else 1)
+        want = min(config.optuna - done, per_round, runner.budget())
         if want <= 0:
             return
         trials = [study.ask() for _ in range(want)]
