@@ -79,6 +79,7 @@ def _quiet(ray) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    ctx.max_consecutive_actor_init_deaths = 1  # an actor that cannot start (wrong weights) stops the run
     with contextlib.suppress(AttributeError):
         ctx.enable_operator_progress_bars = False
 

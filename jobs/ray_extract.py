@@ -108,6 +108,7 @@ class _RayJob(_Job):
                 _Encoder, batch_size=1, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
                 num_cpus=opts.cpus_per_worker, num_gpus=gpus or None,
+                max_restarts=0,  # a dead actor stops the run, as a crash stops a local job: rerun resumes
                 fn_constructor_kwargs={"root": str(self.store.root.resolve()), "fingerprint": fs.fingerprint,
                                        "config": config, "device": device,
                                        "threads": max(1, int(opts.cpus_per_worker))})
