@@ -9,6 +9,10 @@ Each run is a fresh `fs extract` process on a fresh store holding the same synth
 - command items/s: rows / the whole command's wall time (start-up and model loads included);
 - per-actor items/s: items / the seconds each actor spent in its shards.
 
+`fs extract` in one process sets torch to every core; a Ray actor with 1 CPU uses 1 thread. On a
+machine whose cores are shared with other work, that difference alone dominates, so a last run is
+the local engine with torch at 1 thread: Ray with 1 actor against it is the engine's own overhead.
+
 Then the store's write rate (rows/s and MB/s of `SegmentSet.write`: build, SHA-256, fsync-free
 write, atomic rename, catalogue) for the scale model in docs/ray.md, and that model's prediction
 for the 2-actor run checked against the measured 2-actor rate.
@@ -53,6 +57,29 @@ def extract(root: Path, batch_size: int, *extra: str) -> tuple[dict, float]:
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout), wall
+
+
+ONE_THREAD = """
+import json, sys, time, torch
+from featurestore import backbones
+from featurestore.store import open_store
+from featurestore.jobs.extract import ExtractConfig, run
+bb = backbones.create("minilm").load()
+torch.set_num_threads(1)  # what one Ray actor with 1 CPU runs with
+res = run(ExtractConfig(dataset="bench", modality="text", backbone="minilm", batch_size=int(sys.argv[2])),
+          open_store(sys.argv[1]), backbone=bb)
+print(json.dumps(res.to_dict()))
+"""
+
+
+def extract_one_thread(root: Path, batch_size: int) -> tuple[dict, float]:
+    """The local engine with torch at 1 thread (fs extract itself uses every core): the engine-only baseline."""
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", ONE_THREAD, str(root), str(batch_size)], capture_output=True,
+                         text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1]), time.perf_counter() - t
 
 
 def write_rate(dim: int = 384, rows: int = 16384, repeat: int = 3) -> tuple[float, float]:
@@ -105,10 +132,11 @@ def main() -> None:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in (("one process", ()), ("ray, 2 actors", ("--engine", "ray", "--workers", "2")),
-                            ("ray, 1 actor", ("--engine", "ray", "--workers", "1"))):
+                            ("ray, 1 actor", ("--engine", "ray", "--workers", "1")), ("1 proc, 1 thr", None)):
             root = Path(tmp) / name.replace(" ", "_").replace(",", "")
             fresh_store(root, texts)
-            res, wall = extract(root, args.batch_size, *extra)
+            res, wall = extract(root, args.batch_size, *extra) if extra is not None else \
+                extract_one_thread(root, args.batch_size)
             assert res["computed"] == args.n, res
             runs[name] = (res, wall)
             per = res.get("ray", {}).get("per_worker", {})
@@ -120,10 +148,16 @@ def main() -> None:
     ray1, _ = runs["ray, 1 actor"]
     print(f"ratio ray(2 actors)/one process: loop {ray2['items_per_s'] / local['items_per_s']:.3f} (target >= 0.8), "
           f"whole command {runs['one process'][1] / ray2_wall:.3f}")
+    one = runs["1 proc, 1 thr"][0]
+    print(f"engine overhead at equal threads: ray(1 actor, 1 thread)/one process(1 thread): loop "
+          f"{ray1['items_per_s'] / one['items_per_s']:.3f}")
     rows_s = store_figures()
     r1 = np.mean([v["items_per_s"] for v in ray1["ray"]["per_worker"].values()])
     cores = os.cpu_count() or 1
     predicted = min(2 * r1, cores * r1, rows_s)  # 2 actors, each at the 1-actor rate, capped by cores and the store
+    in_run = sum(v["items_per_s"] for v in ray2["ray"]["per_worker"].values())
+    print(f"pool efficiency: 2-actor loop rate {ray2['items_per_s']:.1f} items/s against the sum of its actors' own "
+          f"rates {in_run:.1f} items/s: {ray2['items_per_s'] / in_run:.2f} (gaps between shards, the tail)")
     print(f"scale model: per-actor rate {r1:.1f} items/s (1 actor alone); 2 actors on {cores} core(s) predicted "
           f"{predicted:.1f} items/s, measured {ray2['items_per_s']:.1f} items/s "
           f"({ray2['items_per_s'] / predicted:.2f} of the prediction)")

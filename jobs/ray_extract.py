@@ -55,7 +55,9 @@ def run(config: ExtractConfig, store: Store, options: RayOptions = RayOptions(),
         raise ConfigError(f"backbone {bb.name!r} encodes {bb.modality}, not {config.modality}; "
                           f"pick a {config.modality} backbone (fs backbones list)")
     job = _RayJob(config, store, bb, *plan(store, config), t0, progress, log, options=options)
-    spec = spec_cache.lookup(store, bb)  # a remembered spec spares the driver a model load
+    spec = spec_cache.lookup(store, bb)  # a remembered spec spares the driver a model load ...
+    if spec is not None and not FeatureSet(store, fingerprint_of(bb.name, spec)).exists():
+        spec = None  # ... but a new feature set is only ever named by a spec read from the weights
     for attempt in (0, 1):
         if spec is None:
             spec = bb.load().spec()

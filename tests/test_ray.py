@@ -25,7 +25,7 @@ from featurestore.features import FeatureSet
 from featurestore.store import open_store
 from featurestore.jobs.extract import ExtractConfig, run as run_local
 
-N_WORDS = 240
+N_WORDS = 160
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,7 @@ def test_bad_items_met_by_actors_are_recorded(tmp_path, ray_session):
     assert [i for i, _ in out["ray"][1]] == ["corrupt", "cut"]
 
 
+@pytest.mark.slow
 def test_killed_driver_then_rerun_completes_without_duplicates(tmp_path, ray_session, words):
     """The driver (a separate `fs extract --engine ray` joining this module's Ray) is SIGKILLed once it
     has published; a rerun computes the rest: every row once, bit-identical to one process."""
