@@ -25,6 +25,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -106,14 +107,11 @@ class _RayJob(_Job):
             rows = [{"shard": i, "keys": [it.key for it in p], "item_ids": [it.item_id for it in p],
                      "sources": [it.source for it in p]} for i, p in enumerate(parts)]
             ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-            out = ds.map_batches(
-                _Encoder, batch_size=1, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
-                num_cpus=opts.cpus_per_worker, num_gpus=gpus or None,
-                max_restarts=0,  # a dead actor stops the run, as a crash stops a local job: rerun resumes
-                fn_constructor_kwargs={"root": str(self.store.root.resolve()), "fingerprint": fs.fingerprint,
-                                       "config": config, "device": device,
-                                       "threads": max(1, int(opts.cpus_per_worker))})
+            with warnings.catch_warnings():
+                # max_restarts goes through **ray_remote_args, which Ray 2.60 warns is deprecated (to be
+                # removed in 2.64) but offers no named parameter for; the `ray` extra pins 2.60.0.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                out = self._map(ray, ds, fs, opts, workers, gpus, device)
             bar = self.progress(total=len(todo), desc=f"extract {config.dataset}/{config.modality} (ray)",
                                 unit="item") if self.progress else None
             per_worker: dict[str, dict] = {}
@@ -141,6 +139,17 @@ class _RayJob(_Job):
             self.stats = {"workers": workers, "shards": len(parts), "gpus_per_worker": gpus,
                           "per_worker": {k: {**v, "items_per_s": round(v["items"] / v["seconds"], 2)
                                              if v["seconds"] > 0 else 0.0} for k, v in per_worker.items()}}
+
+    def _map(self, ray, ds, fs: FeatureSet, opts: RayOptions, workers: int, gpus: float, device: str):
+        """The shards through a pool of `workers` actors, each loading the model once."""
+        return ds.map_batches(
+            _Encoder, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+            num_cpus=opts.cpus_per_worker, num_gpus=gpus or None,
+            max_restarts=0,  # a dead actor stops the run, as a crash stops a local job: rerun resumes
+            fn_constructor_kwargs={"root": str(self.store.root.resolve()), "fingerprint": fs.fingerprint,
+                                   "config": self.config, "device": device,
+                                   "threads": max(1, int(opts.cpus_per_worker))})
 
 
 class _Encoder:
