@@ -4,8 +4,6 @@ and a Ray sweep gives the local sweep's results."""
 from __future__ import annotations
 
 import io
-import json
-import os
 import shutil
 import signal
 import subprocess
@@ -216,8 +214,8 @@ def dataclass_replace(obj, **kw):
 
 def test_without_ray_engine_ray_says_what_to_install(tmp_path, words):
     """In a fresh interpreter where `import ray` fails, as on a machine without the extra."""
-    code = ("import sys; sys.modules['ray'] = None; from featurestore.cli import main; sys.argv = ['fs'] + sys.argv[1:]; "
-            "main()")
+    code = ("import sys; sys.modules['ray'] = None; from featurestore.cli import main; "
+            "sys.argv = ['fs'] + sys.argv[1:]; main()")
     args = ["--store", str(words[0].root), "extract", "--dataset", "words", "--modality", "text",
             "--backbone", "minilm"]
     res = subprocess.run([sys.executable, "-c", code, *args, "--engine", "ray"], capture_output=True, text=True,
