@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
+import re
 from typing import Any, Iterator
 
 from featurestore.errors import BackboneError, ConfigError, FeatureStoreError
@@ -128,4 +130,25 @@ def unwrap(exc: BaseException) -> BaseException:
     if wrapped is not None:
         cls = next(c for c in type(wrapped).__mro__ if c.__module__.startswith("featurestore"))
         return cls(last)
+    named = _named_error(str(exc))  # an actor that died in __init__ comes back as text only
+    if named is not None:
+        return named
     return BackboneError(f"a Ray worker failed ({last[:300]}); what it published is kept, re-run to go on")
+
+
+_NAMED = re.compile(r"^(featurestore(?:\.\w+)*)\.(\w+): (.+)$", re.M)
+
+
+def _named_error(text: str) -> FeatureStoreError | None:
+    """The last `featurestore.<module>.<Error>: message` line of a remote traceback, as that error."""
+    found = _NAMED.findall(text)
+    if not found:
+        return None
+    module, name, message = found[-1]
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+    if isinstance(cls, type) and issubclass(cls, FeatureStoreError):
+        return cls(message.strip())
+    return None

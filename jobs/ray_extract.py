@@ -131,7 +131,10 @@ class _RayJob(_Job):
                         bar.update(int(row["items"]))
                         bar.set_postfix(failed=result.failed_new, refresh=False)
             except Exception as exc:
-                raise unwrap(exc) from None
+                err = unwrap(exc)
+                if isinstance(err, FingerprintMismatch):
+                    writer._reset()  # the driver's records of unreadable items belong to the true fingerprint
+                raise err from None
             finally:
                 if bar is not None:
                     bar.close()

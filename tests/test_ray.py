@@ -87,6 +87,29 @@ def test_ray_extraction_equals_one_process_row_for_row(tmp_path, ray_session, wo
     assert again.cache_hit and again.cached == N_WORDS
 
 
+def test_an_actor_whose_model_gives_another_fingerprint_never_writes(tmp_path, ray_session, words):
+    """A remembered spec naming an existing feature set, but not the weights the actors load (the
+    case of a node holding other weights): the actors refuse to write there, the driver drops the
+    remembered spec, reads the true one and extracts under it."""
+    from featurestore import backbones, spec_cache
+    from featurestore.backbones.base import fingerprint_of
+    from featurestore.jobs._ray import RayOptions
+    from featurestore.jobs.ray_extract import run as run_ray
+
+    store_ref, cfg, ref = words
+    store = _fresh(tmp_path, words)
+    true_spec = backbones.create("minilm").load().spec()
+    bogus = {**true_spec, "weights_hash": "other-weights"}
+    wrong = FeatureSet(store, fingerprint_of("minilm", bogus))
+    wrong.ensure_spec(bogus)  # an existing feature set of "other weights"
+    spec_cache.remember(store, backbones.create("minilm"), bogus)
+    small = ExtractConfig(**{**cfg.__dict__, "limit": 16})
+    res = run_ray(small, store, RayOptions(workers=1))
+    assert res.fingerprint == ref.fingerprint and res.computed == 16
+    assert wrong.segments.segments() == []  # nothing was written under the wrong fingerprint
+    assert spec_cache.lookup(store, backbones.create("minilm"))["weights_hash"] == true_spec["weights_hash"]
+
+
 def _png(color) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (48, 48), color).save(buf, format="PNG")
