@@ -76,8 +76,8 @@ def require_ray():
 
 def _quiet(ray) -> None:
     """No Ray progress bars or INFO logs on the user's terminal (our own bar and messages only)."""
-    for name in ("ray", "ray.data", "ray.tune", "ray.train"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("ray", "ray.data", "ray.tune", "ray.train"):  # a failure reaches the user as our one line
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
