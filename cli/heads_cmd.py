@@ -5,7 +5,7 @@ import click
 
 from featurestore.config import describe, parse_params
 from featurestore.reader import parse_feature_refs
-from ._common import emit, get_store, json_option, params_option, table
+from ._common import emit, get_store, json_option, params_option, progress, table
 
 
 def _metric_rows(metrics: dict) -> list[dict]:
@@ -47,7 +47,8 @@ def train_head_cmd(ctx, method, dataset, features, params, seed, target, val_fra
     config = TrainHeadConfig(method=method, dataset=dataset, features=parse_feature_refs(features), params=params,
                              target=target, seed=seed, val_fraction=val_fraction, run_id=run_id,
                              eval_split=eval_split, cv=cv)
-    result = run(config, store, log=None if as_json else lambda s: click.echo(s, err=True))
+    result = run(config, store, log=None if as_json else lambda s: click.echo(s, err=True),
+                 **({} if cv or as_json else {"progress": progress}))
     if as_json:
         return emit({**result.to_dict(), **({"folds": result.folds, "std": result.std} if cv else {})})
     if cv:

@@ -29,7 +29,8 @@ def scl_train(ctx, data, run_name, params, split, replace, as_json):
 
     store = get_store(ctx)
     config = TrainSCLConfig(data=tuple(data), run=run_name, params=parse_params(params), split=split, replace=replace)
-    result = run(config, store, log=lambda s: None if as_json else click.echo(s, err=True), progress=progress)
+    result = run(config, store, log=lambda s: None if as_json else click.echo(s, err=True),
+                 progress=None if as_json else progress)
     if as_json:
         emit(result.to_dict())
         return
@@ -65,7 +66,7 @@ def memory_build(ctx, name, run_name, top_p, min_pool, split, exact_max, replace
                                exact_max=exact_max, replace=replace)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = run(config, store)
+        result = run(config, store, progress=None if as_json else progress)
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
     if as_json:

@@ -6,7 +6,7 @@ import click
 from featurestore.config import parse_params
 from featurestore.errors import ConfigError
 from featurestore.reader import parse_feature_refs
-from ._common import emit, get_store, json_option, params_option, table
+from ._common import emit, get_store, json_option, params_option, progress, table
 
 
 @click.group("sweep", invoke_without_command=True)
@@ -61,7 +61,8 @@ def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_
                          random=n_random, optuna=n_optuna, space=space, params=parse_params(params), metric=metric,
                          seed=seed, target=target, val_fraction=val_fraction, storage=storage, limit=limit)
     store = get_store(ctx)
-    result = run(config, store, log=None if as_json else lambda s: click.echo(s, err=True))
+    result = run(config, store, log=None if as_json else lambda s: click.echo(s, err=True),
+                 progress=None if as_json else progress)
     exported = export_best(result.definition, result.table, export_path, store=store) \
         if export_path and result.table.height else None
     if as_json:

@@ -209,7 +209,7 @@ def fit_concept(hs, X: Features, y: Targets, *, eval_set: tuple[Features, Target
                 return [scorers[c](scores_from_outputs(model_of(pos)(vx), y.kind)) for pos, c in enumerate(active)]
 
         if log:
-            log(f"training a stack of {len(members)} concept configuration(s) {key[1:]}")
+            log(f"training a stack of {len(members)} concept configuration(s) (seed {lead.seed}, batch size {lead.batch_size})")
         spec = VmapSpec([h.lr for h in members], [h.weight_decay for h in members],
                         [h.epochs for h in members], [h.patience for h in members])
         with seeded(lead.seed, device), _small_model_threads(device):

@@ -370,7 +370,7 @@ def fit_univa(hs, X: Features, y: Targets, *, eval_set: tuple[Features, Targets]
                 return [scorers[c](UniVA._proba(model_of(pos), val)) for pos, c in enumerate(active)]
 
         if log:
-            log(f"training a stack of {len(members)} univa configuration(s) {key[1:]}")
+            log(f"training a stack of {len(members)} univa configuration(s) (seed {lead.seed}, batch size {lead.batch_size})")
         spec = VmapSpec([h.lr for h in members], [h.weight_decay for h in members],
                         [h.epochs for h in members], [h.patience for h in members])
         with seeded(lead.seed, device):

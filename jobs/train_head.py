@@ -96,8 +96,11 @@ def run_folder(store: Store, run_id: str) -> Path:
     return folder
 
 
-def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train on train, early-stop on validation, evaluate on `eval_split` once, save the run."""
+def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | None = None,
+        progress: Callable | None = None) -> TrainResult:
+    """Train on train, early-stop on validation, evaluate on `eval_split` once, save the run.
+
+    `progress` (a tqdm-like factory, or None) shows each epoch: its loss and best validation score."""
     if config.cv:
         from .cv import run_cv
         return run_cv(config, store, log=log)
@@ -117,7 +120,10 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
     (Xtr, ytr), (Xv, yv) = data.splits["train"], data.splits["val"]
     say(f"training {config.method} on {len(ytr)} items ({data.kind}, {len(data.classes)} classes), "
         f"validating on {len(yv)}")
-    head.fit(Xtr, ytr, eval_set=(Xv, yv))
+    from ._progress import epoch_progress
+
+    with epoch_progress(progress, config.method):
+        head.fit(Xtr, ytr, eval_set=(Xv, yv))
     Xte, yte = data.splits[config.eval_split]
     pred, proba = head.predict(Xte), head.predict_proba(Xte)
     test = metrics.evaluate(yte, pred, proba)

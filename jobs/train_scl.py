@@ -137,7 +137,10 @@ def run(config: TrainSCLConfig, store: Store, *, log: Callable[[str], None] = la
     head = SCL(**params)
     log(f"scl: {len(y)} rows, modalities {sorted(fps)}, {len(classes)} labels"
         + (f"; the state of least {config.val_split} log-loss is kept" if eval_set else ""))
-    head.fit(X, y, eval_set=eval_set)
+    from ._progress import epoch_progress
+
+    with epoch_progress(progress, "scl"):
+        head.fit(X, y, eval_set=eval_set)
     h = head.encoder_hash()
     name = config.run or f"scl-{h[:8]}"
     folder = store.heads_dir() / check_name(name, "run")
