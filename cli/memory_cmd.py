@@ -37,7 +37,8 @@ def scl_train(ctx, data, run_name, params, split, replace, as_json):
     click.echo(f"run {result.run} ({result.folder}), encoder {result.encoder_hash}, {result.seconds:.1f}s")
     for m, fp in result.derived.items():
         click.echo(f"  {m}: derived features {fp} ({result.written.get(m, 0)} rows written)")
-    click.echo(f"  accuracy: {result.metrics}")
+    for line in _accuracy_lines(result.metrics):
+        click.echo(line)
 
 
 @click.group("memory")
@@ -160,10 +161,28 @@ def _print_result(res: dict) -> None:
     if "error" in res:
         click.echo(f"{head}error: {res['error']}")
         return
-    click.echo(f"{head}{res['input']}")
+    click.echo(f"{head}{_describe_input(res['input'])}")
     click.echo("  emotions (concept cosine, classifier p): "
                + ", ".join(f"{e['emotion']} {e['similarity']:.3f} (p {e['probability']:.2f})" for e in res["emotions"]))
     click.echo(table(res["neighbours"], ["similarity", "label", "dataset", "item_id", "modality", "id"]))
+
+
+def _describe_input(given) -> str:
+    """`text: what a day`, `image: face.png`, `id: demo:17`: the input as typed, not a Python dict."""
+    if isinstance(given, dict):
+        return "; ".join(f"{k}: {v}" for k, v in given.items())
+    return str(given)
+
+
+def _accuracy_lines(metrics: dict) -> list[str]:
+    """`train demo: text 0.812, audio 0.640` per split and dataset, from {split: {dataset: {modality: acc}}}."""
+    lines = []
+    for split, per_ds in metrics.items():
+        for ds, per_mod in (per_ds or {}).items():
+            accs = ", ".join(f"{m} {v:.3f}" if isinstance(v, (int, float)) else f"{m} {v}"
+                             for m, v in (per_mod or {}).items()) if isinstance(per_mod, dict) else str(per_mod)
+            lines.append(f"  accuracy on {split} {ds}: {accs or '-'}")
+    return lines
 
 
 def register(cli: click.Group) -> None:

@@ -120,8 +120,10 @@ def _print_nested(data: dict, indent: int = 0) -> None:
         elif isinstance(v, list) and v and isinstance(v[0], dict):
             click.echo(f"{pad}{k}:")
             click.echo("\n".join(pad + "  " + line for line in table(v).splitlines()))
+        elif isinstance(v, (list, tuple)):
+            click.echo(f"{pad}{k}: {', '.join(map(str, v)) if v else '-'}")
         else:
-            click.echo(f"{pad}{k}: {v}")
+            click.echo(f"{pad}{k}: {'-' if v is None else v}")
 
 
 def verify_store(store) -> list[dict]:

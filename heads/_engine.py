@@ -40,6 +40,9 @@ EPS = 1e-8
 
 
 def pick_device(pref: str = "auto") -> torch.device:
+    from featurestore.devices import check_device
+
+    pref = check_device(pref, "device")
     if pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

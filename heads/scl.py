@@ -85,6 +85,9 @@ class SCLConfig:
     device: str = field("auto", "auto | cpu | cuda[:N]")
 
     def __post_init__(self):
+        from featurestore.devices import check_device
+
+        check_device(self.device, "device")
         if min(self.width, self.proj_width, self.batch_size, self.cosine_period) < 1:
             raise ConfigError("width, proj_width, batch_size and cosine_period must be at least 1")
         if self.joint_epochs < 0 or self.seq_epochs < 0 or self.joint_epochs + self.seq_epochs == 0:

@@ -91,9 +91,11 @@ class UniVAConfig(TorchParams):
             raise ConfigError(f"need 0 <= lam <= 1 (got {self.lam}), tau > 0 ({self.tau}), delta >= 0 "
                               f"({self.delta}), views >= 1 ({self.views})")
         parse_threshold(self.zeta, "zeta")
-        if not 0 <= self.dropout < 1 or self.kl_weight <= 0 or self.prior_weight < 0:
-            raise ConfigError(f"dropout={self.dropout} must be in [0, 1), kl_weight={self.kl_weight} > 0, "
-                              f"prior_weight={self.prior_weight} >= 0")
+        bad = [msg for ok, msg in ((0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)"),
+                                   (self.kl_weight > 0, f"kl_weight={self.kl_weight} must be > 0"),
+                                   (self.prior_weight >= 0, f"prior_weight={self.prior_weight} must be >= 0")) if not ok]
+        if bad:
+            raise ConfigError("; ".join(bad))
 
 
 def _modules():

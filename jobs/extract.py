@@ -53,6 +53,9 @@ class ExtractConfig:
     wait: bool = field(False, "wait for a compaction of the fingerprint to finish instead of failing")
 
     def __post_init__(self):
+        from featurestore.devices import check_device
+
+        check_device(self.device, "--device")
         if self.modality not in MODALITIES:
             raise ConfigError(f"modality {self.modality!r} is not one of {list(MODALITIES)}")
         if self.batch_size < 1:

@@ -107,6 +107,9 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
     start = time.perf_counter()
     say = log or (lambda s: None)
     head = make_head(config.method, config.params, config.seed)  # bad --param fails here, before any reading
+    for need in getattr(head, "requires", ()):
+        if not getattr(head, need, None):
+            raise ConfigError(f"head {config.method!r} needs a {need}: pass --{need} NAME (or -p {need}=FOLDER)")
     refs = parse_feature_refs(config.features)
     data = prepare(store, config.dataset, refs, target=config.target, val_fraction=config.val_fraction,
                    seed=config.seed, sequences=head.uses_sequences and getattr(head, "sequences", True),
@@ -279,6 +282,7 @@ def evaluate(run_id: str, dataset: str, store: Store, *, split: str = "test") ->
     seq = bool(head.meta_.get("seq_dims"))
     data = load_split(store, dataset, split, lineage["fingerprints"], sequences=seq)
     head._check_features(features_of(data, va_from_labels=False))  # wrong widths: a clear error before any work
+    _check_labels(data, lineage, classes, run_id)
     X, y, _, no_target, no_features = usable(data, lineage["target"], classes, sequences=seq)
     result = metrics.evaluate(y, head.predict(X), head.predict_proba(X))
     return json_safe({"run": run_id, "dataset": dataset, "split": split, "n": len(y), "dropped_without_target": no_target,
@@ -286,3 +290,20 @@ def evaluate(run_id: str, dataset: str, store: Store, *, split: str = "test") ->
                    "metrics": result, "stale": staleness(store, lineage)})
 
 
+def _check_labels(data, lineage: dict, classes: list, run_id: str) -> None:
+    """A run scores only the classes it was trained on: labels outside them are the run's limit, not a
+    fault of the dataset, so say which run, which labels and what to do."""
+    if lineage.get("kind") in ("va", None) or not classes:
+        return
+    known = set(classes)
+    if lineage.get("kind") == "multi":
+        seen = {c for row in data.labels for c in (row or [])}
+    else:
+        seen = {lab for lab in data.label if lab is not None}
+    outside = sorted(seen - known)
+    if outside:
+        raise ConfigError(f"run {run_id!r} was trained on dataset {lineage.get('dataset')!r} with classes "
+                          f"{', '.join(map(str, classes))}; dataset {data.dataset!r} split {data.split!r} has "
+                          f"labels it cannot predict: {', '.join(map(str, outside[:10]))}"
+                          f"{' ...' if len(outside) > 10 else ''}. Evaluate it on a dataset labelled with the "
+                          f"run's classes, or train a run on {data.dataset!r} (fs train-head --dataset {data.dataset})")

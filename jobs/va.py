@@ -49,6 +49,9 @@ class VAConfig:
     retry_errors: bool = field(False, "retry items that failed in an earlier run")
 
     def __post_init__(self):
+        from featurestore.devices import check_device
+
+        check_device(self.device, "--device")
         if self.modality not in MODALITIES:
             raise ConfigError(f"modality {self.modality!r} is not one of {list(MODALITIES)}")
         if self.batch_size < 1 or self.segment_rows < 1 or self.limit < 0:

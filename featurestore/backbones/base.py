@@ -60,6 +60,9 @@ class Encoded:
 def resolve_device(device: str = "auto") -> str:
     import torch
 
+    from ..devices import check_device
+
+    device = check_device(device or "auto")
     if device in ("", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -23,7 +23,7 @@ def read_manifest_file(path: str | Path) -> pl.DataFrame:
     suffix = path.suffix.lower()
     try:
         if suffix in (".csv", ".tsv"):
-            df = pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema_length=10000)
+            df = _read_delimited(path, "\t" if suffix == ".tsv" else ",")
         elif suffix in (".jsonl", ".ndjson"):
             df = _read_jsonl(path)
         elif suffix in (".parquet", ".pq"):
@@ -31,8 +31,37 @@ def read_manifest_file(path: str | Path) -> pl.DataFrame:
         else:
             raise DatasetError(f"manifest {str(path)!r}: unknown format {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
     except pl.exceptions.PolarsError as exc:
-        raise DatasetError(f"manifest {str(path)!r} cannot be parsed: {exc}") from None
+        raise DatasetError(f"manifest {str(path)!r} cannot be parsed: {polars_reason(exc)}") from None
     return normalise(df, source=f"manifest {str(path)!r}")
+
+
+def _read_delimited(path: Path, separator: str) -> pl.DataFrame:
+    """A CSV/TSV: non-UTF-8 bytes are refused with their line; a column whose type the first rows
+    guess wrong is read again with the whole file scanned (normalise then names any bad cell)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DatasetError(f"manifest {str(path)!r} line {line}, byte {column} of the line: not valid UTF-8 "
+                           f"(byte 0x{data[exc.start]:02x}); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                           ) from None
+    try:
+        return pl.read_csv(data, separator=separator, infer_schema_length=10000)
+    except pl.exceptions.ComputeError:
+        return pl.read_csv(data, separator=separator, infer_schema_length=None)
+
+
+def polars_reason(exc: Exception) -> str:
+    """The reason in a polars error, on one line, without its advice about polars' own arguments
+    (which a user of this tool cannot pass)."""
+    text = str(exc)
+    for cut in ("You might want to try", "This error occurred", "Original error", "Resolved plan"):
+        if cut in text:
+            text = text[: text.index(cut)]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("- ")]
+    return " ".join(" ".join(lines).split())[:300] or type(exc).__name__
 
 
 def _read_jsonl(path: Path) -> pl.DataFrame:

@@ -83,8 +83,8 @@ def normalise(df: pl.DataFrame, *, source: str, default_split: str | None = None
         else:
             try:
                 df = df.with_columns(pl.col(col).cast(dtype))
-            except pl.exceptions.PolarsError as exc:
-                raise DatasetError(f"{source}: column {col!r} cannot be read as {dtype}: {exc}") from None
+            except pl.exceptions.PolarsError:
+                raise DatasetError(_cast_failure(df, col, dtype, source)) from None
     for col in ("valence", "arousal"):
         bad = df.filter(pl.col(col).is_not_null() & ((pl.col(col) < -1) | (pl.col(col) > 1)))
         if len(bad):
@@ -92,6 +92,21 @@ def normalise(df: pl.DataFrame, *, source: str, default_split: str | None = None
                                f"{bad['item_id'][0]!r} = {bad[col][0]}; rescale VA labels to [-1, 1]")
     extra = [c for c in df.columns if c not in CANONICAL]
     return df.select(list(CANONICAL) + extra)
+
+
+def _cast_failure(df: pl.DataFrame, col: str, dtype, source: str) -> str:
+    """Which cells of `col` cannot be read as `dtype`, named by item and row, without polars' advice."""
+    what = "a number" if dtype == pl.Float64 else "a list of labels" if isinstance(dtype, pl.List) else "text"
+    try:
+        bad = df.with_row_index("_row").filter(pl.col(col).is_not_null()
+                                               & pl.col(col).cast(dtype, strict=False).is_null())
+    except pl.exceptions.PolarsError:
+        bad = None
+    if bad is None or not len(bad):
+        return f"{source}: column {col!r} cannot be read as {what}; fix its cells"
+    first = bad.row(0, named=True)
+    return (f"{source}: column {col!r} must hold {what}, but {len(bad)} row(s) do not, e.g. row {first['_row'] + 1} "
+            f"(item {first.get('item_id')!r}) has {first[col]!r}; fix or empty those cells")
 
 
 def split_by_hash(df: pl.DataFrame, fractions=(0.8, 0.1, 0.1)) -> pl.Series:
