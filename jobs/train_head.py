@@ -109,7 +109,8 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
     head = make_head(config.method, config.params, config.seed)  # bad --param fails here, before any reading
     for need in getattr(head, "requires", ()):
         if not getattr(head, need, None):
-            raise ConfigError(f"head {config.method!r} needs a {need}: pass --{need} NAME (or -p {need}=FOLDER)")
+            raise ConfigError(f"head {config.method!r} needs a replay {need}: pass --{need} NAME (fs {need} list; "
+                              f"build one with fs {need} build NAME --from SCL_RUN)")
     refs = parse_feature_refs(config.features)
     data = prepare(store, config.dataset, refs, target=config.target, val_fraction=config.val_fraction,
                    seed=config.seed, sequences=head.uses_sequences and getattr(head, "sequences", True),
