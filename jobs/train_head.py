@@ -190,7 +190,9 @@ def _publish_run(store: Store, run_id: str, head: heads.Head, doc: dict, lineage
         head.save(tmp)
         write_json_atomic(tmp / "metrics.json", json_safe(doc))
         write_json_atomic(tmp / "lineage.json", lineage)
-        plot(tmp, head.meta_["kind"], list(head.meta_.get("classes", [])), *evaluated)
+        split = lineage.get("eval_split", "test")
+        plot(tmp, head.meta_["kind"], list(head.meta_.get("classes", [])), *evaluated, run=run_id,
+             dataset=lineage.get("dataset", ""), split=split, metrics=doc.get(split) or {})
         write_checksums(tmp, [p.name for p in tmp.iterdir() if p.is_file()])  # checked by `fs verify`
         os.replace(tmp, final)
     except BaseException:
@@ -200,40 +202,12 @@ def _publish_run(store: Store, run_id: str, head: heads.Head, doc: dict, lineage
 
 
 # ---- plots -------------------------------------------------------------------------
-def plot(folder: Path, kind: str, classes: list[str], targets, pred: np.ndarray, proba: np.ndarray) -> Path:
-    """confusion.png (single/binary), per_class_f1.png (multi) or va.png (regression), with matplotlib Agg."""
-    from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no global backend state
+def plot(folder: Path, kind: str, classes: list[str], targets, pred: np.ndarray, proba: np.ndarray, **about) -> Path:
+    """confusion.png (single/binary), per_class_f1.png (multi) or va.png (regression), titled with
+    `about`: run, dataset, split, metrics (jobs/plots.py)."""
+    from .plots import plot_run
 
-    fig = Figure(figsize=(max(4, 0.6 * len(classes) + 2), max(3.5, 0.5 * len(classes) + 2)))
-    ax = fig.add_subplot()
-    if kind in ("single", "binary"):
-        cm = metrics.confusion_matrix(targets.y, pred, len(classes))
-        ax.imshow(cm, cmap="Blues")
-        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-        ax.set_yticks(range(len(classes)), classes)
-        for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        name = "confusion.png"
-    elif kind == "multi":
-        f1 = metrics.per_class_f1(targets.y, pred)
-        ax.barh(range(len(classes)), f1)
-        ax.set_yticks(range(len(classes)), classes)
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("F1")
-        name = "per_class_f1.png"
-    else:
-        for d, label in enumerate(("valence", "arousal")):
-            ok = np.isfinite(targets.y[:, d])
-            ax.scatter(targets.y[ok, d], pred[ok, d], s=4, label=label)
-        ax.set_xlabel("true")
-        ax.set_ylabel("predicted")
-        ax.legend()
-        name = "va.png"
-    fig.tight_layout()
-    fig.savefig(folder / name, dpi=100)
-    return folder / name
+    return plot_run(folder, kind, classes, targets, pred, proba, **about)
 
 
 # ---- saved runs --------------------------------------------------------------------
