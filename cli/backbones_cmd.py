@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from featurestore import backbones
+from featurestore.backbones.hub import default_source
 from featurestore.config import describe
 from ._common import emit, json_option, table
 
@@ -20,10 +21,10 @@ def list_cmd(as_json: bool) -> None:
     rows = []
     for name in backbones.names():
         cls = backbones.get(name)
-        default = cls.default_model if isinstance(cls.__dict__.get("default_model"), str) else "(packaged)"
+        default, packaged = default_source(cls)
         rows.append({"name": name, "modality": cls.modality, "default_model": default or "-",
-                     "description": cls.description})
-    emit(rows) if as_json else click.echo(table(rows))
+                     "packaged": packaged, "description": cls.description})
+    emit(rows) if as_json else click.echo(table(rows, ["name", "modality", "default_model", "description"]))
 
 
 @backbones_group.command("show")

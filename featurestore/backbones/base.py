@@ -128,6 +128,9 @@ class Backbone(abc.ABC):
 
     def load(self) -> "Backbone":
         if not self._loaded:
+            from .hub import load_kwargs
+
+            load_kwargs(self.model_ref, what=f"backbone {self.name}", option="--model PATH")  # fails fast offline
             self.device = resolve_device(self.device_request)
             if self.device == "cpu":
                 import torch
