@@ -26,17 +26,12 @@ def cli(ctx: click.Context, store_root: str, debug: bool) -> None:
 
 
 def _register() -> None:
-    from . import backbones_cmd, datasets_cmd, extract_cmd, store_cmd
+    """Every noun, explicitly: each module's `register(cli)` adds its commands and nothing else
+    (no module changes another at import)."""
+    from . import (backbones_cmd, datasets_cmd, extract_cmd, heads_cmd, memory_cmd, store_cmd, sweep_cmd,
+                   va_cmd)
 
-    for module in (store_cmd, datasets_cmd, extract_cmd, backbones_cmd):
-        module.register(cli)
-    for name in ("va_cmd", "heads_cmd", "memory_cmd", "sweep_cmd"):  # optional nouns, added per issue
-        try:
-            module = __import__(f"{__name__}.{name}", fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            continue
+    for module in (store_cmd, datasets_cmd, extract_cmd, backbones_cmd, va_cmd, heads_cmd, memory_cmd, sweep_cmd):
         module.register(cli)
 
 

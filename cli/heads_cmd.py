@@ -137,17 +137,6 @@ def heads_show_cmd(name, as_json):
     click.echo(table(rows))
 
 
-def _ls_runs(store) -> dict:
-    from featurestore.jobs.train_head import list_runs
-
-    return {"runs": [{k: r[k] for k in ("run", "method", "dataset", "metric", "score", "stale")}
-                     for r in list_runs(store)]}
-
-
 def register(cli: click.Group) -> None:
-    from .store_cmd import _LS_EXTRAS
-
     for cmd in (train_head_cmd, runs_cmd, eval_cmd, heads_group):
         cli.add_command(cmd)
-    if _ls_runs not in _LS_EXTRAS:
-        _LS_EXTRAS.append(_ls_runs)

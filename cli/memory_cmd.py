@@ -84,15 +84,9 @@ def memory_build(ctx, name, run_name, top_p, min_pool, split, exact_max, replace
 @click.pass_context
 def memory_list(ctx, as_json):
     """Memories in the store."""
-    from featurestore.memory import list_memories, memory_path
-    from featurestore._io import read_json
+    from featurestore.inventory import memory_rows
 
-    store = get_store(ctx)
-    rows = []
-    for name in list_memories(store):
-        spec = read_json(memory_path(store, name) / "spec.json")
-        rows.append({"name": name, "run": spec.get("run"), "n": spec["index"]["n"], "kind": spec["index"]["kind"],
-                     "modalities": sorted(spec.get("fingerprints", {})), "created_at": spec.get("created_at")})
+    rows = memory_rows(get_store(ctx))
     emit(rows) if as_json else click.echo(table(rows, ["name", "run", "n", "kind", "modalities", "created_at"]))
 
 

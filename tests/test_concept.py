@@ -219,7 +219,7 @@ def trained(tmp_path_factory, demo_df, minilm):
 
 
 def test_scl_run_writes_derived_features_that_verify_and_read(trained):
-    from featurestore.cli.store_cmd import verify_store
+    from featurestore.verify import verify_store
 
     store, result, _, image_fp = trained
     assert set(result.derived) == {"text", "image"} and result.written == {"text": 180, "image": 168}
