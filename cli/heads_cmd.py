@@ -98,7 +98,8 @@ def eval_cmd(ctx, run_id, dataset, split, as_json):
         return emit(result)
     click.echo(f"run {run_id} on {dataset}/{split} ({result['n']} items)")
     if result["stale"]:
-        click.echo(f"stale: features superseded by {result['stale']}")
+        newer = ", ".join(f"{mod} by {fp}" for mod, fp in result["stale"].items())
+        click.echo(f"stale: its features were superseded ({newer})")
     click.echo(table(_metric_rows(result["metrics"])))
 
 
