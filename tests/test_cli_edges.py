@@ -269,3 +269,30 @@ def test_progress_shows_on_a_terminal(trained):
     assert proc.returncode == 0
     assert "configurations" in tty and "2/2" in tty and "epoch" in tty
     assert "%|" not in out.decode()
+
+
+def test_heads_report_epochs_through_the_engine_not_by_printing(capsys):
+    """SCL's two stages and a stacked mlp report each epoch to an `on_epoch` listener; nothing is printed."""
+    import numpy as np
+
+    from featurestore.heads import create
+    from featurestore.heads._engine import on_epoch
+    from featurestore.heads.base import Features, Targets
+
+    rng = np.random.default_rng(0)
+    y = np.arange(90) % 3
+    x = (rng.normal(size=(3, 8))[y] + 0.3 * rng.normal(size=(90, 8))).astype(np.float32)
+    X, Y = Features({"text": x}, {"text": np.ones(90, bool)}), Targets("single", y, ["happy", "neutral", "sad"])
+    seen = []
+    with on_epoch(seen.append):
+        create("scl", joint_epochs=2, seq_epochs=3, width=8, proj_width=8, batch_size=32, device="cpu"
+               ).fit(X, Y, eval_set=(X, Y))
+    stages = [e.stage for e in seen]
+    assert stages[:2] == ["joint", "joint"] and all(s.startswith("sequential") for s in stages[2:])
+    assert [e.epoch for e in seen[:2]] == [1, 2] and seen[-1].val is not None
+    seen.clear()
+    with on_epoch(seen.append):
+        create("mlp", epochs=4, patience=0, device="cpu").fit(X, Y, eval_set=(X, Y))
+    assert [e.epoch for e in seen] == [1, 2, 3, 4] and all(e.epochs == 4 and e.val is not None for e in seen)
+    create("mlp", epochs=2, device="cpu").fit(X, Y)  # no listener: nothing reported, nothing printed
+    assert capsys.readouterr().out == "" and len(seen) == 4
