@@ -32,7 +32,9 @@ def from_pretrained(loader: Any, ref: str, *, what: str, option: str = "--model 
         return loader.from_pretrained(target, **kwargs)
     except Exception as exc:  # transformers raises OSError, ValueError, HF errors...
         hint = ("the folder exists but does not hold a loadable model" if local.exists() else
-                "it is neither a local folder nor a model the hub has (check the id)")
+                "the local hub cache holds only part of it (an interrupted download?)"
+                if kwargs.get("local_files_only") else "it is neither a local folder nor a model the hub has "
+                "(check the id)")
         reason = " ".join(str(exc).split())[:240]
         raise BackboneError(f"{what}: could not load {ref!r}: {hint}; pass a local folder with {option}. "
                             f"({type(exc).__name__}: {reason})") from None
