@@ -72,7 +72,7 @@ class Fer2013(Layout):
                 self.problem(where, f"Usage {row.get('Usage')!r} is not Training, PublicTest or PrivateTest; "
                                     "put in train")
                 split = "train"
-            yield {"item_id": f"fer{lineno - 1:05d}", "split": split, "label": label, "image": target.name}
+            yield {"item_id": f"fer{lineno - 2:05d}", "split": split, "label": label, "image": target.name}
         if written:
             _fsync_dir(out)
 
