@@ -42,7 +42,7 @@ def _clip(path: Path, seed: int) -> None:
         return
     rng = np.random.default_rng(seed)
     with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=5)
+        stream = out.add_stream("flv" if path.suffix == ".flv" else "mpeg4", rate=5)
         stream.width = stream.height = 16
         stream.pix_fmt = "yuv420p"
         for _ in range(3):
