@@ -206,8 +206,8 @@ _IEMO = {  # session -> [(turn, code, V, A, D, evaluator categories, words)]
 }
 
 
-def _iemocap(root: Path) -> None:
-    for ses, turns in _IEMO.items():
+def _iemocap(root: Path, data: dict | None = None, missing: str = "Ses05F_impro02_M000") -> None:
+    for ses, turns in (data or _IEMO).items():
         dialogs: dict[str, list] = {}
         for t in turns:
             dialogs.setdefault(t[0].rsplit("_", 1)[0], []).append(t)
@@ -220,7 +220,7 @@ def _iemocap(root: Path) -> None:
                 lines += [f"C-E{j + 1}:\t{c};\t()" for j, c in enumerate(cats)]
                 lines += ["A-E1:\tval 3; act 2; dom  3;\t()", ""]
                 words.append(f"{turn} [{k + 1.5:08.4f}-{k + 2.5:08.4f}]: {text}")
-                if turn != "Ses05F_impro02_M000":  # one wav missing
+                if turn != missing:  # one wav missing
                     _wav(root / f"Session{ses}/sentences/wav/{dialog}/{turn}.wav", k)
             (base / "EmoEvaluation").mkdir(parents=True, exist_ok=True)
             (base / "EmoEvaluation" / f"{dialog}.txt").write_text("\n".join(lines) + "\n")
@@ -434,3 +434,14 @@ def test_cli_layout_add_reports_what_it_found(tmp_path):
     assert opt.exit_code == 2 and "split_fold" in opt.output
     lay = runner.invoke(cli, ["datasets", "layouts"])
     assert lay.exit_code == 0 and "iemocap" in lay.output and "classes" in lay.output
+
+
+def test_an_unterminated_quote_swallows_the_rest_into_one_recorded_bad_row(tmp_path, store):
+    root = tmp_path / "MOSI"
+    _mmsa(root, emotions=False)
+    with open(root / "label.csv", "a") as fh:
+        fh.write('vidC,1,"never closed,1.0,0,0,0,Positive,train\nvidC,2,x,1.0,0,0,0,Positive,train\n')
+    res = read_layout("mosi", root)
+    assert sorted(res.df["item_id"]) == ["vidA/1", "vidA/2", "vidB/1"]
+    bad = [p for p in res.report["layout"]["problems"] if p["item"] == "label.csv:7"]
+    assert len(bad) == 1 and "sentiment score" in bad[0]["reason"]

@@ -132,3 +132,35 @@ def test_cli_seeds_table_and_fold_errors(folded_store):
     assert bad.exit_code == 2
     nofold = runner.invoke(cli, base + ["--dataset", "nofold", "--cv", "fold"])
     assert nofold.exit_code == 5 and "fold for every item" in nofold.output and nofold.output.count("\n") == 1
+
+
+def test_iemocap_layout_leave_one_session_out_end_to_end(tmp_path):
+    """An IEMOCAP replica registered by its layout, its transcripts encoded, 4 classes, one session out at a time."""
+    from test_layouts import _iemocap
+
+    from featurestore.datasets.layouts import add_layout_dataset
+    from featurestore.jobs.extract import ExtractConfig, run as extract
+    from featurestore.store import open_store
+
+    words = {"neu": ["the table is there", "it is on the list", "we will meet at noon"],
+             "exc": ["this is wonderful news", "i love it so much", "what a great day"],
+             "sad": ["i miss her terribly", "everything is lost", "i feel so alone"],
+             "ang": ["get out of my way", "i hate this", "you ruined everything"],
+             "fru": ["this never works", "why is it so hard", "i give up on this"]}
+    data = {}
+    for ses in range(1, 6):
+        turns = []
+        for k, (code, texts) in enumerate(words.items()):
+            for j, text in enumerate(texts):
+                turns.append((f"Ses0{ses}F_impro0{k}_F00{j}", code, 3.0, 3.0, 3.0, [code.title()], f"{text} {ses}"))
+        data[ses] = turns
+    _iemocap(tmp_path / "IEMOCAP", data, missing="")
+    store = open_store(tmp_path / "store", create=True)
+    ds = add_layout_dataset(store, "iemo", "iemocap", tmp_path / "IEMOCAP", options={"classes": "4"})
+    assert ds.info["layout"]["classes"] == {"anger": 15, "happiness": 15, "neutral": 15, "sadness": 15}
+    extract(ExtractConfig(dataset="iemo", modality="text", backbone="minilm"), store)
+    result = run(TrainHeadConfig(method="linear", dataset="iemo", features={"text": "minilm"}, cv="group",
+                                 params=PARAMS), store)
+    assert [f["held_out"] for f in result.folds] == [f"Session{s}" for s in range(1, 6)]
+    assert [f["n_test"] for f in result.folds] == [12] * 5  # frustration has no 4-class label
+    assert result.metrics["uar"] == pytest.approx(np.mean([f["uar"] for f in result.folds]))

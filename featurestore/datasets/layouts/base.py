@@ -96,7 +96,11 @@ class Layout:
 
     def read_text(self, path: Path) -> str:
         """A label file as text: UTF-8 (with or without BOM), else cp1252 (some releases are)."""
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DatasetError(f"layout {self.name}: cannot read {path} ({exc.strerror or exc}); check its "
+                               "permissions") from None
         try:
             return data.decode("utf-8-sig")
         except UnicodeDecodeError:
@@ -110,8 +114,11 @@ class Layout:
         missing = [c for c in required if c not in header]
         if missing:
             raise DatasetError(f"layout {self.name}: {path} has no column(s) {missing}; its header is {header}")
-        for row in reader:
-            yield reader.line_num, {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
+        try:
+            for row in reader:
+                yield reader.line_num, {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k}
+        except csv.Error as exc:  # a NUL byte, an unterminated quote: the rest of the file cannot be trusted
+            self.problem(f"{path.name}:{reader.line_num}", f"CSV cannot be parsed from here on ({exc}): rest skipped")
 
     def index_files(self, extensions: Iterable[str], *, under: Path | None = None) -> dict[str, list[Path]]:
         """Files under `under` (default root) with these extensions, by stem (lower-case)."""
