@@ -127,7 +127,10 @@ def show_cmd(ctx, name, head, as_json):
     if as_json:
         return emit(ds.info)
     for k, v in ds.info.items():
-        click.echo(f"{k}: {v}")
+        if k != "layout":
+            click.echo(f"{k}: {v}")
+    if "layout" in ds.info:
+        click.echo(layout_summary(name, ds.info))
     click.echo(ds.manifest.head(head))
 
 

@@ -423,6 +423,8 @@ def test_cli_layout_add_reports_what_it_found(tmp_path):
     assert out.exit_code == 0, out.output
     assert "19 items" in out.output and "folds (--cv fold): 1: 4, 2: 3" in out.output
     assert "files missing: audio 1, video 1" in out.output and "00007" in out.output
+    shown = runner.invoke(cli, ["--store", st, "datasets", "show", "dfew"])
+    assert shown.exit_code == 0 and "folds (--cv fold): 1: 4, 2: 3" in shown.output and "layout:" not in shown.output
     js = runner.invoke(cli, ["--store", st, "datasets", "show", "dfew", "--json"])
     assert json.loads(js.output)["layout"]["folds"] == {"1": 4, "2": 3, "3": 4, "4": 4, "5": 4}
     bad = runner.invoke(cli, ["--store", st, "datasets", "add", "x", "--layout", "meld", "--root", str(root)])

@@ -42,9 +42,9 @@ def names() -> list[str]:
 
 
 def read_layout(layout: str, root: str | Path, *, options: dict | None = None,
-                workdir: Path | None = None) -> LayoutResult:
+                workdir: Path | None = None, progress: Callable | None = None) -> LayoutResult:
     """Read `root` with layout `layout`: the canonical manifest and a report of what was found."""
-    return get(layout)(root, options=options, workdir=workdir).run()
+    return get(layout)(root, options=options, workdir=workdir, progress=progress).run()
 
 
 def add_layout_dataset(store: Store, name: str, layout: str, root: str | Path, *, options: dict | None = None,
@@ -56,6 +56,6 @@ def add_layout_dataset(store: Store, name: str, layout: str, root: str | Path, *
     if (folder / "manifest.parquet").exists() and not replace:  # before any file is materialised
         raise DatasetError(f"dataset {name!r} already exists in {store.root}; pass --replace to overwrite "
                            "its manifest (cached features are kept: they are keyed by content)")
-    result = read_layout(layout, root, options=options, workdir=folder)
+    result = read_layout(layout, root, options=options, workdir=folder, progress=progress)
     return add_dataset(store, name, result.df, root=result.root, source=f"layout {layout} at {root}",
                        replace=replace, progress=progress, extra_info=result.report)

@@ -56,7 +56,8 @@ class Layout:
     options: ClassVar[dict[str, tuple[str, str]]] = {}  # option -> (default, help)
     verified: ClassVar[str] = ""  # what of the layout could not be checked against the real files here
 
-    def __init__(self, root: str | Path, *, options: dict[str, str] | None = None, workdir: Path | None = None):
+    def __init__(self, root: str | Path, *, options: dict[str, str] | None = None, workdir: Path | None = None,
+                 progress=None):
         self.root = Path(os.path.expanduser(str(root)))
         given = dict(options or {})
         unknown = sorted(set(given) - set(self.options))
@@ -65,6 +66,7 @@ class Layout:
             raise ConfigError(f"layout {self.name!r} has no option {unknown[0]!r}; its options: {known}")
         self.opt = {k: str(given.get(k, default)) for k, (default, _) in self.options.items()}
         self.workdir = workdir
+        self.progress = progress or (lambda it, **kw: it)  # a tqdm-like wrapper for long loops
         self.problems: list[dict] = []
         self.n_problems = 0
         self.missing_files: Counter = Counter()

@@ -42,7 +42,8 @@ class Fer2013(Layout):
         from PIL import Image
 
         written = 0
-        for lineno, row in self.csv_rows(path, required=("emotion", "pixels")):
+        for lineno, row in self.progress(self.csv_rows(path, required=("emotion", "pixels")),
+                                         desc="fer2013 images", unit="img"):
             where = f"{path.name}:{lineno}"
             try:
                 code = int(row["emotion"])
