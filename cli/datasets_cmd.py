@@ -45,7 +45,7 @@ def add_cmd(ctx, name, manifest, folder, builtin, layout, options, root, allow_o
         if not root:
             raise ConfigError(f"--layout {layout} needs --root DIR, the folder the dataset was unpacked into")
         ds = add_layout_dataset(store, name, layout, root, options=parse_options(options), replace=replace,
-                                progress=progress)
+                                allow_outside_root=allow_outside_root, progress=progress)
         if as_json:
             return emit(ds.info)
         return click.echo(layout_summary(name, ds.info))

@@ -447,3 +447,20 @@ def test_an_unterminated_quote_swallows_the_rest_into_one_recorded_bad_row(tmp_p
     assert sorted(res.df["item_id"]) == ["vidA/1", "vidA/2", "vidB/1"]
     bad = [p for p in res.report["layout"]["problems"] if p["item"] == "label.csv:7"]
     assert len(bad) == 1 and "sentiment score" in bad[0]["reason"]
+
+
+def test_files_linked_from_outside_the_root_need_allow_outside_root(tmp_path):
+    root = tmp_path / "RAF"
+    (root / "EmoLabel").mkdir(parents=True)
+    (root / "EmoLabel/list_patition_label.txt").write_text("train_00001.jpg 4\ntest_0001.jpg 7\n")
+    _jpg(root / "Image/aligned/train_00001_aligned.jpg", 0)
+    _jpg(tmp_path / "elsewhere/test_0001_aligned.jpg", 1)
+    (root / "Image/aligned/test_0001_aligned.jpg").symlink_to(tmp_path / "elsewhere/test_0001_aligned.jpg")
+    st = str(tmp_path / "store")
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["--store", st, "datasets", "add", "raf", "--layout", "raf-db", "--root", str(root)])
+    assert refused.exit_code == 5 and "--allow-outside-root" in refused.output
+    ok = runner.invoke(cli, ["--store", st, "datasets", "add", "raf", "--layout", "raf-db", "--root", str(root),
+                             "--allow-outside-root"])
+    assert ok.exit_code == 0, ok.output
+    assert "2 items" in ok.output

@@ -48,7 +48,7 @@ def read_layout(layout: str, root: str | Path, *, options: dict | None = None,
 
 
 def add_layout_dataset(store: Store, name: str, layout: str, root: str | Path, *, options: dict | None = None,
-                       replace: bool = False, progress: Callable | None = None):
+                       replace: bool = False, allow_outside_root: bool = False, progress: Callable | None = None):
     """Register dataset `name` from a layout; the report goes into `dataset.json` under `layout`."""
     from .. import add_dataset
 
@@ -58,4 +58,5 @@ def add_layout_dataset(store: Store, name: str, layout: str, root: str | Path, *
                            "its manifest (cached features are kept: they are keyed by content)")
     result = read_layout(layout, root, options=options, workdir=folder, progress=progress)
     return add_dataset(store, name, result.df, root=result.root, source=f"layout {layout} at {root}",
-                       replace=replace, progress=progress, extra_info=result.report)
+                       replace=replace, allow_outside_root=allow_outside_root, progress=progress,
+                       extra_info=result.report)
