@@ -130,7 +130,8 @@ def test_fer2013_pixels_become_content_keyed_pngs_in_the_store(tmp_path, store):
     pix = [rng.integers(0, 256, 48 * 48) for _ in range(4)]
     rows = [[3, " ".join(map(str, pix[0])), "Training"], [0, " ".join(map(str, pix[1])), "PublicTest"],
             [6, " ".join(map(str, pix[2])), "PrivateTest"], [3, " ".join(map(str, pix[0])), "Training"],  # duplicate
-            [2, "1 2 3", "Training"], [9, " ".join(map(str, pix[3])), "Training"]]
+            [2, "1 2 3", "Training"], [9, " ".join(map(str, pix[3])), "Training"],
+            [-1, " ".join(map(str, pix[3])), "Training"]]
     _csv(root / "fer2013.csv", ["emotion", "pixels", "Usage"], rows)
     ds = add_layout_dataset(store, "fer", "fer2013", root)
     df = ds.manifest
@@ -144,7 +145,7 @@ def test_fer2013_pixels_become_content_keyed_pngs_in_the_store(tmp_path, store):
     back = np.asarray(Image.open(first))
     assert back.shape == (48, 48) and np.array_equal(back.ravel(), pix[0].astype(np.uint8))
     assert df["image_key"][0] == df["image_key"][3] and df["image_key"].null_count() == 0
-    assert ds.info["layout"]["n_problems"] == 2
+    assert ds.info["layout"]["n_problems"] == 3
     with pytest.raises(DatasetError, match="already exists"):
         add_layout_dataset(store, "fer", "fer2013", root)
     again = add_layout_dataset(store, "fer", "fer2013", root, replace=True)

@@ -50,8 +50,10 @@ class Fer2013(Layout):
             where = f"{path.name}:{lineno}"
             try:
                 code = int(row["emotion"])
+                if not 0 <= code < len(CLASSES):
+                    raise ValueError
                 label = CLASSES[code]
-            except (TypeError, ValueError, IndexError):
+            except (TypeError, ValueError):
                 self.problem(where, f"emotion {row.get('emotion')!r} is not a code 0-6")
                 continue
             try:
