@@ -44,6 +44,7 @@ class SplitData:
     sequences: dict[str, list] = dataclasses.field(default_factory=dict)
     va: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # modality -> [N, 2], NaN unknown
     va_sources: dict[str, str] = dataclasses.field(default_factory=dict)  # modality -> VA scorer source
+    folds: np.ndarray | None = None  # official fold per item (object: str or None); None: no fold column
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -106,4 +107,5 @@ def load_split(store: Store, dataset: str | Dataset, split: str, features: str |
         arousal=rows["arousal"].fill_null(np.nan).to_numpy().astype(np.float64),
         groups=rows["group"].to_numpy().astype(object), manifest_hash=ds.manifest_hash,
         keys=keys, sequences=seqs, va=va_values, va_sources=va_sources,
+        folds=rows["fold"].to_numpy().astype(object) if "fold" in rows.columns else None,
     )

@@ -48,9 +48,12 @@ class TrainHeadConfig:
     eval_split: str = field("test", "split evaluated once after training")
     run_id: str = field("", "name of the run folder (default: method-dataset-time-random)")
     cv: str = field("", "cross-validation over every item instead of the splits: group (leave one group out) "
-                        "| K (K stratified folds); jobs/cv.py")
+                        "| fold (the manifest's official folds) | K (K stratified folds); jobs/cv.py")
+    seeds: int = field(1, "train with seeds seed, seed+1, ..., seed+seeds-1 and report mean and std; jobs/seeds.py")
 
     def __post_init__(self):
+        if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
+            raise ConfigError(f"--seeds {self.seeds!r} must be a whole number >= 1 (the runs to average)")
         if self.cv:
             from .cv import parse_cv
             parse_cv(self.cv)
@@ -97,13 +100,17 @@ def run_folder(store: Store, run_id: str) -> Path:
 
 
 def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | None = None,
-        progress: Callable | None = None) -> TrainResult:
-    """Train on train, early-stop on validation, evaluate on `eval_split` once, save the run.
+        into: Path | None = None, progress: Callable | None = None) -> TrainResult:
+    """Train on train, early-stop on validation, evaluate on `eval_split` once, save the run
+    (into folder `into` when given: one seed of a `--seeds` run, published with its parent).
 
     `progress` (a tqdm-like factory, or None) shows each epoch: its loss and best validation score."""
+    if config.seeds > 1:
+        from .seeds import run_seeds
+        return run_seeds(config, store, log=log)
     if config.cv:
         from .cv import run_cv
-        return run_cv(config, store, log=log)
+        return run_cv(config, store, log=log, into=into)
     start = time.perf_counter()
     say = log or (lambda s: None)
     head = make_head(config.method, config.params, config.seed)  # bad --param fails here, before any reading
@@ -146,7 +153,7 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
            config.eval_split: test, "val_primary": val, "history": history}
     if "threshold" in head.meta_:  # multi-label: the decision and where it was chosen
         doc["decision"] = {"threshold": head.meta_["threshold"], "chosen_on": head.meta_["threshold_chosen_on"]}
-    folder = _publish_run(store, run_id, head, doc, lineage, (yte, pred, proba))
+    folder = _publish_run(store, run_id, head, doc, lineage, (yte, pred, proba), into=into)
     say(f"saved run {run_id} to {folder}")
     return TrainResult(run_id, folder, config.method, config.dataset, data.kind, test, val,
                        time.perf_counter() - start, lineage, warned)
@@ -181,11 +188,12 @@ def _new_run_id(method: str, dataset: str) -> str:
     return f"{method}-{dataset}-{stamp}-{uuid.uuid4().hex[:6]}"[:128]
 
 
-def _publish_run(store: Store, run_id: str, head: heads.Head, doc: dict, lineage: dict, evaluated) -> Path:
-    final = store.heads_dir() / check_name(run_id, "run")
+def _publish_run(store: Store, run_id: str, head: heads.Head, doc: dict, lineage: dict, evaluated,
+                 into: Path | None = None) -> Path:
+    final = into or store.heads_dir() / check_name(run_id, "run")
     if final.exists():
         raise ConfigError(f"run {run_id!r} already exists in {store.heads_dir()}; choose another run id")
-    tmp = store.heads_dir() / f".{run_id}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         head.save(tmp)
         write_json_atomic(tmp / "metrics.json", json_safe(doc))

@@ -23,7 +23,7 @@ from ..hashing import spec_digest
 
 __all__ = ["Backbone", "BackboneConfig", "Encoded", "fingerprint_of", "resolve_device", "MODALITIES"]
 
-MODALITIES = ("text", "image", "audio")
+MODALITIES = ("text", "image", "audio", "video")  # video: a clip path (decoding: the video backbones)
 STORAGE_DTYPES = ("float16", "float32")
 
 

@@ -14,7 +14,7 @@ from ..hashing import file_digest
 from ..store import Store, check_name, now_iso
 from .adapters import read_folder, read_manifest_file
 from .demo import build_demo
-from .manifest import add_content_keys, resolve_paths
+from .manifest import FILE_MODALITIES, add_content_keys, resolve_paths
 
 __all__ = ["Dataset", "add_dataset", "get_dataset", "list_datasets", "read_manifest_file", "read_folder",
            "build_demo", "BUILTINS"]
@@ -70,20 +70,22 @@ def _facts(df: pl.DataFrame) -> dict:
         "label_set": labels,
         "multilabel_set": multi,
         "va_labels": {c: int(len(df) - df[c].null_count()) for c in ("valence", "arousal")},
+        "folds": dict(sorted(df.filter(pl.col("fold").is_not_null()).group_by("fold").len().iter_rows())),
     }
 
 
 def add_dataset(store: Store, name: str, df: pl.DataFrame, *, root: str | Path | None, source: str,
                 replace: bool = False, allow_outside_root: bool = False,
-                progress: Callable | None = None) -> Dataset:
-    """Register a normalised manifest under `name`: resolve paths, hash contents, publish."""
+                progress: Callable | None = None, extra_info: dict | None = None) -> Dataset:
+    """Register a normalised manifest under `name`: resolve paths, hash contents, publish.
+    `extra_info` is added to `dataset.json` (a layout adapter's report)."""
     folder = store.dataset_dir(check_name(name, "dataset"))
     if (folder / "manifest.parquet").exists() and not replace:
         raise DatasetError(f"dataset {name!r} already exists in {store.root}; pass --replace to overwrite "
                            "its manifest (cached features are kept: they are keyed by content)")
     if root is not None:
         df = resolve_paths(df, Path(root), allow_outside_root=allow_outside_root, source=source)
-    elif any(df[m].null_count() < len(df) for m in ("image", "audio")):
+    elif any(df[m].null_count() < len(df) for m in FILE_MODALITIES):
         raise DatasetError(f"{source}: has file paths but no dataset root; pass --root DIR")
     df = add_content_keys(df, progress)
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,7 +95,7 @@ def add_dataset(store: Store, name: str, df: pl.DataFrame, *, root: str | Path |
         df.write_parquet(tmp, statistics=False)
     publish(tmp, target)
     info = {"name": name, "source": source, "root": str(Path(root).resolve()) if root else None,
-            "created_at": now_iso(), "manifest_hash": file_digest(target), **_facts(df)}
+            "created_at": now_iso(), "manifest_hash": file_digest(target), **_facts(df), **(extra_info or {})}
     write_json_atomic(folder / "dataset.json", info)
     write_checksums(folder, ["manifest.parquet", "dataset.json"])  # a flipped byte in either is found by verify
     return Dataset(name, info, df)

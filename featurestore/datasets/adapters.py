@@ -9,10 +9,11 @@ import polars as pl
 from ..errors import DatasetError
 from .manifest import SPLIT_ALIASES, normalise
 
-__all__ = ["read_manifest_file", "read_folder", "IMAGE_EXT", "AUDIO_EXT"]
+__all__ = ["read_manifest_file", "read_folder", "IMAGE_EXT", "AUDIO_EXT", "VIDEO_EXT"]
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+VIDEO_EXT = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".flv", ".m4v"}
 
 
 def read_manifest_file(path: str | Path) -> pl.DataFrame:
@@ -88,7 +89,7 @@ def _read_jsonl(path: Path) -> pl.DataFrame:
 
 
 def read_folder(root: str | Path) -> pl.DataFrame:
-    """`root/<class>/<file>` or `root/<split>/<class>/<file>`, images or audio by extension."""
+    """`root/<class>/<file>` or `root/<split>/<class>/<file>`, images, audio or video by extension."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"folder {str(root)!r} does not exist")
@@ -100,13 +101,15 @@ def read_folder(root: str | Path) -> pl.DataFrame:
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for f in sorted(class_dir.rglob("*")):
                 ext = f.suffix.lower()
-                modality = "image" if ext in IMAGE_EXT else "audio" if ext in AUDIO_EXT else None
+                modality = ("image" if ext in IMAGE_EXT else "audio" if ext in AUDIO_EXT
+                            else "video" if ext in VIDEO_EXT else None)
                 if modality is None or not f.is_file():
                     continue
                 rel = f.relative_to(root).as_posix()
                 rows.append({"item_id": rel, "label": class_dir.name, modality: rel,
                              **({"split": split_dir.name} if by_split else {})})
     if not rows:
-        raise DatasetError(f"folder {str(root)!r} holds no images ({sorted(IMAGE_EXT)}) or audio "
-                           f"({sorted(AUDIO_EXT)}) under <class>/ or <split>/<class>/ folders")
+        raise DatasetError(f"folder {str(root)!r} holds no images ({sorted(IMAGE_EXT)}), audio "
+                           f"({sorted(AUDIO_EXT)}) or video ({sorted(VIDEO_EXT)}) under <class>/ or "
+                           "<split>/<class>/ folders")
     return normalise(pl.from_dicts(rows, infer_schema_length=None), source=f"folder {str(root)!r}")

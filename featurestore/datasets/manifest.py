@@ -10,8 +10,9 @@ Columns (every adapter produces exactly these, plus any extra columns it keeps):
 | labels | list[str], null | multi-label target |
 | valence, arousal | f64, null | VA labels on [-1, 1] |
 | group | str, null | speaker, session or subject: items that must share a split |
-| text, image, audio | str, null | per modality the source: the text itself, or a file path |
-| text_key, image_key, audio_key | str, null | content key of that source (null if unreadable) |
+| fold | str, null | official cross-validation fold the item is tested in (DFEW, MAFW); `--cv fold` |
+| text, image, audio, video | str, null | per modality the source: the text itself, or a file path |
+| text_key, image_key, audio_key, video_key | str, null | content key of that source (null if unreadable) |
 """
 from __future__ import annotations
 
@@ -26,16 +27,18 @@ from ..backbones.base import MODALITIES
 from ..errors import DatasetError
 from ..hashing import content_key
 
-__all__ = ["CANONICAL", "normalise", "add_content_keys", "resolve_paths", "split_by_hash", "SPLIT_ALIASES"]
+__all__ = ["CANONICAL", "FILE_MODALITIES", "normalise", "add_content_keys", "resolve_paths", "split_by_hash", "SPLIT_ALIASES"]
 
 CANONICAL = {
     "item_id": pl.String, "split": pl.String, "label": pl.String, "labels": pl.List(pl.String),
-    "valence": pl.Float64, "arousal": pl.Float64, "group": pl.String,
+    "valence": pl.Float64, "arousal": pl.Float64, "group": pl.String, "fold": pl.String,
     **{m: pl.String for m in MODALITIES},
 }
 _ALIASES = {"id": "item_id", "speaker": "group", "session": "group", "subject": "group",
             "emotion": "label", "class": "label", "image_path": "image", "audio_path": "audio",
+            "video_path": "video",
             "path": None}
+FILE_MODALITIES = tuple(m for m in MODALITIES if m != "text")  # a file path per item
 SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "dev": "val", "testing": "test"}
 
 
@@ -73,7 +76,7 @@ def normalise(df: pl.DataFrame, *, source: str, default_split: str | None = None
         raise DatasetError(f"{source}: duplicate item ids, e.g. {dup}; every item needs its own id")
     if not any(m in df.columns for m in MODALITIES):
         raise DatasetError(f"{source}: no modality column; give at least one of {list(MODALITIES)} "
-                           "(a text, or a path to an image or audio file)")
+                           "(a text, or a path to an image, audio or video file)")
     if "split" not in df.columns:
         df = df.with_columns(split=pl.lit(default_split) if default_split else split_by_hash(df))
     df = df.with_columns(pl.col("split").cast(pl.String).str.to_lowercase().replace(SPLIT_ALIASES))
@@ -122,7 +125,7 @@ def split_by_hash(df: pl.DataFrame, fractions=(0.8, 0.1, 0.1)) -> pl.Series:
 def resolve_paths(df: pl.DataFrame, root: Path, *, allow_outside_root: bool, source: str) -> pl.DataFrame:
     """Make file paths absolute against the dataset root, refusing ones that escape it."""
     root = root.resolve()
-    for m in ("image", "audio"):
+    for m in FILE_MODALITIES:
         if df[m].null_count() == len(df):
             continue
         resolved, escaping = [], []
