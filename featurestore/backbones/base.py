@@ -23,7 +23,7 @@ from ..hashing import spec_digest
 
 __all__ = ["Backbone", "BackboneConfig", "Encoded", "fingerprint_of", "resolve_device", "MODALITIES"]
 
-MODALITIES = ("text", "image", "audio")
+MODALITIES = ("text", "image", "audio", "video")
 STORAGE_DTYPES = ("float16", "float32")
 
 
@@ -117,6 +117,21 @@ class Backbone(abc.ABC):
     @abc.abstractmethod
     def encode(self, items: Sequence[Any]) -> Encoded:
         """Run the model on prepared items."""
+
+    # ---- optional ----------------------------------------------------------------
+    #: items `prepare` may work on at once, on threads (video decoding); 1: one after another
+    prepare_workers: int = 1
+
+    def prepare_image(self, img: Any) -> Any:
+        """Image backbones: preprocess one decoded RGB `PIL.Image` (how video frames arrive).
+
+        The default encodes it losslessly (PNG) and calls `prepare`; a backbone overrides it
+        to skip that round trip (the numbers must be the same either way)."""
+        import io
+
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return self.prepare(buf.getvalue())
 
     # ---- shared ------------------------------------------------------------------
     @property

@@ -83,7 +83,7 @@ def add_dataset(store: Store, name: str, df: pl.DataFrame, *, root: str | Path |
                            "its manifest (cached features are kept: they are keyed by content)")
     if root is not None:
         df = resolve_paths(df, Path(root), allow_outside_root=allow_outside_root, source=source)
-    elif any(df[m].null_count() < len(df) for m in ("image", "audio")):
+    elif any(df[m].null_count() < len(df) for m in ("image", "audio", "video")):
         raise DatasetError(f"{source}: has file paths but no dataset root; pass --root DIR")
     df = add_content_keys(df, progress)
     folder.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,7 @@ def split_by_hash(df: pl.DataFrame, fractions=(0.8, 0.1, 0.1)) -> pl.Series:
 def resolve_paths(df: pl.DataFrame, root: Path, *, allow_outside_root: bool, source: str) -> pl.DataFrame:
     """Make file paths absolute against the dataset root, refusing ones that escape it."""
     root = root.resolve()
-    for m in ("image", "audio"):
+    for m in ("image", "audio", "video"):
         if df[m].null_count() == len(df):
             continue
         resolved, escaping = [], []
