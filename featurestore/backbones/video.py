@@ -9,7 +9,8 @@ pooled vectors; its sequence is the per-frame rows `[frames, D]` (`sequence=fals
 only). The fingerprint holds the image backbone's whole spec plus the decoder and the
 sampling policy, so clips sampled another way are cached apart. Decoding, sampling and
 the image preprocessing run in `prepare`, which the extraction job runs on
-`decode_workers` threads ahead of the model.
+`decode_workers` threads ahead of the model; on CPU the model then runs on the cores the
+decoders leave (cpu count - decode_workers, at least 1) rather than oversubscribing them.
 """
 from __future__ import annotations
 
@@ -100,6 +101,9 @@ class VideoFrames(Backbone):
     def _load(self) -> None:
         self.image.load()
         self.device = self.image.device
+        # On CPU, decoding threads and the model share the cores: the model gets what the
+        # decoders leave (oversubscribed torch threads stall on a busy machine).
+        self.cpu_threads = max(1, (os.cpu_count() or 1) - self.config.decode_workers)
 
     def weights_hash(self) -> str:
         return self.image.weights_hash()
@@ -126,6 +130,11 @@ class VideoFrames(Backbone):
         return [self.image.prepare_image(img) for img in frames]
 
     def encode(self, items: Sequence[list]) -> Encoded:
+        if self.device == "cpu":
+            import torch
+
+            if torch.get_num_threads() != self.cpu_threads:
+                torch.set_num_threads(self.cpu_threads)
         flat = [frame for clip in items for frame in clip]
         step = self.config.frame_batch
         rows = np.concatenate([self.image.encode(flat[i:i + step]).pooled for i in range(0, len(flat), step)])
