@@ -246,3 +246,30 @@ def test_fer_over_video_frames_equals_fer_on_the_frames(tmp_path):
     want = image.encode(pngs).pooled
     np.testing.assert_allclose(enc.sequences[0], want, atol=1e-5)
     np.testing.assert_allclose(enc.pooled[0], want.mean(0), atol=1e-5)
+
+
+def test_cli_extract_video_and_show_video_params(tmp_path, clip_vision):
+    import json
+
+    from click.testing import CliRunner
+
+    from featurestore.cli import cli
+
+    (tmp_path / "a.mp4").write_bytes(mp4(5))
+    (tmp_path / "b.mp4").write_bytes(b"\x00broken" * 40)
+    (tmp_path / "m.csv").write_text("id,split,label,video\na,train,x,a.mp4\nb,train,y,b.mp4\n")
+    runner = CliRunner()
+
+    def fs(*args):
+        return runner.invoke(cli, ["--store", str(tmp_path / "store"), *args], catch_exceptions=False)
+
+    assert fs("datasets", "add", "v", "--manifest", str(tmp_path / "m.csv"), "--root", str(tmp_path)).exit_code == 0
+    res = fs("extract", "--dataset", "v", "--modality", "video", "--backbone", "clip-image", "--model",
+             str(clip_vision), "--param", "frames=2", "--json")
+    assert res.exit_code == 10, res.output  # finished, one clip recorded as failed
+    out = json.loads(res.output)
+    assert (out["computed"], out["failed_new"], out["modality"]) == (1, 1, "video")
+    res = fs("extract", "--dataset", "v", "--modality", "video", "--backbone", "wav2vec2")
+    assert res.exit_code == 2 and "pick an image backbone" in res.output
+    shown = json.loads(fs("backbones", "show", "clip-image", "--json").output)
+    assert {p["param"] for p in shown["video_params"]} >= {"frames", "fps", "max_frames", "sequence"}
