@@ -229,3 +229,41 @@ def test_learned_scorer_fitted_on_video_features_scores_clips(store, tmp_path):
     res = run(VAConfig(dataset="dfew", modality="video", scorer="dfew-va", device="cpu"), store)
     assert res.unique == 10 and res.computed == 10 and res.failed_new == 0  # c10, c11 repeat c0, c1
     assert fitted is not None
+
+
+def test_univa_trains_on_va_from_the_unimodal_models(store, tmp_path, vit):
+    """Video and audio features of the same clips, VA from the image regressor (frames) and the
+    audeering head (soundtrack): UniVA reads each modality's VA from its own model's source."""
+    import featurestore.heads as heads  # noqa: F401  (the layer the job trains)
+    from featurestore.jobs.extract import ExtractConfig
+    from featurestore.jobs.extract import run as extract
+    from featurestore.jobs.train_head import TrainHeadConfig
+    from featurestore.jobs.train_head import run as train
+    from featurestore.reader import load_split
+    from test_video import mp4
+
+    root = tmp_path / "meld"
+    root.mkdir()
+    lines = []
+    for i in range(16):
+        (root / f"u{i}.mp4").write_bytes(mp4(3 + i % 4, sr=SR, tone=120.0 + 37 * i, size=32 + 16 * (i % 3)))
+        split = "train" if i < 10 else "val" if i < 13 else "test"
+        lines.append(f"u{i},{split},{'joy' if i % 2 else 'anger'},u{i}.mp4,u{i}.mp4")
+    (root / "m.csv").write_text("id,split,label,video,audio\n" + "\n".join(lines) + "\n")
+    add_dataset(store, "meld", read_manifest_file(root / "m.csv"), root=root, source="test")
+    extract(ExtractConfig(dataset="meld", modality="video", backbone="clip-image",
+                          params={"model": str(_tiny_clip(tmp_path)), "frames": "2"}), store)
+    msp = save_audeering_layout(tmp_path / "msp-dim")
+    extract(ExtractConfig(dataset="meld", modality="audio", backbone="wav2vec2", params={"model": str(msp)}), store)
+    v = run(VAConfig(dataset="meld", modality="video", scorer="model",
+                     params={"model": str(vit), "range": "-1..1", "frames": "2"}, device="cpu"), store)
+    a = run(VAConfig(dataset="meld", modality="audio", scorer="model", params={"model": str(msp)},
+                     device="cpu"), store)
+    assert v.computed == a.computed == 16
+    res = train(TrainHeadConfig(method="univa", dataset="meld", features={"video": "clip-image", "audio": "wav2vec2"},
+                                params={"epochs": 2, "batch_size": 8}), store)
+    assert res.lineage["va_sources"] == {"video": v.source, "audio": a.source}
+    data = load_split(store, "meld", "train", {"video": "clip-image", "audio": "wav2vec2"}, va=True)
+    assert data.va_sources == {"video": v.source, "audio": a.source}
+    assert np.isfinite(data.va["video"]).all() and np.isfinite(data.va["audio"]).all()
+    assert not np.allclose(data.va["video"], data.va["audio"])
