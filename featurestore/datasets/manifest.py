@@ -10,8 +10,8 @@ Columns (every adapter produces exactly these, plus any extra columns it keeps):
 | labels | list[str], null | multi-label target |
 | valence, arousal | f64, null | VA labels on [-1, 1] |
 | group | str, null | speaker, session or subject: items that must share a split |
-| text, image, audio | str, null | per modality the source: the text itself, or a file path |
-| text_key, image_key, audio_key | str, null | content key of that source (null if unreadable) |
+| text, image, audio, video | str, null | per modality the source: the text itself, or a file path |
+| text_key, image_key, audio_key, video_key | str, null | content key of that source (null if unreadable) |
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def normalise(df: pl.DataFrame, *, source: str, default_split: str | None = None
         raise DatasetError(f"{source}: duplicate item ids, e.g. {dup}; every item needs its own id")
     if not any(m in df.columns for m in MODALITIES):
         raise DatasetError(f"{source}: no modality column; give at least one of {list(MODALITIES)} "
-                           "(a text, or a path to an image or audio file)")
+                           "(a text, or a path to an image, audio or video file)")
     if "split" not in df.columns:
         df = df.with_columns(split=pl.lit(default_split) if default_split else split_by_hash(df))
     df = df.with_columns(pl.col("split").cast(pl.String).str.to_lowercase().replace(SPLIT_ALIASES))
