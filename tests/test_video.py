@@ -273,3 +273,20 @@ def test_cli_extract_video_and_show_video_params(tmp_path, clip_vision):
     assert res.exit_code == 2 and "pick an image backbone" in res.output
     shown = json.loads(fs("backbones", "show", "clip-image", "--json").output)
     assert {p["param"] for p in shown["video_params"]} >= {"frames", "fps", "max_frames", "sequence"}
+
+
+def test_datasets_registered_before_video_existed_still_load(store, tmp_path, demo_df):
+    """A manifest written without video columns reads as having no video inputs."""
+    import polars as pl
+
+    from featurestore.datasets import get_dataset
+    from featurestore.va.cache import split_va
+
+    ds = add_dataset(store, "old", demo_df.head(20), root=None, source="test")
+    path = store.dataset_dir("old") / "manifest.parquet"
+    pl.read_parquet(path).drop(["video", "video_key"]).write_parquet(path)
+    old = get_dataset(store, "old")
+    assert old.manifest["video_key"].null_count() == 20 and old.modalities == ds.modalities
+    assert split_va(store, old.manifest, True) == ({}, {})
+    with pytest.raises(ConfigError, match="no video inputs"):
+        run(ExtractConfig(dataset="old", modality="video", backbone="clip-image"), store)
