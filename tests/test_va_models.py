@@ -267,3 +267,59 @@ def test_univa_trains_on_va_from_the_unimodal_models(store, tmp_path, vit):
     assert data.va_sources == {"video": v.source, "audio": a.source}
     assert np.isfinite(data.va["video"]).all() and np.isfinite(data.va["audio"]).all()
     assert not np.allclose(data.va["video"], data.va["audio"])
+
+
+def test_learned_scorer_fitted_on_faces_scores_video_frames(store, tmp_path):
+    """A regressor fitted on image features with VA labels (AffectNet-style) scores each sampled
+    frame of a clip (the video feature set's frame rows) and averages them."""
+    from PIL import Image
+
+    from featurestore.features import FeatureSet
+    from featurestore.jobs.extract import ExtractConfig
+    from featurestore.jobs.extract import run as extract
+    from featurestore.jobs.va import FitConfig, fit
+    from test_video import mp4
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    rng = np.random.default_rng(1)
+    lines = []
+    for i in range(30):
+        img = np.clip(rng.normal(128, 60, (32, 32, 3)) * (0.4 + i / 40), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(faces / f"f{i}.png")
+        lines.append(f"f{i},{'train' if i < 24 else 'test'},f{i}.png,{np.tanh((i - 15) / 10):.3f},"
+                     f"{np.tanh((10 - i) / 12):.3f}")
+    (faces / "m.csv").write_text("id,split,image,valence,arousal\n" + "\n".join(lines) + "\n")
+    add_dataset(store, "affectnet", read_manifest_file(faces / "m.csv"), root=faces, source="test")
+    clip = str(_tiny_clip(tmp_path))
+    image_fp = extract(ExtractConfig(dataset="affectnet", modality="image", backbone="clip-image",
+                                     params={"model": clip}), store).fingerprint
+    fit(FitConfig(dataset="affectnet", features=image_fp, out="affect-va", params={"kind": "ridge"}), store)
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(3):
+        (clips / f"c{i}.mp4").write_bytes(mp4(4 + 3 * i, audio=False))
+    (clips / "m.csv").write_text("id,video\n" + "".join(f"c{i},c{i}.mp4\n" for i in range(3)))
+    add_dataset(store, "dfew", read_manifest_file(clips / "m.csv"), root=clips, source="test")
+    scorer = va.create("learned", {"model": "affect-va"}, store=store)
+    assert scorer.modalities() == ("image", "video")
+    with pytest.raises(Exception, match="extract them with"):
+        run(VAConfig(dataset="dfew", modality="video", scorer="affect-va"), store)
+    video_fp = extract(ExtractConfig(dataset="dfew", modality="video", backbone="clip-image",
+                                     params={"model": clip, "frames": "3", "dtype": "float32"}), store).fingerprint
+    res = run(VAConfig(dataset="dfew", modality="video", scorer="affect-va"), store)
+    assert (res.computed, res.failed_new) == (3, 0)
+    vs = VASet(store, res.source)
+    assert vs.spec["frames_from"] == video_fp and vs.spec["modality"] == "video"
+    keys = np.array([content_key("video", (clips / f"c{i}.mp4").read_bytes()) for i in range(3)], dtype="S32")
+    got, present = vs.read(keys)
+    assert present.all()
+    # independent: ridge on standardised features is affine, so the mean of its frame predictions
+    # is its prediction on the mean frame row, which the video feature set stores as the pooled row
+    pooled, _ = FeatureSet(store, video_fp).read_pooled(keys, dtype=np.float32)
+    image_scorer = va.create("learned", {"model": "affect-va"}, store=store)
+    want = image_scorer.score(pooled, "image")
+    assert np.abs(want).max() < 1  # nothing clipped, so the identity holds exactly
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert va.create("learned", {"model": "affect-va"}, store=store).source("image") != res.source
