@@ -48,7 +48,8 @@ def show_cmd(name: str, as_json: bool) -> None:
 
 @va_group.command("score")
 @click.option("--dataset", required=True, help="Registered dataset name.")
-@click.option("--modality", type=click.Choice(["text", "image", "audio"]), required=True)
+@click.option("--modality", type=click.Choice(["text", "image", "audio", "video"]), required=True,
+              help="Input to score; video: frames scored by an image model and averaged (docs/video.md).")
 @click.option("--scorer", required=True, help="VA scorer (fs va list) or fitted model name (fs va models).")
 @params_option
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))

@@ -101,7 +101,7 @@ def run(config: VAConfig, store: Store, *, scorer: VAScorer | None = None,
     t0 = time.perf_counter()
     scorer = scorer or make_scorer(store, config.scorer, config.params, device=config.device)
     scorer.check_modality(config.modality)  # before any data is read or weights loaded
-    features = _feature_set(store, scorer)
+    features, frames = _feature_set(store, scorer, config.modality)
     items, unreadable, n_rows = plan(store, ExtractConfig(dataset=config.dataset, modality=config.modality,
                                                           limit=config.limit, splits=tuple(config.splits)))
     spec = scorer.full_spec(config.modality)
@@ -124,30 +124,33 @@ def run(config: VAConfig, store: Store, *, scorer: VAScorer | None = None,
             todo = [it for it, h in zip(todo, have) if h]
         if todo:
             log(f"{vs.source}: {len(todo)} to score, {result.cached} cached")
-            _score_all(scorer, config, todo, features, writer, result, progress)
+            _score_all(scorer, config, todo, features, frames, writer, result, progress)
         result.segments += bool(writer.flush())
         result.failed_total = len({(e.dataset, e.item_id) for e in vs.errors() if e.dataset == config.dataset})
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _feature_set(store: Store, scorer: VAScorer) -> FeatureSet | None:
+def _feature_set(store: Store, scorer: VAScorer, modality: str) -> tuple[FeatureSet | None, bool]:
     if scorer.inputs != "features":
-        return None
-    fs = FeatureSet(store, scorer.fingerprint)
+        return None, False
+    fingerprint, frames = scorer.features_for(modality)
+    fs = FeatureSet(store, fingerprint)
     if not fs.exists():
-        raise NotFoundError(f"VA scorer {scorer.name!r} reads features {scorer.fingerprint!r}, which are not in "
+        raise NotFoundError(f"VA scorer {scorer.name!r} reads features {fingerprint!r}, which are not in "
                             f"{store.root}; extract them first with `fs extract` (same backbone and parameters)")
-    return fs
+    return fs, frames
 
 
-def _score_all(scorer: VAScorer, config: VAConfig, todo: list[_Item], features: FeatureSet | None, writer,
-               result: VAResult, progress) -> None:
+def _score_all(scorer: VAScorer, config: VAConfig, todo: list[_Item], features: FeatureSet | None, frames: bool,
+               writer, result: VAResult, progress) -> None:
     bar = progress(total=len(todo), desc=f"va {config.dataset}/{config.modality}", unit="item") if progress else None
     for batch in _batches(todo, config.batch_size):
         if features is not None:
-            pooled, _ = features.read_pooled([it.key for it in batch], dtype=np.float32)
-            good, values, bad = _score_safely(scorer, config.modality, list(batch), pooled)
+            keys = [it.key for it in batch]
+            rows = features.read_sequences(keys, dtype=np.float32)[0] if frames else \
+                features.read_pooled(keys, dtype=np.float32)[0]
+            good, values, bad = _score_safely(scorer, config.modality, list(batch), rows)
         else:
             good, prepared, bad = _prepare(scorer, config.modality, batch)
             good, values, bad2 = _score_safely(scorer, config.modality, good, prepared) if good else ([], None, [])
