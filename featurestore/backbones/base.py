@@ -121,6 +121,21 @@ class Backbone(abc.ABC):
     def encode(self, items: Sequence[Any]) -> Encoded:
         """Run the model on prepared items."""
 
+    # ---- optional ----------------------------------------------------------------
+    #: items `prepare` may work on at once, on threads (video decoding); 1: one after another
+    prepare_workers: int = 1
+
+    def prepare_image(self, img: Any) -> Any:
+        """Image backbones: preprocess one decoded RGB `PIL.Image` (how video frames arrive).
+
+        The default encodes it losslessly (PNG) and calls `prepare`; a backbone overrides it
+        to skip that round trip (the numbers must be the same either way)."""
+        import io
+
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return self.prepare(buf.getvalue())
+
     # ---- shared ------------------------------------------------------------------
     @property
     def model_ref(self) -> str:

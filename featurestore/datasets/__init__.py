@@ -113,6 +113,10 @@ def get_dataset(store: Store, name: str) -> Dataset:
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise IntegrityError(f"{folder / 'manifest.parquet'} is damaged or missing ({type(exc).__name__}); "
                              f"re-add the dataset with `fs datasets add {name} ... --replace`") from None
+    missing = [m for m in MODALITIES if m not in manifest.columns]
+    if missing:  # registered before a modality existed (video): it has no such inputs
+        manifest = manifest.with_columns([pl.lit(None, dtype=pl.String).alias(c)
+                                          for m in missing for c in (m, f"{m}_key")])
     return Dataset(name, info, manifest)
 
 
