@@ -152,7 +152,7 @@ def dropped_message(data, dataset: str) -> str:
     if not any(data.dropped.values()):
         return ""
     per = ", ".join(f"{n} of {s}" for s, n in data.dropped.items() if n)
-    what = {"label": "a label", "labels": "multi-labels", "va": "valence or arousal"}.get(data.target, data.target)
+    what = {"label": "label", "labels": "multi-labels", "va": "valence or arousal"}.get(data.target, data.target)
     return (f"note: {sum(data.dropped.values())} item(s) of {dataset!r} have no {what} (--target {data.target}) and "
             f"were left out ({per})")
 

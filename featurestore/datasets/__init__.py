@@ -16,7 +16,7 @@ from .adapters import read_folder, read_manifest_file
 from .demo import build_demo
 from .manifest import add_content_keys, resolve_paths
 
-__all__ = ["Dataset", "TARGET_NAMES", "describe_targets", "add_dataset", "get_dataset", "list_datasets", "read_manifest_file", "read_folder",
+__all__ = ["Dataset", "TARGET_NAMES", "describe_targets", "manifest_warnings", "add_dataset", "get_dataset", "list_datasets", "read_manifest_file", "read_folder",
            "build_demo", "BUILTINS"]
 
 BUILTINS: dict[str, Callable[[], pl.DataFrame]] = {"demo": build_demo}
@@ -130,6 +130,35 @@ def _facts(df: pl.DataFrame) -> dict:
     }
 
 
+def manifest_warnings(df: pl.DataFrame) -> list[str]:
+    """What registering a manifest found that will bite later: unreadable files, blank texts, items
+    without any target. One line each, with a count and examples."""
+    out = []
+
+    def some(mask: pl.Series, col: str = "item_id") -> str:
+        ids = df.filter(mask)[col].head(3).to_list()
+        return ", ".join(repr(i) for i in ids)
+
+    for m in MODALITIES:
+        bad = df[m].is_not_null() & df[f"{m}_key"].is_null()
+        n = int(bad.sum())
+        if n and m == "text":
+            out.append(f"{n} item(s) have an empty text (e.g. {some(bad)}); they are skipped by extraction")
+        elif n:
+            out.append(f"{n} {m} file(s) are missing or unreadable (e.g. {some(bad, m)}); those items get no "
+                       f"{m} features (fix the paths or --root, then add the dataset again with --replace)")
+    no_target = (df["label"].is_null() & (df["labels"].list.len().fill_null(0) == 0)
+                 & df["valence"].is_null() & df["arousal"].is_null())
+    n = int(no_target.sum())
+    if n == len(df):
+        out.append("no item has a target (label, labels, valence or arousal): heads cannot train on it; "
+                   "add a 'label' or 'labels' column (or valence/arousal)")
+    elif n:
+        out.append(f"{n} of {len(df)} item(s) have no target (no label, labels, valence or arousal, e.g. "
+                   f"{some(no_target)}); training leaves them out")
+    return out
+
+
 def add_dataset(store: Store, name: str, df: pl.DataFrame, *, root: str | Path | None, source: str,
                 replace: bool = False, allow_outside_root: bool = False,
                 progress: Callable | None = None) -> Dataset:
@@ -150,7 +179,8 @@ def add_dataset(store: Store, name: str, df: pl.DataFrame, *, root: str | Path |
         df.write_parquet(tmp, statistics=False)
     publish(tmp, target)
     info = {"name": name, "source": source, "root": str(Path(root).resolve()) if root else None,
-            "created_at": now_iso(), "manifest_hash": file_digest(target), **_facts(df)}
+            "created_at": now_iso(), "manifest_hash": file_digest(target), **_facts(df),
+            "warnings": manifest_warnings(df)}
     write_json_atomic(folder / "dataset.json", info)
     write_checksums(folder, ["manifest.parquet", "dataset.json"])  # a flipped byte in either is found by verify
     return Dataset(name, info, df)
