@@ -7,7 +7,7 @@ import click
 
 from featurestore.datasets import get_dataset, list_datasets
 from featurestore.errors import FeatureStoreError, IntegrityError, NotFoundError
-from featurestore.features import FeatureSet, list_feature_sets
+from featurestore.features import FeatureSet, extracted_for, list_feature_sets
 from featurestore._io import TMP_SUFFIX, check_checksums
 from featurestore.hashing import file_digest
 from featurestore.store import FORMAT_VERSION
@@ -46,7 +46,8 @@ def _feature_rows(store) -> list[dict]:
     for fs in list_feature_sets(store):
         s = fs.stats()
         rows.append({k: s[k] for k in ("fingerprint", "backbone", "modality", "dim", "dtype", "rows",
-                                       "errors", "segments")} | {"mb": round(s["bytes"] / 2**20, 2)})
+                                       "errors", "segments")} | {"mb": round(s["bytes"] / 2**20, 2),
+                                                                  "extracted_for": sorted(extracted_for(fs))})
     return rows
 
 

@@ -200,8 +200,8 @@ def resolve_features(store: Store, ref: str, *, modality: str | None = None, dat
     extracted = [f for f in pool if dataset.name in extracted_for(f)]  # an extraction ran for this dataset
     if len(extracted) == 1:
         return extracted[0]
-    listing = "; ".join(f"{f.fingerprint} ({f.modality}, {have[f.fingerprint]}/{len(keys[f.modality])} of "
-                        f"{dataset.name!r}'s inputs, {_describe(f, candidates)})" for f in (extracted or candidates))
+    listing = "; ".join(f"{f.fingerprint} ({f.modality}, {have[f.fingerprint]}/{len(keys[f.modality])} inputs of "
+                        f"{dataset.name!r} cached, {_describe(f, candidates)})" for f in (extracted or candidates))
     if not pool:
         raise NotFoundError(f"no {what} cover dataset {dataset.name!r} (fingerprints of {ref}: {listing}); "
                             f"extract them first: fs extract --dataset {dataset.name} --modality "

@@ -56,6 +56,7 @@ def test_a_toy_extraction_with_other_params_breaks_nothing(store_root):
     # the failing step: a newer minilm fingerprint, extracted for another dataset only
     fs(root, "extract", "--dataset", "toy", "--modality", "text", "--backbone", "minilm", "-p", "pooling=cls")
     cls_fp = next(f["fingerprint"] for f in _ls_features(root) if f["fingerprint"] != default)
+    assert {f["fingerprint"]: f["extracted_for"] for f in _ls_features(root)} == {default: ["words"], cls_fp: ["toy"]}
     again = json.loads(fs(root, "train-head", "--method", "linear", "--dataset", "words", "--features",
                           "text=minilm", "--target", "label", "-p", "epochs=3", "--json").output)
     assert again["lineage"]["fingerprints"] == {"text": default}  # not the newest in the store
