@@ -98,8 +98,8 @@ class Predictor:
         self.head = load_head(self.folder)
         self.fingerprints: dict[str, str] = dict(self.lineage.get("fingerprints") or {})
         if not self.fingerprints:
-            raise ConfigError(f"run {self.run!r} records no feature fingerprints (a cross-validation run?); "
-                              "predict with a run trained by `fs train-head` without --cv")
+            raise ConfigError(f"run {self.run!r} records no feature fingerprints (an scl or cross-validation "
+                              "run?); predict with a run trained by `fs train-head` without --cv")
         self.kind = self.head.meta_["kind"]
         self.classes = list(self.head.meta_.get("classes", []))
         self.seq_dims = dict(self.head.meta_.get("seq_dims") or {})
