@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from featurestore.datasets import BUILTINS, add_dataset, get_dataset, read_folder, read_manifest_file
+from featurestore.datasets import BUILTINS, add_dataset, describe_targets, get_dataset, read_folder, read_manifest_file
 from featurestore.datasets.layouts import add_layout_dataset, parse_options
 from featurestore.datasets.layouts import get as get_layout
 from featurestore.datasets.layouts import names as layout_names
@@ -59,8 +59,15 @@ def add_cmd(ctx, name, manifest, folder, builtin, layout, options, root, allow_o
                      allow_outside_root=allow_outside_root, progress=progress)
     if as_json:
         return emit(ds.info)
-    click.echo(f"dataset {name}: {ds.info['n_items']} items, splits {ds.info['splits']}, "
+    click.echo(f"dataset {name}: {ds.info['n_items']} items; splits {_counts(ds.info['splits'])}; "
                f"modalities {', '.join(ds.modalities)}")
+    click.echo(f"targets: {describe_targets(ds.targets())}")
+    for warning in ds.info.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
 
 
 def layout_summary(name: str, info: dict, examples: int = 5) -> str:
@@ -125,13 +132,45 @@ def show_cmd(ctx, name, head, as_json):
     """Facts and the first rows of dataset NAME."""
     ds = get_dataset(get_store(ctx), name)
     if as_json:
-        return emit(ds.info)
-    for k, v in ds.info.items():
-        if k != "layout":
-            click.echo(f"{k}: {v}")
-    if "layout" in ds.info:
-        click.echo(layout_summary(name, ds.info))
-    click.echo(ds.manifest.head(head))
+        return emit({**ds.info, "targets": ds.targets(), "rows": _rows(ds, head)})
+    info = ds.info
+    click.echo(f"dataset {name}: {info['n_items']} items, from {info.get('source')}, added {info.get('created_at')}")
+    click.echo(f"splits: {_counts(info['splits'])}")
+    click.echo(f"modalities: {_counts({m: n for m, n in info['modalities'].items() if n})}")
+    targets = ds.targets()
+    click.echo("targets (--target):" + ("" if targets else " none"))
+    for t, d in targets.items():
+        if t == "va":
+            click.echo(f"  va      {d['kind']}: " + ", ".join(f"{k} on {d[k]} items" for k in ("valence", "arousal")
+                                                              if d[k]))
+        else:
+            click.echo(f"  {t:<7} {d['kind']}, {len(d['classes'])} classes on {d['items']} items: "
+                       f"{', '.join(d['classes'])}")
+    if info.get("root"):
+        click.echo(f"root: {info['root']}")
+    click.echo(f"manifest hash: {info['manifest_hash']}")
+    for warning in info.get("warnings", []):
+        click.echo(f"warning: {warning}")
+    if "layout" in info:
+        click.echo(layout_summary(name, info))
+    if head > 0:
+        click.echo(f"\nfirst {min(head, info['n_items'])} items:")
+        click.echo(table(_rows(ds, head)))
+
+
+def _rows(ds, head: int) -> list[dict]:
+    """The first manifest rows as a reader wants them: the inputs themselves, not their content keys."""
+    cols = [c for c in ("item_id", "split", "fold", "label", "labels", "valence", "arousal", "group", "text", "image",
+                      "audio", "video")
+            if ds.manifest[c].null_count() < len(ds.manifest)]
+    rows = []
+    for r in ds.manifest.head(max(head, 0)).select(cols).iter_rows(named=True):
+        if "labels" in r:
+            r["labels"] = "|".join(r["labels"] or [])
+        if isinstance(r.get("text"), str) and len(r["text"]) > 80:
+            r["text"] = r["text"][:77] + "..."
+        rows.append(r)
+    return rows
 
 
 def register(cli: click.Group) -> None:

@@ -15,12 +15,14 @@ def _metric_rows(metrics: dict) -> list[dict]:
 @click.command("train-head")
 @click.option("--method", required=True, help="Head name (fs heads list).")
 @click.option("--dataset", required=True, help="Registered dataset name.")
-@click.option("--features", required=True, metavar="MOD=BACKBONE[,...]",
-              help="Cached features per modality: a backbone name (its newest fingerprint) or a fingerprint.")
+@click.option("--features", required=True, metavar="[MOD=]NAME_OR_FINGERPRINT[,...]",
+              help="Cached features per modality: a backbone name (its fingerprint that covers the dataset) or a "
+                   "fingerprint, e.g. text=minilm; the modality may be left out when the name has one.")
 @params_option
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the head and of validation carving.")
-@click.option("--target", default="label", show_default=True, type=click.Choice(["label", "labels", "va"]),
-              help="label: single-label (binary with two classes); labels: multi-label; va: regression.")
+@click.option("--target", default="", type=click.Choice(["", "label", "labels", "va"]), metavar="label|labels|va",
+              help="label: single-label (binary with two classes); labels: multi-label; va: regression. Default: the one target "
+                   "the dataset has (fs datasets show); an error lists them when it has several.")
 @click.option("--val-fraction", default=0.1, show_default=True, type=float,
               help="Fraction of train carved as validation when the dataset has no validation split.")
 @click.option("--run-id", default="", help="Name of the run folder (default: generated).")
@@ -48,7 +50,7 @@ def train_head_cmd(ctx, method, dataset, features, params, seed, target, val_fra
         from featurestore.memory import memory_folder
 
         params["memory"] = str(memory_folder(store, params["memory"]).resolve())
-    config = TrainHeadConfig(method=method, dataset=dataset, features=parse_feature_refs(features), params=params,
+    config = TrainHeadConfig(method=method, dataset=dataset, features=parse_feature_refs(features, store), params=params,
                              target=target, seed=seed, val_fraction=val_fraction, run_id=run_id,
                              eval_split=eval_split, cv=cv, seeds=seeds)
     result = run(config, store, log=None if as_json else lambda s: click.echo(s, err=True),

@@ -15,8 +15,9 @@ def scl_group() -> None:
 
 
 @scl_group.command("train")
-@click.option("--data", "data", multiple=True, required=True, metavar="DATASET:MOD=FEATURES",
-              help="A dataset and its features per modality, e.g. raf:image=clip-image; repeat per dataset.")
+@click.option("--data", "data", multiple=True, required=True, metavar="DATASET:[MOD=]FEATURES[,...]",
+              help="A dataset and its features per modality, as --features takes them, e.g. raf:image=clip-image; "
+                   "repeat per dataset.")
 @click.option("--run", "run_name", default="", help="Run name under heads/ (default: scl-<encoder hash>).")
 @params_option
 @click.option("--split", default="train", show_default=True)

@@ -6,7 +6,7 @@ import click
 
 from featurestore.datasets import get_dataset, list_datasets
 from featurestore.errors import IntegrityError, NotFoundError
-from featurestore.features import FeatureSet, list_feature_sets
+from featurestore.features import FeatureSet, extracted_for, list_feature_sets
 from featurestore.inventory import coverage
 from featurestore.store import FORMAT_VERSION
 from featurestore.va.inventory import model_rows, source_rows, va_facts
@@ -26,12 +26,20 @@ def init_cmd(ctx: click.Context) -> None:
 def _dataset_rows(store) -> list[dict]:
     rows = []
     for name in list_datasets(store):
-        info = get_dataset(store, name).info
+        ds = get_dataset(store, name)
+        info, targets = ds.info, ds.targets()
         rows.append({"dataset": name, "items": info["n_items"],
                      "splits": ",".join(f"{k}:{v}" for k, v in info["splits"].items()),
                      "modalities": ",".join(m for m, n in info["modalities"].items() if n),
-                     "labels": len(info["label_set"]) or len(info["multilabel_set"])})
+                     # one column per --target name, so single labels, multi-labels and VA cannot be confused
+                     "label": _classes(targets.get("label"), "single"),
+                     "labels": _classes(targets.get("labels"), "multi"),
+                     "va": ",".join(d for d in ("valence", "arousal") if targets.get("va", {}).get(d)) or None})
     return rows
+
+
+def _classes(target: dict | None, what: str) -> str | None:
+    return f"{len(target['classes'])} classes ({what})" if target else None
 
 
 def _feature_rows(store) -> list[dict]:
@@ -39,7 +47,8 @@ def _feature_rows(store) -> list[dict]:
     for fs in list_feature_sets(store):
         s = fs.stats()
         rows.append({k: s[k] for k in ("fingerprint", "backbone", "modality", "dim", "dtype", "rows",
-                                       "errors", "segments")} | {"mb": round(s["bytes"] / 2**20, 2)})
+                                       "errors", "segments")} | {"mb": round(s["bytes"] / 2**20, 2),
+                                                                  "extracted_for": sorted(extracted_for(fs))})
     return rows
 
 

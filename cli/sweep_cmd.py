@@ -12,7 +12,9 @@ from ._common import emit, get_store, json_option, params_option, progress, tabl
 @click.group("sweep", invoke_without_command=True)
 @click.option("--method", help="Head name (fs heads list).")
 @click.option("--dataset", help="Registered dataset name.")
-@click.option("--features", metavar="MOD=BACKBONE[,...]", help="Cached features per modality.")
+@click.option("--features", metavar="[MOD=]NAME_OR_FINGERPRINT[,...]",
+              help="Cached features per modality, as for train-head: a backbone name (its fingerprint that covers "
+                   "the dataset) or a fingerprint, e.g. text=minilm.")
 @click.option("--grid", "grid", multiple=True, metavar="'P=V1,V2 Q=...'",
               help="A grid: space-separated param=comma-separated values (the cartesian product).")
 @click.option("--random", "n_random", type=int, default=0, help="Draw N random configurations from --space.")
@@ -23,7 +25,9 @@ from ._common import emit, get_store, json_option, params_option, progress, tabl
 @params_option
 @click.option("--metric", default="", help="Validation metric ranking the configurations (default: primary).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the heads, validation carving, sampling.")
-@click.option("--target", default="label", show_default=True, type=click.Choice(["label", "labels", "va"]))
+@click.option("--target", default="", type=click.Choice(["", "label", "labels", "va"]), metavar="label|labels|va",
+              help="label: single-label (binary with two classes); labels: multi-label; va: regression. Default: the one target "
+                   "the dataset has (fs datasets show); an error lists them when it has several.")
 @click.option("--val-fraction", default=0.1, show_default=True, type=float,
               help="Fraction of train carved as validation when the dataset has no validation split.")
 @click.option("--limit", default=0, type=int, help="Train at most N new configurations in this invocation.")
@@ -57,10 +61,10 @@ def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_
         raise ConfigError("--space goes with --random N or --optuna N")
     parsed_grid = parse_grid(list(grid)) if grid else {}
     space = load_space(space_file) if space_file else {}
-    config = SweepConfig(method=method, dataset=dataset, features=parse_feature_refs(features), grid=parsed_grid,
+    store = get_store(ctx)
+    config = SweepConfig(method=method, dataset=dataset, features=parse_feature_refs(features, store), grid=parsed_grid,
                          random=n_random, optuna=n_optuna, space=space, params=parse_params(params), metric=metric,
                          seed=seed, target=target, val_fraction=val_fraction, storage=storage, limit=limit)
-    store = get_store(ctx)
     result = run(config, store, log=None if as_json else lambda s: click.echo(s, err=True),
                  progress=None if as_json else progress)
     exported = export_best(result.definition, result.table, export_path, store=store) \

@@ -96,7 +96,9 @@ def report_score(ctx: click.Context, result, as_json: bool) -> None:
 
 @va_group.command("fit")
 @click.option("--dataset", required=True, help="Dataset with valence/arousal labels.")
-@click.option("--features", required=True, help="Fingerprint, or backbone name (its most recent fingerprint).")
+@click.option("--features", required=True, metavar="[MOD=]NAME_OR_FINGERPRINT",
+              help="One feature set: a backbone name (its fingerprint that covers the dataset) or a fingerprint; "
+                   "e.g. text=minilm or minilm.")
 @click.option("--out", required=True, help="Name of the fitted model (then: --scorer NAME).")
 @params_option
 @click.option("--train-split", "train_splits", multiple=True, default=("train",), show_default=True,

@@ -24,6 +24,7 @@ from featurestore import __version__
 from featurestore._io import json_safe, write_json_atomic
 from featurestore.datasets import get_dataset
 from featurestore.errors import ConfigError, DatasetError
+from featurestore.features import resolve_features
 from featurestore.reader import parse_feature_refs
 from featurestore.store import Store, check_name, now_iso
 from featurestore.heads import Features, Targets, metrics
@@ -139,12 +140,15 @@ def run_cv(config, store: Store, *, log: Callable[[str], None] | None = None, in
     start = time.perf_counter()
     say = log or (lambda s: None)
     probe = make_head(config.method, config.params, config.seed)
-    refs = parse_feature_refs(config.features)
+    refs = parse_feature_refs(config.features, store)
+    ds = get_dataset(store, config.dataset)
+    target = ds.check_target(config.target)
+    fingerprints = {m: resolve_features(store, r, modality=m, dataset=ds).fingerprint for m, r in refs.items()}
     X, y, groups, classes, item_folds = load_all(
-        store, config.dataset, refs, target=config.target,
+        store, config.dataset, fingerprints, target=target,
         sequences=probe.uses_sequences and getattr(probe, "sequences", True), va=probe.uses_va, with_folds=True)
     if y.kind not in probe.supports:
-        raise ConfigError(f"head {config.method!r} does not train {y.kind!r} targets (--target {config.target}); "
+        raise ConfigError(f"head {config.method!r} does not train {y.kind!r} targets (--target {target}); "
                           f"it supports {sorted(probe.supports)}")
     folds = cv_folds(config.cv, y, groups, seed=config.seed, folds=item_folds)
     held_by = held_out_values(config.cv, groups, item_folds)
@@ -180,7 +184,8 @@ def run_cv(config, store: Store, *, log: Callable[[str], None] | None = None, in
                               for f in per_fold])
         doc = {"method": config.method, "kind": y.kind, "primary": metrics.PRIMARY[y.kind], "cv": str(config.cv),
                "mean": mean, "std": std, "folds": per_fold}
-        lineage = {"dataset": config.dataset, "features": refs, "target": config.target, "kind": y.kind,
+        lineage = {"dataset": config.dataset, "features": refs, "fingerprints": fingerprints, "target": target,
+                   "kind": y.kind,
                    "classes": classes, "seed": config.seed, "cv": str(config.cv), "folds": records,
                    "n_items": len(y), "created_at": now_iso(), "featurestore": __version__}
         write_json_atomic(tmp / "metrics.json", json_safe(doc))

@@ -42,7 +42,8 @@ class TrainHeadConfig:
     dataset: str = field("", "registered dataset name")
     features: dict = field({}, "modality -> backbone name or fingerprint, e.g. {'text': 'minilm'}")
     params: dict = field({}, "head parameters as strings or values (fs heads show NAME)")
-    target: str = field("label", "label (single/binary) | labels (multi-label) | va (regression)")
+    target: str = field("", "label (single/binary) | labels (multi-label) | va (regression); empty: the one "
+                            "target the dataset has (an error lists them when it has several)")
     seed: int = field(0, "seed of the head and of validation carving")
     val_fraction: float = field(0.1, "fraction of train carved as validation when the dataset has none")
     eval_split: str = field("test", "split evaluated once after training")
@@ -57,7 +58,7 @@ class TrainHeadConfig:
         if self.cv:
             from .cv import parse_cv
             parse_cv(self.cv)
-        if self.target not in TARGETS:
+        if self.target and self.target not in TARGETS:
             raise ConfigError(f"target {self.target!r} is not one of {list(TARGETS)}")
         if not self.dataset:
             raise ConfigError("no dataset given; use --dataset NAME (fs datasets list)")
@@ -118,16 +119,20 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
         if not getattr(head, need, None):
             raise ConfigError(f"head {config.method!r} needs a replay {need}: pass --{need} NAME (fs {need} list; "
                               f"build one with fs {need} build NAME --from SCL_RUN)")
-    refs = parse_feature_refs(config.features)
+    refs = parse_feature_refs(config.features, store)
     data = prepare(store, config.dataset, refs, target=config.target, val_fraction=config.val_fraction,
                    seed=config.seed, sequences=head.uses_sequences and getattr(head, "sequences", True),
                    va=head.uses_va, eval_split=config.eval_split)
     if data.kind not in head.supports:
         raise ConfigError(f"head {config.method!r} does not train {data.kind!r} targets (--target "
-                          f"{config.target}); it supports {sorted(head.supports)}")
+                          f"{data.target}); it supports {sorted(head.supports)}")
     warned = coverage_warnings(data, config)
     for message in warned:
         say(message)
+    dropped = dropped_message(data, config.dataset)
+    if dropped:
+        warned.append(dropped)
+        say(dropped)
     (Xtr, ytr), (Xv, yv) = data.splits["train"], data.splits["val"]
     say(f"training {config.method} on {len(ytr)} items ({data.kind}, {len(data.classes)} classes), "
         f"validating on {len(yv)}")
@@ -142,7 +147,7 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
     run_id = config.run_id or _new_run_id(config.method, config.dataset)
     lineage = {
         "dataset": config.dataset, "manifest_hash": data.manifest_hash, "features": refs,
-        "fingerprints": data.fingerprints, "target": config.target, "kind": data.kind, "classes": data.classes,
+        "fingerprints": data.fingerprints, "target": data.target, "kind": data.kind, "classes": data.classes,
         "seed": config.seed, "validation": data.validation, "eval_split": config.eval_split,
         "dropped_without_target": data.dropped, "dropped_without_features": data.no_features,
         "va_sources": data.va_sources, "n_train": len(ytr), "n_eval": len(yte),
@@ -157,6 +162,16 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
     say(f"saved run {run_id} to {folder}")
     return TrainResult(run_id, folder, config.method, config.dataset, data.kind, test, val,
                        time.perf_counter() - start, lineage, warned)
+
+
+def dropped_message(data, dataset: str) -> str:
+    """One line saying how many items were left out for lack of a `data.target` target, per split ('' if none)."""
+    if not any(data.dropped.values()):
+        return ""
+    per = ", ".join(f"{n} of {s}" for s, n in data.dropped.items() if n)
+    what = {"label": "label", "labels": "multi-labels", "va": "valence or arousal"}.get(data.target, data.target)
+    return (f"note: {sum(data.dropped.values())} item(s) of {dataset!r} have no {what} (--target {data.target}) and "
+            f"were left out ({per})")
 
 
 def coverage_warnings(data, config: TrainHeadConfig) -> list[str]:
@@ -227,10 +242,11 @@ def _run_dirs(store: Store) -> list[Path]:
 
 
 def staleness(store: Store, lineage: dict) -> dict[str, str]:
-    """modality -> newer fingerprint, for each fingerprint the run used that has been superseded."""
+    """modality -> newer fingerprint, for each fingerprint the run used that has been superseded for the
+    run's dataset (a newer extraction of the same backbone on that dataset; other datasets do not count)."""
     out = {}
     for mod, fp in lineage.get("fingerprints", {}).items():
-        newer = superseded_by(store, fp)
+        newer = superseded_by(store, fp, lineage.get("dataset"))
         if newer:
             out[mod] = newer
     return out

@@ -22,7 +22,7 @@ from featurestore.config import field, from_strings, to_dict
 from featurestore.datasets import get_dataset
 from featurestore.errors import BadItemError, ConfigError, NotFoundError
 from featurestore.features import FeatureSet, resolve_features
-from featurestore.reader import load_split
+from featurestore.reader import load_split, parse_feature_refs
 from featurestore.segments import ErrorRecord
 from featurestore.store import Store, check_name, now_iso
 from featurestore.va.base import VAScorer
@@ -228,7 +228,8 @@ def _reason(row: np.ndarray) -> str:
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
     dataset: str = field("", "dataset with VA labels (its manifest's valence/arousal columns)")
-    features: str = field("", "fingerprint, or backbone name meaning its most recent fingerprint")
+    features: str = field("", "[MODALITY=]BACKBONE_OR_FINGERPRINT: one feature set; a backbone name means its "
+                              "fingerprint that covers the dataset")
     out: str = field("", "name of the fitted model (store/va_models/<out>/)")
     params: dict = field({}, "regressor parameters: kind=ridge|mlp, alpha, hidden, epochs, lr, ...")
     train_splits: tuple = field(("train",), "splits to fit on")
@@ -274,8 +275,13 @@ def fit(config: FitConfig, store: Store, *, log: Callable[[str], None] = lambda 
     folder = models_root(store) / config.out
     if (folder / CONFIG).exists() and not config.replace:
         raise ConfigError(f"VA model {config.out!r} already exists in {store.root}; pass --replace to overwrite it")
-    fs = resolve_features(store, config.features)
     ds = get_dataset(store, config.dataset)
+    refs = parse_feature_refs(config.features, store)
+    if len(refs) != 1:
+        raise ConfigError(f"--features {config.features!r} names {len(refs)} feature sets; a VA model is fitted on "
+                          "one, e.g. --features text=minilm")
+    (mod, ref), = refs.items()
+    fs = resolve_features(store, ref, modality=mod, dataset=ds)
     for split in (*config.train_splits, *([config.test_split] if config.test_split else [])):
         if split not in ds.splits():
             raise ConfigError(f"dataset {ds.name!r} has no split {split!r}; splits: {list(ds.splits())}")

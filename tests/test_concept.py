@@ -345,7 +345,7 @@ def test_cli_train_head_concept_with_a_memory_by_name(trained):
     store, result, _, _ = trained
     runner = CliRunner()
     args = ["--store", str(store.root), "train-head", "--method", "concept", "--dataset", "words",
-            "--features", f"text={result.derived['text']}", "--memory", "m1", "-p", "epochs=3", "-p", "device=cpu",
+            "--features", f"text={result.derived['text']}", "--memory", "m1", "-p", "epochs=3", "-p", "device=cpu", "--target", "label",
             "--eval-split", "test", "--json"]
     refused = runner.invoke(cli, [*args[:-3], "--eval-split", "val"])
     assert refused.exit_code == 2 and "validation split" in refused.output  # never evaluate on what chose

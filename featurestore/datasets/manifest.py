@@ -42,11 +42,19 @@ FILE_MODALITIES = tuple(m for m in MODALITIES if m != "text")  # a file path per
 SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "dev": "val", "testing": "test"}
 
 
-def _rename_aliases(df: pl.DataFrame) -> pl.DataFrame:
-    renames = {}
+def _rename_aliases(df: pl.DataFrame, source: str = "manifest") -> pl.DataFrame:
+    renames, claimed = {}, {}
     for col in df.columns:
         target = _ALIASES.get(col.lower(), col.lower() if col.lower() in CANONICAL else None)
-        if target and target not in df.columns and target not in renames.values():
+        if not target:
+            continue
+        if target == "group" and (target in claimed or ("group" in df.columns and col != "group")):
+            continue  # speaker and session both given: a 'group' column, else the first, is the group
+        if target in claimed:
+            raise DatasetError(f"{source}: columns {claimed[target]!r} and {col!r} both give the {target!r} column; "
+                               "drop or rename one of them")
+        claimed[target] = col
+        if target != col:
             renames[col] = target
     return df.rename(renames)
 
@@ -65,7 +73,13 @@ def _labels_column(df: pl.DataFrame) -> pl.DataFrame:
 
 def normalise(df: pl.DataFrame, *, source: str, default_split: str | None = None) -> pl.DataFrame:
     """Bring a user's table to the canonical schema, or explain what is wrong with it."""
-    df = _labels_column(_rename_aliases(df))
+    if not len(df):
+        raise DatasetError(f"{source}: no items (a header with no rows, or an empty file); columns are {df.columns}")
+    dup = sorted({c.rsplit("_duplicated_", 1)[0] for c in df.columns if "_duplicated_" in c}
+                 & {c for c in df.columns if "_duplicated_" not in c})
+    if dup:
+        raise DatasetError(f"{source}: column(s) {dup} appear more than once in the header; keep one of each")
+    df = _labels_column(_rename_aliases(df, source))
     if "item_id" not in df.columns:
         raise DatasetError(f"{source}: no 'id' or 'item_id' column; columns are {df.columns}")
     df = df.with_columns(pl.col("item_id").cast(pl.String))

@@ -43,14 +43,14 @@ class SweepConfig:
     params: dict = field({}, "fixed head parameters")
     metric: str = field("", "validation metric ranking the configurations (default: the primary metric)")
     seed: int = field(0, "seed of the heads (unless swept or fixed), of validation carving and of sampling")
-    target: str = field("label", "label | labels | va")
+    target: str = field("", "label | labels | va; empty: the one target the dataset has")
     val_fraction: float = field(0.1, "fraction of train carved as validation when the dataset has none")
     eval_split: str = field("test", "split the best configuration is evaluated on, once, at export or --show-test")
     storage: str = field("", "Optuna storage URL (default: a journal file in the sweep folder)")
     limit: int = field(0, "train at most this many new configurations in this invocation (0: all)")
 
     def __post_init__(self):
-        if self.target not in TARGETS:
+        if self.target and self.target not in TARGETS:
             raise ConfigError(f"target {self.target!r} is not one of {list(TARGETS)}")
         if not self.dataset:
             raise ConfigError("no dataset given; use --dataset NAME (fs datasets list)")
@@ -125,20 +125,20 @@ def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None 
         space = check_space(dict(config.space), cls, fixed)
         if config.mode == "random":
             configs = [validate(cls, {**fixed, **c}) for c in sample_random(space, config.random, config.seed)]
-    refs = parse_feature_refs(config.features)
+    refs = parse_feature_refs(config.features, store)
     probe = cls(**{k: v for k, v in (configs[0] if configs else fixed).items()})
     data = prepare(store, config.dataset, refs, target=config.target, val_fraction=config.val_fraction,
                    seed=config.seed, sequences=cls.uses_sequences and getattr(probe, "sequences", True),
                    va=cls.uses_va, eval_split=config.eval_split)
     if data.kind not in cls.supports:
-        raise ConfigError(f"head {config.method!r} does not train {data.kind!r} targets (--target {config.target}); "
+        raise ConfigError(f"head {config.method!r} does not train {data.kind!r} targets (--target {data.target}); "
                           f"it supports {sorted(cls.supports)}")
     known_metrics = _metric_names(data)
     metric = config.metric or metrics.PRIMARY[data.kind]
     if metric not in known_metrics:
         raise ConfigError(f"metric {metric!r} is not reported for {data.kind!r} targets; choose one of {known_metrics}")
     definition = {"method": config.method, "dataset": config.dataset, "fingerprints": data.fingerprints,
-                  "target": config.target, "kind": data.kind, "mode": config.mode, "space": space,
+                  "target": data.target, "kind": data.kind, "mode": config.mode, "space": space,
                   "params": jsonable(fixed), "seed": config.seed, "val_fraction": config.val_fraction,
                   "eval_split": config.eval_split, "metric": metric}
     ident = {k: v for k, v in definition.items() if k not in ("kind", "metric")}
