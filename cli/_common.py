@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from typing import Any, Iterable, Sequence
 
 import click
@@ -10,8 +11,8 @@ import click
 from featurestore.errors import DiskFullError, FeatureStoreError
 from featurestore.store import Store, open_store
 
-__all__ = ["get_store", "emit", "table", "progress", "json_option", "params_option", "FsGroup", "ray_options",
-           "ray_config"]
+__all__ = ["get_store", "emit", "table", "progress", "json_option", "params_option", "FsGroup", "one_line",
+           "ray_options", "ray_config"]
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 params_option = click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
@@ -65,22 +66,62 @@ def progress(iterable: Iterable | None = None, **kwargs):
 
 
 class FsGroup(click.Group):
-    """Turns project errors into one clear line on stderr and a meaningful exit code."""
+    """The CLI's edge: project errors become one clear line on stderr and a meaningful exit code;
+    anything unexpected becomes one line naming the command and the failure, with the traceback
+    only under `fs --debug` (or FS_DEBUG=1)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except FeatureStoreError as exc:
+            if _debug(ctx):
+                traceback.print_exc()
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except OSError as exc:  # a full disk met outside the writers that name their file themselves
             from featurestore._io import disk_full
 
             if not disk_full(exc):
-                raise
+                self._unexpected(ctx, exc)
+            if _debug(ctx):
+                traceback.print_exc()
             click.echo(f"error: disk full writing {exc.filename or ctx.find_root().obj['store_root']}: free some "
                        "space and re-run; `fs gc` removes leftover temp files", err=True)
             ctx.exit(DiskFullError.exit_code)
+        except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into a line
+            self._unexpected(ctx, exc)
+
+    @staticmethod
+    def _unexpected(ctx: click.Context, exc: Exception):
+        if _debug(ctx):
+            raise exc
+        click.echo(f"error: {command_path(ctx)} failed: {one_line(exc)}; run with --debug for the traceback "
+                   f"(fs --debug ...)", err=True)
+        ctx.exit(UNEXPECTED_EXIT)
+
+
+UNEXPECTED_EXIT = 1
+
+
+def _debug(ctx: click.Context) -> bool:
+    import os
+
+    return bool(ctx.find_root().params.get("debug")) or os.environ.get("FS_DEBUG", "") not in ("", "0")
+
+
+def command_path(ctx: click.Context) -> str:
+    """`fs extract`, `fs sweep`...: the command being run."""
+    name = ctx.find_root().invoked_subcommand
+    return f"fs {name}" if name else "fs"
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line, cut at `limit` characters."""
+    text = " ".join(str(exc).split()) or "(no message)"
+    text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 

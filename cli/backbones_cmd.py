@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from featurestore import backbones
+from featurestore.backbones.hub import default_source
 from featurestore.config import describe
 from ._common import emit, json_option, table
 
@@ -20,10 +21,10 @@ def list_cmd(as_json: bool) -> None:
     rows = []
     for name in backbones.names():
         cls = backbones.get(name)
-        default = cls.default_model if isinstance(cls.__dict__.get("default_model"), str) else "(packaged)"
+        default, packaged = default_source(cls)
         rows.append({"name": name, "modality": cls.modality, "default_model": default or "-",
-                     "description": cls.description})
-    emit(rows) if as_json else click.echo(table(rows))
+                     "packaged": packaged, "description": cls.description})
+    emit(rows) if as_json else click.echo(table(rows, ["name", "modality", "default_model", "description"]))
 
 
 @backbones_group.command("show")
@@ -33,10 +34,19 @@ def show_cmd(name: str, as_json: bool) -> None:
     """The parameters backbone NAME takes (pass them as --param KEY=VALUE)."""
     cls = backbones.get(name)
     rows = [{"param": n, "type": t, "default": d, "help": h} for n, t, d, h in describe(cls.Config)]
+    video = []
+    if cls.modality == "image":  # image backbones also encode video frames (--modality video)
+        from featurestore.backbones.video import VIDEO_FIELDS, video_config_class
+
+        video = [{"param": n, "type": t, "default": d, "help": h}
+                 for n, t, d, h in describe(video_config_class(cls.Config)) if n in VIDEO_FIELDS]
     if as_json:
-        return emit({"name": name, "modality": cls.modality, "params": rows})
+        return emit({"name": name, "modality": cls.modality, "params": rows, "video_params": video})
     click.echo(f"{name} ({cls.modality}): {cls.description}\n")
     click.echo(table(rows))
+    if video:
+        click.echo("\nwith --modality video (frames of each clip through this backbone), also:\n")
+        click.echo(table(video))
 
 
 def register(cli: click.Group) -> None:

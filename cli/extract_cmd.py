@@ -11,7 +11,8 @@ FAILED_EXIT = 10  # the job finished, but some items could not be encoded
 
 @click.command("extract")
 @click.option("--dataset", required=True, help="Registered dataset name.")
-@click.option("--modality", type=click.Choice(["text", "image", "audio"]), required=True)
+@click.option("--modality", type=click.Choice(["text", "image", "audio", "video"]), required=True,
+              help="Input to encode; video: sampled frames through an image backbone (docs/video.md).")
 @click.option("--backbone", required=True, help="Backbone name (fs backbones list).")
 @click.option("--model", default="", help="Hub id or local folder (default: the backbone's own).")
 @click.option("--adapter", default="", type=click.Path(file_okay=False), help="A peft (LoRA) adapter folder.")

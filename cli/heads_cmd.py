@@ -5,7 +5,7 @@ import click
 
 from featurestore.config import describe, parse_params
 from featurestore.reader import parse_feature_refs
-from ._common import emit, get_store, json_option, params_option, table
+from ._common import emit, get_store, json_option, params_option, progress, table
 
 
 def _metric_rows(metrics: dict) -> list[dict]:
@@ -15,24 +15,30 @@ def _metric_rows(metrics: dict) -> list[dict]:
 @click.command("train-head")
 @click.option("--method", required=True, help="Head name (fs heads list).")
 @click.option("--dataset", required=True, help="Registered dataset name.")
-@click.option("--features", required=True, metavar="MOD=BACKBONE[,...]",
-              help="Cached features per modality: a backbone name (its newest fingerprint) or a fingerprint.")
+@click.option("--features", required=True, metavar="[MOD=]NAME_OR_FINGERPRINT[,...]",
+              help="Cached features per modality: a backbone name (its fingerprint that covers the dataset) or a "
+                   "fingerprint, e.g. text=minilm; the modality may be left out when the name has one.")
 @params_option
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the head and of validation carving.")
-@click.option("--target", default="label", show_default=True, type=click.Choice(["label", "labels", "va"]),
-              help="label: single-label (binary with two classes); labels: multi-label; va: regression.")
+@click.option("--target", default="", type=click.Choice(["", "label", "labels", "va"]), metavar="label|labels|va",
+              help="label: single-label (binary with two classes); labels: multi-label; va: regression. Default: the one target "
+                   "the dataset has (fs datasets show); an error lists them when it has several.")
 @click.option("--val-fraction", default=0.1, show_default=True, type=float,
               help="Fraction of train carved as validation when the dataset has no validation split.")
 @click.option("--run-id", default="", help="Name of the run folder (default: generated).")
 @click.option("--eval-split", default="test", show_default=True, help="Split evaluated once after training.")
 @click.option("--memory", default="", help="Replay memory name (fs memory list), for heads that read one (concept).")
-@click.option("--cv", default="", metavar="group|K",
-              help="Cross-validate over every item instead: group (leave one manifest group out) or K stratified "
-                   "folds; validation is carved inside each training fold.")
+@click.option("--cv", default="", metavar="group|fold|K",
+              help="Cross-validate over every item instead: group (leave one manifest group out, e.g. IEMOCAP "
+                   "sessions), fold (one official fold out: the manifest's fold column, e.g. DFEW, MAFW) or K "
+                   "stratified folds; validation is carved inside each training fold.")
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Train with seeds --seed .. --seed+N-1 and report each metric's mean and std over them "
+                   "(with --cv: of each seed's mean over folds).")
 @json_option
 @click.pass_context
 def train_head_cmd(ctx, method, dataset, features, params, seed, target, val_fraction, run_id, eval_split, memory, cv,
-                   as_json):
+                   seeds, as_json):
     """Train a head on the train split, early-stop on validation, evaluate on test once, save the run."""
     from featurestore.jobs.train_head import TrainHeadConfig, run
 
@@ -44,12 +50,17 @@ def train_head_cmd(ctx, method, dataset, features, params, seed, target, val_fra
         from featurestore.memory import memory_folder
 
         params["memory"] = str(memory_folder(store, params["memory"]).resolve())
-    config = TrainHeadConfig(method=method, dataset=dataset, features=parse_feature_refs(features), params=params,
+    config = TrainHeadConfig(method=method, dataset=dataset, features=parse_feature_refs(features, store), params=params,
                              target=target, seed=seed, val_fraction=val_fraction, run_id=run_id,
-                             eval_split=eval_split, cv=cv)
-    result = run(config, store, log=None if as_json else lambda s: click.echo(s, err=True))
+                             eval_split=eval_split, cv=cv, seeds=seeds)
+    result = run(config, store, log=None if as_json else lambda s: click.echo(s, err=True),
+                 **({} if cv or seeds > 1 or as_json else {"progress": progress}))
     if as_json:
-        return emit({**result.to_dict(), **({"folds": result.folds, "std": result.std} if cv else {})})
+        extra = ({"seeds": result.seed_runs, "std": result.std} if seeds > 1 else
+                 {"folds": result.folds, "std": result.std} if cv else {})
+        return emit({**result.to_dict(), **extra})
+    if seeds > 1:
+        return click.echo(_seed_table(result, cv))
     if cv:
         return click.echo(_fold_table(result))
     click.echo(f"run {result.run_id} ({result.method} on {result.dataset}, {result.kind}) in {result.seconds:.1f}s")
@@ -58,12 +69,26 @@ def train_head_cmd(ctx, method, dataset, features, params, seed, target, val_fra
         click.echo(f"confusion matrix: {result.folder / 'confusion.png'}")
 
 
+_PAPER_METRICS = ("uar", "war", "weighted_f1", "macro_f1", "acc2", "acc", "micro_f1", "ccc")
+
+
+def _seed_table(result, cv: str) -> str:
+    """One row per seed and a mean +- std row (population std over the seeds)."""
+    keys = [k for k in _PAPER_METRICS if k in result.metrics]
+    rows = [{"seed": r["seed"], **{k: r.get(k) for k in keys}} for r in result.seed_runs]
+    rows.append({"seed": "mean", **{k: f"{result.metrics[k]:.4f} +- {result.std[k]:.4f}" for k in keys}})
+    what = f"cv {cv}, per seed the mean over folds" if cv else "test"
+    return f"run {result.run_id} ({result.method} on {result.dataset}, {result.kind}, {len(result.seed_runs)} seeds, " \
+           f"{what}) in {result.seconds:.1f}s\n" + table(rows)
+
+
 def _fold_table(result) -> str:
     """One row per fold and a mean +- std row, with the metrics the papers report."""
-    keys = [k for k in ("uar", "war", "weighted_f1", "macro_f1", "acc2", "acc", "micro_f1", "ccc")
-            if k in result.metrics]
-    rows = [{"fold": f["fold"], "n_test": f["n_test"], **{k: f[k] for k in keys}} for f in result.folds]
-    rows.append({"fold": "mean", "n_test": sum(f["n_test"] for f in result.folds),
+    keys = [k for k in _PAPER_METRICS if k in result.metrics]
+    rows = [{"fold": f["fold"], **({"held_out": f["held_out"]} if f.get("held_out") else {}),
+             "n_test": f["n_test"], **{k: f[k] for k in keys}} for f in result.folds]
+    rows.append({"fold": "mean", **({"held_out": ""} if result.folds[0].get("held_out") else {}),
+                 "n_test": sum(f["n_test"] for f in result.folds),
                  **{k: f"{result.metrics[k]:.4f} +- {result.std[k]:.4f}" for k in keys}})
     return f"run {result.run_id} ({result.method} on {result.dataset}, {result.kind}, cv) in " \
            f"{result.seconds:.1f}s\n" + table(rows)
@@ -97,7 +122,8 @@ def eval_cmd(ctx, run_id, dataset, split, as_json):
         return emit(result)
     click.echo(f"run {run_id} on {dataset}/{split} ({result['n']} items)")
     if result["stale"]:
-        click.echo(f"stale: features superseded by {result['stale']}")
+        newer = ", ".join(f"{mod} by {fp}" for mod, fp in result["stale"].items())
+        click.echo(f"stale: its features were superseded ({newer})")
     click.echo(table(_metric_rows(result["metrics"])))
 
 
@@ -136,17 +162,6 @@ def heads_show_cmd(name, as_json):
     click.echo(table(rows))
 
 
-def _ls_runs(store) -> dict:
-    from featurestore.jobs.train_head import list_runs
-
-    return {"runs": [{k: r[k] for k in ("run", "method", "dataset", "metric", "score", "stale")}
-                     for r in list_runs(store)]}
-
-
 def register(cli: click.Group) -> None:
-    from .store_cmd import _LS_EXTRAS
-
     for cmd in (train_head_cmd, runs_cmd, eval_cmd, heads_group):
         cli.add_command(cmd)
-    if _ls_runs not in _LS_EXTRAS:
-        _LS_EXTRAS.append(_ls_runs)

@@ -15,8 +15,9 @@ def scl_group() -> None:
 
 
 @scl_group.command("train")
-@click.option("--data", "data", multiple=True, required=True, metavar="DATASET:MOD=FEATURES",
-              help="A dataset and its features per modality, e.g. raf:image=clip-image; repeat per dataset.")
+@click.option("--data", "data", multiple=True, required=True, metavar="DATASET:[MOD=]FEATURES[,...]",
+              help="A dataset and its features per modality, as --features takes them, e.g. raf:image=clip-image; "
+                   "repeat per dataset.")
 @click.option("--run", "run_name", default="", help="Run name under heads/ (default: scl-<encoder hash>).")
 @params_option
 @click.option("--split", default="train", show_default=True)
@@ -29,14 +30,16 @@ def scl_train(ctx, data, run_name, params, split, replace, as_json):
 
     store = get_store(ctx)
     config = TrainSCLConfig(data=tuple(data), run=run_name, params=parse_params(params), split=split, replace=replace)
-    result = run(config, store, log=lambda s: None if as_json else click.echo(s, err=True), progress=progress)
+    result = run(config, store, log=lambda s: None if as_json else click.echo(s, err=True),
+                 progress=None if as_json else progress)
     if as_json:
         emit(result.to_dict())
         return
     click.echo(f"run {result.run} ({result.folder}), encoder {result.encoder_hash}, {result.seconds:.1f}s")
     for m, fp in result.derived.items():
         click.echo(f"  {m}: derived features {fp} ({result.written.get(m, 0)} rows written)")
-    click.echo(f"  accuracy: {result.metrics}")
+    for line in _accuracy_lines(result.metrics):
+        click.echo(line)
 
 
 @click.group("memory")
@@ -65,7 +68,7 @@ def memory_build(ctx, name, run_name, top_p, min_pool, split, exact_max, replace
                                exact_max=exact_max, replace=replace)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = run(config, store)
+        result = run(config, store, progress=None if as_json else progress)
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
     if as_json:
@@ -82,15 +85,9 @@ def memory_build(ctx, name, run_name, top_p, min_pool, split, exact_max, replace
 @click.pass_context
 def memory_list(ctx, as_json):
     """Memories in the store."""
-    from featurestore.memory import list_memories, memory_path
-    from featurestore._io import read_json
+    from featurestore.inventory import memory_rows
 
-    store = get_store(ctx)
-    rows = []
-    for name in list_memories(store):
-        spec = read_json(memory_path(store, name) / "spec.json")
-        rows.append({"name": name, "run": spec.get("run"), "n": spec["index"]["n"], "kind": spec["index"]["kind"],
-                     "modalities": sorted(spec.get("fingerprints", {})), "created_at": spec.get("created_at")})
+    rows = memory_rows(get_store(ctx))
     emit(rows) if as_json else click.echo(table(rows, ["name", "run", "n", "kind", "modalities", "created_at"]))
 
 
@@ -159,10 +156,28 @@ def _print_result(res: dict) -> None:
     if "error" in res:
         click.echo(f"{head}error: {res['error']}")
         return
-    click.echo(f"{head}{res['input']}")
+    click.echo(f"{head}{_describe_input(res['input'])}")
     click.echo("  emotions (concept cosine, classifier p): "
                + ", ".join(f"{e['emotion']} {e['similarity']:.3f} (p {e['probability']:.2f})" for e in res["emotions"]))
     click.echo(table(res["neighbours"], ["similarity", "label", "dataset", "item_id", "modality", "id"]))
+
+
+def _describe_input(given) -> str:
+    """`text: what a day`, `image: face.png`, `id: demo:17`: the input as typed, not a Python dict."""
+    if isinstance(given, dict):
+        return "; ".join(f"{k}: {v}" for k, v in given.items())
+    return str(given)
+
+
+def _accuracy_lines(metrics: dict) -> list[str]:
+    """`train demo: text 0.812, audio 0.640` per split and dataset, from {split: {dataset: {modality: acc}}}."""
+    lines = []
+    for split, per_ds in metrics.items():
+        for ds, per_mod in (per_ds or {}).items():
+            accs = ", ".join(f"{m} {v:.3f}" if isinstance(v, (int, float)) else f"{m} {v}"
+                             for m, v in (per_mod or {}).items()) if isinstance(per_mod, dict) else str(per_mod)
+            lines.append(f"  accuracy on {split} {ds}: {accs or '-'}")
+    return lines
 
 
 def register(cli: click.Group) -> None:

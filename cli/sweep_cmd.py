@@ -6,13 +6,15 @@ import click
 from featurestore.config import parse_params
 from featurestore.errors import ConfigError
 from featurestore.reader import parse_feature_refs
-from ._common import emit, get_store, json_option, params_option, ray_config, ray_options, table
+from ._common import emit, get_store, json_option, params_option, progress, ray_config, ray_options, table
 
 
 @click.group("sweep", invoke_without_command=True)
 @click.option("--method", help="Head name (fs heads list).")
 @click.option("--dataset", help="Registered dataset name.")
-@click.option("--features", metavar="MOD=BACKBONE[,...]", help="Cached features per modality.")
+@click.option("--features", metavar="[MOD=]NAME_OR_FINGERPRINT[,...]",
+              help="Cached features per modality, as for train-head: a backbone name (its fingerprint that covers "
+                   "the dataset) or a fingerprint, e.g. text=minilm.")
 @click.option("--grid", "grid", multiple=True, metavar="'P=V1,V2 Q=...'",
               help="A grid: space-separated param=comma-separated values (the cartesian product).")
 @click.option("--random", "n_random", type=int, default=0, help="Draw N random configurations from --space.")
@@ -23,7 +25,9 @@ from ._common import emit, get_store, json_option, params_option, ray_config, ra
 @params_option
 @click.option("--metric", default="", help="Validation metric ranking the configurations (default: primary).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the heads, validation carving, sampling.")
-@click.option("--target", default="label", show_default=True, type=click.Choice(["label", "labels", "va"]))
+@click.option("--target", default="", type=click.Choice(["", "label", "labels", "va"]), metavar="label|labels|va",
+              help="label: single-label (binary with two classes); labels: multi-label; va: regression. Default: the one target "
+                   "the dataset has (fs datasets show); an error lists them when it has several.")
 @click.option("--val-fraction", default=0.1, show_default=True, type=float,
               help="Fraction of train carved as validation when the dataset has no validation split.")
 @click.option("--limit", default=0, type=int, help="Train at most N new configurations in this invocation.")
@@ -60,18 +64,19 @@ def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_
         raise ConfigError("--space goes with --random N or --optuna N")
     parsed_grid = parse_grid(list(grid)) if grid else {}
     space = load_space(space_file) if space_file else {}
-    config = SweepConfig(method=method, dataset=dataset, features=parse_feature_refs(features), grid=parsed_grid,
+    store = get_store(ctx)
+    config = SweepConfig(method=method, dataset=dataset, features=parse_feature_refs(features, store), grid=parsed_grid,
                          random=n_random, optuna=n_optuna, space=space, params=parse_params(params), metric=metric,
                          seed=seed, target=target, val_fraction=val_fraction, storage=storage, limit=limit)
     ray = ray_config(engine, address, workers, cpus_per_worker, gpus_per_worker)
-    store = get_store(ctx)
-    say = None if as_json else lambda s: click.echo(s, err=True)
+    say = None if as_json else lambda s: click.echo(s, err=True)  # noqa: E731
+    bar = None if as_json else progress
     if ray is not None:
         from featurestore.jobs.ray_sweep import run as run_ray
 
-        result = run_ray(config, store, ray, log=say)
+        result = run_ray(config, store, ray, log=say, progress=bar)
     else:
-        result = run(config, store, log=say)
+        result = run(config, store, log=say, progress=bar)
     exported = export_best(result.definition, result.table, export_path, store=store) \
         if export_path and result.table.height else None
     if as_json:

@@ -1,6 +1,7 @@
-"""`fs va list|show|score|fit|sources|models|info`: per-modality valence-arousal scores.
+"""`fs va list|show|score|fit|sources|models|info|gc`: per-modality valence-arousal scores.
 
-Also adds VA sections to `fs ls`, `fs info` and `fs verify` through their hook lists.
+`fs ls`, `fs info` and `fs verify` show VA too: they call featurestore.va.inventory and
+featurestore.verify themselves.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import click
 
 from featurestore.config import describe, parse_params
 from featurestore.errors import NotFoundError
+from featurestore.va.inventory import model_rows, source_rows, va_info
 from ._common import emit, get_store, json_option, params_option, progress, table
 
 FAILED_EXIT = 10  # the job finished, but some items could not be scored
@@ -46,7 +48,8 @@ def show_cmd(name: str, as_json: bool) -> None:
 
 @va_group.command("score")
 @click.option("--dataset", required=True, help="Registered dataset name.")
-@click.option("--modality", type=click.Choice(["text", "image", "audio"]), required=True)
+@click.option("--modality", type=click.Choice(["text", "image", "audio", "video"]), required=True,
+              help="Input to score; video: frames scored by an image model and averaged (docs/video.md).")
 @click.option("--scorer", required=True, help="VA scorer (fs va list) or fitted model name (fs va models).")
 @params_option
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
@@ -93,7 +96,9 @@ def report_score(ctx: click.Context, result, as_json: bool) -> None:
 
 @va_group.command("fit")
 @click.option("--dataset", required=True, help="Dataset with valence/arousal labels.")
-@click.option("--features", required=True, help="Fingerprint, or backbone name (its most recent fingerprint).")
+@click.option("--features", required=True, metavar="[MOD=]NAME_OR_FINGERPRINT",
+              help="One feature set: a backbone name (its fingerprint that covers the dataset) or a fingerprint; "
+                   "e.g. text=minilm or minilm.")
 @click.option("--out", required=True, help="Name of the fitted model (then: --scorer NAME).")
 @params_option
 @click.option("--train-split", "train_splits", multiple=True, default=("train",), show_default=True,
@@ -158,21 +163,6 @@ def info_cmd(ctx, name, as_json):
     emit(data) if as_json else _print_nested(data)
 
 
-def va_info(store, name: str) -> dict:
-    """Facts about a VA source or a fitted VA model; {} when `name` is neither."""
-    from featurestore._io import read_json
-    from featurestore.va.cache import VASet
-    from featurestore.va.learned import CONFIG, METRICS, list_models, models_root
-
-    vs = VASet(store, name)
-    if vs.exists():
-        return {"spec": vs.spec, "stats": vs.stats(), "errors_sample": [e.__dict__ for e in vs.errors()[:20]]}
-    if name in list_models(store):
-        folder = models_root(store) / name
-        return {"model": read_json(folder / CONFIG), "metrics": read_json(folder / METRICS)}
-    return {}
-
-
 @va_group.command("gc")
 @click.option("--compact", is_flag=True, help="Also merge each VA source's segments into one.")
 @click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
@@ -180,25 +170,9 @@ def va_info(store, name: str) -> dict:
 @click.pass_context
 def gc_cmd(ctx, compact, dry_run, as_json):
     """Remove temporary files left by killed VA jobs, and optionally compact VA segments."""
-    from featurestore.errors import LockedError
-    from featurestore.va.cache import list_va_sets
+    from featurestore.verify import gc_va
 
-    report = {"removed_temp_files": [], "compacted": {}, "skipped_locked": []}
-    for vs in list_va_sets(get_store(ctx)):
-        try:
-            with vs.lock():
-                report["removed_temp_files"] += [str(t) for t in vs.segments.temp_files()]
-                if not dry_run:
-                    vs.segments.remove_temp_files()
-                    vs.segments.adopt_orphans()
-                    vs.segments.delete_retired()
-                n = len(vs.segments.segments())
-                if compact and n > 1:
-                    if not dry_run:
-                        vs.segments.compact(attrs={"source": vs.source, "compacted": True})
-                    report["compacted"][vs.source] = n
-        except LockedError:
-            report["skipped_locked"].append(vs.source)
+    report = gc_va(get_store(ctx), compact=compact, dry_run=dry_run)
     if as_json:
         return emit(report)
     click.echo(f"{'would remove' if dry_run else 'removed'} {len(report['removed_temp_files'])} temporary file(s)")
@@ -208,64 +182,5 @@ def gc_cmd(ctx, compact, dry_run, as_json):
         click.echo(f"skipped {src}: a job is writing to it")
 
 
-# ---- rows shared with fs ls / fs info ----------------------------------------------------
-def source_rows(store) -> list[dict]:
-    from featurestore.va.cache import list_va_sets
-
-    keep = ("source", "scorer", "modality", "rows", "valence", "arousal", "errors", "segments")
-    return [{k: s[k] for k in keep} for s in (v.stats() for v in list_va_sets(store))]
-
-
-def model_rows(store) -> list[dict]:
-    from featurestore._io import read_json
-    from featurestore.va.learned import CONFIG, METRICS, list_models, models_root
-
-    rows = []
-    for name in list_models(store):
-        info, metrics = read_json(models_root(store) / name / CONFIG), read_json(models_root(store) / name / METRICS)
-        test = metrics.get("test", {})
-        rows.append({"model": name, "kind": info["params"]["kind"], "modality": info["modality"],
-                     "fingerprint": info["fingerprint"], "dataset": info["fitted_on"]["dataset"],
-                     **{f"{d}_r": (test.get(d) or {}).get("pearson") for d in ("valence", "arousal")},
-                     **{f"{d}_ccc": (test.get(d) or {}).get("ccc") for d in ("valence", "arousal")}})
-    return rows
-
-
-def _ls_extra(store) -> dict:
-    return {"va_sources": source_rows(store), "va_models": model_rows(store)}
-
-
-def _info_extra(store, name) -> dict:
-    from featurestore.datasets import get_dataset, list_datasets
-    from featurestore.va.cache import list_va_sets, va_coverage
-    from featurestore.va.learned import list_models
-
-    if name is None:
-        return {"va_sources": len(list_va_sets(store)), "va_models": len(list_models(store))}
-    if name in list_datasets(store):
-        return {"va": va_coverage(store, get_dataset(store, name))}
-    return va_info(store, name)
-
-
-def _verify_extra(store) -> list[dict]:
-    from featurestore.va.cache import list_va_sets, va_root
-
-    problems = []
-    for vs in list_va_sets(store):
-        problems += [{"path": p.path, "message": p.message} for p in vs.verify()]
-    root = va_root(store)
-    if root.is_dir():  # a source folder whose spec.json is gone is not listed above
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not (p / "spec.json").exists()):
-            if any(folder.glob("seg-*.h5")):
-                problems.append({"path": str(folder / "spec.json"), "message": "spec.json is missing"})
-    return problems
-
-
 def register(cli: click.Group) -> None:
-    from . import store_cmd
-
     cli.add_command(va_group)
-    for hooks, fn in ((store_cmd._LS_EXTRAS, _ls_extra), (store_cmd._INFO_EXTRAS, _info_extra),
-                      (store_cmd._VERIFY_EXTRAS, _verify_extra)):
-        if fn not in hooks:
-            hooks.append(fn)

@@ -12,12 +12,13 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import NotFoundError
+from .errors import ConfigError, NotFoundError
 from .keyed import KeyedSet
 from .segments import Problem
 from .store import Store, now_iso
 
-__all__ = ["FeatureSet", "list_feature_sets", "resolve_features", "superseded_by"]
+__all__ = ["FeatureSet", "list_feature_sets", "resolve_features", "superseded_by", "feature_modalities",
+           "extracted_for", "dataset_keys", "coverage"]
 
 POOLED, SEQ = "pooled", "seq"
 
@@ -98,27 +99,130 @@ def list_feature_sets(store: Store) -> list[FeatureSet]:
     return sorted(sets, key=lambda fs: (fs.backbone, fs.spec.get("created_at", "")))
 
 
-def superseded_by(store: Store, fingerprint: str) -> str | None:
-    """The newest fingerprint of the same backbone and modality, if newer than this one."""
+def extracted_for(fs: FeatureSet) -> set[str]:
+    """The datasets an extraction job ran for into this feature set (its catalogue records them)."""
+    try:
+        return set(fs.segments.catalogue().get("datasets", {}))
+    except Exception:  # a damaged catalogue: `fs verify` names it; resolution falls back to coverage
+        return set()
+
+
+def dataset_keys(dataset, modality: str) -> np.ndarray:
+    """The distinct content keys of a dataset's `modality` inputs (`S32`)."""
+    col = f"{modality}_key"
+    if col not in dataset.manifest.columns:
+        return np.zeros(0, "S32")
+    return dataset.manifest[col].drop_nulls().unique().to_numpy().astype("S32")
+
+
+def coverage(fs: FeatureSet, keys: np.ndarray) -> int:
+    """How many of `keys` have a row in this feature set."""
+    if not len(keys) or not len(fs.index().unique_keys()):
+        return 0
+    return int(fs.has(keys).sum())
+
+
+def _fp_created(fs: FeatureSet) -> str:
+    try:
+        return fs.spec.get("created_at", "")
+    except Exception:
+        return ""
+
+
+def superseded_by(store: Store, fingerprint: str, dataset: str | None = None) -> str | None:
+    """The newest fingerprint of the same backbone and modality extracted for `dataset` after this one.
+
+    A fingerprint is superseded only for a dataset: extracting another dataset (or a toy one with
+    other parameters) never makes runs on this one stale. Without `dataset`, any newer extraction counts.
+    """
     fs = FeatureSet(store, fingerprint)
     if not fs.exists():
         return None
     mine = fs.spec
     newer = [o for o in list_feature_sets(store)
-             if o.backbone == mine["backbone"] and o.modality == mine["modality"]
-             and o.spec.get("created_at", "") > mine.get("created_at", "")]
+             if o.fingerprint != fingerprint and o.backbone == mine["backbone"] and o.modality == mine["modality"]
+             and o.spec.get("created_at", "") > mine.get("created_at", "")
+             and (dataset is None or dataset in extracted_for(o))]
     return newer[-1].fingerprint if newer else None
 
 
-def resolve_features(store: Store, ref: str, *, modality: str | None = None) -> FeatureSet:
-    """A fingerprint, or a backbone name meaning its most recently created fingerprint."""
+def feature_modalities(store: Store, ref: str) -> list[str]:
+    """The modalities a fingerprint or backbone name has features for in the store (sorted)."""
     fs = FeatureSet(store, ref)
     if fs.exists():
+        return [fs.modality]
+    return sorted({f.modality for f in list_feature_sets(store) if f.backbone == ref})
+
+
+def resolve_features(store: Store, ref: str, *, modality: str | None = None, dataset=None) -> FeatureSet:
+    """A fingerprint, or a backbone name meaning the fingerprint of that backbone that covers `dataset`.
+
+    `dataset` (a `Dataset` or its name) picks, among the fingerprints of backbone `ref`, the one holding
+    rows for the dataset's inputs; when several do, the one an extraction ran for on that dataset
+    (`fs extract --dataset`). Never "the newest in the store": a fingerprint extracted for another
+    dataset does not change what a name means here. Still several: a `ConfigError` listing each with
+    its coverage and the full fingerprint to pass. Without `dataset`, a name must have one fingerprint.
+    """
+    fs = FeatureSet(store, ref)
+    if fs.exists():
+        if modality is not None and fs.modality != modality:
+            raise ConfigError(f"features {ref!r} are {fs.modality} features, asked for as {modality}; "
+                              f"pass {fs.modality}={ref}")
         return fs
-    candidates = [f for f in list_feature_sets(store)
-                  if f.backbone == ref and (modality is None or f.modality == modality)]
+    every = list_feature_sets(store)
+    candidates = [f for f in every if f.backbone == ref and (modality is None or f.modality == modality)]
+    what = f"features {ref!r}{' for ' + modality if modality else ''}"
     if not candidates:
-        known = sorted({f"{f.backbone} ({f.fingerprint})" for f in list_feature_sets(store)})
-        raise NotFoundError(f"no features {ref!r}{' for ' + modality if modality else ''} in {store.root}; "
-                            f"have: {', '.join(known) or 'none'}. Extract them with `fs extract`")
-    return candidates[-1]
+        named = [f for f in every if f.backbone == ref]
+        if named:
+            raise ConfigError(f"{what}: {ref} has only {', '.join(sorted({f.modality for f in named}))} features "
+                              f"in {store.root}; pass MODALITY={ref} with that modality")
+        known = sorted({f"{f.backbone} ({f.fingerprint})" for f in every})
+        raise NotFoundError(f"no {what} in {store.root}; have: {', '.join(known) or 'none'}. "
+                            "Extract them with `fs extract`")
+    if dataset is None:
+        if len(candidates) == 1:
+            return candidates[0]
+        raise ConfigError(f"{what} names {len(candidates)} fingerprints ({', '.join(f.fingerprint for f in candidates)});"
+                          " pass the full fingerprint, e.g. --features "
+                          f"{candidates[0].modality}={candidates[-1].fingerprint}")
+    if len(candidates) == 1:  # one fingerprint of that name: whether it covers the dataset shows on reading
+        return candidates[0]
+    if isinstance(dataset, str):
+        from .datasets import get_dataset
+
+        dataset = get_dataset(store, dataset)
+    keys = {m: dataset_keys(dataset, m) for m in {f.modality for f in candidates}}
+    have = {f.fingerprint: coverage(f, keys[f.modality]) for f in candidates}
+    pool = [f for f in candidates if have[f.fingerprint]]
+    if len(pool) == 1:
+        return pool[0]
+    extracted = [f for f in pool if dataset.name in extracted_for(f)]  # an extraction ran for this dataset
+    if len(extracted) == 1:
+        return extracted[0]
+    listing = "; ".join(f"{f.fingerprint} ({f.modality}, {have[f.fingerprint]}/{len(keys[f.modality])} inputs of "
+                        f"{dataset.name!r} cached, {_describe(f, candidates)})" for f in (extracted or candidates))
+    if not pool:
+        raise NotFoundError(f"no {what} cover dataset {dataset.name!r} (fingerprints of {ref}: {listing}); "
+                            f"extract them first: fs extract --dataset {dataset.name} --modality "
+                            f"{candidates[0].modality} --backbone {ref}")
+    pool = extracted or pool
+    raise ConfigError(f"{what} is ambiguous for dataset {dataset.name!r}: {len(pool)} fingerprints cover it: "
+                      f"{listing}; pass the one you mean, e.g. --features {pool[0].modality}={pool[0].fingerprint}")
+
+
+def _describe(fs: FeatureSet, others: Sequence[FeatureSet]) -> str:
+    """What tells a fingerprint apart from `others`: the config values that differ, and when it was made."""
+    def flat(f: FeatureSet) -> dict:
+        try:
+            spec = f.spec
+        except Exception:
+            return {}
+        cfg = {k: v for k, v in spec.get("config", {}).items() if not k.startswith("_")}
+        return {**cfg, "model": (spec.get("source") or {}).get("model"),
+                "adapter": (spec.get("source") or {}).get("adapter")}
+
+    mine, theirs = flat(fs), [flat(o) for o in others]
+    differ = sorted(k for k in mine if any(t.get(k) != mine[k] for t in theirs))
+    parts = [f"{k}={mine[k]}" for k in differ]
+    return ", ".join(parts + [f"created {_fp_created(fs) or '?'}"])

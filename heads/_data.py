@@ -134,6 +134,7 @@ class Prepared:
     no_features: dict[str, int]  # items with a target but no cached row in any modality, per split
     va_sources: dict[str, str]  # modality -> where its VA came from (heads that use VA)
     label_va_note: str = ""
+    target: str = ""  # the target trained on (label | labels | va), after the default was applied
 
 
 def _load(store, ds, split, features, *, sequences: bool, va: bool):
@@ -158,17 +159,17 @@ def _label_va(ds, target: str, classes: list[str], train: Any) -> tuple[np.ndarr
         return None, str(exc)
 
 
-def prepare(store, dataset: str, features: str | Mapping[str, str], *, target: str = "label",
+def prepare(store, dataset: str, features: str | Mapping[str, str], *, target: str = "",
             val_fraction: float = 0.1, seed: int = 0, sequences: bool = False, va: bool = False,
             eval_split: str = "test") -> Prepared:
-    """Read train, validation (or carve one) and the evaluation split of `dataset` into features and targets."""
+    """Read train, validation (or carve one) and the evaluation split of `dataset` into features and targets.
+
+    `target` "" takes the one target the dataset has (an error listing them when it has several)."""
     from featurestore.datasets import get_dataset
 
     ds = get_dataset(store, dataset)
+    target = ds.check_target(target)  # "" -> the one target the dataset has
     classes = list(ds.multilabel_set if target == "labels" else ds.label_set if target == "label" else [])
-    if target in ("label", "labels") and not classes:
-        raise DatasetError(f"dataset {dataset!r} has no {'multi-label ' if target == 'labels' else ''}labels; "
-                           f"choose another --target (label, labels, va)")
     names = ds.splits()
     val_name = next((v for v in VAL_NAMES if names.get(v)), "val")
     if eval_split in (val_name, "val") or eval_split in VAL_NAMES:
@@ -179,6 +180,9 @@ def prepare(store, dataset: str, features: str | Mapping[str, str], *, target: s
                           "(e.g. --eval-split test)")
     if not names.get("train"):
         raise DatasetError(f"dataset {dataset!r} has no items in split 'train'; splits: {names}")
+    from featurestore.reader import resolve_refs
+
+    features = resolve_refs(store, ds, features)  # once, the same fingerprints for every split
     raw = {"train": _load(store, ds, "train", features, sequences=sequences, va=va)}
     label_va, note = _label_va(ds, target, classes, raw["train"])
     out, dropped, no_features = {}, {}, {}
@@ -207,7 +211,7 @@ def prepare(store, dataset: str, features: str | Mapping[str, str], *, target: s
     if va:
         va_sources = {m: raw["train"].va_sources.get(m) or "item VA labels" for m in raw["train"].features}
     return Prepared(target_kind(target, classes), classes, out, dict(raw["train"].fingerprints), ds.manifest_hash,
-                    validation, dropped, no_features, va_sources, note)
+                    validation, dropped, no_features, va_sources, note, target)
 
 
 # ---- tensors -----------------------------------------------------------------------

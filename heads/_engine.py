@@ -18,6 +18,8 @@ losses and the validation scorer that early stopping maximises.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import math
 from typing import Any, Callable, Iterator, Sequence
 
@@ -30,13 +32,17 @@ from featurestore.errors import ConfigError
 from .base import Head, Targets, best_threshold
 
 __all__ = ["BETAS", "EPS", "pick_device", "seeded", "autocast", "task_loss", "scores_from_outputs",
-           "validation_scorer", "check_kind", "target_tensor", "adamw_update", "StackStopping", "run_epochs"]
+           "validation_scorer", "check_kind", "target_tensor", "adamw_update", "StackStopping", "run_epochs",
+           "EpochEnd", "on_epoch", "notify_epoch"]
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 
 
 def pick_device(pref: str = "auto") -> torch.device:
+    from featurestore.devices import check_device
+
+    pref = check_device(pref, "device")
     if pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -194,6 +200,39 @@ class StackStopping:
         return self.best_state, self.histories
 
 
+@dataclasses.dataclass(frozen=True)
+class EpochEnd:
+    """What a finished epoch reports to an `on_epoch` listener (a job's progress bar)."""
+
+    epoch: int  # 1-based
+    epochs: int  # the most epochs this training may run
+    configs: int  # configurations still training
+    loss: float  # the lowest mean training loss over them
+    val: float | None = None  # the best validation score (higher is better), when there is one
+    stage: str = ""  # a head with stages names the one running
+
+
+_EPOCH_LISTENER: contextvars.ContextVar = contextvars.ContextVar("featurestore_epoch_listener", default=None)
+
+
+@contextlib.contextmanager
+def on_epoch(listener: Callable[[EpochEnd], None] | None):
+    """Within the block, every training loop calls `listener(EpochEnd)` after each epoch.
+
+    Heads never print: a job that wants progress passes its callback down this way."""
+    token = _EPOCH_LISTENER.set(listener)
+    try:
+        yield
+    finally:
+        _EPOCH_LISTENER.reset(token)
+
+
+def notify_epoch(epoch: int, epochs: int, configs: int, loss: float, val: float | None = None, stage: str = "") -> None:
+    listener = _EPOCH_LISTENER.get()
+    if listener is not None:
+        listener(EpochEnd(epoch, epochs, configs, loss, val, stage))
+
+
 def run_epochs(data, *, batch_size: int, generator, stop: StackStopping,
                step: Callable[[dict], Any], snapshot: Callable[[int], Any],
                validate: Callable[[list[int]], Sequence[float]] | None = None,
@@ -220,6 +259,8 @@ def run_epochs(data, *, batch_size: int, generator, stop: StackStopping,
         if validate is not None:
             with torch.no_grad():
                 scores = [float(s) for s in validate(list(stop.active))]
+        notify_epoch(epoch + 1, max(stop.epochs), len(stop.active), min(losses_now),
+                     max(scores) if scores else None)
         if log:
             best = f", best val {max(scores):.4f}" if scores else ""
             log(f"epoch {epoch + 1}/{max(stop.epochs)}: {len(stop.active)} configuration(s), "

@@ -248,7 +248,7 @@ def fit_heads(hs: Sequence[Any], X, y, *, eval_set=None, log: Callable[[str], No
                         for pos, c in enumerate(active)]
 
         if log:
-            log(f"training a stack of {len(members)} {lead.name} configuration(s) {key[1:]}")
+            log(f"training a stack of {len(members)} {lead.name} configuration(s) (seed {lead.seed}, batch size {lead.batch_size})")
         best, hist = train_stack(layers, spec, x, y_t, y.kind, batch_size=lead.batch_size, seed=lead.seed,
                                  device=device, val_score=val_score, amp=lambda d=device: autocast(d), log=log)
         for h, layers_c, h_hist in zip(members_h, best, hist):

@@ -46,8 +46,14 @@ class TorchParams:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.lr <= 0 or self.weight_decay < 0 or self.patience < 0:
-            raise ConfigError(f"lr={self.lr} must be > 0, weight_decay and patience >= 0")
+        bad = [msg for ok, msg in ((self.lr > 0, f"lr={self.lr} must be > 0"),
+                                   (self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0"),
+                                   (self.patience >= 0, f"patience={self.patience} must be >= 0")) if not ok]
+        if bad:
+            raise ConfigError("; ".join(bad))
+        from featurestore.devices import check_device
+
+        check_device(self.device, "device")  # a bad -p device= fails before any data is read
         getattr(super(), "__post_init__", lambda: None)()  # a config that also takes DecisionParams
 
 

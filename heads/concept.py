@@ -48,9 +48,12 @@ class ConceptConfig(TorchParams):
         super().__post_init__()
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r} is not one of {list(MODES)}")
-        if self.lam < 0 or self.k < 1 or self.hidden < 1 or not 0 <= self.dropout < 1:
-            raise ConfigError(f"lam={self.lam} >= 0, k={self.k} >= 1, hidden={self.hidden} >= 1, "
-                              f"dropout={self.dropout} in [0, 1) are required")
+        bad = [msg for ok, msg in ((self.lam >= 0, f"lam={self.lam} must be >= 0"),
+                                   (self.k >= 1, f"k={self.k} must be at least 1"),
+                                   (self.hidden >= 1, f"hidden={self.hidden} must be at least 1"),
+                                   (0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")) if not ok]
+        if bad:
+            raise ConfigError("; ".join(bad))
 
 
 def _build(dims: dict[str, int], hidden: int, width: int, n_out: int, dropout: float):
@@ -84,7 +87,7 @@ class ConceptHead(TorchHead):
     Config = ConceptConfig
     supports = frozenset({"single", "binary"})
     requires = ("memory",)
-    description = "concept-guided head (paper 000): CE + lambda * MSE to supramodal concepts (memory=FOLDER)"
+    description = "concept-guided head (paper 000): CE + lambda * MSE to supramodal concepts (--memory NAME)"
 
     @classmethod
     def example_params(cls, workdir: Path) -> dict:
@@ -108,7 +111,7 @@ class ConceptHead(TorchHead):
         from featurestore.memory import Memory
 
         if not self.memory:
-            raise ConfigError("head 'concept' needs memory=FOLDER, a replay memory (fs memory list; "
+            raise ConfigError("head 'concept' needs a replay memory: pass --memory NAME (fs memory list; "
                               "build one with fs memory build NAME --from SCL_RUN)")
         mem = Memory.load(Path(self.memory), device="cpu")
         bank = ConceptBank.from_memory(mem, classes, selective=self.mode != "no_selectivity")
@@ -209,7 +212,7 @@ def fit_concept(hs, X: Features, y: Targets, *, eval_set: tuple[Features, Target
                 return [scorers[c](scores_from_outputs(model_of(pos)(vx), y.kind)) for pos, c in enumerate(active)]
 
         if log:
-            log(f"training a stack of {len(members)} concept configuration(s) {key[1:]}")
+            log(f"training a stack of {len(members)} concept configuration(s) (seed {lead.seed}, batch size {lead.batch_size})")
         spec = VmapSpec([h.lr for h in members], [h.weight_decay for h in members],
                         [h.epochs for h in members], [h.patience for h in members])
         with seeded(lead.seed, device), _small_model_threads(device):

@@ -22,9 +22,11 @@ class MLPConfig(TorchParams, DecisionParams):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.hidden < 1 or self.layers < 1 or not 0 <= self.dropout < 1:
-            raise ConfigError(f"hidden={self.hidden} and layers={self.layers} must be >= 1, "
-                              f"dropout={self.dropout} in [0, 1)")
+        bad = [f"{n}={getattr(self, n)} must be at least 1" for n in ("hidden", "layers") if getattr(self, n) < 1]
+        if not 0 <= self.dropout < 1:
+            bad.append(f"dropout={self.dropout} must be in [0, 1)")
+        if bad:
+            raise ConfigError("; ".join(bad))
 
 
 class MLP(TorchHead):

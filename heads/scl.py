@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from featurestore.config import field
 from featurestore.errors import ConfigError
 
+from ._engine import notify_epoch
 from .base import Features, Head, Targets
 
 __all__ = ["SCL", "SCLConfig", "DEFAULT_COARSE_MAP", "orthogonality_loss", "triplet_loss", "coarse_labels",
@@ -84,6 +85,9 @@ class SCLConfig:
     device: str = field("auto", "auto | cpu | cuda[:N]")
 
     def __post_init__(self):
+        from featurestore.devices import check_device
+
+        check_device(self.device, "device")
         if min(self.width, self.proj_width, self.batch_size, self.cosine_period) < 1:
             raise ConfigError("width, proj_width, batch_size and cosine_period must be at least 1")
         if self.joint_epochs < 0 or self.seq_epochs < 0 or self.joint_epochs + self.seq_epochs == 0:
@@ -307,6 +311,7 @@ class SCL(Head):
                 contrast = triplet_loss(emo, mods, labels, self.alpha)
                 total += self._step(opt, sched, task + self.beta1 * contrast + self.beta2 * orth)
             losses.append(total / per_epoch)
+            notify_epoch(len(losses), self.joint_epochs, 1, losses[-1], stage="joint")
         return {"loss": [round(v, 5) for v in losses], "steps_per_epoch": per_epoch}
 
     def _schedule(self, streams) -> list[tuple[str, int]]:
@@ -352,6 +357,7 @@ class SCL(Head):
                     best, best_turn = scores[-1], n
                     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
                 net.train()
+            notify_epoch(n, len(turns), 1, per_turn[-1][2], max(scores) if scores else None, stage=f"sequential {m}")
         out = {"turns": len(turns), "last_losses": {m: v for m, _, v in per_turn[-len(streams):]}}
         if best_state is not None:
             net.load_state_dict(best_state)

@@ -94,8 +94,10 @@ class UMBEConfig(TorchParams):
             raise ConfigError(f"prompt_length={self.prompt_length} must be at least 2 (half value, half inherent)")
         if self.stages not in (1, 2):
             raise ConfigError(f"stages={self.stages} must be 1 (one-stage ablation) or 2 (two-stage training)")
-        if not 0 <= self.dropout < 1 or not 0 <= self.drop_prob < 1:
-            raise ConfigError(f"dropout={self.dropout} and drop_prob={self.drop_prob} must be in [0, 1)")
+        bad = [f"{n}={getattr(self, n)} must be in [0, 1)" for n in ("dropout", "drop_prob")
+               if not 0 <= getattr(self, n) < 1]
+        if bad:
+            raise ConfigError("; ".join(bad))
         if not 0 < self.lr_factor < 1 or self.lr_patience < 0 or self.min_lr < 0:
             raise ConfigError(f"lr_factor={self.lr_factor} must be in (0, 1), lr_patience={self.lr_patience} "
                               f"and min_lr={self.min_lr} >= 0")

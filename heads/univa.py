@@ -91,9 +91,11 @@ class UniVAConfig(TorchParams):
             raise ConfigError(f"need 0 <= lam <= 1 (got {self.lam}), tau > 0 ({self.tau}), delta >= 0 "
                               f"({self.delta}), views >= 1 ({self.views})")
         parse_threshold(self.zeta, "zeta")
-        if not 0 <= self.dropout < 1 or self.kl_weight <= 0 or self.prior_weight < 0:
-            raise ConfigError(f"dropout={self.dropout} must be in [0, 1), kl_weight={self.kl_weight} > 0, "
-                              f"prior_weight={self.prior_weight} >= 0")
+        bad = [msg for ok, msg in ((0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)"),
+                                   (self.kl_weight > 0, f"kl_weight={self.kl_weight} must be > 0"),
+                                   (self.prior_weight >= 0, f"prior_weight={self.prior_weight} must be >= 0")) if not ok]
+        if bad:
+            raise ConfigError("; ".join(bad))
 
 
 def _modules():
@@ -370,7 +372,7 @@ def fit_univa(hs, X: Features, y: Targets, *, eval_set: tuple[Features, Targets]
                 return [scorers[c](UniVA._proba(model_of(pos), val)) for pos, c in enumerate(active)]
 
         if log:
-            log(f"training a stack of {len(members)} univa configuration(s) {key[1:]}")
+            log(f"training a stack of {len(members)} univa configuration(s) (seed {lead.seed}, batch size {lead.batch_size})")
         spec = VmapSpec([h.lr for h in members], [h.weight_decay for h in members],
                         [h.epochs for h in members], [h.patience for h in members])
         with seeded(lead.seed, device):

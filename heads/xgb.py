@@ -38,6 +38,9 @@ class XGBConfig(DecisionParams):
     device: str = field("auto", "auto (cuda when torch sees a GPU) | cpu | cuda")
 
     def __post_init__(self):
+        from featurestore.devices import check_device
+
+        check_device(self.device, "device")
         if self.n_estimators < 1 or self.max_depth < 1 or self.learning_rate <= 0:
             raise ConfigError("n_estimators and max_depth must be >= 1 and learning_rate > 0")
         if not (0 < self.subsample <= 1 and 0 < self.colsample_bytree <= 1):

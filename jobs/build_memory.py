@@ -113,25 +113,44 @@ def assemble(vecs: np.ndarray, meta: pl.DataFrame, config: BuildMemoryConfig, sp
     return mem, counts, empty
 
 
-def run(config: BuildMemoryConfig, store: Store, *, log=lambda s: None) -> BuildMemoryResult:
+def run(config: BuildMemoryConfig, store: Store, *, log=lambda s: None, progress=None) -> BuildMemoryResult:
+    """Build memory `config.name` from an scl run. `progress` (a tqdm-like factory, or None) shows
+    the stages: reading the run's rows, building the index (and measuring its recall), saving."""
     t0 = time.perf_counter()
     folder = memory_path(store, config.name)
     if folder.exists() and not config.replace:
         raise ConfigError(f"memory {config.name!r} already exists ({folder}); pass --replace to rebuild it")
-    head, lineage = load_run(store, config.run)
-    split = config.split or lineage.get("split", "train")
-    vecs, meta = _rows(head, lineage, store, split)
-    spec = {
-        "name": config.name, "run": config.run, "encoder_hash": lineage["encoder_hash"], "split": split,
-        "fingerprints": lineage["derived"], "source_fingerprints": lineage["fingerprints"],
-        "classes": head.meta_["classes"], "coarse_map": head.coarse_map, "sources": lineage["sources"],
-        "created_at": now_iso(),
-    }
-    mem, counts, empty = assemble(vecs, meta, config, spec)
-    from featurestore._io import file_lock
+    bar = progress(total=3, desc=f"memory {config.name}", unit="stage") if progress is not None else None
 
-    with file_lock(store.memory_dir() / f".{config.name}.lock", f"memory {config.name}"):
-        mem.save(folder)
-    log(f"memory {config.name}: {len(mem)} vectors ({mem.kind}), pools {counts}")
+    def stage(name: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(0 if bar.n == 0 and name.startswith("reading") else 1)
+
+    try:
+        stage("reading rows")
+        head, lineage = load_run(store, config.run)
+        split = config.split or lineage.get("split", "train")
+        vecs, meta = _rows(head, lineage, store, split)
+        spec = {
+            "name": config.name, "run": config.run, "encoder_hash": lineage["encoder_hash"], "split": split,
+            "fingerprints": lineage["derived"], "source_fingerprints": lineage["fingerprints"],
+            "classes": head.meta_["classes"], "coarse_map": head.coarse_map, "sources": lineage["sources"],
+            "created_at": now_iso(),
+        }
+        stage(f"indexing {len(vecs)} vectors")
+        mem, counts, empty = assemble(vecs, meta, config, spec)
+        from featurestore._io import file_lock
+
+        stage("saving")
+        with file_lock(store.memory_dir() / f".{config.name}.lock", f"memory {config.name}"):
+            mem.save(folder)
+        if bar is not None:
+            bar.update(bar.total - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
+    pools = "; ".join(f"{m}: " + ", ".join(f"{c} {n}" for c, n in per.items()) for m, per in counts.items())
+    log(f"memory {config.name}: {len(mem)} vectors ({mem.kind}), pools {pools}")
     return BuildMemoryResult(config.name, str(folder), len(mem), mem.kind, mem.nprobe, mem.recall, counts, empty,
                              round(time.perf_counter() - t0, 3))

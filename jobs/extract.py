@@ -40,7 +40,7 @@ __all__ = ["ExtractConfig", "ExtractResult", "run", "plan", "pending", "Pending"
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
     dataset: str = field("", "registered dataset name")
-    modality: str = field("text", "which input of each item to encode: text | image | audio")
+    modality: str = field("text", "which input of each item to encode: text | image | audio | video")
     backbone: str = field("minilm", "registered backbone name (fs backbones list)")
     params: dict = field({}, "backbone parameters (model, adapter, pooling, seq_cap, ...)")
     batch_size: int = field(32, "items per forward pass")
@@ -53,6 +53,9 @@ class ExtractConfig:
     wait: bool = field(False, "wait for a compaction of the fingerprint to finish instead of failing")
 
     def __post_init__(self):
+        from featurestore.devices import check_device
+
+        check_device(self.device, "--device")
         if self.modality not in MODALITIES:
             raise ConfigError(f"modality {self.modality!r} is not one of {list(MODALITIES)}")
         if self.batch_size < 1:
@@ -189,18 +192,32 @@ def _stop(exc: BaseException, config: ExtractConfig) -> BaseException:
                          "re-run to go on (perhaps with a smaller --batch-size)")
 
 
-def _prepare_batch(bb: Backbone, modality: str, batch: Sequence[_Item]) -> tuple[list, list, list[tuple]]:
+def _prepare_one(bb: Backbone, modality: str, item: _Item) -> tuple[bool, Any]:
+    """(True, prepared) or (False, reason) for one item."""
+    try:
+        return True, bb.prepare(_raw(modality, item))
+    except BadItemError as exc:
+        return False, str(exc)
+    except Exception as exc:  # a decoder crash on one item must not stop a million-item job
+        if transient(exc):
+            raise
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+def _prepare_batch(bb: Backbone, modality: str, batch: Sequence[_Item],
+                   items_pool: ThreadPoolExecutor | None = None) -> tuple[list, list, list[tuple]]:
+    """Decode and preprocess a batch: item after item, or its items at once on `items_pool` (video)."""
+    if items_pool is None:
+        outcomes = [_prepare_one(bb, modality, item) for item in batch]
+    else:
+        outcomes = list(items_pool.map(lambda item: _prepare_one(bb, modality, item), batch))
     good, prepared, bad = [], [], []
-    for item in batch:
-        try:
-            prepared.append(bb.prepare(_raw(modality, item)))
+    for item, (ok, value) in zip(batch, outcomes):
+        if ok:
             good.append(item)
-        except BadItemError as exc:
-            bad.append((item, str(exc)))
-        except Exception as exc:  # a decoder crash on one item must not stop a million-item job
-            if transient(exc):
-                raise
-            bad.append((item, f"{type(exc).__name__}: {exc}"))
+            prepared.append(value)
+        else:
+            bad.append((item, value))
     return good, prepared, bad
 
 
@@ -238,10 +255,12 @@ def run(config: ExtractConfig, store: Store, *, backbone: Backbone | None = None
         progress: Callable[..., Any] | None = None, log: Callable[[str], None] = lambda s: None) -> ExtractResult:
     """Extract `config.dataset`'s `config.modality` inputs with `config.backbone` into `store`."""
     t0 = time.perf_counter()
-    bb = backbone or backbones.create(config.backbone, config.params, device=config.device)
+    bb = backbone or backbones.create(config.backbone, config.params, device=config.device, modality=config.modality)
     if bb.modality != config.modality:
+        need = "an image" if config.modality == "video" else \
+            f"{'an' if config.modality[0] in 'aeiou' else 'a'} {config.modality}"
         raise ConfigError(f"backbone {bb.name!r} encodes {bb.modality}, not {config.modality}; "
-                          f"pick {'an' if config.modality[0] in 'aeiou' else 'a'} {config.modality} backbone (fs backbones list)")
+                          f"pick {need} backbone (fs backbones list)")
     job = _Job(config, store, bb, *plan(store, config), t0, progress, log)
     remembered = spec_cache.lookup(store, bb)
     if remembered is not None:
@@ -377,13 +396,17 @@ def _extract_pass(bb: Backbone, config: ExtractConfig, todo: list[_Item], out: _
     """One pass over `todo` in fixed batches; returns the items left to another job."""
     result, writer, later = out.result, out.writer, []
     batches = list(_batches(todo, config.batch_size))
-    # Decode batch i+1 on a thread while the model runs on batch i.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fs-decode") as pool:
-        decoding = pool.submit(_prepare_batch, bb, config.modality, batches[0])
+    # Decode batch i+1 on a thread while the model runs on batch i; a backbone with
+    # prepare_workers > 1 (video) decodes that batch's items on as many threads at once.
+    workers = max(1, int(getattr(bb, "prepare_workers", 1)))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fs-decode") as pool, \
+            (ThreadPoolExecutor(workers, thread_name_prefix="fs-decode-item") if workers > 1
+             else contextlib.nullcontext()) as items_pool:
+        decoding = pool.submit(_prepare_batch, bb, config.modality, batches[0], items_pool)
         for i in range(len(batches)):
             good, prepared, bad = decoding.result()
             if i + 1 < len(batches):
-                decoding = pool.submit(_prepare_batch, bb, config.modality, batches[i + 1])
+                decoding = pool.submit(_prepare_batch, bb, config.modality, batches[i + 1], items_pool)
             mine, theirs = out.claim(batches[i])
             later += theirs
             if len(mine) < len(batches[i]):

@@ -50,6 +50,9 @@ class QueryConfig:
     device: str = field("auto", "backbone device: auto | cpu | cuda[:N]")
 
     def __post_init__(self):
+        from featurestore.devices import check_device
+
+        check_device(self.device, "--device")
         if self.k < 1:
             raise ConfigError(f"k={self.k} must be at least 1")
 

@@ -51,10 +51,13 @@ def run(config: ExtractConfig, store: Store, options: RayOptions = RayOptions(),
         progress: Callable[..., Any] | None = None, log: Callable[[str], None] = lambda s: None) -> ExtractResult:
     """Extract like `jobs.extract.run`, with the model work on a Ray actor pool."""
     t0 = time.perf_counter()
-    bb = backbones.create(config.backbone, config.params, device="cpu")  # the driver's copy names the spec only
+    # the driver's copy names the spec only
+    bb = backbones.create(config.backbone, config.params, device="cpu", modality=config.modality)
     if bb.modality != config.modality:
+        need = "an image" if config.modality == "video" else \
+            f"{'an' if config.modality[0] in 'aeiou' else 'a'} {config.modality}"
         raise ConfigError(f"backbone {bb.name!r} encodes {bb.modality}, not {config.modality}; "
-                          f"pick a {config.modality} backbone (fs backbones list)")
+                          f"pick {need} backbone (fs backbones list)")
     job = _RayJob(config, store, bb, *plan(store, config), t0, progress, log, options=options)
     spec = spec_cache.lookup(store, bb)  # a remembered spec spares the driver a model load ...
     if spec is not None and not FeatureSet(store, fingerprint_of(bb.name, spec)).exists():
@@ -160,7 +163,8 @@ class _Encoder:
 
     def __init__(self, root: str, fingerprint: str, config: ExtractConfig, device: str, threads: int):
         self.config = config
-        self.bb: Backbone = backbones.create(config.backbone, config.params, device=device).load()
+        self.bb: Backbone = backbones.create(config.backbone, config.params, device=device,
+                                             modality=config.modality).load()
         if self.bb.device == "cpu":
             import torch
 

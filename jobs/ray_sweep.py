@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import tempfile
 import time
 from pathlib import Path
@@ -29,30 +30,31 @@ from typing import Any, Callable
 from featurestore._io import publish, tmp_path
 from featurestore.store import Store
 from featurestore.jobs._ray import RayOptions, session, unwrap
-from featurestore.jobs.sweep import CHUNK, OPTUNA_BATCH, SweepConfig, SweepResult, _Runner
+from featurestore.jobs.sweep import CHUNK, OPTUNA_BATCH, SweepConfig, SweepResult
 from featurestore.jobs.sweep import run as run_sweep
+from featurestore.jobs.sweep.run import _Runner
 
 __all__ = ["run"]
 
 
 def run(config: SweepConfig, store: Store, options: RayOptions = RayOptions(), *,
-        log: Callable[[str], None] | None = None) -> SweepResult:
+        log: Callable[[str], None] | None = None, progress: Callable | None = None) -> SweepResult:
     """`jobs.sweep.run` with the training on Ray (started only once the sweep is validated)."""
     with contextlib.ExitStack() as stack:
-        def runner(cls, data, folder, metric, limit, say):
+        def runner(cls, data, folder, metric, limit, say, progress=None):
             ray = stack.enter_context(session(options))
-            return _RayRunner(cls, data, folder, metric, limit, say, ray=ray, options=options,
+            return _RayRunner(cls, data, folder, metric, limit, say, progress, ray=ray, options=options,
                               stack=OPTUNA_BATCH if config.mode == "optuna" else CHUNK)
 
-        return run_sweep(config, store, log=log, runner_cls=runner)
+        return run_sweep(config, store, log=log, progress=progress, runner_cls=runner)
 
 
 class _RayRunner(_Runner):
     """`_Runner` whose `_fit` submits a Ray task; `train` waits for them and publishes their parts."""
 
-    def __init__(self, cls, data, folder: Path, metric: str, limit: int, say, *, ray, options: RayOptions,
-                 stack: int):
-        super().__init__(cls, data, folder, metric, limit, say)
+    def __init__(self, cls, data, folder: Path, metric: str, limit: int, say, progress=None, *, ray,
+                 options: RayOptions, stack: int):
+        super().__init__(cls, data, folder, metric, limit, say, progress)
         self.ray, self.stack = ray, stack
         self.gpus = options.gpus(ray)
         self.width = options.width(ray)
@@ -92,9 +94,16 @@ class _RayRunner(_Runner):
                         tmp = tmp_path(target)
                         tmp.write_bytes(data)
                         publish(tmp, target)
+                        if self.counter is not None:  # the progress bar, with the best validation score
+                            import polars as pl
+
+                            row = pl.read_parquet(io.BytesIO(data)).to_dicts()[0]
+                            self.counter.done(1, row.get(f"val_{self.metric}"))
                     self.trained += n
                     done += n
-                    self.say(f"{done}/{total} configuration(s) trained on Ray ({time.perf_counter() - t0:.1f}s)")
+                    if self.progress is None:
+                        self.say(f"{done}/{total} configuration(s) trained on Ray "
+                                 f"({time.perf_counter() - t0:.1f}s)")
         except Exception as exc:
             for ref in self.futures:
                 ray.cancel(ref)

@@ -42,19 +42,23 @@ class TrainHeadConfig:
     dataset: str = field("", "registered dataset name")
     features: dict = field({}, "modality -> backbone name or fingerprint, e.g. {'text': 'minilm'}")
     params: dict = field({}, "head parameters as strings or values (fs heads show NAME)")
-    target: str = field("label", "label (single/binary) | labels (multi-label) | va (regression)")
+    target: str = field("", "label (single/binary) | labels (multi-label) | va (regression); empty: the one "
+                            "target the dataset has (an error lists them when it has several)")
     seed: int = field(0, "seed of the head and of validation carving")
     val_fraction: float = field(0.1, "fraction of train carved as validation when the dataset has none")
     eval_split: str = field("test", "split evaluated once after training")
     run_id: str = field("", "name of the run folder (default: method-dataset-time-random)")
     cv: str = field("", "cross-validation over every item instead of the splits: group (leave one group out) "
-                        "| K (K stratified folds); jobs/cv.py")
+                        "| fold (the manifest's official folds) | K (K stratified folds); jobs/cv.py")
+    seeds: int = field(1, "train with seeds seed, seed+1, ..., seed+seeds-1 and report mean and std; jobs/seeds.py")
 
     def __post_init__(self):
+        if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
+            raise ConfigError(f"--seeds {self.seeds!r} must be a whole number >= 1 (the runs to average)")
         if self.cv:
             from .cv import parse_cv
             parse_cv(self.cv)
-        if self.target not in TARGETS:
+        if self.target and self.target not in TARGETS:
             raise ConfigError(f"target {self.target!r} is not one of {list(TARGETS)}")
         if not self.dataset:
             raise ConfigError("no dataset given; use --dataset NAME (fs datasets list)")
@@ -96,28 +100,46 @@ def run_folder(store: Store, run_id: str) -> Path:
     return folder
 
 
-def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train on train, early-stop on validation, evaluate on `eval_split` once, save the run."""
+def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | None = None,
+        into: Path | None = None, progress: Callable | None = None) -> TrainResult:
+    """Train on train, early-stop on validation, evaluate on `eval_split` once, save the run
+    (into folder `into` when given: one seed of a `--seeds` run, published with its parent).
+
+    `progress` (a tqdm-like factory, or None) shows each epoch: its loss and best validation score."""
+    if config.seeds > 1:
+        from .seeds import run_seeds
+        return run_seeds(config, store, log=log)
     if config.cv:
         from .cv import run_cv
-        return run_cv(config, store, log=log)
+        return run_cv(config, store, log=log, into=into)
     start = time.perf_counter()
     say = log or (lambda s: None)
     head = make_head(config.method, config.params, config.seed)  # bad --param fails here, before any reading
-    refs = parse_feature_refs(config.features)
+    for need in getattr(head, "requires", ()):
+        if not getattr(head, need, None):
+            raise ConfigError(f"head {config.method!r} needs a replay {need}: pass --{need} NAME (fs {need} list; "
+                              f"build one with fs {need} build NAME --from SCL_RUN)")
+    refs = parse_feature_refs(config.features, store)
     data = prepare(store, config.dataset, refs, target=config.target, val_fraction=config.val_fraction,
                    seed=config.seed, sequences=head.uses_sequences and getattr(head, "sequences", True),
                    va=head.uses_va, eval_split=config.eval_split)
     if data.kind not in head.supports:
         raise ConfigError(f"head {config.method!r} does not train {data.kind!r} targets (--target "
-                          f"{config.target}); it supports {sorted(head.supports)}")
+                          f"{data.target}); it supports {sorted(head.supports)}")
     warned = coverage_warnings(data, config)
     for message in warned:
         say(message)
+    dropped = dropped_message(data, config.dataset)
+    if dropped:
+        warned.append(dropped)
+        say(dropped)
     (Xtr, ytr), (Xv, yv) = data.splits["train"], data.splits["val"]
     say(f"training {config.method} on {len(ytr)} items ({data.kind}, {len(data.classes)} classes), "
         f"validating on {len(yv)}")
-    head.fit(Xtr, ytr, eval_set=(Xv, yv))
+    from ._progress import epoch_progress
+
+    with epoch_progress(progress, config.method):
+        head.fit(Xtr, ytr, eval_set=(Xv, yv))
     Xte, yte = data.splits[config.eval_split]
     pred, proba = head.predict(Xte), head.predict_proba(Xte)
     test = metrics.evaluate(yte, pred, proba)
@@ -125,7 +147,7 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
     run_id = config.run_id or _new_run_id(config.method, config.dataset)
     lineage = {
         "dataset": config.dataset, "manifest_hash": data.manifest_hash, "features": refs,
-        "fingerprints": data.fingerprints, "target": config.target, "kind": data.kind, "classes": data.classes,
+        "fingerprints": data.fingerprints, "target": data.target, "kind": data.kind, "classes": data.classes,
         "seed": config.seed, "validation": data.validation, "eval_split": config.eval_split,
         "dropped_without_target": data.dropped, "dropped_without_features": data.no_features,
         "va_sources": data.va_sources, "n_train": len(ytr), "n_eval": len(yte),
@@ -136,10 +158,20 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
            config.eval_split: test, "val_primary": val, "history": history}
     if "threshold" in head.meta_:  # multi-label: the decision and where it was chosen
         doc["decision"] = {"threshold": head.meta_["threshold"], "chosen_on": head.meta_["threshold_chosen_on"]}
-    folder = _publish_run(store, run_id, head, doc, lineage, (yte, pred, proba))
+    folder = _publish_run(store, run_id, head, doc, lineage, (yte, pred, proba), into=into)
     say(f"saved run {run_id} to {folder}")
     return TrainResult(run_id, folder, config.method, config.dataset, data.kind, test, val,
                        time.perf_counter() - start, lineage, warned)
+
+
+def dropped_message(data, dataset: str) -> str:
+    """One line saying how many items were left out for lack of a `data.target` target, per split ('' if none)."""
+    if not any(data.dropped.values()):
+        return ""
+    per = ", ".join(f"{n} of {s}" for s, n in data.dropped.items() if n)
+    what = {"label": "label", "labels": "multi-labels", "va": "valence or arousal"}.get(data.target, data.target)
+    return (f"note: {sum(data.dropped.values())} item(s) of {dataset!r} have no {what} (--target {data.target}) and "
+            f"were left out ({per})")
 
 
 def coverage_warnings(data, config: TrainHeadConfig) -> list[str]:
@@ -171,16 +203,19 @@ def _new_run_id(method: str, dataset: str) -> str:
     return f"{method}-{dataset}-{stamp}-{uuid.uuid4().hex[:6]}"[:128]
 
 
-def _publish_run(store: Store, run_id: str, head: heads.Head, doc: dict, lineage: dict, evaluated) -> Path:
-    final = store.heads_dir() / check_name(run_id, "run")
+def _publish_run(store: Store, run_id: str, head: heads.Head, doc: dict, lineage: dict, evaluated,
+                 into: Path | None = None) -> Path:
+    final = into or store.heads_dir() / check_name(run_id, "run")
     if final.exists():
         raise ConfigError(f"run {run_id!r} already exists in {store.heads_dir()}; choose another run id")
-    tmp = store.heads_dir() / f".{run_id}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         head.save(tmp)
         write_json_atomic(tmp / "metrics.json", json_safe(doc))
         write_json_atomic(tmp / "lineage.json", lineage)
-        plot(tmp, head.meta_["kind"], list(head.meta_.get("classes", [])), *evaluated)
+        split = lineage.get("eval_split", "test")
+        plot(tmp, head.meta_["kind"], list(head.meta_.get("classes", [])), *evaluated, run=run_id,
+             dataset=lineage.get("dataset", ""), split=split, metrics=doc.get(split) or {})
         write_checksums(tmp, [p.name for p in tmp.iterdir() if p.is_file()])  # checked by `fs verify`
         os.replace(tmp, final)
     except BaseException:
@@ -190,40 +225,12 @@ def _publish_run(store: Store, run_id: str, head: heads.Head, doc: dict, lineage
 
 
 # ---- plots -------------------------------------------------------------------------
-def plot(folder: Path, kind: str, classes: list[str], targets, pred: np.ndarray, proba: np.ndarray) -> Path:
-    """confusion.png (single/binary), per_class_f1.png (multi) or va.png (regression), with matplotlib Agg."""
-    from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no global backend state
+def plot(folder: Path, kind: str, classes: list[str], targets, pred: np.ndarray, proba: np.ndarray, **about) -> Path:
+    """confusion.png (single/binary), per_class_f1.png (multi) or va.png (regression), titled with
+    `about`: run, dataset, split, metrics (jobs/plots.py)."""
+    from .plots import plot_run
 
-    fig = Figure(figsize=(max(4, 0.6 * len(classes) + 2), max(3.5, 0.5 * len(classes) + 2)))
-    ax = fig.add_subplot()
-    if kind in ("single", "binary"):
-        cm = metrics.confusion_matrix(targets.y, pred, len(classes))
-        ax.imshow(cm, cmap="Blues")
-        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-        ax.set_yticks(range(len(classes)), classes)
-        for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        name = "confusion.png"
-    elif kind == "multi":
-        f1 = metrics.per_class_f1(targets.y, pred)
-        ax.barh(range(len(classes)), f1)
-        ax.set_yticks(range(len(classes)), classes)
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("F1")
-        name = "per_class_f1.png"
-    else:
-        for d, label in enumerate(("valence", "arousal")):
-            ok = np.isfinite(targets.y[:, d])
-            ax.scatter(targets.y[ok, d], pred[ok, d], s=4, label=label)
-        ax.set_xlabel("true")
-        ax.set_ylabel("predicted")
-        ax.legend()
-        name = "va.png"
-    fig.tight_layout()
-    fig.savefig(folder / name, dpi=100)
-    return folder / name
+    return plot_run(folder, kind, classes, targets, pred, proba, **about)
 
 
 # ---- saved runs --------------------------------------------------------------------
@@ -235,10 +242,11 @@ def _run_dirs(store: Store) -> list[Path]:
 
 
 def staleness(store: Store, lineage: dict) -> dict[str, str]:
-    """modality -> newer fingerprint, for each fingerprint the run used that has been superseded."""
+    """modality -> newer fingerprint, for each fingerprint the run used that has been superseded for the
+    run's dataset (a newer extraction of the same backbone on that dataset; other datasets do not count)."""
     out = {}
     for mod, fp in lineage.get("fingerprints", {}).items():
-        newer = superseded_by(store, fp)
+        newer = superseded_by(store, fp, lineage.get("dataset"))
         if newer:
             out[mod] = newer
     return out
@@ -273,6 +281,7 @@ def evaluate(run_id: str, dataset: str, store: Store, *, split: str = "test") ->
     seq = bool(head.meta_.get("seq_dims"))
     data = load_split(store, dataset, split, lineage["fingerprints"], sequences=seq)
     head._check_features(features_of(data, va_from_labels=False))  # wrong widths: a clear error before any work
+    _check_labels(data, lineage, classes, run_id)
     X, y, _, no_target, no_features = usable(data, lineage["target"], classes, sequences=seq)
     result = metrics.evaluate(y, head.predict(X), head.predict_proba(X))
     return json_safe({"run": run_id, "dataset": dataset, "split": split, "n": len(y), "dropped_without_target": no_target,
@@ -280,3 +289,20 @@ def evaluate(run_id: str, dataset: str, store: Store, *, split: str = "test") ->
                    "metrics": result, "stale": staleness(store, lineage)})
 
 
+def _check_labels(data, lineage: dict, classes: list, run_id: str) -> None:
+    """A run scores only the classes it was trained on: labels outside them are the run's limit, not a
+    fault of the dataset, so say which run, which labels and what to do."""
+    if lineage.get("kind") in ("va", None) or not classes:
+        return
+    known = set(classes)
+    if lineage.get("kind") == "multi":
+        seen = {c for row in data.labels for c in (row or [])}
+    else:
+        seen = {lab for lab in data.label if lab is not None}
+    outside = sorted(seen - known)
+    if outside:
+        raise ConfigError(f"run {run_id!r} was trained on dataset {lineage.get('dataset')!r} with classes "
+                          f"{', '.join(map(str, classes))}; dataset {data.dataset!r} split {data.split!r} has "
+                          f"labels it cannot predict: {', '.join(map(str, outside[:10]))}"
+                          f"{' ...' if len(outside) > 10 else ''}. Evaluate it on a dataset labelled with the "
+                          f"run's classes, or train a run on {data.dataset!r} (fs train-head --dataset {data.dataset})")

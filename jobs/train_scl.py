@@ -69,13 +69,15 @@ class TrainSCLResult:
         return dataclasses.asdict(self)
 
 
-def parse_data(entries) -> list[tuple[str, dict[str, str]]]:
+def parse_data(entries, store: Store | None = None) -> list[tuple[str, dict[str, str] | str]]:
+    """`DATASET:[MOD=]FEATURES[,...]` entries -> (dataset, features); the features are parsed (the modality
+    found from the store when left out) only when `store` is given."""
     out = []
     for entry in entries:
         ds, sep, refs = str(entry).partition(":")
-        if not sep or not ds:
+        if not sep or not ds or not refs.strip():
             raise ConfigError(f"--data {entry!r} should be DATASET:MODALITY=FEATURES, e.g. demo:text=minilm")
-        out.append((ds, parse_feature_refs(refs)))
+        out.append((ds, parse_feature_refs(refs, store) if store is not None else refs))
     return out
 
 
@@ -120,7 +122,7 @@ def _accuracy(head: SCL, s: SplitData, classes: list[str]) -> dict[str, float]:
 def run(config: TrainSCLConfig, store: Store, *, log: Callable[[str], None] = lambda s: None,
         progress: Callable[..., Any] | None = None) -> TrainSCLResult:
     t0 = time.perf_counter()
-    entries = parse_data(config.data)
+    entries = parse_data(config.data, store)
     train = [load_split(store, ds, config.split, refs) for ds, refs in entries]
     fps = _fingerprints(train)
     classes = sorted({lab for s in train for lab in s.label if lab is not None})
@@ -137,7 +139,10 @@ def run(config: TrainSCLConfig, store: Store, *, log: Callable[[str], None] = la
     head = SCL(**params)
     log(f"scl: {len(y)} rows, modalities {sorted(fps)}, {len(classes)} labels"
         + (f"; the state of least {config.val_split} log-loss is kept" if eval_set else ""))
-    head.fit(X, y, eval_set=eval_set)
+    from ._progress import epoch_progress
+
+    with epoch_progress(progress, "scl"):
+        head.fit(X, y, eval_set=eval_set)
     h = head.encoder_hash()
     name = config.run or f"scl-{h[:8]}"
     folder = store.heads_dir() / check_name(name, "run")

@@ -22,7 +22,7 @@ from featurestore.config import field, from_strings, to_dict
 from featurestore.datasets import get_dataset
 from featurestore.errors import BadItemError, ConfigError, NotFoundError
 from featurestore.features import FeatureSet, resolve_features
-from featurestore.reader import load_split
+from featurestore.reader import load_split, parse_feature_refs
 from featurestore.segments import ErrorRecord
 from featurestore.store import Store, check_name, now_iso
 from featurestore.va.base import VAScorer
@@ -49,6 +49,9 @@ class VAConfig:
     retry_errors: bool = field(False, "retry items that failed in an earlier run")
 
     def __post_init__(self):
+        from featurestore.devices import check_device
+
+        check_device(self.device, "--device")
         if self.modality not in MODALITIES:
             raise ConfigError(f"modality {self.modality!r} is not one of {list(MODALITIES)}")
         if self.batch_size < 1 or self.segment_rows < 1 or self.limit < 0:
@@ -98,7 +101,7 @@ def run(config: VAConfig, store: Store, *, scorer: VAScorer | None = None,
     t0 = time.perf_counter()
     scorer = scorer or make_scorer(store, config.scorer, config.params, device=config.device)
     scorer.check_modality(config.modality)  # before any data is read or weights loaded
-    features = _feature_set(store, scorer)
+    features, frames = _feature_set(store, scorer, config.modality)
     items, unreadable, n_rows = plan(store, ExtractConfig(dataset=config.dataset, modality=config.modality,
                                                           limit=config.limit, splits=tuple(config.splits)))
     spec = scorer.full_spec(config.modality)
@@ -121,30 +124,33 @@ def run(config: VAConfig, store: Store, *, scorer: VAScorer | None = None,
             todo = [it for it, h in zip(todo, have) if h]
         if todo:
             log(f"{vs.source}: {len(todo)} to score, {result.cached} cached")
-            _score_all(scorer, config, todo, features, writer, result, progress)
+            _score_all(scorer, config, todo, features, frames, writer, result, progress)
         result.segments += bool(writer.flush())
         result.failed_total = len({(e.dataset, e.item_id) for e in vs.errors() if e.dataset == config.dataset})
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _feature_set(store: Store, scorer: VAScorer) -> FeatureSet | None:
+def _feature_set(store: Store, scorer: VAScorer, modality: str) -> tuple[FeatureSet | None, bool]:
     if scorer.inputs != "features":
-        return None
-    fs = FeatureSet(store, scorer.fingerprint)
+        return None, False
+    fingerprint, frames = scorer.features_for(modality)
+    fs = FeatureSet(store, fingerprint)
     if not fs.exists():
-        raise NotFoundError(f"VA scorer {scorer.name!r} reads features {scorer.fingerprint!r}, which are not in "
+        raise NotFoundError(f"VA scorer {scorer.name!r} reads features {fingerprint!r}, which are not in "
                             f"{store.root}; extract them first with `fs extract` (same backbone and parameters)")
-    return fs
+    return fs, frames
 
 
-def _score_all(scorer: VAScorer, config: VAConfig, todo: list[_Item], features: FeatureSet | None, writer,
-               result: VAResult, progress) -> None:
+def _score_all(scorer: VAScorer, config: VAConfig, todo: list[_Item], features: FeatureSet | None, frames: bool,
+               writer, result: VAResult, progress) -> None:
     bar = progress(total=len(todo), desc=f"va {config.dataset}/{config.modality}", unit="item") if progress else None
     for batch in _batches(todo, config.batch_size):
         if features is not None:
-            pooled, _ = features.read_pooled([it.key for it in batch], dtype=np.float32)
-            good, values, bad = _score_safely(scorer, config.modality, list(batch), pooled)
+            keys = [it.key for it in batch]
+            rows = features.read_sequences(keys, dtype=np.float32)[0] if frames else \
+                features.read_pooled(keys, dtype=np.float32)[0]
+            good, values, bad = _score_safely(scorer, config.modality, list(batch), rows)
         else:
             good, prepared, bad = _prepare(scorer, config.modality, batch)
             good, values, bad2 = _score_safely(scorer, config.modality, good, prepared) if good else ([], None, [])
@@ -222,7 +228,8 @@ def _reason(row: np.ndarray) -> str:
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
     dataset: str = field("", "dataset with VA labels (its manifest's valence/arousal columns)")
-    features: str = field("", "fingerprint, or backbone name meaning its most recent fingerprint")
+    features: str = field("", "[MODALITY=]BACKBONE_OR_FINGERPRINT: one feature set; a backbone name means its "
+                              "fingerprint that covers the dataset")
     out: str = field("", "name of the fitted model (store/va_models/<out>/)")
     params: dict = field({}, "regressor parameters: kind=ridge|mlp, alpha, hidden, epochs, lr, ...")
     train_splits: tuple = field(("train",), "splits to fit on")
@@ -268,8 +275,13 @@ def fit(config: FitConfig, store: Store, *, log: Callable[[str], None] = lambda 
     folder = models_root(store) / config.out
     if (folder / CONFIG).exists() and not config.replace:
         raise ConfigError(f"VA model {config.out!r} already exists in {store.root}; pass --replace to overwrite it")
-    fs = resolve_features(store, config.features)
     ds = get_dataset(store, config.dataset)
+    refs = parse_feature_refs(config.features, store)
+    if len(refs) != 1:
+        raise ConfigError(f"--features {config.features!r} names {len(refs)} feature sets; a VA model is fitted on "
+                          "one, e.g. --features text=minilm")
+    (mod, ref), = refs.items()
+    fs = resolve_features(store, ref, modality=mod, dataset=ds)
     for split in (*config.train_splits, *([config.test_split] if config.test_split else [])):
         if split not in ds.splits():
             raise ConfigError(f"dataset {ds.name!r} has no split {split!r}; splits: {list(ds.splits())}")

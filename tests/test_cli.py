@@ -84,7 +84,7 @@ def test_gc_removes_temp_files_and_compacts(demo_store, tmp_path):
     (["extract", "--dataset", "demo", "--modality", "text", "--backbone", "minilm", "-p", "poolin=cls"], 2,
      "unknown parameter 'poolin'.*known: .*pooling"),
     (["extract", "--dataset", "demo", "--modality", "text", "--backbone", "hf-text",
-      "--model", "no-such-org/no-such-model"], 7, "could not load 'no-such-org/no-such-model'"),
+      "--model", "no-such-org/no-such-model"], 7, "'no-such-org/no-such-model' is not in the local hub cache"),
 ])
 def test_errors_name_the_value_and_exit_with_their_code(demo_store, args, code, match):
     import re

@@ -219,7 +219,7 @@ def trained(tmp_path_factory, demo_df, minilm):
 
 
 def test_scl_run_writes_derived_features_that_verify_and_read(trained):
-    from featurestore.cli.store_cmd import verify_store
+    from featurestore.verify import verify_store
 
     store, result, _, image_fp = trained
     assert set(result.derived) == {"text", "image"} and result.written == {"text": 180, "image": 168}
@@ -345,7 +345,7 @@ def test_cli_train_head_concept_with_a_memory_by_name(trained):
     store, result, _, _ = trained
     runner = CliRunner()
     args = ["--store", str(store.root), "train-head", "--method", "concept", "--dataset", "words",
-            "--features", f"text={result.derived['text']}", "--memory", "m1", "-p", "epochs=3", "-p", "device=cpu",
+            "--features", f"text={result.derived['text']}", "--memory", "m1", "-p", "epochs=3", "-p", "device=cpu", "--target", "label",
             "--eval-split", "test", "--json"]
     refused = runner.invoke(cli, [*args[:-3], "--eval-split", "val"])
     assert refused.exit_code == 2 and "validation split" in refused.output  # never evaluate on what chose

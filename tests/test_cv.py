@@ -79,7 +79,7 @@ def test_leave_one_group_out_never_validates_on_the_held_out_group(grouped_store
         return tr, va, record
 
     monkeypatch.setattr(cv_job, "carve_validation", spy)
-    result = run(TrainHeadConfig(method="linear", dataset="demo", features={"text": "minilm"}, cv="group",
+    result = run(TrainHeadConfig(method="linear", dataset="demo", features={"text": "minilm"}, cv="group", target="label",
                                  params={"epochs": "3"}), grouped_store)
     assert len(seen) == 3
     doc = json.loads((result.folder / "metrics.json").read_text())
@@ -96,7 +96,7 @@ def test_leave_one_group_out_never_validates_on_the_held_out_group(grouped_store
 
 def test_cli_prints_a_fold_table(grouped_store):
     out = CliRunner().invoke(cli, ["--store", str(grouped_store.root), "train-head", "--method", "linear",
-                                   "--dataset", "demo", "--features", "text=minilm", "--cv", "3", "-p", "epochs=2"],
+                                   "--dataset", "demo", "--features", "text=minilm", "--target", "label", "--cv", "3", "-p", "epochs=2"],
                              catch_exceptions=False)
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()

@@ -88,7 +88,7 @@ def trained_template(tmp_path_factory, demo_df, minilm):
     add_dataset(store, "words", demo_df.head(120), root=None, source="t")
     run(ExtractConfig(dataset="words", modality="text", backbone="minilm", segment_rows=32), store, backbone=minilm)
     res = fs_cli(store, "train-head", "--method", "linear", "--dataset", "words", "--features", "text=minilm",
-                 "--run-id", "r1", "--json")
+                 "--target", "label", "--run-id", "r1", "--json")
     assert res.exit_code == 0, res.output
     mem = Memory(8)
     mem.add(np.arange(5), np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32),
@@ -120,7 +120,7 @@ def test_a_deleted_segment_is_found_and_training_warns(trained):
     messages = " ".join(p["message"] for p in json.loads(res.output)["problems"])
     assert "missing: it was deleted" in messages and "rows dataset words needs are missing" in messages
     out = CliRunner().invoke(cli, ["--store", str(store.root), "train-head", "--method", "linear", "--dataset", "words",
-                                   "--features", "text=minilm", "--run-id", "r2"], catch_exceptions=False)
+                                   "--features", "text=minilm", "--target", "label", "--run-id", "r2"], catch_exceptions=False)
     assert out.exit_code == 0
     assert "have no cached features" in out.output and "split 'train'" in out.output
 

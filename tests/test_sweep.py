@@ -129,7 +129,7 @@ def fs(store, *args):
     return CliRunner().invoke(cli, ["--store", str(store.root), *args], catch_exceptions=False)
 
 
-BASE = ["--dataset", "demo", "--features", "text=minilm"]
+BASE = ["--dataset", "demo", "--features", "text=minilm", "--target", "label"]
 QUICK = ["-p", "epochs=3", "-p", "hidden=16", "-p", "batch_size=32"]
 
 
@@ -161,7 +161,7 @@ def test_bad_space_is_refused(demo_store, tmp_path):
 def test_grid_sweep_resumes_without_rerunning_and_exports_best(demo_store, tmp_path):
     from featurestore.jobs.train_head import TrainHeadConfig, run as train
 
-    cfg = dict(method="mlp", dataset="demo", features={"text": "minilm"}, seed=2,
+    cfg = dict(method="mlp", dataset="demo", features={"text": "minilm"}, seed=2, target="label",
                grid={"lr": ["3e-4", "1e-3", "3e-3"], "dropout": ["0.0", "0.3"]},
                params={"epochs": "3", "hidden": "16", "batch_size": "32"})
     first = sweep_job.run(sweep_job.SweepConfig(**cfg, limit=4), demo_store)
@@ -264,7 +264,7 @@ def test_univa_sweeps_as_one_stack_and_other_heads_sequentially(demo_store):
     assert "val_acc" in res.table.columns and res.metric == "acc"
     pytest.importorskip("xgboost")
     res = sweep_job.run(sweep_job.SweepConfig(method="xgboost", dataset="demo", features={"text": "minilm"},
-                                              grid={"max_depth": ["2", "3"]},
+                                              target="label", grid={"max_depth": ["2", "3"]},
                                               params={"n_estimators": "5", "nthread": "1"}), demo_store)
     assert res.table.height == 2 and set(res.table["stack"]) == {1}
 

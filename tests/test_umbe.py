@@ -306,7 +306,7 @@ def test_sweep_trains_umbe_one_configuration_after_another(demo_store):
     from featurestore.jobs import sweep as sweep_job
 
     res = sweep_job.run(sweep_job.SweepConfig(method="umbe", dataset="demo", features={"text": "minilm"},
-                                              grid={"lr": ["1e-3", "3e-3"]},
+                                              target="label", grid={"lr": ["1e-3", "3e-3"]},
                                               params={k: str(v) for k, v in {**SMALL, "epochs": 1,
                                                                                 "stages": 1}.items()}),
                         demo_store)

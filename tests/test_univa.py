@@ -213,20 +213,20 @@ def test_train_head_univa_end_to_end(demo_store):
     assert lineage["manifest_hash"] and lineage["validation"] == {"carved": False, "split": "val",
                                                                    "n_val": lineage["validation"]["n_val"]}
     text = fs(demo_store, "train-head", "--method", "univa", "--dataset", "demo", "--features", "text=minilm",
-              "-p", "epochs=2", "-p", "hidden=32", "-p", "prior=false")
+              "--target", "label", "-p", "epochs=2", "-p", "hidden=32", "-p", "prior=false")
     assert text.exit_code == 0 and "uar" in text.output and "weighted_f1" in text.output
     ev = fs(demo_store, "eval", out["run"], "--dataset", "demo", "--json")
     assert ev.exit_code == 0
     assert json.loads(ev.output)["metrics"] == pytest.approx(out["metrics"])  # same split, same numbers
     for split in ("val", "train"):  # no held-out measure on what training chose by or fitted
         r = fs(demo_store, "train-head", "--method", "linear", "--dataset", "demo", "--features", "text=minilm",
-               "--eval-split", split)
+               "--target", "label", "--eval-split", split)
         assert r.exit_code == 2 and f"'{split}'" in r.output and "held-out" in r.output
 
 
 def test_carved_validation_and_runs_staleness(demo_store):
     r = fs(demo_store, "train-head", "--method", "linear", "--dataset", "noval", "--features", "text=minilm",
-           "--seed", "7", "-p", "epochs=2", "--json")
+           "--target", "label", "--seed", "7", "-p", "epochs=2", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert out["lineage"]["validation"]["carved"] and out["lineage"]["validation"]["seed"] == 7
@@ -265,7 +265,8 @@ def test_bad_input_fails_before_training(demo_store, tmp_path):
         doc = json.loads(saved)
         doc["label_set"] = ["negative", "positive"]
         info.write_text(json.dumps(doc))
-        r = fs(demo_store, "train-head", "--method", "mlp", "--dataset", "demo", "--features", "text=minilm")
+        r = fs(demo_store, "train-head", "--method", "mlp", "--dataset", "demo", "--features", "text=minilm",
+               "--target", "label")
         assert r.exit_code == 5 and "outside" in r.output and "neutral" in r.output
     finally:
         info.write_text(saved)

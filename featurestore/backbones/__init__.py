@@ -30,8 +30,17 @@ REGISTRY: Registry[type[Backbone]] = Registry("backbone", _BUILTIN, list_hint="f
 register, get, names = REGISTRY.register, REGISTRY.get, REGISTRY.names
 
 
-def create(name: str, params: Mapping[str, str] | None = None, *, device: str = "auto") -> Backbone:
-    """Instantiate backbone `name` from string parameters (`--param key=value`)."""
+def create(name: str, params: Mapping[str, str] | None = None, *, device: str = "auto",
+           modality: str | None = None) -> Backbone:
+    """Instantiate backbone `name` from string parameters (`--param key=value`).
+
+    `modality="video"` with an image backbone gives that backbone over sampled video frames
+    (`featurestore.backbones.video`), which also takes the video options (frames, fps, ...)."""
     cls = get(name)
+    if modality == "video" and cls.modality == "image":
+        from .video import VideoFrames, video_config_class
+
+        config = from_strings(video_config_class(cls.Config), dict(params or {}), what=f"backbone {name!r} (video)")
+        return VideoFrames(cls, config, device=device)
     config = from_strings(cls.Config, dict(params or {}), what=f"backbone {name!r}")
     return cls(config, device=device)

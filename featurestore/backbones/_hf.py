@@ -23,15 +23,21 @@ def from_pretrained(loader: Any, ref: str, *, what: str, option: str = "--model 
     """
     if not ref:
         raise BackboneError(f"{what}: no model given; pass {option} (a hub id or local folder)")
+    from .hub import load_kwargs
+
     local = Path(ref).expanduser()
     target = str(local) if local.exists() else ref
+    kwargs = {**load_kwargs(ref, what=what, option=option), **kwargs}  # no network: one clear error, at once
     try:
         return loader.from_pretrained(target, **kwargs)
     except Exception as exc:  # transformers raises OSError, ValueError, HF errors...
         hint = ("the folder exists but does not hold a loadable model" if local.exists() else
-                "it is neither a local folder nor in the local hub cache (this machine may have no "
-                f"network); pass a local folder with {option}")
-        raise BackboneError(f"{what}: could not load {ref!r}: {hint}. ({type(exc).__name__}: {exc})") from None
+                "the local hub cache holds only part of it (an interrupted download?)"
+                if kwargs.get("local_files_only") else "it is neither a local folder nor a model the hub has "
+                "(check the id)")
+        reason = " ".join(str(exc).split())[:240]
+        raise BackboneError(f"{what}: could not load {ref!r}: {hint}; pass a local folder with {option}. "
+                            f"({type(exc).__name__}: {reason})") from None
 
 
 def apply_adapter(model: Any, adapter: str, *, what: str) -> Any:

@@ -1,5 +1,10 @@
 """Decoding of raw image and audio bytes, shared by the image and audio backbones.
 
+Audio comes from any file soundfile reads (WAV, FLAC, OGG, MP3...) or, failing that, from
+the first audio track of a video container (MP4, MKV/WebM, AVI, ...) read with PyAV: so
+`--modality audio` on a video path extracts its soundtrack, and a video with no audio
+track is a bad item with that reason.
+
 Every failure becomes a `BadItemError` with a reason, so extraction records the item and
 goes on. Resampling is done here, in numpy, with one fixed windowed-sinc method: the
 numbers must not depend on which optional audio library happens to be installed.
@@ -73,7 +78,9 @@ def decode_audio(raw: bytes, target_sr: int, *, max_samples: int = 0) -> np.ndar
             frames = _input_frames(max_samples, sr, target_sr) if max_samples > 0 and sr > 0 else -1
             data = f.read(frames, dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError (a RuntimeError), TypeError, ...
-        raise BadItemError(f"audio cannot be decoded ({type(exc).__name__}: {exc})") from None
+        if not _is_container(raw):
+            raise BadItemError(f"audio cannot be decoded ({type(exc).__name__}: {exc})") from None
+        data, sr = _container_audio(raw, max_samples, target_sr)
     if sr <= 0:
         raise BadItemError(f"audio has an invalid sample rate ({sr})")
     if data.shape[0] == 0 or data.shape[1] == 0:
@@ -87,6 +94,30 @@ def decode_audio(raw: bytes, target_sr: int, *, max_samples: int = 0) -> np.ndar
     if out.size == 0:
         raise BadItemError(f"audio is too short to resample ({data.shape[0]} samples at {sr} Hz)")
     return out
+
+
+#: leading bytes of the containers whose audio track is read with PyAV (video files, m4a)
+_CONTAINER_MAGIC = ((4, b"ftyp"), (4, b"moov"), (4, b"mdat"), (4, b"free"), (4, b"wide"),  # MP4 / QuickTime
+                    (0, b"\x1a\x45\xdf\xa3"),  # Matroska / WebM
+                    (0, b"FLV"), (8, b"AVI "), (0, b"\x30\x26\xb2\x75"))  # FLV, AVI (RIFF), ASF / WMV
+
+
+def _is_container(raw: bytes) -> bool:
+    return any(raw[at:at + len(magic)] == magic for at, magic in _CONTAINER_MAGIC) or \
+        (len(raw) > 188 and raw[0] == 0x47 and raw[188] == 0x47)  # MPEG-TS
+
+
+def _container_audio(raw: bytes, max_samples: int, target_sr: int) -> tuple[np.ndarray, int]:
+    """The audio track of a video container (PyAV) as float32 `[T, channels]` and its rate."""
+    from ._video import decode_audio_track
+
+    limit = 0
+    if max_samples > 0:  # the rate is known only once the stream is open: decode a generous bound
+        limit = _input_frames(max_samples, 192000, target_sr)
+    track, sr = decode_audio_track(raw, max_input=limit)
+    if max_samples > 0:
+        track = track[:, :_input_frames(max_samples, sr, target_sr)]
+    return track.T.astype(np.float32), sr
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:

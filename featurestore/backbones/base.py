@@ -23,7 +23,7 @@ from ..hashing import spec_digest
 
 __all__ = ["Backbone", "BackboneConfig", "Encoded", "fingerprint_of", "resolve_device", "MODALITIES"]
 
-MODALITIES = ("text", "image", "audio")
+MODALITIES = ("text", "image", "audio", "video")  # video: a clip path (decoding: the video backbones)
 STORAGE_DTYPES = ("float16", "float32")
 
 
@@ -60,6 +60,9 @@ class Encoded:
 def resolve_device(device: str = "auto") -> str:
     import torch
 
+    from ..devices import check_device
+
+    device = check_device(device or "auto")
     if device in ("", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -118,6 +121,21 @@ class Backbone(abc.ABC):
     def encode(self, items: Sequence[Any]) -> Encoded:
         """Run the model on prepared items."""
 
+    # ---- optional ----------------------------------------------------------------
+    #: items `prepare` may work on at once, on threads (video decoding); 1: one after another
+    prepare_workers: int = 1
+
+    def prepare_image(self, img: Any) -> Any:
+        """Image backbones: preprocess one decoded RGB `PIL.Image` (how video frames arrive).
+
+        The default encodes it losslessly (PNG) and calls `prepare`; a backbone overrides it
+        to skip that round trip (the numbers must be the same either way)."""
+        import io
+
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return self.prepare(buf.getvalue())
+
     # ---- shared ------------------------------------------------------------------
     @property
     def model_ref(self) -> str:
@@ -125,6 +143,9 @@ class Backbone(abc.ABC):
 
     def load(self) -> "Backbone":
         if not self._loaded:
+            from .hub import load_kwargs
+
+            load_kwargs(self.model_ref, what=f"backbone {self.name}", option="--model PATH")  # fails fast offline
             self.device = resolve_device(self.device_request)
             if self.device == "cpu":
                 import torch

@@ -76,12 +76,17 @@ class CLIPImage(_CLIPBase):
     def prepare(self, raw: bytes | str):
         if isinstance(raw, str):
             raise BadItemError("expected image bytes, got text")
-        return _media.decode_image(raw)
+        return self.prepare_image(_media.decode_image(raw))
+
+    def prepare_image(self, img):
+        """Resize, crop and normalise here, on the decoding thread, off the model's critical path."""
+        self.load()
+        return self.processor(images=img, return_tensors="pt")["pixel_values"][0]
 
     def encode(self, items: Sequence) -> Encoded:
         import torch
 
-        pixels = self.processor(images=list(items), return_tensors="pt")["pixel_values"].to(self.device)
+        pixels = torch.stack(list(items)).to(self.device)
         with torch.inference_mode(), _hf.autocast(self.device):
             out = self.model(pixel_values=pixels)
             states = None

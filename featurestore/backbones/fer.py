@@ -293,11 +293,15 @@ class FER(Backbone):
                 "output": self.config.output}
 
     def prepare(self, raw: bytes | str) -> np.ndarray:
-        from PIL import Image
-
         if isinstance(raw, str):
             raise BadItemError("expected image bytes, got text")
-        img = _media.decode_image(raw).convert("L").resize(self.size[::-1], Image.BILINEAR)
+        return self.prepare_image(_media.decode_image(raw))
+
+    def prepare_image(self, img) -> np.ndarray:
+        from PIL import Image
+
+        self.load()
+        img = img.convert("L").resize(self.size[::-1], Image.BILINEAR)
         x = np.asarray(img, dtype=np.float32) / 255.0
         return ((x - 0.5) * 2.0)[None]  # [1, H, W]
 

@@ -9,10 +9,11 @@ import polars as pl
 from ..errors import DatasetError
 from .manifest import SPLIT_ALIASES, normalise
 
-__all__ = ["read_manifest_file", "read_folder", "IMAGE_EXT", "AUDIO_EXT"]
+__all__ = ["read_manifest_file", "read_folder", "IMAGE_EXT", "AUDIO_EXT", "VIDEO_EXT"]
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+VIDEO_EXT = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".flv", ".m4v"}
 
 
 def read_manifest_file(path: str | Path) -> pl.DataFrame:
@@ -23,7 +24,7 @@ def read_manifest_file(path: str | Path) -> pl.DataFrame:
     suffix = path.suffix.lower()
     try:
         if suffix in (".csv", ".tsv"):
-            df = pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema_length=10000)
+            df = _read_delimited(path, "\t" if suffix == ".tsv" else ",")
         elif suffix in (".jsonl", ".ndjson"):
             df = _read_jsonl(path)
         elif suffix in (".parquet", ".pq"):
@@ -31,8 +32,37 @@ def read_manifest_file(path: str | Path) -> pl.DataFrame:
         else:
             raise DatasetError(f"manifest {str(path)!r}: unknown format {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
     except pl.exceptions.PolarsError as exc:
-        raise DatasetError(f"manifest {str(path)!r} cannot be parsed: {exc}") from None
+        raise DatasetError(f"manifest {str(path)!r} cannot be parsed: {polars_reason(exc)}") from None
     return normalise(df, source=f"manifest {str(path)!r}")
+
+
+def _read_delimited(path: Path, separator: str) -> pl.DataFrame:
+    """A CSV/TSV: non-UTF-8 bytes are refused with their line; a column whose type the first rows
+    guess wrong is read again with the whole file scanned (normalise then names any bad cell)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DatasetError(f"manifest {str(path)!r} line {line}, byte {column} of the line: not valid UTF-8 "
+                           f"(byte 0x{data[exc.start]:02x}); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                           ) from None
+    try:
+        return pl.read_csv(data, separator=separator, infer_schema_length=10000)
+    except pl.exceptions.ComputeError:
+        return pl.read_csv(data, separator=separator, infer_schema_length=None)
+
+
+def polars_reason(exc: Exception) -> str:
+    """The reason in a polars error, on one line, without its advice about polars' own arguments
+    (which a user of this tool cannot pass)."""
+    text = str(exc)
+    for cut in ("You might want to try", "This error occurred", "Original error", "Resolved plan"):
+        if cut in text:
+            text = text[: text.index(cut)]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("- ")]
+    return " ".join(" ".join(lines).split())[:300] or type(exc).__name__
 
 
 def _read_jsonl(path: Path) -> pl.DataFrame:
@@ -59,7 +89,7 @@ def _read_jsonl(path: Path) -> pl.DataFrame:
 
 
 def read_folder(root: str | Path) -> pl.DataFrame:
-    """`root/<class>/<file>` or `root/<split>/<class>/<file>`, images or audio by extension."""
+    """`root/<class>/<file>` or `root/<split>/<class>/<file>`, images, audio or video by extension."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"folder {str(root)!r} does not exist")
@@ -71,13 +101,15 @@ def read_folder(root: str | Path) -> pl.DataFrame:
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for f in sorted(class_dir.rglob("*")):
                 ext = f.suffix.lower()
-                modality = "image" if ext in IMAGE_EXT else "audio" if ext in AUDIO_EXT else None
+                modality = ("image" if ext in IMAGE_EXT else "audio" if ext in AUDIO_EXT
+                            else "video" if ext in VIDEO_EXT else None)
                 if modality is None or not f.is_file():
                     continue
                 rel = f.relative_to(root).as_posix()
                 rows.append({"item_id": rel, "label": class_dir.name, modality: rel,
                              **({"split": split_dir.name} if by_split else {})})
     if not rows:
-        raise DatasetError(f"folder {str(root)!r} holds no images ({sorted(IMAGE_EXT)}) or audio "
-                           f"({sorted(AUDIO_EXT)}) under <class>/ or <split>/<class>/ folders")
+        raise DatasetError(f"folder {str(root)!r} holds no images ({sorted(IMAGE_EXT)}), audio "
+                           f"({sorted(AUDIO_EXT)}) or video ({sorted(VIDEO_EXT)}) under <class>/ or "
+                           "<split>/<class>/ folders")
     return normalise(pl.from_dicts(rows, infer_schema_length=None), source=f"folder {str(root)!r}")

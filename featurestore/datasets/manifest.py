@@ -10,8 +10,9 @@ Columns (every adapter produces exactly these, plus any extra columns it keeps):
 | labels | list[str], null | multi-label target |
 | valence, arousal | f64, null | VA labels on [-1, 1] |
 | group | str, null | speaker, session or subject: items that must share a split |
-| text, image, audio | str, null | per modality the source: the text itself, or a file path |
-| text_key, image_key, audio_key | str, null | content key of that source (null if unreadable) |
+| fold | str, null | official cross-validation fold the item is tested in (DFEW, MAFW); `--cv fold` |
+| text, image, audio, video | str, null | per modality the source: the text itself, or a file path |
+| text_key, image_key, audio_key, video_key | str, null | content key of that source (null if unreadable) |
 """
 from __future__ import annotations
 
@@ -26,24 +27,34 @@ from ..backbones.base import MODALITIES
 from ..errors import DatasetError
 from ..hashing import content_key
 
-__all__ = ["CANONICAL", "normalise", "add_content_keys", "resolve_paths", "split_by_hash", "SPLIT_ALIASES"]
+__all__ = ["CANONICAL", "FILE_MODALITIES", "normalise", "add_content_keys", "resolve_paths", "split_by_hash", "SPLIT_ALIASES"]
 
 CANONICAL = {
     "item_id": pl.String, "split": pl.String, "label": pl.String, "labels": pl.List(pl.String),
-    "valence": pl.Float64, "arousal": pl.Float64, "group": pl.String,
+    "valence": pl.Float64, "arousal": pl.Float64, "group": pl.String, "fold": pl.String,
     **{m: pl.String for m in MODALITIES},
 }
 _ALIASES = {"id": "item_id", "speaker": "group", "session": "group", "subject": "group",
             "emotion": "label", "class": "label", "image_path": "image", "audio_path": "audio",
+            "video_path": "video",
             "path": None}
+FILE_MODALITIES = tuple(m for m in MODALITIES if m != "text")  # a file path per item
 SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "dev": "val", "testing": "test"}
 
 
-def _rename_aliases(df: pl.DataFrame) -> pl.DataFrame:
-    renames = {}
+def _rename_aliases(df: pl.DataFrame, source: str = "manifest") -> pl.DataFrame:
+    renames, claimed = {}, {}
     for col in df.columns:
         target = _ALIASES.get(col.lower(), col.lower() if col.lower() in CANONICAL else None)
-        if target and target not in df.columns and target not in renames.values():
+        if not target:
+            continue
+        if target == "group" and (target in claimed or ("group" in df.columns and col != "group")):
+            continue  # speaker and session both given: a 'group' column, else the first, is the group
+        if target in claimed:
+            raise DatasetError(f"{source}: columns {claimed[target]!r} and {col!r} both give the {target!r} column; "
+                               "drop or rename one of them")
+        claimed[target] = col
+        if target != col:
             renames[col] = target
     return df.rename(renames)
 
@@ -62,7 +73,13 @@ def _labels_column(df: pl.DataFrame) -> pl.DataFrame:
 
 def normalise(df: pl.DataFrame, *, source: str, default_split: str | None = None) -> pl.DataFrame:
     """Bring a user's table to the canonical schema, or explain what is wrong with it."""
-    df = _labels_column(_rename_aliases(df))
+    if not len(df):
+        raise DatasetError(f"{source}: no items (a header with no rows, or an empty file); columns are {df.columns}")
+    dup = sorted({c.rsplit("_duplicated_", 1)[0] for c in df.columns if "_duplicated_" in c}
+                 & {c for c in df.columns if "_duplicated_" not in c})
+    if dup:
+        raise DatasetError(f"{source}: column(s) {dup} appear more than once in the header; keep one of each")
+    df = _labels_column(_rename_aliases(df, source))
     if "item_id" not in df.columns:
         raise DatasetError(f"{source}: no 'id' or 'item_id' column; columns are {df.columns}")
     df = df.with_columns(pl.col("item_id").cast(pl.String))
@@ -73,7 +90,7 @@ def normalise(df: pl.DataFrame, *, source: str, default_split: str | None = None
         raise DatasetError(f"{source}: duplicate item ids, e.g. {dup}; every item needs its own id")
     if not any(m in df.columns for m in MODALITIES):
         raise DatasetError(f"{source}: no modality column; give at least one of {list(MODALITIES)} "
-                           "(a text, or a path to an image or audio file)")
+                           "(a text, or a path to an image, audio or video file)")
     if "split" not in df.columns:
         df = df.with_columns(split=pl.lit(default_split) if default_split else split_by_hash(df))
     df = df.with_columns(pl.col("split").cast(pl.String).str.to_lowercase().replace(SPLIT_ALIASES))
@@ -83,8 +100,8 @@ def normalise(df: pl.DataFrame, *, source: str, default_split: str | None = None
         else:
             try:
                 df = df.with_columns(pl.col(col).cast(dtype))
-            except pl.exceptions.PolarsError as exc:
-                raise DatasetError(f"{source}: column {col!r} cannot be read as {dtype}: {exc}") from None
+            except pl.exceptions.PolarsError:
+                raise DatasetError(_cast_failure(df, col, dtype, source)) from None
     for col in ("valence", "arousal"):
         bad = df.filter(pl.col(col).is_not_null() & ((pl.col(col) < -1) | (pl.col(col) > 1)))
         if len(bad):
@@ -92,6 +109,21 @@ def normalise(df: pl.DataFrame, *, source: str, default_split: str | None = None
                                f"{bad['item_id'][0]!r} = {bad[col][0]}; rescale VA labels to [-1, 1]")
     extra = [c for c in df.columns if c not in CANONICAL]
     return df.select(list(CANONICAL) + extra)
+
+
+def _cast_failure(df: pl.DataFrame, col: str, dtype, source: str) -> str:
+    """Which cells of `col` cannot be read as `dtype`, named by item and row, without polars' advice."""
+    what = "a number" if dtype == pl.Float64 else "a list of labels" if isinstance(dtype, pl.List) else "text"
+    try:
+        bad = df.with_row_index("_row").filter(pl.col(col).is_not_null()
+                                               & pl.col(col).cast(dtype, strict=False).is_null())
+    except pl.exceptions.PolarsError:
+        bad = None
+    if bad is None or not len(bad):
+        return f"{source}: column {col!r} cannot be read as {what}; fix its cells"
+    first = bad.row(0, named=True)
+    return (f"{source}: column {col!r} must hold {what}, but {len(bad)} row(s) do not, e.g. row {first['_row'] + 1} "
+            f"(item {first.get('item_id')!r}) has {first[col]!r}; fix or empty those cells")
 
 
 def split_by_hash(df: pl.DataFrame, fractions=(0.8, 0.1, 0.1)) -> pl.Series:
@@ -107,7 +139,7 @@ def split_by_hash(df: pl.DataFrame, fractions=(0.8, 0.1, 0.1)) -> pl.Series:
 def resolve_paths(df: pl.DataFrame, root: Path, *, allow_outside_root: bool, source: str) -> pl.DataFrame:
     """Make file paths absolute against the dataset root, refusing ones that escape it."""
     root = root.resolve()
-    for m in ("image", "audio"):
+    for m in FILE_MODALITIES:
         if df[m].null_count() == len(df):
             continue
         resolved, escaping = [], []

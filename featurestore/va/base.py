@@ -122,6 +122,11 @@ class VAScorer(abc.ABC):
         """For feature scorers: the fingerprint whose cached embeddings are read."""
         return ""
 
+    def features_for(self, modality: str) -> tuple[str, bool]:
+        """Feature scorers: (fingerprint read for `modality`, whether its per-frame sequences are
+        scored and averaged rather than its pooled rows)."""
+        return self.fingerprint, False
+
     # ---- shared ------------------------------------------------------------------
     def check_modality(self, modality: str) -> None:
         ok = self.modalities()

@@ -175,6 +175,10 @@ def split_va(store: Store, rows, va: bool | Mapping[str, str]) -> tuple[dict, di
     for mod, ref in wanted.items():
         if mod not in MODALITIES:
             raise ConfigError(f"VA modality {mod!r} is not one of {list(MODALITIES)}")
+        if f"{mod}_key" not in rows.columns:  # a manifest registered before this modality existed
+            if ref is None:
+                continue
+            raise ConfigError(f"dataset has no {mod} inputs (no {mod}_key column); re-add it to use {mod} VA")
         keys = rows[f"{mod}_key"].fill_null("").to_numpy().astype("S32")
         if ref is None:
             found = latest_covering(store, mod, keys[keys != b""])

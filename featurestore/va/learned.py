@@ -276,6 +276,8 @@ def _num(v: float) -> float | None:
 @dataclasses.dataclass(frozen=True)
 class LearnedConfig(ScorerConfig):
     model: str = field("", "a fitted VA model: its name in the store (fs va models) or its folder")
+    frames_from: str = field("", "a model fitted on image features, scoring video: the video feature set whose "
+                                 "frame rows are scored (default: the newest extracted with the same image backbone)")
 
 
 class LearnedScorer(VAScorer):
@@ -286,7 +288,7 @@ class LearnedScorer(VAScorer):
     modality_hint = "that of the features it was fitted on"
     Config = LearnedConfig
     inputs = "features"
-    volatile = ("model",)
+    volatile = ("model", "frames_from")  # the video fingerprint read is in the spec instead
 
     @property
     def folder(self) -> Path:
@@ -307,7 +309,45 @@ class LearnedScorer(VAScorer):
         return self.info["fingerprint"]
 
     def modalities(self) -> tuple[str, ...]:
-        return (self.info["modality"],)
+        mod = self.info["modality"]
+        return (mod, "video") if mod == "image" else (mod,)  # image features: also each frame of a clip
+
+    def features_for(self, modality: str) -> tuple[str, bool]:
+        """Fitted on image features and asked for video: the frame rows of a video feature set
+        whose frames went through the same image backbone, scored one by one and averaged."""
+        if modality != "video" or self.info["modality"] == "video":
+            return self.fingerprint, False
+        return self._frames_from(), True
+
+    def _frames_from(self) -> str:
+        from ..errors import NotFoundError
+        from ..features import FeatureSet, list_feature_sets
+
+        image = FeatureSet(self.store, self.fingerprint)
+        if not image.exists():
+            raise NotFoundError(f"VA model {self.info['name']!r} was fitted on features {self.fingerprint!r}, which "
+                                f"are not in {self.store.root}")
+        if self.config.frames_from:
+            candidates = [FeatureSet(self.store, self.config.frames_from)]
+            if not candidates[0].exists():
+                raise NotFoundError(f"frames_from={self.config.frames_from!r}: no such feature set (fs ls)")
+        else:
+            candidates = [fs for fs in list_feature_sets(self.store) if fs.modality == "video"][::-1]
+        for fs in candidates:
+            if fs.modality == "video" and _frames_of(fs.spec, image.spec):
+                return fs.fingerprint
+        raise NotFoundError(
+            f"VA model {self.info['name']!r} scores video frames from video features whose frames went through "
+            f"{image.backbone} as in {self.fingerprint} (same weights and parameters), with their frame rows "
+            f"kept; none is in {self.store.root}{' (' + self.config.frames_from + ' does not match)' if self.config.frames_from else ''}: "
+            f"extract them with `fs extract --modality video --backbone {image.backbone}`")
+
+    def full_spec(self, modality: str) -> dict:
+        spec = super().full_spec(modality)
+        fingerprint, frames = self.features_for(modality)
+        if frames:  # the sampled frames change the numbers: the video features read are part of the source
+            spec["frames_from"] = fingerprint
+        return spec
 
     def provides(self) -> tuple[bool, bool]:
         return tuple(bool(v) for v in self.info["provides"])  # type: ignore[return-value]
@@ -327,5 +367,22 @@ class LearnedScorer(VAScorer):
 
     def score(self, batch: np.ndarray | Sequence, modality: str) -> np.ndarray:
         self.load()
-        out = self.regressor.predict(np.asarray(batch, np.float64))
+        if modality == "video" and self.info["modality"] == "image":  # per clip: its frame rows, averaged
+            out = np.stack([self.regressor.predict(np.asarray(frames, np.float64)).mean(axis=0) for frames in batch])
+        else:
+            out = self.regressor.predict(np.asarray(batch, np.float64))
         return np.where(np.isfinite(out), np.clip(out, -1.0, 1.0), out)
+
+
+def _frames_of(video: dict, image: dict) -> bool:
+    """Whether a video feature set's frames went through exactly the image backbone of `image`."""
+    vcfg = video.get("config", {})
+    return (video.get("backbone") == image.get("backbone") and video.get("dim") == image.get("dim")
+            and video.get("weights_hash") == image.get("weights_hash")
+            and video.get("adapter_hash") == image.get("adapter_hash")
+            and video.get("preprocessing", {}).get("frame") == image.get("preprocessing")
+            and video.get("preprocessing", {}).get("sequence") is not None
+            and all(vcfg.get(k) == v for k, v in image.get("config", {}).items() if k not in _STORAGE_ONLY))
+
+
+_STORAGE_ONLY = ("seq_cap", "dtype", "_type")  # how rows are stored (and the config class), not how a frame is encoded

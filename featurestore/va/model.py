@@ -15,7 +15,14 @@ Outputs are mapped linearly from `range=LOW..HIGH` (default 0..1, the range of t
 MSP-Podcast dimension models) to [-1, 1] and clipped there; a NaN or infinite output is
 passed on unclipped, so the job records the item as an error instead of storing it.
 A checkpoint that lacks its head's weights (a custom head class that the Auto classes
-cannot load) is refused rather than scored with a randomly initialised head.
+cannot load) is refused rather than scored with a randomly initialised head, with one
+exception built in: the audeering dimensional wav2vec2 checkpoints
+(`Wav2Vec2ForSpeechClassification`: mean-pooled hidden states, dense-tanh-projection head;
+see `_speech_regression.py`), loaded with their own architecture.
+
+An image model also scores `video`: each clip's frames are sampled as for video features
+(`frames=16` uniformly, or `fps=R`), scored one by one, and the clip's VA is the mean of
+its frames' outputs.
 """
 from __future__ import annotations
 
@@ -38,6 +45,8 @@ _MAPPINGS = {  # modality -> (transformers Auto class, name of its model-type ma
     "image": ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
 }
 _PROCESSORS = {"audio": "AutoFeatureExtractor", "text": "AutoTokenizer", "image": "AutoImageProcessor"}
+_VIDEO_FIELDS = ("frames", "fps", "max_frames")  # in the source digest of video sources only
+_FRAME_BATCH = 64  # video frames per forward pass
 _NAMES = {"valence": ("valence", "v", "pleasure", "pleasantness"), "arousal": ("arousal", "a", "activation")}
 
 
@@ -51,13 +60,26 @@ class ModelConfig(ScorerConfig):
                             "id2label does not name them")
     max_seconds: float = field(30.0, "audio: score only the first this many seconds (0: all)")
     max_length: int = field(512, "text: maximum tokens after truncation")
+    frames: int = field(16, "video: frames sampled uniformly per clip, each scored by the image model")
+    fps: float = field(0.0, "video: sample this many frames per second instead (0: off)")
+    max_frames: int = field(256, "video: at most this many frames per clip with fps sampling")
 
     def __post_init__(self):
         if self.modality not in ("auto", *_MAPPINGS):
-            raise ConfigError(f"modality={self.modality!r} must be auto, text, image or audio")
+            raise ConfigError(f"modality={self.modality!r} must be auto, text, image or audio (the model's input; "
+                              "an image model also scores video frames)")
         parse_range(self.range, "range")
         if self.max_seconds < 0 or self.max_length < 1:
             raise ConfigError("max_seconds must be 0 or more and max_length at least 1")
+        try:
+            self.sampling()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def sampling(self):
+        from ..backbones._video import Sampling
+
+        return Sampling(frames=self.frames, fps=self.fps, max_frames=self.max_frames)
 
 
 def detect_modalities(config: Any) -> tuple[str, ...]:
@@ -86,9 +108,9 @@ class ModelScorer(VAScorer):
     """A transformers regression model; columns picked by name from config.id2label."""
 
     name = "model"
-    description = ("text/image/audio: any transformers model with a valence/arousal regression head, "
-                   "--param model=HUB_ID_OR_FOLDER")
-    modality_hint = "text, image or audio (from the model type)"
+    description = ("text/image/audio/video: any transformers model with a valence/arousal regression head "
+                   "(image models score video frames), --param model=HUB_ID_OR_FOLDER")
+    modality_hint = "text, image (and video) or audio (from the model type)"
     Config = ModelConfig
     volatile = ("model",)
 
@@ -110,15 +132,22 @@ class ModelScorer(VAScorer):
             if self.config.modality not in found:
                 raise ConfigError(f"VA scorer model: {self.config.model!r} ({kind}) is a {'/'.join(found)} model, "
                                   f"not {self.config.modality}")
-            return (self.config.modality,)
-        return found[:1] if len(found) == 1 else found
+            found = (self.config.modality,)
+        return found + (("video",) if found == ("image",) else ())
+
+    def full_spec(self, modality: str) -> dict:
+        spec = super().full_spec(modality)
+        if modality != "video":  # sources of other modalities keep the digest they had before video existed
+            for key in _VIDEO_FIELDS:
+                spec["config"].pop(key, None)
+        return spec
 
     def _load(self) -> None:
         import transformers
 
         what = "VA scorer model"
         cfg = self._hf_config()
-        found = self.modalities()
+        found = tuple(m for m in self.modalities() if m != "video")
         if len(found) > 1:
             raise ConfigError(f"{what}: {self.config.model!r} could be any of {list(found)}; "
                               "pick one with --param modality=...")
@@ -128,8 +157,7 @@ class ModelScorer(VAScorer):
                               "not a regression model; VA needs continuous outputs")
         self.columns = head_columns(cfg.id2label or {}, int(cfg.num_labels), self.config.labels)
         auto, _ = _MAPPINGS[self.modality]
-        model, info = _hf.from_pretrained(getattr(transformers, auto), self.config.model, what=what,
-                                          option="--param model=PATH", output_loading_info=True)
+        model, info = self._load_model(getattr(transformers, auto), cfg)
         if info.get("missing_keys"):
             raise BackboneError(f"{what}: {self.config.model!r} has no weights for {sorted(info['missing_keys'])}; "
                                 f"its head is not the one {auto} builds (often a custom class in the model's own "
@@ -146,6 +174,20 @@ class ModelScorer(VAScorer):
         else:
             self.min_samples = 1
 
+    def _load_model(self, auto, cfg):
+        """(model, loading info): the Auto class, or the audeering regression architecture when
+        the config names it or the checkpoint holds its head (`classifier.dense`, `classifier.out_proj`)."""
+        from . import _speech_regression as sr
+
+        kwargs = dict(what="VA scorer model", option="--param model=PATH", output_loading_info=True)
+        if self.modality == "audio" and sr.is_speech_regression(cfg):
+            return _hf.from_pretrained(sr.Wav2Vec2RegressionModel, self.config.model, **kwargs)
+        model, info = _hf.from_pretrained(auto, self.config.model, **kwargs)
+        if getattr(cfg, "model_type", "") == "wav2vec2" and info.get("missing_keys") and \
+                set(sr.HEAD_KEYS) <= set(info.get("unexpected_keys") or ()):
+            return _hf.from_pretrained(sr.Wav2Vec2RegressionModel, self.config.model, **kwargs)
+        return model, info
+
     def provides(self) -> tuple[bool, bool]:
         self.load()
         return "valence" in self.columns, "arousal" in self.columns
@@ -157,6 +199,10 @@ class ModelScorer(VAScorer):
             prep |= {"decode": "soundfile-mono-mean", "resampler": _media.RESAMPLER,
                      "sampling_rate": self.sampling_rate, "pad_short_to": self.min_samples,
                      "batching": "one clip per forward"}
+        if self.modality == "image":  # video clips: frames decoded and sampled, outputs averaged
+            from ..backbones._video import DECODER
+            prep |= {"video": {"decoder": DECODER, "sampling": self.config.sampling().policy(),
+                               "clip": "mean of frame outputs"}}
         return {"weights_hash": self._weights, "architecture": type(self.model).__name__,
                 "columns": self.columns, "num_labels": int(self.model.config.num_labels),
                 "preprocessing": prep, "origin": {"model": self.config.model}}
@@ -172,6 +218,10 @@ class ModelScorer(VAScorer):
             raise BadItemError(f"expected {modality} bytes, got text")
         if modality == "image":
             return _media.decode_image(raw)
+        if modality == "video":
+            from ..backbones._video import decode_frames
+
+            return decode_frames(raw, self.config.sampling())
         wav = _media.decode_audio(raw, self.sampling_rate)
         if self.config.max_seconds > 0:
             wav = wav[: int(round(self.config.max_seconds * self.sampling_rate))]
@@ -181,7 +231,12 @@ class ModelScorer(VAScorer):
 
     def score(self, batch: Sequence[Any], modality: str) -> np.ndarray:
         self.load()
-        outputs = self._audio(batch) if modality == "audio" else self._batched(batch, modality)
+        if modality == "audio":
+            outputs = self._audio(batch)
+        elif modality == "video":
+            outputs = self._video(batch)
+        else:
+            outputs = self._batched(batch, modality)
         lo, hi = parse_range(self.config.range, "range")
         out = np.full((len(batch), 2), np.nan)
         for j, dim in enumerate(("valence", "arousal")):
@@ -201,6 +256,14 @@ class ModelScorer(VAScorer):
         rows = [self._forward(self.processor(w, sampling_rate=self.sampling_rate, return_tensors="pt"))[0]
                 for w in batch]
         return np.stack(rows)
+
+    def _video(self, clips: Sequence[list]) -> np.ndarray:
+        """Each clip's frames scored by the image model, averaged per clip."""
+        frames = [img for clip in clips for img in clip]
+        rows = np.concatenate([self._batched(frames[i:i + _FRAME_BATCH], "image")
+                               for i in range(0, len(frames), _FRAME_BATCH)])
+        edges = np.cumsum([0] + [len(clip) for clip in clips])
+        return np.stack([rows[a:b].mean(axis=0) for a, b in zip(edges[:-1], edges[1:])])
 
     def _batched(self, batch: Sequence[Any], modality: str) -> np.ndarray:
         if modality == "text":

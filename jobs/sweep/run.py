@@ -1,0 +1,346 @@
+"""Running a sweep: validate every configuration, load the features once, train what is not
+finished (stacked where the head allows), publish one part per configuration; Optuna's loop."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+import featurestore.heads as heads
+from featurestore._io import file_lock, json_safe, publish, tmp_path, write_json_atomic
+from featurestore.config import field
+from featurestore.errors import ConfigError
+from featurestore.heads import metrics
+from featurestore.heads._data import TARGETS, prepare
+from featurestore.reader import parse_feature_refs
+from featurestore.store import Store, now_iso
+from .plots import plot_sweep
+from .results import LOWER_IS_BETTER, config_id, jsonable, leaderboard, read_results, scalar, short, write_table, \
+    digest
+from .._progress import Counter, epoch_progress
+from .space import check_space, expand_grid, parse_grid, sample_random, suggest, validate
+
+__all__ = ["SweepConfig", "SweepResult", "run", "CHUNK", "OPTUNA_BATCH"]
+
+CHUNK = 64  # configurations per stack at most
+OPTUNA_BATCH = 16  # trials asked of TPE at once (trained as one stack where the head allows)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    method: str = field("mlp", "registered head name (fs heads list)")
+    dataset: str = field("", "registered dataset name")
+    features: dict = field({}, "modality -> backbone name or fingerprint")
+    grid: dict = field({}, "param -> list of values (strings or values): the cartesian product")
+    random: int = field(0, "number of random configurations drawn from `space`")
+    optuna: int = field(0, "number of Optuna TPE trials over `space`")
+    space: dict = field({}, "param -> list of choices or {low, high, log, type}")
+    params: dict = field({}, "fixed head parameters")
+    metric: str = field("", "validation metric ranking the configurations (default: the primary metric)")
+    seed: int = field(0, "seed of the heads (unless swept or fixed), of validation carving and of sampling")
+    target: str = field("", "label | labels | va; empty: the one target the dataset has")
+    val_fraction: float = field(0.1, "fraction of train carved as validation when the dataset has none")
+    eval_split: str = field("test", "split the best configuration is evaluated on, once, at export or --show-test")
+    storage: str = field("", "Optuna storage URL (default: a journal file in the sweep folder)")
+    limit: int = field(0, "train at most this many new configurations in this invocation (0: all)")
+
+    def __post_init__(self):
+        if self.target and self.target not in TARGETS:
+            raise ConfigError(f"target {self.target!r} is not one of {list(TARGETS)}")
+        if not self.dataset:
+            raise ConfigError("no dataset given; use --dataset NAME (fs datasets list)")
+        modes = [m for m, on in (("grid", bool(self.grid)), ("random", self.random), ("optuna", self.optuna)) if on]
+        if len(modes) != 1:
+            raise ConfigError("give exactly one of --grid, --random N --space FILE, --optuna N --space FILE"
+                              + (f" (got {', '.join(modes)})" if modes else ""))
+        if (self.random or self.optuna) and not self.space:
+            raise ConfigError("--random and --optuna need a search space: --space FILE")
+        if self.random < 0 or self.optuna < 0 or self.limit < 0:
+            raise ConfigError("--random, --optuna and --limit must be >= 0")
+
+    @property
+    def mode(self) -> str:
+        return "grid" if self.grid else "random" if self.random else "optuna"
+
+
+@dataclasses.dataclass
+class SweepResult:
+    sweep_id: str
+    folder: Path
+    definition: dict
+    table: Any  # polars DataFrame of every finished configuration
+    trained_now: int
+    reused: int
+    seconds: float
+
+    @property
+    def metric(self) -> str:
+        return self.definition["metric"]
+
+    def leaderboard(self, top: int = 10) -> list[dict]:
+        return leaderboard(self.table, self.definition, top)
+
+    def to_dict(self, top: int = 10) -> dict:
+        board = self.leaderboard(top)
+        return json_safe({"sweep": self.sweep_id, "folder": str(self.folder), "method": self.definition["method"],
+                       "dataset": self.definition["dataset"], "mode": self.definition["mode"],
+                       "metric": self.metric, "kind": self.definition["kind"], "n_configs": self.table.height,
+                       "trained_now": self.trained_now, "reused": self.reused, "seconds": round(self.seconds, 3),
+                       "best": board[0] if board else None, "leaderboard": board})
+
+
+def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None = None,
+        progress: Callable | None = None, runner_cls: Callable | None = None) -> SweepResult:
+    """Validate every configuration, load the features once, train what is not finished, save the table.
+
+    `progress` (a tqdm-like factory, or None) shows configurations done with the best validation
+    score so far, and each training's epochs."""
+    start = time.perf_counter()
+    say = log or (lambda s: None)
+    cls = heads.get(config.method)
+    storage = open_storage(config.storage) if config.mode == "optuna" and config.storage else None
+    fixed = validate(cls, dict(config.params)) if config.params else {}
+    if "seed" in cls.param_names() and "seed" not in fixed and "seed" not in (config.grid or config.space):
+        fixed["seed"] = config.seed
+    swept = set(config.grid or config.space)
+    both = sorted(swept & set(config.params))
+    if both:
+        raise ConfigError(f"{both} are both swept and fixed (--param); give each once")
+    configs: list[dict] = []
+    space: dict = {}
+    if config.mode == "grid":
+        grid = {k: list(v) if isinstance(v, (list, tuple)) else parse_grid(f"{k}={v}")[k]
+                for k, v in config.grid.items()}
+        for k, v in grid.items():
+            if not v:
+                raise ConfigError(f"the grid lists no values for {k!r}")
+        configs = [validate(cls, {**fixed, **c}) for c in expand_grid(grid)]  # every config, before any work
+        space = grid
+    else:
+        space = check_space(dict(config.space), cls, fixed)
+        if config.mode == "random":
+            configs = [validate(cls, {**fixed, **c}) for c in sample_random(space, config.random, config.seed)]
+    refs = parse_feature_refs(config.features, store)
+    probe = cls(**{k: v for k, v in (configs[0] if configs else fixed).items()})
+    data = prepare(store, config.dataset, refs, target=config.target, val_fraction=config.val_fraction,
+                   seed=config.seed, sequences=cls.uses_sequences and getattr(probe, "sequences", True),
+                   va=cls.uses_va, eval_split=config.eval_split)
+    if data.kind not in cls.supports:
+        raise ConfigError(f"head {config.method!r} does not train {data.kind!r} targets (--target {data.target}); "
+                          f"it supports {sorted(cls.supports)}")
+    known_metrics = _metric_names(data)
+    metric = config.metric or metrics.PRIMARY[data.kind]
+    if metric not in known_metrics:
+        raise ConfigError(f"metric {metric!r} is not reported for {data.kind!r} targets; choose one of {known_metrics}")
+    definition = {"method": config.method, "dataset": config.dataset, "fingerprints": data.fingerprints,
+                  "target": data.target, "kind": data.kind, "mode": config.mode, "space": space,
+                  "params": jsonable(fixed), "seed": config.seed, "val_fraction": config.val_fraction,
+                  "eval_split": config.eval_split, "metric": metric}
+    ident = {k: v for k, v in definition.items() if k not in ("kind", "metric")}
+    sweep_id = f"{config.method}-{config.dataset}-{digest(ident)}"[:128]
+    folder = store.sweeps_dir() / sweep_id
+    definition = {**definition, "id": sweep_id, "features": refs, "swept": sorted(swept)}
+    with file_lock(store.sweeps_dir() / f".{sweep_id}.lock", f"sweep {sweep_id}"):
+        if not (folder / "sweep.json").is_file():
+            write_json_atomic(folder / "sweep.json", {**definition, "created_at": now_iso()})
+        (folder / "parts").mkdir(parents=True, exist_ok=True)
+        # `runner_cls`: the same interface, training elsewhere (`--engine ray`: jobs/ray_sweep.py)
+        runner = (runner_cls or _Runner)(cls, data, folder, metric, config.limit, say, progress)
+        say(f"sweep {sweep_id}: {config.method} on {config.dataset} ({data.kind}), ranking by val {metric}")
+        if config.mode == "optuna":
+            try:
+                _run_optuna(runner, config, space, fixed, sweep_id, folder, metric, storage)
+            finally:
+                runner.close()
+        else:
+            try:
+                runner.train(configs)
+            finally:
+                runner.close()
+        table = read_results(folder)
+        if table.height:
+            write_table(table, folder / "results.parquet")
+            plot_sweep(folder, table, definition)
+    return SweepResult(sweep_id, folder, definition, table, runner.trained, runner.reused,
+                       time.perf_counter() - start)
+
+
+def _metric_names(data) -> list[str]:
+    X, y = data.splits["val"]
+    fake = y.y[:2]
+    pred = fake if data.kind != "multi" else fake.astype(np.int64)
+    from featurestore.heads.base import Targets
+
+    res = metrics.evaluate(Targets(data.kind, fake, list(data.classes)), pred, None)
+    return sorted(k for k, v in res.items() if not isinstance(v, (list, dict)))
+
+
+class _Runner:
+    """Trains pending configurations (stacked where the head allows) and publishes one part each."""
+
+    def __init__(self, cls, data, folder: Path, metric: str, limit: int, say, progress=None):
+        self.cls, self.data, self.folder, self.metric, self.limit, self.say = cls, data, folder, metric, limit, say
+        self.progress, self.counter, self.total = progress, None, None  # total: configurations this invocation
+        self.trained = 0
+        self.reused = 0
+
+    def part_path(self, params: dict) -> Path:
+        return self.folder / "parts" / f"part-{config_id(params)}.parquet"
+
+    def finished(self, params: dict) -> dict | None:
+        path = self.part_path(params)
+        if not path.is_file():
+            return None
+        import polars as pl
+
+        return pl.read_parquet(path).to_dicts()[0]
+
+    def budget(self) -> int:
+        return self.limit - self.trained if self.limit else 1 << 62
+
+    def train(self, configs: list[dict], trials: list[int] | None = None) -> list[dict]:
+        """Rows of `configs` (finished ones read back, others trained), in order; None where the limit stopped."""
+        rows: list[dict | None] = [None] * len(configs)
+        pending: list[int] = []
+        seen: set[str] = set()
+        for i, params in enumerate(configs):
+            row = self.finished(params)
+            if row is not None:
+                rows[i] = row
+                self.reused += 1
+            elif config_id(params) not in seen and len(pending) < self.budget():
+                seen.add(config_id(params))
+                pending.append(i)
+        if self.reused:
+            self.say(f"{self.reused} configuration(s) already finished, not rerun")
+        if not pending:
+            return rows
+        if self.counter is None:
+            self.counter = Counter(self.progress, self.total or len(pending), "configurations", self.metric,
+                                   self.metric in LOWER_IS_BETTER)
+        if getattr(self.cls, "stacked", False):
+            from featurestore.heads._stacked import group_key
+
+            groups: dict[tuple, list[int]] = {}
+            for i in pending:
+                groups.setdefault(group_key(self.cls(**configs[i])), []).append(i)
+            for members in groups.values():
+                for k in range(0, len(members), CHUNK):
+                    chunk = members[k:k + CHUNK]
+                    self._fit([configs[i] for i in chunk], [trials[i] if trials else i for i in chunk])
+        else:
+            for i in pending:
+                self._fit([configs[i]], [trials[i] if trials else i])
+        for i in pending:
+            rows[i] = self.finished(configs[i])
+        return rows
+
+    def _fit(self, configs: list[dict], trials: list[int]) -> None:
+        (Xtr, ytr), (Xv, yv) = self.data.splits["train"], self.data.splits["val"]
+        hs = [self.cls(**p) for p in configs]
+        t0 = time.perf_counter()
+        if len(hs) > 1 and getattr(self.cls, "stacked", False):
+            from featurestore.heads._stacked import fit_heads
+
+            if self.progress is None:  # with bars, the bars say it
+                self.say(f"training {len(hs)} {self.cls.name} configurations together")
+            with epoch_progress(self.progress, "training", position=1):
+                fit_heads(hs, Xtr, ytr, eval_set=(Xv, yv))
+        else:
+            if self.progress is None:
+                self.say(f"training {self.cls.name} {short(configs[0])}")
+            with epoch_progress(self.progress, "training", position=1):
+                hs[0].fit(Xtr, ytr, eval_set=(Xv, yv))
+        seconds = (time.perf_counter() - t0) / len(hs)
+        for head, params, trial in zip(hs, configs, trials):
+            self._publish(head, params, trial, seconds, len(hs))
+            self.trained += 1
+
+    def close(self) -> None:
+        if self.counter is not None:
+            self.counter.close()
+
+    def _publish(self, head, params: dict, trial: int, seconds: float, stack: int) -> None:
+        import polars as pl
+
+        Xv, yv = self.data.splits["val"]
+        t0 = time.perf_counter()
+        val = metrics.evaluate(yv, head.predict(Xv), head.predict_proba(Xv))  # no test metric: choices see val only
+        history = getattr(head, "history_", None) or {}
+        row = {"config_id": config_id(params), "trial": int(trial), **{k: scalar(v) for k, v in params.items()},
+               "params": json.dumps(jsonable(params), sort_keys=True),
+               **{f"val_{k}": float(v) for k, v in val.items() if isinstance(v, (int, float))},
+               "epochs": int(history.get("epochs_run", 0) or 0), "best_epoch": int(history.get("best_epoch", 0) or 0),
+               "seconds": seconds + time.perf_counter() - t0, "stack": stack, "finished_at": now_iso()}
+        target = self.part_path(params)
+        tmp = tmp_path(target)
+        pl.DataFrame([row]).write_parquet(tmp)
+        publish(tmp, target)
+        if self.counter is not None:
+            self.counter.done(1, row.get(f"val_{self.metric}"))
+
+
+def open_storage(url: str):
+    """An Optuna storage for `--storage URL`, or one ConfigError naming the URL and why it cannot be opened."""
+    import optuna
+
+    try:
+        return optuna.storages.get_storage(url)
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy and optuna raise many kinds for a bad URL
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ConfigError(f"--storage {url!r} cannot be opened by Optuna ({reason}); give a database URL such as "
+                          "sqlite:///sweeps.db, or leave --storage out to keep the study in a journal file in the "
+                          "sweep folder") from None
+
+
+def _run_optuna(runner: _Runner, config: SweepConfig, space: dict, fixed: dict, sweep_id: str, folder: Path,
+                metric: str, storage: Any = None) -> None:
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if storage is None:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        storage = JournalStorage(JournalFileBackend(str(folder / "optuna.journal")))
+    direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
+    study = optuna.create_study(study_name=sweep_id, storage=storage, direction=direction, load_if_exists=True)
+    # a resumed study reseeds TPE past its history, so it does not replay the first session's draws
+    study = optuna.load_study(study_name=sweep_id, storage=storage, sampler=optuna.samplers.TPESampler(
+        seed=config.seed + len(study.get_trials(deepcopy=False))))
+    if not config.storage:  # we hold the sweep's lock: a RUNNING trial in the local journal was killed
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study.tell(t.number, state=TrialState.FAIL)
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    runner.total = max(0, min(config.optuna - complete, runner.budget()))
+    while True:
+        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        per_round = getattr(runner, "optuna_batch", 0) or (OPTUNA_BATCH if getattr(runner.cls, "stacked", False)
+                                                           else 1)
+        want = min(config.optuna - done, per_round, runner.budget())
+        if want <= 0:
+            return
+        trials = [study.ask() for _ in range(want)]
+        configs = []
+        for t in trials:
+            try:
+                configs.append(validate(runner.cls, {**fixed, **suggest(t, space)}))
+            except ConfigError:
+                configs.append(None)
+        ok = [i for i, c in enumerate(configs) if c is not None]
+        rows = runner.train([configs[i] for i in ok], [trials[i].number for i in ok])
+        for i, t in enumerate(trials):
+            row = rows[ok.index(i)] if i in ok else None
+            value = None if row is None else row.get(f"val_{metric}")
+            if value is None or not math.isfinite(value):
+                study.tell(t, state=TrialState.FAIL)
+            else:
+                study.tell(t, value)
+        if any(rows[j] is None for j in range(len(ok))):  # the job limit stopped training
+            return

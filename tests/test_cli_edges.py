@@ -1,0 +1,298 @@
+"""Issue 11 (items 3 and 4): no tracebacks, messages that name the real problem, progress only on a terminal.
+
+The messages are checked as a user sees them: through `fs` in a subprocess where the exit code and the
+absence of a traceback matter, through click's runner (the same command object) elsewhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from featurestore.cli import cli
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "FS_DEBUG": ""}
+
+
+def fs_proc(store, *args, code=None, **kw):
+    res = subprocess.run([sys.executable, "-m", "featurestore.cli", "--store", str(store), *args],
+                         capture_output=True, text=True, env=ENV, timeout=120, **kw)
+    if code is not None:
+        assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    return res
+
+
+def invoke(store, *args, code=0):
+    res = CliRunner().invoke(cli, ["--store", str(store), *args], catch_exceptions=False)
+    assert res.exit_code == code, (res.exit_code, res.output)
+    return res
+
+
+def one_clear_line(res) -> str:
+    err = res.stderr.strip()
+    assert "Traceback" not in err and "Traceback" not in res.stdout, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread):
+    """A store with the demo (80 rows extracted), a second dataset with other labels, and a linear run."""
+    root = tmp_path_factory.mktemp("edges") / "store"
+    invoke(root, "init")
+    invoke(root, "datasets", "add", "demo", "--builtin", "demo")
+    invoke(root, "extract", "--dataset", "demo", "--modality", "text", "--backbone", "minilm", "--limit", "80")
+    other = root.parent / "other.csv"
+    other.write_text("item_id,text,label,split\na,hello there,happy,test\nb,so sad today,sad,test\n"
+                     "c,what a day,angry,test\n")
+    invoke(root, "datasets", "add", "other", "--manifest", str(other))
+    invoke(root, "extract", "--dataset", "other", "--modality", "text", "--backbone", "minilm")
+    invoke(root, "train-head", "--method", "linear", "--dataset", "demo", "--features", "text=minilm",
+           "-p", "epochs=2", "--run-id", "lin")
+    return root
+
+
+# ---- the guard at the CLI's edge -------------------------------------------------------------
+BOOM = textwrap.dedent("""
+    import sys
+    import click
+    from featurestore.cli import cli
+
+    @cli.command("boom")
+    def boom():
+        "Fails the way a bug would."
+        raise ZeroDivisionError("the numbers ran out")
+
+    cli(sys.argv[1:], prog_name="fs")
+""")
+
+
+def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    res = subprocess.run([sys.executable, "-c", BOOM, "boom"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.returncode == 1
+    line = one_clear_line(res)
+    assert "fs boom failed: ZeroDivisionError: the numbers ran out" in line and "--debug" in line
+    res = subprocess.run([sys.executable, "-c", BOOM, "--debug", "boom"], capture_output=True, text=True, env=ENV,
+                         timeout=120)
+    assert res.returncode == 1 and "Traceback" in res.stderr and "ZeroDivisionError" in res.stderr
+    res = subprocess.run([sys.executable, "-c", BOOM, "boom"], capture_output=True, text=True,
+                         env={**ENV, "FS_DEBUG": "1"}, timeout=120)
+    assert "Traceback" in res.stderr
+
+
+def test_a_bad_optuna_storage_is_one_line(tmp_path):
+    invoke(tmp_path / "store", "init")
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"lr": {"low": 1e-4, "high": 1e-2, "log": True}}))
+    res = fs_proc(tmp_path / "store", "sweep", "--method", "linear", "--dataset", "demo", "--features", "text=minilm",
+                  "--optuna", "2", "--space", str(space), "--storage", "bogus://x", code=2)
+    line = one_clear_line(res)
+    assert "--storage 'bogus://x' cannot be opened" in line and "sqlite:///" in line
+
+
+# ---- devices ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("args", [
+    ["extract", "--dataset", "demo", "--modality", "text", "--backbone", "minilm", "--device", "gpu"],
+    ["extract", "--dataset", "demo", "--modality", "text", "--backbone", "minilm", "--device", "tpu"],
+    ["train-head", "--method", "mlp", "--dataset", "demo", "--features", "text=minilm", "-p", "device=gpu"],
+    ["train-head", "--method", "xgboost", "--dataset", "demo", "--features", "text=minilm", "-p", "device=tpu"],
+    ["query", "--text", "what a day", "--memory", "none", "--device", "tpu"],
+    ["va", "score", "--dataset", "demo", "--modality", "text", "--scorer", "vader", "--device", "gpu"],
+])
+def test_an_unknown_device_lists_the_valid_ones(tmp_path, args):
+    invoke(tmp_path / "store", "init")
+    res = invoke(tmp_path / "store", *args, code=2)
+    assert "is not a device this tool runs on" in res.output
+    assert "valid devices: auto, cpu, cuda or cuda:N" in res.output
+    assert ("did you mean cuda?" in res.output) == ("gpu" in args[-1])
+
+
+def test_the_device_message_in_a_subprocess(tmp_path):
+    invoke(tmp_path / "store", "init")
+    invoke(tmp_path / "store", "datasets", "add", "demo", "--builtin", "demo")
+    res = fs_proc(tmp_path / "store", "extract", "--dataset", "demo", "--modality", "text", "--backbone", "minilm",
+                  "--limit", "5", "--device", "gpu", code=2)
+    assert "'gpu' is not a device" in one_clear_line(res)
+
+
+# ---- parameters and options named as the user types them ------------------------------------
+def test_a_bad_dropout_blames_only_dropout(tmp_path):
+    invoke(tmp_path / "store", "init")
+    res = invoke(tmp_path / "store", "train-head", "--method", "mlp", "--dataset", "demo", "--features",
+                 "text=minilm", "-p", "dropout=1.5", code=2)
+    assert "dropout=1.5 must be in [0, 1)" in res.output
+    assert "hidden" not in res.output and "layers" not in res.output
+    res = invoke(tmp_path / "store", "train-head", "--method", "mlp", "--dataset", "demo", "--features",
+                 "text=minilm", "-p", "layers=0", code=2)
+    assert "layers=0 must be at least 1" in res.output and "dropout" not in res.output
+
+
+def test_concept_without_a_memory_names_the_option(tmp_path):
+    invoke(tmp_path / "store", "init")
+    res = invoke(tmp_path / "store", "train-head", "--method", "concept", "--dataset", "demo", "--features",
+                 "text=minilm", code=2)
+    assert "--memory NAME" in res.output and "memory=FOLDER" not in res.output
+    shown = invoke(tmp_path / "store", "heads", "list").output
+    assert "memory=FOLDER" not in shown
+
+
+def test_eval_on_another_label_set_blames_the_run_not_the_dataset(trained):
+    res = invoke(trained, "eval", "lin", "--dataset", "other", code=2)
+    out = " ".join(res.output.split())
+    assert "run 'lin' was trained on dataset 'demo' with classes negative, neutral, positive" in out
+    assert "labels it cannot predict: angry, happy, sad" in out
+    assert "re-register" not in out and "--replace" not in out
+    ok = json.loads(invoke(trained, "eval", "lin", "--dataset", "demo", "--json").output)
+    assert ok["n"] > 0
+
+
+def test_a_non_utf8_csv_names_its_line(tmp_path):
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes("item_id,text,label\na,hello,joy\nb,caf\u00e9 ok,sad\n".encode("latin-1"))
+    invoke(tmp_path / "store", "init")
+    res = fs_proc(tmp_path / "store", "datasets", "add", "x", "--manifest", str(bad), code=5)
+    line = one_clear_line(res)
+    assert "line 3" in line and "not valid UTF-8" in line and "byte 0xe9" in line
+
+
+def test_a_bad_cell_is_named_without_polars_advice(tmp_path):
+    rows = ["item_id,text,label,valence"] + [f"i{i},t{i},joy,0.{i % 9}" for i in range(12000)] + ["x,y,joy,high"]
+    path = tmp_path / "mixed.csv"
+    path.write_text("\n".join(rows) + "\n")
+    invoke(tmp_path / "store", "init")
+    res = invoke(tmp_path / "store", "datasets", "add", "x", "--manifest", str(path), code=5)
+    out = " ".join(res.output.split())
+    assert "column 'valence' must hold a number" in out and "(item 'x') has 'high'" in out
+    for advice in ("infer_schema_length", "schema_overrides", "ignore_errors", "null_values", "strict_cast"):
+        assert advice not in out
+
+
+def test_normal_output_has_no_python_reprs():
+    from featurestore.cli.memory_cmd import _accuracy_lines, _describe_input
+
+    assert _describe_input({"text": "what a day"}) == "text: what a day"
+    lines = _accuracy_lines({"train": {"demo": {"text": 0.8125}}, "val": {}})
+    assert lines == ["  accuracy on train demo: text 0.812"]
+    assert not any("{" in ln for ln in lines)
+
+
+def test_info_prints_lists_not_reprs(trained):
+    out = invoke(trained, "info", "demo").output
+    assert "label_set: negative, neutral, positive" in out and "['" not in out
+
+
+# ---- progress ----------------------------------------------------------------------------------
+def test_train_head_reports_each_epoch_to_a_progress_bar(trained):
+    import io
+
+    from tqdm import tqdm
+
+    from featurestore.jobs.train_head import TrainHeadConfig, run
+    from featurestore.store import open_store
+
+    buf = io.StringIO()
+    made = []
+
+    def progress(**kw):
+        made.append(kw)
+        return tqdm(file=buf, mininterval=0, **kw)
+
+    run(TrainHeadConfig(method="mlp", dataset="demo", features={"text": "minilm"}, params={"epochs": 3}),
+        open_store(trained), progress=progress)
+    text = buf.getvalue()
+    assert made and made[0]["total"] == 3 and made[0]["unit"] == "epoch"
+    assert "3/3" in text and "loss=" in text and "val=" in text
+
+
+def test_sweep_counts_configurations_and_prints_no_tuple(trained):
+    import io
+
+    from tqdm import tqdm
+
+    from featurestore.jobs import sweep
+    from featurestore.store import open_store
+
+    buf, said = io.StringIO(), []
+    result = sweep.run(sweep.SweepConfig(method="mlp", dataset="demo", features={"text": "minilm"},
+                                         grid={"lr": ["1e-3", "1e-2"], "dropout": ["0.1", "0.3"]},
+                                         params={"epochs": "2"}),
+                       open_store(trained), log=said.append,
+                       progress=lambda **kw: tqdm(file=buf, mininterval=0, **kw))
+    assert result.trained_now == 4
+    text = buf.getvalue()
+    assert "configurations" in text and "4/4" in text and "best val uar=" in text
+    assert not any("(" in s and "," in s and ")" in s for s in said if "training" in s), said
+
+
+def test_no_progress_without_a_terminal_or_under_json(trained):
+    res = CliRunner().invoke(cli, ["--store", str(trained), "train-head", "--method", "mlp", "--dataset", "demo",
+                                   "--features", "text=minilm", "-p", "epochs=2", "--json"], catch_exceptions=False)
+    assert res.exit_code == 0
+    json.loads(res.stdout)
+    assert "epoch" not in res.stderr and "%|" not in res.stderr and res.stderr == ""
+    res = fs_proc(trained, "sweep", "--method", "linear", "--dataset", "demo", "--features", "text=minilm",
+                  "--grid", "lr=1e-3,1e-2", "-p", "epochs=2", code=0)
+    assert "%|" not in res.stderr and "config/s" not in res.stderr
+
+
+def test_progress_shows_on_a_terminal(trained):
+    """stderr on a real pseudo-terminal: the sweep's bars appear there (and only there)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "featurestore.cli", "--store", str(trained), "sweep", "--method",
+                             "mlp", "--dataset", "demo", "--features", "text=minilm", "--grid", "lr=3e-3,3e-2",
+                             "-p", "epochs=3"], stdout=subprocess.PIPE, stderr=slave, env=ENV)
+    os.close(slave)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([master], [], [], 120)
+        if not ready:
+            break
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    out, _ = proc.communicate(timeout=120)
+    os.close(master)
+    tty = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 0
+    assert "configurations" in tty and "2/2" in tty and "epoch" in tty
+    assert "%|" not in out.decode()
+
+
+def test_heads_report_epochs_through_the_engine_not_by_printing(capsys):
+    """SCL's two stages and a stacked mlp report each epoch to an `on_epoch` listener; nothing is printed."""
+    import numpy as np
+
+    from featurestore.heads import create
+    from featurestore.heads._engine import on_epoch
+    from featurestore.heads.base import Features, Targets
+
+    rng = np.random.default_rng(0)
+    y = np.arange(90) % 3
+    x = (rng.normal(size=(3, 8))[y] + 0.3 * rng.normal(size=(90, 8))).astype(np.float32)
+    X, Y = Features({"text": x}, {"text": np.ones(90, bool)}), Targets("single", y, ["happy", "neutral", "sad"])
+    seen = []
+    with on_epoch(seen.append):
+        create("scl", joint_epochs=2, seq_epochs=3, width=8, proj_width=8, batch_size=32, device="cpu"
+               ).fit(X, Y, eval_set=(X, Y))
+    stages = [e.stage for e in seen]
+    assert stages[:2] == ["joint", "joint"] and all(s.startswith("sequential") for s in stages[2:])
+    assert [e.epoch for e in seen[:2]] == [1, 2] and seen[-1].val is not None
+    seen.clear()
+    with on_epoch(seen.append):
+        create("mlp", epochs=4, patience=0, device="cpu").fit(X, Y, eval_set=(X, Y))
+    assert [e.epoch for e in seen] == [1, 2, 3, 4] and all(e.epochs == 4 and e.val is not None for e in seen)
+    create("mlp", epochs=2, device="cpu").fit(X, Y)  # no listener: nothing reported, nothing printed
+    assert capsys.readouterr().out == "" and len(seen) == 4

@@ -1,0 +1,141 @@
+"""`fs predict` / `featurestore.jobs.predict`: new inputs through the run's backbone, then its head.
+
+Real packaged MiniLM, real saved heads. The reference is the head's own `predict_proba` on the rows
+the extraction job wrote to the store for the same inputs (read back with `load_split`).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from featurestore.cli import cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NEW = ["what a lovely day", "I am furious about the delay", "quiet evening at home", "a terrifying storm"]
+
+
+def fs(root, *args, code=0):
+    res = CliRunner().invoke(cli, ["--store", str(root), *args], catch_exceptions=False)
+    assert res.exit_code == code, (args, res.exit_code, res.output)
+    return res
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_df):
+    folder = tmp_path_factory.mktemp("predict")
+    root = folder / "store"
+    words = demo_df.filter(pl.col("valence").is_not_null() & (pl.col("labels").list.len() > 0)).head(90)
+    words = words.with_columns(split=pl.Series(["test", "val", "train", "train", "train"] * 18))
+    words.select("item_id", "split", "label", "valence", "text").write_csv(folder / "words.csv")
+    words.select("item_id", "split", "text", "valence", labels=pl.col("labels").list.join("|")).write_csv(
+        folder / "multi.csv")
+    fs(root, "init")
+    fs(root, "datasets", "add", "words", "--manifest", str(folder / "words.csv"))
+    fs(root, "datasets", "add", "multi", "--manifest", str(folder / "multi.csv"))
+    fs(root, "extract", "--dataset", "words", "--modality", "text", "--backbone", "minilm")
+    runs = {}
+    for name, dataset, method, target in (("single", "words", "mlp", "label"), ("multi", "multi", "univa", "labels"),
+                                          ("va", "words", "linear", "va")):
+        fs(root, "train-head", "--method", method, "--dataset", dataset, "--features", "text=minilm",
+           "--target", target, "-p", "epochs=3", "--run-id", f"{name}-run")
+        runs[name] = f"{name}-run"
+    # the reference rows: the new texts registered and extracted by the extraction job
+    pl.DataFrame({"item_id": [f"n{i}" for i in range(len(NEW))], "split": ["test"] * len(NEW),
+                  "label": ["positive"] * len(NEW), "text": NEW}).write_csv(folder / "new.csv")
+    return root, runs, folder
+
+
+def _reference(store, run: str, dataset: str, split: str):
+    """predict_proba of the saved head on the store's rows of `dataset`/`split`, in manifest order."""
+    from featurestore.heads._data import features_of
+    from featurestore.jobs.train_head import load_head, run_folder
+    from featurestore.reader import load_split
+
+    folder = run_folder(store, run)
+    lineage = json.loads((folder / "lineage.json").read_text())
+    data = load_split(store, dataset, split, lineage["fingerprints"])
+    head = load_head(folder)
+    return data, head, head.predict_proba(features_of(data, va_from_labels=False))
+
+
+@pytest.mark.parametrize("which", ["single", "multi", "va"])
+def test_cached_inputs_score_as_the_head_does(trained, which):
+    from featurestore.jobs.predict import predict
+    from featurestore.store import open_store
+
+    root, runs, _ = trained
+    store = open_store(root)
+    dataset = "multi" if which == "multi" else "words"
+    data, head, want = _reference(store, runs[which], dataset, "test")
+    texts = pl.read_csv(root.parent / f"{dataset}.csv").filter(pl.col("split") == "test")["text"].to_list()
+    got = predict(store, runs[which], [{"text": t} for t in texts])
+    assert all(r["cached"] == {"text": True} for r in got)  # read from the store, no model run
+    classes = head.meta_.get("classes", [])
+    for r, p in zip(got, want):
+        if which == "va":
+            assert [r["prediction"]["valence"], r["prediction"]["arousal"]] == pytest.approx(p.tolist(), abs=1e-6)
+        else:
+            assert [r["scores"][c] for c in classes] == pytest.approx(p.tolist(), abs=1e-6)
+    if which == "single":
+        assert [r["prediction"] for r in got] == [classes[i] for i in want.argmax(1)]
+    if which == "multi":
+        t = head.decision_threshold()
+        assert [sorted(r["prediction"]) for r in got] == [sorted(c for c, v in zip(classes, p) if v > t) for p in want]
+
+
+def test_new_inputs_run_the_backbone_and_match_extraction(trained):
+    from featurestore.jobs.extract import ExtractConfig, run
+    from featurestore.jobs.predict import predict
+    from featurestore.store import open_store
+
+    root, runs, folder = trained
+    store = open_store(root)
+    got = {w: predict(store, runs[w], NEW) for w in ("single", "multi")}  # before they are in the store
+    assert all(r["cached"] == {"text": False} for rs in got.values() for r in rs)
+    fs(root, "datasets", "add", "new", "--manifest", str(folder / "new.csv"))
+    run(ExtractConfig(dataset="new", modality="text", backbone="minilm"), store)
+    for which, rs in got.items():
+        _, head, want = _reference(store, runs[which], "new", "test")
+        classes = head.meta_["classes"]
+        np.testing.assert_allclose([[r["scores"][c] for c in classes] for r in rs], want, atol=2e-3)
+    again = predict(store, runs["single"], NEW[0])
+    assert again[0]["cached"] == {"text": True}
+
+
+def test_cli_predict(trained, tmp_path):
+    root, runs, _ = trained
+    out = fs(root, "predict", runs["single"], "--text", "what a lovely day").output
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("run single-run (mlp on words, single-label)")
+    assert lines[1].startswith("text 'what a lovely day': ") and any(c in lines[1] for c in ("positive", "negative",
+                                                                                             "neutral"))
+    assert len(lines) == 3 and "{" not in out  # no Python reprs
+    doc = json.loads(fs(root, "predict", "multi", "--text", "what a lovely day", "--json").output)
+    (r,) = doc["results"]
+    assert doc["run"] == "multi-run" and doc["kind"] == "multi" and set(r["scores"]) and "threshold" in r
+    va = fs(root, "predict", "va-run", "--text", "a terrifying storm").output
+    assert "valence " in va and "arousal " in va
+    batch = tmp_path / "in.jsonl"
+    batch.write_text('{"text": "sunny and warm"}\nnot json\n\n{"image": "x.png"}\n{"text": "a sad farewell"}\n')
+    res = fs(root, "predict", "single-run", "--batch", str(batch), "--json", code=10)
+    results = json.loads(res.output)["results"]
+    assert [("error" in r) for r in results] == [False, True, True, False]
+    assert results[1]["line"] == 2 and "not JSON" in results[1]["error"]
+    assert "trained on text" in results[2]["error"]
+    txt = tmp_path / "in.txt"
+    txt.write_text("sunny and warm\n\na sad farewell\n")
+    assert len(json.loads(fs(root, "predict", "single-run", "--batch", str(txt), "--json").output)["results"]) == 2
+    # bad calls: one line, the right status
+    assert "give an input" in fs(root, "predict", "single-run", code=2).output
+    assert "not in" in fs(root, "predict", "nosuch", "--text", "x", code=4).output
+    fs(root, "train-head", "--method", "linear", "--dataset", "words", "--features", "minilm", "--target", "label",
+       "-p", "epochs=1", "--run-id", "single-run-2")
+    res = fs(root, "predict", "single", "--text", "x", code=2)
+    assert "matches 2 runs" in res.output and "Traceback" not in res.output
+    res = fs(root, "predict", "single-run", "--text", "   ", code=2)
+    assert "error:" in res.output
