@@ -57,7 +57,7 @@ def trained(tmp_path_factory, one_thread):
     invoke(root, "datasets", "add", "other", "--manifest", str(other))
     invoke(root, "extract", "--dataset", "other", "--modality", "text", "--backbone", "minilm")
     invoke(root, "train-head", "--method", "linear", "--dataset", "demo", "--features", "text=minilm",
-           "-p", "epochs=2", "--run-id", "lin")
+           "--target", "label", "-p", "epochs=2", "--run-id", "lin")
     return root
 
 
@@ -206,7 +206,8 @@ def test_train_head_reports_each_epoch_to_a_progress_bar(trained):
         made.append(kw)
         return tqdm(file=buf, mininterval=0, **kw)
 
-    run(TrainHeadConfig(method="mlp", dataset="demo", features={"text": "minilm"}, params={"epochs": 3}),
+    run(TrainHeadConfig(method="mlp", dataset="demo", features={"text": "minilm"}, target="label",
+                        params={"epochs": 3}),
         open_store(trained), progress=progress)
     text = buf.getvalue()
     assert made and made[0]["total"] == 3 and made[0]["unit"] == "epoch"
@@ -222,7 +223,7 @@ def test_sweep_counts_configurations_and_prints_no_tuple(trained):
     from featurestore.store import open_store
 
     buf, said = io.StringIO(), []
-    result = sweep.run(sweep.SweepConfig(method="mlp", dataset="demo", features={"text": "minilm"},
+    result = sweep.run(sweep.SweepConfig(method="mlp", dataset="demo", features={"text": "minilm"}, target="label",
                                          grid={"lr": ["1e-3", "1e-2"], "dropout": ["0.1", "0.3"]},
                                          params={"epochs": "2"}),
                        open_store(trained), log=said.append,
@@ -235,12 +236,12 @@ def test_sweep_counts_configurations_and_prints_no_tuple(trained):
 
 def test_no_progress_without_a_terminal_or_under_json(trained):
     res = CliRunner().invoke(cli, ["--store", str(trained), "train-head", "--method", "mlp", "--dataset", "demo",
-                                   "--features", "text=minilm", "-p", "epochs=2", "--json"], catch_exceptions=False)
+                                   "--features", "text=minilm", "--target", "label", "-p", "epochs=2", "--json"], catch_exceptions=False)
     assert res.exit_code == 0
     json.loads(res.stdout)
     assert "epoch" not in res.stderr and "%|" not in res.stderr and res.stderr == ""
     res = fs_proc(trained, "sweep", "--method", "linear", "--dataset", "demo", "--features", "text=minilm",
-                  "--grid", "lr=1e-3,1e-2", "-p", "epochs=2", code=0)
+                  "--target", "label", "--grid", "lr=1e-3,1e-2", "-p", "epochs=2", code=0)
     assert "%|" not in res.stderr and "config/s" not in res.stderr
 
 
@@ -248,7 +249,8 @@ def test_progress_shows_on_a_terminal(trained):
     """stderr on a real pseudo-terminal: the sweep's bars appear there (and only there)."""
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "featurestore.cli", "--store", str(trained), "sweep", "--method",
-                             "mlp", "--dataset", "demo", "--features", "text=minilm", "--grid", "lr=3e-3,3e-2",
+                             "mlp", "--dataset", "demo", "--features", "text=minilm", "--target", "label",
+                             "--grid", "lr=3e-3,3e-2",
                              "-p", "epochs=3"], stdout=subprocess.PIPE, stderr=slave, env=ENV)
     os.close(slave)
     chunks = []

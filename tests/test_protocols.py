@@ -55,7 +55,7 @@ def folded_store(tmp_path_factory):
 
 
 def test_cv_fold_trains_one_head_per_official_fold(folded_store):
-    result = run(TrainHeadConfig(method="linear", dataset="demo", features={"text": "minilm"}, cv="fold",
+    result = run(TrainHeadConfig(method="linear", dataset="demo", features={"text": "minilm"}, target="label", cv="fold",
                                  params=PARAMS), folded_store)
     doc = json.loads((result.folder / "metrics.json").read_text())
     lineage = json.loads((result.folder / "lineage.json").read_text())
@@ -75,7 +75,7 @@ def test_cv_fold_trains_one_head_per_official_fold(folded_store):
 
 
 def test_cv_group_is_leave_one_group_out(folded_store):
-    result = run(TrainHeadConfig(method="linear", dataset="demo", features={"text": "minilm"}, cv="group",
+    result = run(TrainHeadConfig(method="linear", dataset="demo", features={"text": "minilm"}, target="label", cv="group",
                                  params=PARAMS), folded_store)
     lineage = json.loads((result.folder / "lineage.json").read_text())
     assert [f["held_out_groups"] for f in lineage["folds"]] == [["ses1"], ["ses2"], ["ses3"], ["ses4"]]
@@ -86,10 +86,10 @@ def test_seeds_average_independent_runs_with_their_std(folded_store):
     seeds = [3, 4, 5]
     alone = []
     for s in seeds:  # the reference: each seed trained on its own, as a plain run
-        r = run(TrainHeadConfig(method="linear", dataset="demo", features={"text": "minilm"}, params=PARAMS, seed=s,
+        r = run(TrainHeadConfig(method="linear", dataset="demo", features={"text": "minilm"}, target="label", params=PARAMS, seed=s,
                                 run_id=f"alone-{s}"), folded_store)
         alone.append(r.metrics)
-    result = run(TrainHeadConfig(method="linear", dataset="demo", features={"text": "minilm"}, params=PARAMS, seed=3,
+    result = run(TrainHeadConfig(method="linear", dataset="demo", features={"text": "minilm"}, target="label", params=PARAMS, seed=3,
                                  seeds=3, run_id="three"), folded_store)
     doc = json.loads((result.folder / "metrics.json").read_text())
     assert doc["seeds"] == seeds and [r["seed"] for r in doc["runs"]] == seeds
@@ -106,7 +106,7 @@ def test_seeds_average_independent_runs_with_their_std(folded_store):
 
 
 def test_seeds_with_cv_fold_average_the_fold_means(folded_store):
-    result = run(TrainHeadConfig(method="linear", dataset="demo", features={"text": "minilm"}, params=PARAMS,
+    result = run(TrainHeadConfig(method="linear", dataset="demo", features={"text": "minilm"}, target="label", params=PARAMS,
                                  cv="fold", seeds=2, run_id="cvseeds"), folded_store)
     doc = json.loads((result.folder / "metrics.json").read_text())
     per_seed = [json.loads((result.folder / f"seed-{s}" / "metrics.json").read_text())["mean"]["uar"] for s in (0, 1)]
@@ -118,7 +118,7 @@ def test_seeds_with_cv_fold_average_the_fold_means(folded_store):
 
 def test_cli_seeds_table_and_fold_errors(folded_store):
     runner = CliRunner()
-    base = ["--store", str(folded_store.root), "train-head", "--method", "linear", "--features", "text=minilm",
+    base = ["--store", str(folded_store.root), "train-head", "--method", "linear", "--features", "text=minilm", "--target", "label",
             "-p", "epochs=2"]
     out = runner.invoke(cli, base + ["--dataset", "demo", "--seeds", "2"], catch_exceptions=False)
     assert out.exit_code == 0, out.output
@@ -159,7 +159,7 @@ def test_iemocap_layout_leave_one_session_out_end_to_end(tmp_path):
     ds = add_layout_dataset(store, "iemo", "iemocap", tmp_path / "IEMOCAP", options={"classes": "4"})
     assert ds.info["layout"]["classes"] == {"anger": 15, "happiness": 15, "neutral": 15, "sadness": 15}
     extract(ExtractConfig(dataset="iemo", modality="text", backbone="minilm"), store)
-    result = run(TrainHeadConfig(method="linear", dataset="iemo", features={"text": "minilm"}, cv="group",
+    result = run(TrainHeadConfig(method="linear", dataset="iemo", features={"text": "minilm"}, target="label", cv="group",
                                  params=PARAMS), store)
     assert [f["held_out"] for f in result.folds] == [f"Session{s}" for s in range(1, 6)]
     assert [f["n_test"] for f in result.folds] == [12] * 5  # frustration has no 4-class label

@@ -48,6 +48,6 @@ class Meld(Layout):
                 clip = self.rel(clips / f"dia{dia}_utt{utt}.mp4")
                 yield {"item_id": f"{split}/dia{dia}_utt{utt}", "split": split,
                        "label": emotion if target == "emotion" else (sentiment if sentiment in SENTIMENTS else None),
-                       "emotion": emotion, "sentiment": sentiment or None, "group": row["Speaker"] or None,
+                       "emotion_raw": emotion, "sentiment": sentiment or None, "group": row["Speaker"] or None,
                        "dialogue": f"{split}/dia{dia}", "text": row["Utterance"] or None,
                        "video": clip, "audio": clip}
