@@ -28,7 +28,7 @@ def _register() -> None:
 
     for module in (store_cmd, datasets_cmd, extract_cmd, backbones_cmd):
         module.register(cli)
-    for name in ("va_cmd", "heads_cmd", "memory_cmd", "sweep_cmd"):  # optional nouns, added per issue
+    for name in ("va_cmd", "heads_cmd", "memory_cmd", "sweep_cmd", "lora_cmd", "refresh_cmd"):  # optional nouns, added per issue
         try:
             module = __import__(f"{__name__}.{name}", fromlist=["register"])
         except ModuleNotFoundError as exc:
