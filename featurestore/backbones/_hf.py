@@ -44,8 +44,12 @@ def apply_adapter(model: Any, adapter: str, *, what: str) -> Any:
 
     from ..adapters import check_loadable
 
+    import warnings
+
     try:
-        peft_model = PeftModel.from_pretrained(model, adapter)
+        with warnings.catch_warnings():  # transformers' deprecation notes from inside peft
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = PeftModel.from_pretrained(model, adapter)
     except Exception as exc:
         raise BackboneError(f"{what}: {check_loadable(adapter, exc)}") from None
     return peft_model.merge_and_unload()
