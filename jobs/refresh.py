@@ -524,7 +524,7 @@ def _plot(df, folder: Path, title: str) -> None:
 
 def _remove_folder(folder: Path) -> None:
     """Rename away first (atomic: readers see the folder whole or not at all), then delete."""
-    gone = folder.with_name(f".{folder.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.removed")
+    gone = folder.with_name(f".{folder.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # fs gc removes a leftover
     os.replace(folder, gone)
     shutil.rmtree(gone, ignore_errors=True)
 
@@ -540,7 +540,7 @@ def status(recipe: Recipe, store: Store) -> dict:
         fh.close()
     return {"recipe": recipe.name, "trigger": trigger_state(store, recipe), "current": state["current"],
             "last": state.get("last"), "refreshes": len(state.get("history") or []), "running": running,
-            "pending": {"id": pending["id"], "steps_done": list(pending["done"])} if pending else None}
+            "pending": {"id": pending["id"], "steps_done": [s for s in STEPS if s in pending["done"]]} if pending else None}
 
 
 # ---- gc ---------------------------------------------------------------------------------------------

@@ -190,9 +190,9 @@ def _epoch_of(ckpt: Path) -> int:
 def test_killed_training_resumes_from_its_last_epoch(tmp_path, bert):
     from featurestore.jobs.lora import run
 
-    settings = {"epochs": 8, "patience": 8, "batch_size": 8, "head": "linear", "seed": 1}
+    settings = {"epochs": 5, "patience": 5, "batch_size": 8, "head": "linear", "seed": 1}
     killed = open_store(tmp_path / "killed", create=True)
-    toy(killed)
+    toy(killed, n=24)
     cmd = [sys.executable, "-m", "featurestore.cli", "--store", str(killed.root), "lora", "train", "--backbone",
            "hf-text", "--model", str(bert / "a"), "--dataset", "toy", "--target", "label", "--out", "t1",
            "--device", "cpu", *[a for k, v in settings.items() for a in ("-p", f"{k}={v}")]]
@@ -213,7 +213,7 @@ def test_killed_training_resumes_from_its_last_epoch(tmp_path, bert):
     resumed = run(config, killed)
     assert resumed.resumed_from_epoch >= 2
     whole = open_store(tmp_path / "whole", create=True)
-    toy(whole)
+    toy(whole, n=24)
     uninterrupted = run(config, whole)
     assert uninterrupted.resumed_from_epoch == 0 and resumed.hash == uninterrupted.hash
     assert resumed.metrics["history"] == uninterrupted.metrics["history"]
@@ -337,3 +337,35 @@ def test_killed_refresh_resumes_at_its_step_and_a_second_one_is_locked_out(froze
     assert done.resumed and done.id == first.id and lines[0].startswith(f"resuming refresh {first.id} after step extract")
     assert not any("epoch" in line for line in lines)  # the fine-tuning was not run again
     assert status(r, store)["pending"] is None
+
+
+def test_default_target_modules_exist_in_each_architecture():
+    """The per-architecture defaults name real linear modules of each model family (tiny configs)."""
+    import transformers as tf
+
+    from featurestore.jobs.lora import check_targets, default_targets
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+    conv = dict(conv_dim=(8, 8), conv_kernel=(3, 3), conv_stride=(2, 2), num_conv_pos_embeddings=4,
+                num_conv_pos_embedding_groups=2, **small)
+    models = {
+        "bert": tf.BertModel(tf.BertConfig(vocab_size=50, max_position_embeddings=20, **small)),
+        "roberta": tf.RobertaModel(tf.RobertaConfig(vocab_size=50, max_position_embeddings=20, **small)),
+        "clip text": tf.CLIPTextModelWithProjection(tf.CLIPTextConfig(
+            vocab_size=50, projection_dim=16, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+            pad_token_id=1, **small)),
+        "clip vision": tf.CLIPVisionModelWithProjection(tf.CLIPVisionConfig(image_size=32, patch_size=8,
+                                                                            projection_dim=16, **small)),
+        "wav2vec2": tf.Wav2Vec2Model(tf.Wav2Vec2Config(**conv)),
+        "hubert": tf.HubertModel(tf.HubertConfig(**conv)),
+        "wavlm": tf.WavLMModel(tf.WavLMConfig(**conv)),
+        "clap audio": tf.ClapAudioModelWithProjection(tf.ClapAudioConfig(
+            spec_size=64, patch_size=4, num_mel_bins=64, hidden_size=32, depths=[1, 1], num_attention_heads=[2, 2],
+            window_size=4, patch_embeds_hidden_size=16, projection_dim=16)),
+    }
+    for name, model in models.items():
+        targets = default_targets(model)
+        check_targets(model, targets)  # raises, listing the linear modules, if a default were wrong
+        assert len(targets) == 2, name
+    with pytest.raises(ConfigError, match="no default LoRA target modules for model type 'vit'.*query"):
+        default_targets(tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, **small)))
