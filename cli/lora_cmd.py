@@ -23,9 +23,11 @@ def lora_group() -> None:
 @click.option("--backbone-param", "bb_params", multiple=True, metavar="KEY=VALUE",
               help="A backbone parameter (pooling, max_length, ...); repeat for several.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] (CUDA uses autocast).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
+              help="CPU threads for torch (0: every core).")
 @json_option
 @click.pass_context
-def train_cmd(ctx, backbone, model, dataset, target, name, params, bb_params, device, as_json):
+def train_cmd(ctx, backbone, model, dataset, target, name, params, bb_params, device, threads, as_json):
     """Fine-tune BACKBONE with LoRA under a small head on DATASET's train split.
 
     Early-stops on validation; saves the adapter in peft's format under store/adapters/<hash>/
@@ -41,7 +43,7 @@ def train_cmd(ctx, backbone, model, dataset, target, name, params, bb_params, de
     if model:
         bp["model"] = model
     config = LoraTrainConfig.build(backbone=backbone, params=bp, dataset=dataset, target=target, name=name,
-                                   settings=parse_params(params), device=device)
+                                   settings=parse_params(params), device=device, threads=threads)
     result = run(config, store, progress=None if as_json else progress,
                  log=(lambda s: None) if as_json else (lambda s: click.echo(s, err=True)))
     if as_json:

@@ -103,8 +103,11 @@ class LoraTrainConfig:
     name: str = field("", "adapter name (fs lora list)")
     settings: LoraSettings = field(LoraSettings(), "LoRA and training settings")
     device: str = field("auto", "auto | cpu | cuda[:N]")
+    threads: int = field(0, "CPU threads for torch (0: every core, as extraction uses)")
 
     def __post_init__(self):
+        if self.threads < 0:
+            raise ConfigError(f"threads={self.threads} must be 0 (every core) or positive")
         if not self.dataset:
             raise ConfigError("no dataset given; use --dataset NAME (fs datasets list)")
         if self.target not in ("label", "labels", "va"):
@@ -347,6 +350,8 @@ def _train(config, store, bb, train, val, classes, validation, manifest_hash, wo
 
     s = config.settings
     bb.load()
+    if config.threads:  # a shared CPU: fewer threads than cores avoids oversubscription stalls
+        torch.set_num_threads(config.threads)
     base_weights = bb.weights_hash()
     targets = s.targets or default_targets(bb.model)
     check_targets(bb.model, targets)

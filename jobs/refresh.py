@@ -60,6 +60,7 @@ class Recipe:
     min_delta: float = 0.0
     device: str = "auto"
     batch_size: int = 64  # extraction batch size
+    threads: int = 0  # CPU threads of the fine-tuning (0: every core)
 
     @property
     def params(self) -> dict:
@@ -84,7 +85,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
 def _recipe_from(doc: dict, *, default_name: str, where: str) -> Recipe:
     known = {"name", "backbone", "model", "backbone_params", "device", "finetune", "lora", "extract", "heads",
-             "memories", "trigger", "promote", "batch_size"}
+             "memories", "trigger", "promote", "batch_size", "threads"}
     unknown = sorted(set(doc) - known)
     if unknown:
         raise ConfigError(f"recipe {where}: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -104,7 +105,7 @@ def _recipe_from(doc: dict, *, default_name: str, where: str) -> Recipe:
                memories=tuple(doc.get("memories") or ()), min_new_labelled=int(trig.get("min_new_labelled", 1)),
                metric=str(prom.get("metric", "primary")), rule=str(prom.get("rule", "mean")),
                min_delta=float(prom.get("min_delta", 0.0)), device=str(doc.get("device", "auto")),
-               batch_size=int(doc.get("batch_size", 64)))
+               batch_size=int(doc.get("batch_size", 64)), threads=int(doc.get("threads", 0)))
     if r.target not in ("label", "labels", "va"):
         raise ConfigError(f"recipe {where}: finetune.target {r.target!r} is not one of label, labels, va")
     if r.rule not in RULES:
@@ -282,7 +283,7 @@ class _Refresh:
 
         config = LoraTrainConfig.build(backbone=self.r.backbone, params=self.r.params, dataset=self.r.dataset,
                                        target=self.r.target, name=f"{self.r.name}-{self.id}", settings=self.r.lora,
-                                       device=self.r.device)
+                                       device=self.r.device, threads=self.r.threads)
         res = train(config, self.store, progress=self.progress, log=self.log)
         return {"hash": res.hash, "folder": res.folder, "metrics": {k: v for k, v in res.metrics.items()
                                                                     if k != "history"}}

@@ -367,5 +367,5 @@ def test_default_target_modules_exist_in_each_architecture():
         targets = default_targets(model)
         check_targets(model, targets)  # raises, listing the linear modules, if a default were wrong
         assert len(targets) == 2, name
-    with pytest.raises(ConfigError, match="no default LoRA target modules for model type 'vit'.*query"):
+    with pytest.raises(ConfigError, match="no default LoRA target modules for model type 'vit'.*linear modules: .*q_proj"):
         default_targets(tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, **small)))
