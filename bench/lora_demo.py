@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("-p", dest="params", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--name", default="lora-demo")
+    ap.add_argument("--stamp", default="", help="reuse the runs and resume the refresh of an earlier (killed) call")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (1 on a busy shared CPU)")
     args = ap.parse_args()
 
     import polars as pl
@@ -40,17 +42,20 @@ def main() -> None:
     torch.set_num_threads(1)
     store = open_store(args.store)
     frozen = resolve_features(store, "minilm", modality="text").fingerprint
-    stamp = time.strftime("%H%M%S")
+    stamp = args.stamp or time.strftime("%H%M%S")
     runs = []
     for seed in (int(s) for s in args.seeds.split(",")):
         run_id = f"{args.name}-mlp-s{seed}-{stamp}"
+        runs.append(run_id)
+        if (store.heads_dir() / run_id).is_dir():
+            continue
         train(TrainHeadConfig(method="mlp", dataset="demo", features={"text": frozen}, target="labels", seed=seed,
                               run_id=run_id), store)
-        runs.append(run_id)
     lora = parse_params(args.params)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{args.name}-{stamp}.json"
         path.write_text(json.dumps({"backbone": "minilm", "heads": runs, "lora": lora, "device": "cpu",
+                                    "threads": args.threads,
                                     "finetune": {"dataset": "demo", "target": "labels"},
                                     "trigger": {"min_new_labelled": 1}}))
         t = time.perf_counter()

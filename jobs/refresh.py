@@ -60,7 +60,7 @@ class Recipe:
     min_delta: float = 0.0
     device: str = "auto"
     batch_size: int = 64  # extraction batch size
-    threads: int = 0  # CPU threads of the fine-tuning (0: every core)
+    threads: int = 0  # CPU threads of fine-tuning and extraction (0: every core)
 
     @property
     def params(self) -> dict:
@@ -299,10 +299,11 @@ class _Refresh:
 
         before = {f.fingerprint for f in list_feature_sets(self.store)}
         fps, failed = set(), {}
+        bb = backbones.create(self.r.backbone, params, device=self.r.device)
         for ds in self.r.extract:
             res = extract(ExtractConfig(dataset=ds, modality=modality, backbone=self.r.backbone, params=params,
                                         batch_size=self.r.batch_size, device=self.r.device), self.store,
-                          progress=self.progress, log=self.log)
+                          backbone=_threaded(bb, self.r.threads), progress=self.progress, log=self.log)
             fps.add(res.fingerprint)
             failed[ds] = res.failed_total
         fp = fps.pop()
@@ -466,6 +467,16 @@ class _Refresh:
         folder = _dir(self.store, self.r.name)
         write_json_atomic(folder / "state.json", state)
         (folder / "pending.json").unlink(missing_ok=True)
+
+
+def _threaded(bb, threads: int):
+    """The backbone, loaded, with torch held to `threads` CPU threads (0: as loading set them)."""
+    if threads:
+        import torch
+
+        bb.load()
+        torch.set_num_threads(threads)
+    return bb
 
 
 def _scores(store: Store, run: str) -> dict:
