@@ -34,14 +34,17 @@ def main() -> None:
     import torch
 
     from featurestore.config import parse_params
-    from featurestore.features import resolve_features
+    from featurestore.features import list_feature_sets
     from featurestore.jobs.refresh import load_recipe, run as refresh
     from featurestore.jobs.train_head import TrainHeadConfig, run as train
     from featurestore.store import open_store
 
     torch.set_num_threads(1)
     store = open_store(args.store)
-    frozen = resolve_features(store, "minilm", modality="text").fingerprint
+    frozen = next((f.fingerprint for f in reversed(list_feature_sets(store))  # newest without an adapter
+                   if f.backbone == "minilm" and not f.spec.get("adapter_hash")), None)
+    if frozen is None:
+        raise SystemExit("no frozen MiniLM features in the store: run `make demo` first")
     stamp = args.stamp or time.strftime("%H%M%S")
     runs = []
     for seed in (int(s) for s in args.seeds.split(",")):
