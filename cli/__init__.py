@@ -28,11 +28,11 @@ def cli(ctx: click.Context, store_root: str, debug: bool) -> None:
 def _register() -> None:
     """Every noun, explicitly: each module's `register(cli)` adds its commands and nothing else
     (no module changes another at import)."""
-    from . import (backbones_cmd, datasets_cmd, extract_cmd, heads_cmd, memory_cmd, predict_cmd, store_cmd,
-                   sweep_cmd, va_cmd)
+    from . import (backbones_cmd, datasets_cmd, extract_cmd, heads_cmd, lora_cmd, memory_cmd, predict_cmd,
+                   refresh_cmd, store_cmd, sweep_cmd, va_cmd)
 
     for module in (store_cmd, datasets_cmd, extract_cmd, backbones_cmd, va_cmd, heads_cmd, memory_cmd, sweep_cmd,
-                   predict_cmd):
+                   predict_cmd, lora_cmd, refresh_cmd):
         module.register(cli)
 
 

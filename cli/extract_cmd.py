@@ -15,7 +15,8 @@ FAILED_EXIT = 10  # the job finished, but some items could not be encoded
               help="Input to encode; video: sampled frames through an image backbone (docs/video.md).")
 @click.option("--backbone", required=True, help="Backbone name (fs backbones list).")
 @click.option("--model", default="", help="Hub id or local folder (default: the backbone's own).")
-@click.option("--adapter", default="", type=click.Path(file_okay=False), help="A peft (LoRA) adapter folder.")
+@click.option("--adapter", default="", help="A peft (LoRA) adapter: a folder, or a stored adapter's name or hash "
+                                           "(fs lora list).")
 @params_option
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")

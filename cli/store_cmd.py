@@ -147,15 +147,26 @@ def verify_cmd(ctx: click.Context, as_json: bool) -> None:
 @click.command("gc")
 @click.option("--compact", is_flag=True, help="Also merge each feature set's segments into one.")
 @click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
+@click.option("--keep-fingerprints", "keep", type=click.IntRange(1), default=None, metavar="N",
+              help="Also remove all but the N newest feature sets of each backbone and modality, never one a "
+                   "saved run (not retired by a refresh), a memory or a refresh still uses.")
 @json_option
 @click.pass_context
-def gc_cmd(ctx: click.Context, compact: bool, dry_run: bool, as_json: bool) -> None:
+def gc_cmd(ctx: click.Context, compact: bool, dry_run: bool, keep: int | None, as_json: bool) -> None:
     """Remove temporary files left by killed jobs, register or delete segments a killed job or an
     earlier compaction left behind, and optionally compact segments.
 
     A feature set being written is skipped. Temporary files elsewhere (datasets, heads,
     memories) are removed once they are 10 minutes old (younger ones may belong to a running job)."""
-    report = gc_store(get_store(ctx), compact=compact, dry_run=dry_run)
+    store = get_store(ctx)
+    fingerprints = None
+    if keep is not None:  # old feature sets first, so the temp-file pass sees what they leave
+        from featurestore.jobs.refresh import gc_fingerprints
+
+        fingerprints = gc_fingerprints(store, keep, dry_run=dry_run)
+    report = gc_store(store, compact=compact, dry_run=dry_run)
+    if fingerprints is not None:
+        report["fingerprints"] = fingerprints
     if as_json:
         return emit(report)
     verb = "would remove" if dry_run else "removed"
@@ -166,6 +177,14 @@ def gc_cmd(ctx: click.Context, compact: bool, dry_run: bool, as_json: bool) -> N
         click.echo(f"{'would merge' if dry_run else 'merged'} {n} segments of {fp} into one")
     for fp in report["skipped_locked"]:
         click.echo(f"skipped {fp}: a job is writing to it")
+    fps = report.get("fingerprints")
+    if fps is not None:
+        for fp in fps["removed"]:
+            click.echo(f"{'would remove' if dry_run else 'removed'} feature set {fp}")
+        for fp, users in fps["kept_in_use"].items():
+            click.echo(f"kept {fp}: used by {', '.join(users[:3])}{' ...' if len(users) > 3 else ''}")
+        for fp in fps["skipped_locked"]:
+            click.echo(f"skipped {fp}: a job is writing to it")
 
 
 def register(cli: click.Group) -> None:

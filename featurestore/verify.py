@@ -115,9 +115,9 @@ def _verify_va(store):
 
 
 def artifact_dirs(store) -> list[Path]:
-    """Saved heads and memories (their files are checked against checksums.json)."""
+    """Saved heads, memories and LoRA adapters (their files are checked against checksums.json)."""
     out = []
-    for root in (store.heads_dir(), store.memory_dir()):
+    for root in (store.heads_dir(), store.memory_dir(), store.adapters_dir()):
         if root.is_dir():
             out += [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
     return out

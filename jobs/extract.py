@@ -255,6 +255,11 @@ def run(config: ExtractConfig, store: Store, *, backbone: Backbone | None = None
         progress: Callable[..., Any] | None = None, log: Callable[[str], None] = lambda s: None) -> ExtractResult:
     """Extract `config.dataset`'s `config.modality` inputs with `config.backbone` into `store`."""
     t0 = time.perf_counter()
+    if config.params.get("adapter") and backbone is None:  # a stored adapter by name or hash, or a folder
+        from featurestore.adapters import resolve_adapter
+
+        config = dataclasses.replace(config, params={**config.params,
+                                                     "adapter": resolve_adapter(store, config.params["adapter"])})
     bb = backbone or backbones.create(config.backbone, config.params, device=config.device, modality=config.modality)
     if bb.modality != config.modality:
         need = "an image" if config.modality == "video" else \

@@ -48,10 +48,16 @@ def apply_adapter(model: Any, adapter: str, *, what: str) -> Any:
         raise BackboneError(f"{what}: adapter folder {adapter!r} does not exist")
     from peft import PeftModel
 
+    from ..adapters import check_loadable
+
+    import warnings
+
     try:
-        peft_model = PeftModel.from_pretrained(model, adapter)
+        with warnings.catch_warnings():  # transformers' deprecation notes from inside peft
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = PeftModel.from_pretrained(model, adapter)
     except Exception as exc:
-        raise BackboneError(f"{what}: could not apply adapter {adapter!r}: {exc}") from None
+        raise BackboneError(f"{what}: {check_loadable(adapter, exc)}") from None
     return peft_model.merge_and_unload()
 
 
@@ -62,6 +68,9 @@ def load_backbone(bb: Any, processor_loader: Any, model_loader: Any, **processor
     processor = from_pretrained(processor_loader, bb.model_ref, what=what, **processor_kwargs)
     model = from_pretrained(model_loader, bb.model_ref, what=what)
     bb._weights = weights_digest(bb.model_ref, model)
+    from ..adapters import check_base
+
+    check_base(bb.config.adapter, bb.name, bb._weights)  # before any work: an adapter of another model
     return processor, apply_adapter(model, bb.config.adapter, what=what).to(bb.device).eval()
 
 

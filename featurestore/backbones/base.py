@@ -136,6 +136,15 @@ class Backbone(abc.ABC):
         img.save(buf, format="PNG")
         return self.prepare(buf.getvalue())
 
+    def forward_pooled(self, items: Sequence[Any]):
+        """Pooled `[B, D]` torch tensor of prepared items, with autograd on (LoRA fine-tuning).
+
+        `encode` computes the same function under inference mode. Backbones that cannot be
+        fine-tuned leave this as it is."""
+        from ..errors import BackboneError
+        raise BackboneError(f"backbone {self.name!r} cannot be fine-tuned with LoRA; fine-tunable: minilm, hf-text, "
+                            "clip-text, clip-image, clap-audio, wav2vec2, hubert, wavlm")
+
     # ---- shared ------------------------------------------------------------------
     @property
     def model_ref(self) -> str:

@@ -79,6 +79,21 @@ class CLAPAudio(Backbone):
             wav = wav[start:start + self.window]
         return wav
 
+    def _inputs(self, items):
+        import torch
+
+        feats = self.extractor([np.asarray(w, dtype=np.float32) for w in items], sampling_rate=self.sampling_rate,
+                               truncation="fusion" if self.fusion else "rand_trunc", return_tensors="pt")
+        is_longer = torch.zeros((len(items), 1), dtype=torch.bool)
+        return {"input_features": feats["input_features"].to(self.device), "is_longer": is_longer.to(self.device)}
+
+    def forward_pooled(self, items: Sequence[np.ndarray]):
+        import torch
+
+        with _hf.autocast(self.device):
+            pooled = self.model(**self._inputs(items)).audio_embeds.float()
+        return torch.nn.functional.normalize(pooled, dim=-1) if self.config.normalize else pooled
+
     def encode(self, items: Sequence[np.ndarray]) -> Encoded:
         import torch
 

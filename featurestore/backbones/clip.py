@@ -37,13 +37,14 @@ class _CLIPBase(Backbone):
         self.load()
         return int(self.model.config.projection_dim)
 
-    def _finish(self, pooled, states, lengths) -> Encoded:
-        """Normalise pooled rows and cut each item's projected states to `seq_cap`."""
+    def _normalised(self, pooled):
         import torch
 
-        pooled = pooled.float()
-        if self.config.normalize:
-            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return torch.nn.functional.normalize(pooled, dim=-1) if self.config.normalize else pooled
+
+    def _finish(self, pooled, states, lengths) -> Encoded:
+        """Normalise pooled rows and cut each item's projected states to `seq_cap`."""
+        pooled = self._normalised(pooled.float())
         seqs = None
         if self.config.seq_cap > 0:
             seqs = [_hf.to_numpy(s[: min(int(n), self.config.seq_cap)]) for s, n in zip(states, lengths)]
@@ -83,6 +84,12 @@ class CLIPImage(_CLIPBase):
         self.load()
         return self.processor(images=img, return_tensors="pt")["pixel_values"][0]
 
+    def forward_pooled(self, items: Sequence):
+        pixels = self.processor(images=list(items), return_tensors="pt")["pixel_values"].to(self.device)
+        with _hf.autocast(self.device):
+            pooled = self.model(pixel_values=pixels).image_embeds.float()
+        return self._normalised(pooled)
+
     def encode(self, items: Sequence) -> Encoded:
         import torch
 
@@ -118,6 +125,13 @@ class CLIPText(_CLIPBase):
 
     def prepare(self, raw: bytes | str) -> str:
         return prepare_text(raw)
+
+    def forward_pooled(self, items: Sequence[str]):
+        batch = self.tokenizer(list(items), padding=True, truncation=True,
+                               max_length=self._max_length, return_tensors="pt").to(self.device)
+        with _hf.autocast(self.device):
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return self._normalised(out.text_embeds.float())
 
     def encode(self, items: Sequence[str]) -> Encoded:
         import torch

@@ -60,17 +60,29 @@ class HFText(Backbone):
     def prepare(self, raw: bytes | str) -> str:
         return prepare_text(raw)
 
-    def encode(self, items: Sequence[str]) -> Encoded:
+    def _forward(self, items: Sequence[str]):
         import torch
 
         batch = self.tokenizer(list(items), padding=True, truncation=True,
                                max_length=self.config.max_length, return_tensors="pt").to(self.device)
-        with torch.inference_mode(), _hf.autocast(self.device):
-            states = self.model(**batch).last_hidden_state
+        with _hf.autocast(self.device):
+            states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                **({"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {})
+                                ).last_hidden_state
         mask = batch["attention_mask"]
         pooled = _hf.pool(states.float(), mask, self.config.pooling)
         if self.config.normalize:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return pooled, states, mask
+
+    def forward_pooled(self, items: Sequence[str]):
+        return self._forward(items)[0]
+
+    def encode(self, items: Sequence[str]) -> Encoded:
+        import torch
+
+        with torch.inference_mode():
+            pooled, states, mask = self._forward(items)
         return Encoded(_hf.to_numpy(pooled), _hf.sequences(states, mask, self.config.seq_cap))
 
 

@@ -75,6 +75,20 @@ class Wav2Vec2(Backbone):
             wav = np.pad(wav, (0, self.min_samples - len(wav)))
         return wav
 
+    def forward_pooled(self, items: Sequence[np.ndarray]):
+        """One clip per forward, as `encode` does (no padding), stacked."""
+        import torch
+
+        rows = []
+        for wav in items:
+            values = self.extractor(wav, sampling_rate=self.sampling_rate, return_tensors="pt")["input_values"]
+            with _hf.autocast(self.device):
+                out = self.model(values.to(self.device), output_hidden_states=self.config.layer != -1)
+            states = (out.last_hidden_state if self.config.layer == -1 else out.hidden_states[self.config.layer]).float()
+            mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
+            rows.append(_hf.pool(states, mask, self.config.pooling))
+        return torch.cat(rows)
+
     def encode(self, items: Sequence[np.ndarray]) -> Encoded:
         import torch
 

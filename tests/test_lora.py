@@ -1,0 +1,371 @@
+"""LoRA fine-tuning, stored adapters, the periodic refresh and fingerprint gc, on a tiny real BERT.
+
+The tiny BERT is built from a config and saved to a temp folder; peft, transformers, HDF5
+segments and heads are all real. LoRA training is checked against a bare peft + torch loop
+written here, and kill-and-resume against an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from featurestore.datasets import add_dataset  # noqa: E402
+from featurestore.datasets.manifest import normalise  # noqa: E402
+from featurestore.errors import BackboneError, ConfigError, DatasetError, LockedError, NotFoundError  # noqa: E402
+from featurestore.store import open_store  # noqa: E402
+
+WORDS = [f"w{i}" for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """A 2-layer, 32-wide BERT whose vocabulary is WORDS, saved to a folder (and a second one, other weights)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("bert")
+    vocab = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=32)
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        BertModel(cfg).eval().save_pretrained(root / name)
+        BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(root / name)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def toy(store, name="toy", n=40, extra=0):
+    """Two-word texts; the label is whether the first word is in the first half of the vocabulary."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for i in range(n + extra):
+        a, b = rng.integers(0, len(WORDS), 2)
+        rows.append({"item_id": f"i{i}", "text": f"{WORDS[a]} {WORDS[b]}", "split": ("train", "train", "val", "test")[i % 4],
+                     "label": "lo" if a < len(WORDS) // 2 else "hi"})
+    return add_dataset(store, name, normalise(pl.DataFrame(rows), source="test"), root=None, source="test",
+                       replace=True)
+
+
+def lora_config(bert, **settings):
+    from featurestore.jobs.lora import LoraTrainConfig
+
+    s = {"epochs": 1, "batch_size": 8, "head": "linear", "seed": 3, **settings}
+    return LoraTrainConfig.build(backbone="hf-text", params={"model": str(bert / "a")}, dataset="toy",
+                                 target="label", name="t1", settings=s, device="cpu")
+
+
+def adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "adapter_model.safetensors"))
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+# ---- LoRA training ------------------------------------------------------------------------
+def test_lora_training_equals_a_bare_peft_loop(store, bert):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModel, AutoTokenizer
+
+    from featurestore.jobs.lora import run
+
+    toy(store)
+    res = run(lora_config(bert), store)
+    assert res.metrics["best_epoch"] == 1 and Path(res.folder, "adapter_config.json").is_file()
+    meta = json.loads(Path(res.folder, "meta.json").read_text())
+    assert meta["base"]["model"] == str(bert / "a") and meta["versions"]["peft"]
+    assert meta["settings"]["r"] == 6 and meta["settings"]["alpha"] == 36 and meta["settings"]["dropout"] == 0.2
+
+    # the bare loop: same seed, same batches, same losses
+    df = pl.read_parquet(store.dataset_dir("toy") / "manifest.parquet").filter(pl.col("split") == "train")
+    texts, labels = df["text"].to_list(), df["label"].to_list()
+    classes = sorted(set(labels))
+    y = torch.tensor([classes.index(v) for v in labels])
+    tok = AutoTokenizer.from_pretrained(str(bert / "a"))
+    base = AutoModel.from_pretrained(str(bert / "a"))
+    torch.manual_seed(3)
+    model = get_peft_model(base, LoraConfig(r=6, lora_alpha=36, lora_dropout=0.2, target_modules=["query", "value"]))
+    head = torch.nn.Linear(32, len(classes))
+    opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.requires_grad], "lr": 5e-4},
+                             {"params": list(head.parameters()), "lr": 1e-3}], weight_decay=0.0)
+    model.train()
+    order = np.random.default_rng([3, 0]).permutation(len(texts))
+    total = 0.0
+    for i in range(0, len(order), 8):
+        idx = order[i:i + 8]
+        batch = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        states = model(**batch).last_hidden_state
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        loss = torch.nn.functional.cross_entropy(head((states * m).sum(1) / m.sum(1)), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(idx)
+    assert res.metrics["history"][0]["train_loss"] == pytest.approx(total / len(texts), rel=1e-5)
+    ours, bare = adapter_tensors(res.folder), get_peft_model_state_dict(model)
+    assert set(ours) == set(bare)
+    for k in bare:
+        torch.testing.assert_close(ours[k], bare[k], atol=1e-6, rtol=1e-5)
+
+
+def test_bad_lora_inputs(store, bert):
+    from featurestore.jobs.lora import run
+
+    toy(store)
+    with pytest.raises(ConfigError, match=r"'qq' is not a linear module.*query.*value"):
+        run(lora_config(bert, target_modules="query,qq"), store)
+    from featurestore.jobs.lora import LoraTrainConfig
+    with pytest.raises(DatasetError, match="no multi-label labels"):
+        run(LoraTrainConfig.build(backbone="hf-text", params={"model": str(bert / "a")}, dataset="toy",
+                                  target="labels", name="x", settings={}, device="cpu"), store)
+    with pytest.raises(ConfigError, match="unknown parameter 'rank'"):
+        lora_config(bert, rank=4)
+    assert not (store.adapters_dir()).exists() or not any(store.adapters_dir().glob("[!.]*"))
+
+
+def test_stored_adapter_by_name_in_extract_and_the_refusals(store, bert, tmp_path):
+    from featurestore.jobs.extract import ExtractConfig, run as extract
+    from featurestore.jobs.lora import run
+
+    toy(store)
+    res = run(lora_config(bert), store)
+    frozen = extract(ExtractConfig(dataset="toy", backbone="hf-text", params={"model": str(bert / "a")},
+                                   device="cpu"), store)
+    tuned = extract(ExtractConfig(dataset="toy", backbone="hf-text",
+                                  params={"model": str(bert / "a"), "adapter": "t1"}, device="cpu"), store)
+    by_hash = extract(ExtractConfig(dataset="toy", backbone="hf-text",
+                                    params={"model": str(bert / "a"), "adapter": res.hash[:10]}, device="cpu"), store)
+    assert tuned.fingerprint != frozen.fingerprint and by_hash.fingerprint == tuned.fingerprint
+    assert by_hash.cache_hit and tuned.computed == tuned.unique
+    # another base model: refused, naming both
+    with pytest.raises(BackboneError, match=r"trained on base model .*/a.*pass --model"):
+        extract(ExtractConfig(dataset="toy", backbone="hf-text", params={"model": str(bert / "b"), "adapter": "t1"},
+                              device="cpu"), store)
+    # saved by a peft that this one cannot load: both versions named
+    import peft
+    odd = tmp_path / "odd"
+    shutil.copytree(res.folder, odd)
+    cfg = json.loads((odd / "adapter_config.json").read_text())
+    cfg.update(peft_version="99.0.0", target_modules=["attention_v99"])
+    (odd / "adapter_config.json").write_text(json.dumps(cfg))
+    (odd / "meta.json").unlink()
+    with pytest.raises(BackboneError, match=rf"saved by peft 99.0.0 .*installed peft {peft.__version__}"):
+        extract(ExtractConfig(dataset="toy", backbone="hf-text", params={"model": str(bert / "a"), "adapter": str(odd)},
+                              device="cpu"), store)
+    with pytest.raises(NotFoundError, match="neither a folder nor a stored adapter"):
+        extract(ExtractConfig(dataset="toy", backbone="hf-text", params={"model": str(bert / "a"), "adapter": "nope"},
+                              device="cpu"), store)
+
+
+def _epoch_of(ckpt: Path) -> int:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(ckpt), framework="pt") as fh:
+            return json.loads(fh.metadata()["info"])["epoch"]
+    except Exception:
+        return -1
+
+
+def test_killed_training_resumes_from_its_last_epoch(tmp_path, bert):
+    from featurestore.jobs.lora import run
+
+    settings = {"epochs": 5, "patience": 5, "batch_size": 8, "head": "linear", "seed": 1}
+    killed = open_store(tmp_path / "killed", create=True)
+    toy(killed, n=24)
+    cmd = [sys.executable, "-m", "featurestore.cli", "--store", str(killed.root), "lora", "train", "--backbone",
+           "hf-text", "--model", str(bert / "a"), "--dataset", "toy", "--target", "label", "--out", "t1",
+           "--device", "cpu", *[a for k, v in settings.items() for a in ("-p", f"{k}={v}")]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 600
+    ckpts = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        ckpts = list((killed.adapters_dir() / ".work").glob("*/checkpoint.safetensors"))
+        if ckpts and _epoch_of(ckpts[0]) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpts and not any(killed.adapters_dir().glob("[!.]*"))  # nothing published yet
+    config = lora_config(bert, **settings)
+    resumed = run(config, killed)
+    assert resumed.resumed_from_epoch >= 2
+    whole = open_store(tmp_path / "whole", create=True)
+    toy(whole, n=24)
+    uninterrupted = run(config, whole)
+    assert uninterrupted.resumed_from_epoch == 0 and resumed.hash == uninterrupted.hash
+    assert resumed.metrics["history"] == uninterrupted.metrics["history"]
+    assert not list((killed.adapters_dir() / ".work").glob("*/checkpoint.safetensors"))
+
+
+# ---- refresh ----------------------------------------------------------------------------------
+def recipe(tmp_path, bert, *, heads=("base",), name="r", min_new=5, min_delta=-1.0, fmt="toml", **extra):
+    doc = {"name": name, "backbone": "hf-text", "model": str(bert / "a"), "device": "cpu", "heads": list(heads),
+           "finetune": {"dataset": "toy", "target": "label"},
+           "lora": {"epochs": 1, "batch_size": 8, "head": "linear"},
+           "trigger": {"min_new_labelled": min_new}, "promote": {"rule": "mean", "min_delta": min_delta}, **extra}
+    path = tmp_path / f"{name}.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps(doc))
+    else:
+        lines = [f"{k} = {json.dumps(v)}" for k, v in doc.items() if not isinstance(v, dict)]
+        for k, v in doc.items():
+            if isinstance(v, dict):
+                lines += [f"[{k}]"] + [f"{kk} = {json.dumps(vv)}" for kk, vv in v.items()]
+        path.write_text("\n".join(lines) + "\n")
+    from featurestore.jobs.refresh import load_recipe
+    return load_recipe(path)
+
+
+@pytest.fixture
+def frozen_store(store, bert):
+    """The toy dataset extracted with the frozen tiny BERT and an mlp head run `base` on it."""
+    from featurestore.jobs.extract import ExtractConfig, run as extract
+    from featurestore.jobs.train_head import TrainHeadConfig, run as train
+
+    toy(store)
+    fp = extract(ExtractConfig(dataset="toy", backbone="hf-text", params={"model": str(bert / "a")}, device="cpu"),
+                 store).fingerprint
+    train(TrainHeadConfig(method="mlp", dataset="toy", features={"text": fp}, target="label", run_id="base",
+                          params={"epochs": 20}), store)
+    return store, fp
+
+
+def test_recipe_errors_come_before_any_work(frozen_store, bert, tmp_path):
+    from featurestore.jobs.refresh import run
+
+    store, _ = frozen_store
+    with pytest.raises(NotFoundError, match="head run 'nope'"):
+        run(recipe(tmp_path, bert, heads=("nope",)), store, force=True)
+    with pytest.raises(NotFoundError, match="memory 'm1'"):
+        run(recipe(tmp_path, bert, memories=["m1"]), store, force=True)
+    with pytest.raises(NotFoundError, match="dataset 'gone'"):
+        run(recipe(tmp_path, bert, extract=["gone"]), store, force=True)
+    with pytest.raises(DatasetError, match="no items with a 'labels' target"):
+        r = recipe(tmp_path, bert)
+        import dataclasses
+        run(dataclasses.replace(r, target="labels"), store, force=True)
+    with pytest.raises(ConfigError, match="unknown key"):
+        recipe(tmp_path, bert, schedule="hourly")
+    assert not store.adapters_dir().exists()
+
+
+def test_refresh_promotes_then_rolls_back_then_gc_keeps_what_is_used(frozen_store, bert, tmp_path):
+    from featurestore.features import FeatureSet
+    from featurestore.jobs.refresh import gc_fingerprints, run, status
+
+    store, frozen = frozen_store
+    r = recipe(tmp_path, bert, min_new=100)  # 40 labelled items: the trigger does not fire
+    quiet = run(r, store)
+    assert not quiet.ran and "nothing to do" in quiet.message and not store.adapters_dir().exists()
+
+    up = run(r, store, force=True)  # min_delta -1: any change promotes
+    assert up.ran and up.promoted and up.heads == {"base": f"base.r{up.id}"}
+    report = pl.read_parquet(Path(up.report) / "report.parquet")
+    assert set(report["split"]) == {"val", "test"} and (Path(up.report) / "report.png").stat().st_size > 1000
+    assert report.filter(pl.col("decides"))["split"].to_list() == ["val"]  # the test split decides nothing
+    st = status(r, store)
+    assert st["current"]["adapter"] == up.adapter and st["current"]["heads"]["base"] == up.heads["base"]
+    assert not st["trigger"]["fires"] and st["last"]["promoted"]
+
+    # never promotes: the candidate goes, the current adapter and head stay
+    strict = recipe(tmp_path, bert, min_delta=1.0, lora={"epochs": 1, "batch_size": 8, "head": "linear", "seed": 5})
+    down = run(strict, store, force=True)
+    assert down.ran and down.promoted is False and "<= min_delta 1.0" in down.reason
+    assert status(strict, store)["current"]["adapter"] == up.adapter
+    assert not (store.heads_dir() / down.heads["base"]).exists() and not FeatureSet(store, down.fingerprint).exists()
+
+    # gc: the frozen set is used only by the retired run `base` -> removed; the current one is kept
+    dry = gc_fingerprints(store, 1, dry_run=True)
+    assert frozen in dry["removed"] and FeatureSet(store, frozen).exists()
+    base_kept = gc_fingerprints(store, 1)
+    assert base_kept["removed"] == [frozen] and not FeatureSet(store, frozen).exists()
+    assert FeatureSet(store, up.fingerprint).exists()
+
+
+def test_gc_never_removes_a_fingerprint_a_head_uses(frozen_store, bert):
+    from featurestore.features import FeatureSet
+    from featurestore.jobs.extract import ExtractConfig, run as extract
+    from featurestore.jobs.lora import run as train
+    from featurestore.jobs.refresh import gc_fingerprints
+
+    store, frozen = frozen_store
+    train(lora_config(bert), store)
+    newer = extract(ExtractConfig(dataset="toy", backbone="hf-text", params={"model": str(bert / "a"), "adapter": "t1"},
+                                  device="cpu"), store).fingerprint
+    out = gc_fingerprints(store, 1)
+    assert out["removed"] == [] and out["kept_in_use"] == {frozen: ["run base"]}
+    assert FeatureSet(store, frozen).exists() and FeatureSet(store, newer).exists()
+
+
+def test_killed_refresh_resumes_at_its_step_and_a_second_one_is_locked_out(frozen_store, bert, tmp_path):
+    from featurestore._io import file_lock
+    from featurestore.jobs.refresh import run, status
+
+    store, _ = frozen_store
+    r = recipe(tmp_path, bert, fmt="json")
+    first = run(r, store, force=True, stop_after="extract")  # as if killed after the extraction
+    st = status(r, store)
+    assert st["pending"]["steps_done"] == ["finetune", "extract"] and not st["running"]
+    with file_lock(store.root / "refresh" / "r" / ".lock", "test"):
+        with pytest.raises(LockedError, match="refresh r is locked"):
+            run(r, store)
+    lines = []
+    done = run(r, store, log=lines.append)  # no --force needed: an unfinished refresh is resumed
+    assert done.resumed and done.id == first.id and lines[0].startswith(f"resuming refresh {first.id} after step extract")
+    assert not any("epoch" in line for line in lines)  # the fine-tuning was not run again
+    assert status(r, store)["pending"] is None
+
+
+def test_default_target_modules_exist_in_each_architecture():
+    """The per-architecture defaults name real linear modules of each model family (tiny configs)."""
+    import transformers as tf
+
+    from featurestore.jobs.lora import check_targets, default_targets
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+    conv = dict(conv_dim=(8, 8), conv_kernel=(3, 3), conv_stride=(2, 2), num_conv_pos_embeddings=4,
+                num_conv_pos_embedding_groups=2, **small)
+    models = {
+        "bert": tf.BertModel(tf.BertConfig(vocab_size=50, max_position_embeddings=20, **small)),
+        "roberta": tf.RobertaModel(tf.RobertaConfig(vocab_size=50, max_position_embeddings=20, **small)),
+        "clip text": tf.CLIPTextModelWithProjection(tf.CLIPTextConfig(
+            vocab_size=50, projection_dim=16, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+            pad_token_id=1, **small)),
+        "clip vision": tf.CLIPVisionModelWithProjection(tf.CLIPVisionConfig(image_size=32, patch_size=8,
+                                                                            projection_dim=16, **small)),
+        "wav2vec2": tf.Wav2Vec2Model(tf.Wav2Vec2Config(**conv)),
+        "hubert": tf.HubertModel(tf.HubertConfig(**conv)),
+        "wavlm": tf.WavLMModel(tf.WavLMConfig(**conv)),
+        "clap audio": tf.ClapAudioModelWithProjection(tf.ClapAudioConfig(
+            spec_size=64, patch_size=4, num_mel_bins=64, hidden_size=32, depths=[1, 1], num_attention_heads=[2, 2],
+            window_size=4, patch_embeds_hidden_size=16, projection_dim=16)),
+    }
+    for name, model in models.items():
+        targets = default_targets(model)
+        check_targets(model, targets)  # raises, listing the linear modules, if a default were wrong
+        assert len(targets) == 2, name
+    with pytest.raises(ConfigError, match="no default LoRA target modules for model type 'vit'.*linear modules: .*q_proj"):
+        default_targets(tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, **small)))
