@@ -60,8 +60,12 @@ class SweepConfig:
     eval_split: str = field("test", "split the best configuration is evaluated on, once, at export or --show-test")
     storage: str = field("", "Optuna storage URL (default: a journal file in the sweep folder)")
     limit: int = field(0, "train at most this many new configurations in this invocation (0: all)")
+    cv: str = field("", "rank by cross-validated validation score: group | K folds over every item (jobs/cv.py)")
 
     def __post_init__(self):
+        if self.cv:
+            from .cv import parse_cv
+            parse_cv(self.cv)
         if self.target not in TARGETS:
             raise ConfigError(f"target {self.target!r} is not one of {list(TARGETS)}")
         if not self.dataset:
@@ -258,9 +262,13 @@ def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None 
             configs = [_validate(cls, {**fixed, **c}) for c in sample_random(space, config.random, config.seed)]
     refs = parse_feature_refs(config.features)
     probe = cls(**{k: v for k, v in (configs[0] if configs else fixed).items()})
-    data = prepare(store, config.dataset, refs, target=config.target, val_fraction=config.val_fraction,
-                   seed=config.seed, sequences=cls.uses_sequences and getattr(probe, "sequences", True),
-                   va=cls.uses_va, eval_split=config.eval_split)
+    reading = dict(target=config.target, val_fraction=config.val_fraction, seed=config.seed,
+                   sequences=cls.uses_sequences and getattr(probe, "sequences", True), va=cls.uses_va)
+    if config.cv:  # every item, in folds, instead of the splits (jobs/cv.py)
+        from .cv import prepare_cv
+        data = prepare_cv(store, config.dataset, refs, cv=config.cv, **reading)
+    else:
+        data = prepare(store, config.dataset, refs, eval_split=config.eval_split, **reading)
     if data.kind not in cls.supports:
         raise ConfigError(f"head {config.method!r} does not train {data.kind!r} targets (--target {config.target}); "
                           f"it supports {sorted(cls.supports)}")
@@ -272,6 +280,8 @@ def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None 
                   "target": config.target, "kind": data.kind, "mode": config.mode, "space": space,
                   "params": _jsonable(fixed), "seed": config.seed, "val_fraction": config.val_fraction,
                   "eval_split": config.eval_split, "metric": metric}
+    if config.cv:
+        definition.update(cv=data.cv, eval_split="held-out folds")
     ident = {k: v for k, v in definition.items() if k not in ("kind", "metric")}
     sweep_id = f"{config.method}-{config.dataset}-{_hash(ident)}"[:128]
     folder = store.sweeps_dir() / sweep_id
@@ -280,7 +290,11 @@ def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None 
         if not (folder / "sweep.json").is_file():
             write_json_atomic(folder / "sweep.json", {**definition, "created_at": now_iso()})
         (folder / "parts").mkdir(parents=True, exist_ok=True)
-        runner = _Runner(cls, data, folder, metric, config.limit, say)
+        if config.cv:
+            from .cv import sweep_runner
+            runner = sweep_runner(cls, data, folder, metric, config.limit, say)
+        else:
+            runner = _Runner(cls, data, folder, metric, config.limit, say)
         say(f"sweep {sweep_id}: {config.method} on {config.dataset} ({data.kind}), ranking by val {metric}")
         if config.mode == "optuna":
             _run_optuna(runner, config, space, fixed, sweep_id, folder, metric)
@@ -471,6 +485,8 @@ def _ranked(table, definition: dict):
 def leaderboard(table, definition: dict, top: int = 10) -> list[dict]:
     metric = definition["metric"]
     cols = ["trial", *definition.get("swept", []), f"val_{metric}", "epochs", "seconds"]
+    if definition.get("cv"):  # a cross-validated sweep: the mean over folds, its std
+        cols.insert(cols.index(f"val_{metric}") + 1, f"val_{metric}_std")
     ranked = _ranked(table, definition)
     if not ranked.height:
         return []
@@ -511,7 +527,7 @@ def export_best(definition: dict, table, target: str | Path | None = None, *, st
     features = ",".join(f"{m}={b}" for m, b in sorted(definition["features"].items()))
     argv = ["fs", "train-head", "--method", definition["method"], "--dataset", definition["dataset"],
             "--features", features, "--target", definition["target"], "--seed", str(seed),
-            "--val-fraction", str(definition["val_fraction"])]
+            "--val-fraction", str(definition["val_fraction"])] + (["--cv", definition["cv"]] if definition.get("cv") else [])
     for k, v in sorted(params.items()):
         argv += ["-p", f"{k}={v}"]
     doc = {"method": definition["method"], "dataset": definition["dataset"], "features": definition["features"],
@@ -531,6 +547,9 @@ def export_best(definition: dict, table, target: str | Path | None = None, *, st
 def best_test(store: Store, definition: dict, params: dict) -> dict:
     """Metrics of one configuration on the sweep's evaluation split: trained again (the same seeded
     computation as in the sweep) and evaluated once; kept in `best_test.json` for that configuration."""
+    if definition.get("cv"):
+        from .cv import best_test_cv
+        return best_test_cv(store, definition, params)
     folder = sweep_folder(store, definition["id"])
     cached = folder / "best_test.json"
     cid = config_id(params)
