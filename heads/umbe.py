@@ -44,7 +44,8 @@ from ._data import TensorSet, align, pad_sequences
 from ._torch import Plateau, TorchParams, _check_kind, pick_device, scores_from_outputs, seeded, train_loop, \
     validation_scorer
 
-__all__ = ["UMBE", "UMBEConfig", "UMBENet", "umbe_loss", "unimodal_batch", "drop_modalities", "INDEX_FILE"]
+__all__ = ["UMBE", "UMBEConfig", "UMBENet", "umbe_loss", "unimodal_batch", "drop_modalities", "class_weights",
+           "INDEX_FILE"]
 
 INDEX_FILE = "prompt_keys.faiss"
 
@@ -72,6 +73,8 @@ class UMBEConfig(TorchParams):
                                                  "(the authors' code: sigmoid of one linear layer, L1 on it)")
     sff_hidden: int = field(16, "width of W1 in the SFF gate (sff=mlp)")
     l1: float = field(0.01, "lambda of eq. 13 (the authors' code: 0.01)")
+    class_weight: Literal["none", "balanced"] = field(
+        "none", "cross-entropy class weights: none (the paper) | balanced (n / (C x n_c) over the training split)")
     scale: float = field(100.0, "logit scale of the cosine similarities (CLIP's 100, as the authors' code)")
     stages: int = field(2, "2: two-stage training (sec. 3.4); 1: train on all modalities at once (the ablation)")
     drop_prob: float = field(0.3, "stage 2: chance to drop each present modality of an item (one always stays)")
@@ -260,10 +263,11 @@ class UMBENet(nn.Module):
 
 
 def umbe_loss(net: UMBENet, batch: Mapping[str, torch.Tensor], *, l1: float, match_weight: float,
-              present=None) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy + l1 * sum|W1| (eq. 13) + match_weight * matching term; returns (total, parts)."""
+              present=None, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy (class-`weight`ed if given) + l1 * sum|W1| (eq. 13) + match_weight * matching term;
+    returns (total, parts)."""
     logits, q, idx = net(batch, present)
-    parts = {"ce": F.cross_entropy(logits.float(), batch["y"]), "l1": net.gate.l1(), "match": net.match_loss(q, idx)}
+    parts = {"ce": F.cross_entropy(logits.float(), batch["y"], weight=weight), "l1": net.gate.l1(), "match": net.match_loss(q, idx)}
     return parts["ce"] + l1 * parts["l1"] + match_weight * parts["match"], parts
 
 
@@ -294,6 +298,13 @@ def drop_modalities(batch: Mapping[str, torch.Tensor], mods: list[str], p: float
     for i, m in enumerate(mods):
         out[f"m.{m}"] = keep[:, i].to(batch[f"m.{m}"].dtype)
     return out
+
+
+def class_weights(y: np.ndarray, n_classes: int, device=None) -> torch.Tensor:
+    """n / (C * n_c) per class over the training labels (scikit-learn's "balanced"); 0 for an absent class."""
+    counts = np.bincount(np.asarray(y, np.int64), minlength=n_classes).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32, device=device)
 
 
 # ---- the head --------------------------------------------------------------------------
@@ -337,6 +348,7 @@ class UMBE(Head):
         self._set_meta(X, y, seq_dims=seq_dims)
         device = pick_device(self.device)
         train = self._tensors(X, y)
+        self.class_weights_ = class_weights(y.y, len(y.classes), device) if self.class_weight == "balanced" else None
         val = None
         if eval_set is not None:
             self._check_features(eval_set[0])
@@ -367,7 +379,7 @@ class UMBE(Head):
 
     def _stage_loss(self, stage: int):
         mods = self.meta_["dims"]
-        cfg = dict(l1=self.l1, match_weight=self.match_weight)
+        cfg = dict(l1=self.l1, match_weight=self.match_weight, weight=getattr(self, "class_weights_", None))
         if self.stages == 1:
             return lambda net, b: umbe_loss(net, b, **cfg)[0]
         if stage == 1:
@@ -390,9 +402,14 @@ class UMBE(Head):
         return TorchParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TorchParams)})
 
     def _loss_on(self, net, data: TensorSet) -> float:
-        """Validation loss of the ReduceLROnPlateau schedule: the mean cross-entropy, all modalities given."""
-        total = sum(float(F.cross_entropy(net(b)[0].float(), b["y"], reduction="sum")) for b in data.batches(1024))
-        return total / max(len(data), 1)
+        """Validation loss of the ReduceLROnPlateau schedule: the cross-entropy that trains (class-weighted
+        with `class_weight=balanced`), all modalities given, over the whole split."""
+        weight = getattr(self, "class_weights_", None)
+        total = den = 0.0
+        for b in data.batches(1024):
+            total += float(F.cross_entropy(net(b)[0].float(), b["y"], weight=weight, reduction="sum"))
+            den += float(weight[b["y"]].sum()) if weight is not None else len(b["y"])
+        return total / max(den, 1e-12)
 
     @staticmethod
     def _proba_torch(net, data: TensorSet) -> np.ndarray:

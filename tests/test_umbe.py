@@ -140,6 +140,35 @@ def test_sff_gate_and_its_l1_term_are_in_the_loss(sff):
     assert got == pytest.approx(float(1 / (1 + np.exp(-h[0]))), rel=1e-5)
 
 
+def test_class_weight_balanced_weights_the_cross_entropy_as_scikit_learn():
+    """`class_weight=balanced`: the weights of scikit-learn's compute_class_weight, and the loss is the
+    weighted mean of per-item cross-entropies written out by hand (plus the same L1 and match terms)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    X, y = three(40, 7)
+    y = Targets("single", np.r_[np.zeros(25), np.ones(10), np.full(5, 2)].astype(np.int64), CLASSES)
+    w = U.class_weights(y.y, 3).numpy()
+    assert w == pytest.approx(compute_class_weight("balanced", classes=np.arange(3), y=y.y), rel=1e-6)
+    assert U.class_weights(np.array([0, 0, 2]), 3).numpy()[1] == 0  # a class absent from training
+    head = heads.create("umbe", **SMALL, class_weight="balanced")
+    head._set_meta(X, y, seq_dims={})
+    torch.manual_seed(2)
+    net = head._network().eval()
+    batch = next(head._tensors(X, y).batches(40))
+    with torch.no_grad():
+        plain, parts = U.umbe_loss(net, batch, l1=0.0, match_weight=0.0)
+        weighted, wparts = U.umbe_loss(net, batch, l1=0.0, match_weight=0.0, weight=torch.tensor(w))
+        logits = net(batch)[0].double().numpy()
+    logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+        - logits.max(1, keepdims=True)
+    ce = -logp[np.arange(40), y.y]
+    assert float(plain) == pytest.approx(ce.mean(), rel=1e-5)
+    assert float(weighted) == pytest.approx((w[y.y] * ce).sum() / w[y.y].sum(), rel=1e-5)
+    Xv, yv = three(30, 8)
+    fitted = heads.create("umbe", **SMALL, class_weight="balanced").fit(X, y, eval_set=(Xv, yv))
+    assert fitted.class_weights_.numpy() == pytest.approx(w) and fitted.predict_proba(Xv).shape == (30, 3)
+
+
 @pytest.mark.parametrize("sequences", [False, True])
 def test_a_masked_modality_content_does_not_change_the_output(sequences):
     X, y = three(80, 5, sequences=sequences)
