@@ -165,9 +165,10 @@ def test_class_weight_balanced_weights_the_cross_entropy_as_scikit_learn():
     assert float(plain) == pytest.approx(ce.mean(), rel=1e-5)
     assert float(weighted) == pytest.approx((w[y.y] * ce).sum() / w[y.y].sum(), rel=1e-5)
     Xv, yv = three(30, 8)
-    fitted = heads.create("umbe", **SMALL, class_weight="balanced").fit(X, y, eval_set=(Xv, yv))
+    fitted = heads.create("umbe", **{**SMALL, "epochs": 1, "stages": 1}, class_weight="balanced").fit(
+        X, y, eval_set=(Xv, yv))
     assert fitted.class_weights_.numpy() == pytest.approx(w) and fitted.predict_proba(Xv).shape == (30, 3)
-    root = heads.create("umbe", **{**SMALL, "epochs": 1}, class_weight="sqrt").fit(X, y)
+    root = heads.create("umbe", **{**SMALL, "epochs": 1, "stages": 1}, class_weight="sqrt").fit(X, y)
     assert root.class_weights_.numpy() == pytest.approx(np.sqrt(w), rel=1e-6)
 
 
@@ -405,9 +406,9 @@ def test_clip_prompts_are_the_authors_token_sequence_through_clip(tiny_clip):
 
 
 def test_clip_prompt_encoder_trains_saves_and_loads_without_its_weights(tiny_clip, tmp_path):
-    X, y = three(90, 11)
+    X, y = three(64, 11)
     Xv, yv = three(40, 12)
-    params = {**SMALL, "epochs": 2, "prompt_encoder": "clip", "clip_text": str(tiny_clip)}
+    params = {**SMALL, "epochs": 1, "stages": 1, "prompt_encoder": "clip", "clip_text": str(tiny_clip)}
     head = heads.create("umbe", **params).fit(X, y, eval_set=(Xv, yv))
     before = {k: v.clone() for k, v in head.net_.clip.tower.state_dict().items()}
     assert head.meta_["clip"]["model"] == str(tiny_clip) and head.meta_["clip"]["weights_hash"]
