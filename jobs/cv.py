@@ -290,7 +290,6 @@ def evaluate_cv(folder, run_id: str, dataset: str, store: Store, *, split: str =
             raise DatasetError(f"no item of {dataset}/{split} was in a held-out fold of run {run_id}; "
                                "evaluate on another split or dataset")
         X, y, which = X.take(rows), y.take(rows), which[rows]
-        pred, proba = [None] * len(y), None
         parts_pred, parts_proba, order = [], [], []
         for k, head in enumerate(hs):
             at = np.flatnonzero(which == k)
