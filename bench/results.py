@@ -8,7 +8,9 @@ ratings) is extracted once with the packaged all-MiniLM-L6-v2 into a store of it
 registered head trains with its defaults on train, makes every decision (early stopping, the
 multi-label threshold) on validation, and is evaluated on test once. Rows: the heads, the
 ablations of the papers (UniVA's table 3; the supramodal concepts'), and, where a helper module
-provides them, the concept-query comparison. Writes `docs/results.md` and `docs/results.png`.
+provides them, the concept-query comparison and the two-modality comparison (text + an
+emotion-free noise modality: `drkf` against `mlp` and `linear`, bench/_two_modalities.py).
+Writes `docs/results.md` and `docs/results.png`.
 """
 from __future__ import annotations
 
@@ -153,10 +155,11 @@ def summarise(runs: list[dict], names: tuple[str, ...]) -> dict[str, tuple[float
     return out
 
 
-def optional_section(module: str) -> Callable | None:
-    """A section a helper module provides (bench/_concepts.py: the concept query and concept head)."""
+def optional_section(module: str, name: str = "concept_section") -> Callable | None:
+    """A section a helper module provides (bench/_concepts.py: the concept query and concept head;
+    bench/_two_modalities.py: text + an emotion-free modality)."""
     try:
-        return getattr(importlib.import_module(module), "concept_section")
+        return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return None
 
@@ -277,6 +280,15 @@ def main(argv: list[str] | None = None) -> int:
                       workdir=Path(args.store) / "concepts")
         extra["Supramodal concepts: nearest-concept queries on held-out words"] = row_table(out["query_rows"])
         extra["Supramodal concepts: the concept head and its ablations"] = row_table(out["head_rows"])
+    section = optional_section("bench._two_modalities", "noise_section")
+    if section is not None and (not only or "drkf" in only) and (not targets or "label" in targets):
+        extra["Two modalities: text + an emotion-free noise modality (polarity)"] = (
+            "The polarity task's split with a second modality that carries no emotion: a 384-d "
+            "standard-normal vector per word, seeded by a hash of its text embedding (it identifies the "
+            "word, so a fusion head can memorise training labels through it). `mlp`/`linear` on two "
+            "modalities concatenate them; the text-alone rows are the reference. Decisions on validation "
+            "(`val_uar`), test once; `s_per_fit` in seconds. `bench/_two_modalities.py`.\n\n"
+            + row_table(section(store, seeds=tuple(range(args.seeds)), cache=cache)))
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.write_text(markdown(results, extra, args.seeds, seconds) + "\n")

@@ -95,35 +95,53 @@ def _fold_table(result) -> str:
 
 
 @click.command("runs")
+@click.option("--folds", is_flag=True, help="Also list each fold of a cross-validated run, as RUN/fold-<k>.")
 @json_option
 @click.pass_context
-def runs_cmd(ctx, as_json):
-    """List saved runs; a run whose feature fingerprint has since been superseded is marked stale."""
+def runs_cmd(ctx, folds, as_json):
+    """List saved runs; a run whose feature fingerprint has since been superseded is marked stale.
+
+    A cross-validated run (train-head --cv) shows the mean and std of its folds' held-out scores;
+    its folds are RUN/fold-<k> (listed with --folds, evaluated with fs eval RUN/fold-<k>)."""
     from featurestore.jobs.train_head import list_runs
 
-    rows = list_runs(get_store(ctx))
+    rows = list_runs(get_store(ctx), folds=folds)
     if as_json:
         return emit({"runs": rows})
-    click.echo(table(rows, ["run", "method", "dataset", "target", "metric", "score", "stale", "features"]))
+    columns = ["run", "method", "dataset", "target", "metric", "score", "stale", "features"]
+    if any(r.get("cv") for r in rows):
+        columns[6:6] = ["std", "cv"]
+    click.echo(table(rows, columns))
 
 
 @click.command("eval")
 @click.argument("run_id", metavar="RUN")
 @click.option("--dataset", required=True, help="Dataset to evaluate on (its labels must be in the run's set).")
-@click.option("--split", default="test", show_default=True)
+@click.option("--split", default="test", show_default=True, help="Split of --dataset to evaluate on.")
 @json_option
 @click.pass_context
 def eval_cmd(ctx, run_id, dataset, split, as_json):
-    """Evaluate a saved run on a dataset split, with the exact features it was trained on."""
+    """Evaluate a saved run on a dataset split, with the exact features it was trained on.
+
+    RUN may be a cross-validated run: on the dataset it cross-validated, each item is predicted by
+    the fold head that held it out (out-of-fold); on another dataset, every fold head (mean +- std)
+    and their ensemble. RUN/fold-<k> evaluates one fold's head (on the cross-validated dataset, only
+    the items that fold held out)."""
     from featurestore.jobs.train_head import evaluate
 
     result = evaluate(run_id, dataset, get_store(ctx), split=split)
     if as_json:
         return emit(result)
-    click.echo(f"run {run_id} on {dataset}/{split} ({result['n']} items)")
+    mode = f", {result['mode']}" if result.get("mode") else ""
+    click.echo(f"run {run_id} on {dataset}/{split} ({result['n']} items{mode})")
     if result["stale"]:
         newer = ", ".join(f"{mod} by {fp}" for mod, fp in result["stale"].items())
         click.echo(f"stale: its features were superseded ({newer})")
+    if result.get("per_fold"):
+        keys = [k for k, v in result["metrics"].items() if isinstance(v, (int, float))]
+        rows = [{"metric": k, "mean": result["metrics"][k], "std": result["std"][k],
+                 **({"ensemble": result["ensemble"].get(k)} if result.get("ensemble") else {})} for k in keys]
+        return click.echo(table(rows))
     click.echo(table(_metric_rows(result["metrics"])))
 
 

@@ -30,6 +30,11 @@ from ._common import emit, get_store, json_option, params_option, progress, ray_
                    "the dataset has (fs datasets show); an error lists them when it has several.")
 @click.option("--val-fraction", default=0.1, show_default=True, type=float,
               help="Fraction of train carved as validation when the dataset has no validation split.")
+@click.option("--cv", default="", metavar="group|fold|K",
+              help="Rank configurations by their cross-validated validation score: each trains once per fold "
+                   "(group: leave one manifest group out; fold: the manifest's official folds; K: stratified folds) over every item of the dataset, "
+                   "validation carved inside each training fold; the held-out folds score only the best, at "
+                   "--export-best / --show-test.")
 @click.option("--limit", default=0, type=int, help="Train at most N new configurations in this invocation.")
 @click.option("--top", default=10, show_default=True, type=int, help="Rows of the leaderboard shown.")
 @click.option("--export-best", "export_path", type=click.Path(dir_okay=False),
@@ -38,7 +43,7 @@ from ._common import emit, get_store, json_option, params_option, progress, ray_
 @json_option
 @click.pass_context
 def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_file, storage, params, metric, seed,
-                target, val_fraction, limit, top, export_path, engine, address, workers, cpus_per_worker,
+                target, val_fraction, cv, limit, top, export_path, engine, address, workers, cpus_per_worker,
                 gpus_per_worker, as_json):
     """Train many configurations of a head at once from the cache, resumably.
 
@@ -46,6 +51,7 @@ def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_
     fs sweep --method mlp --dataset D --features text=minilm --grid 'lr=1e-4,1e-3 dropout=0.1,0.3'
     fs sweep --method mlp --dataset D --features text=minilm --random 32 --space space.json
     fs sweep --method mlp --dataset D --features text=minilm --optuna 50 --space space.json
+    fs sweep --method mlp --dataset D --features text=minilm --grid 'lr=1e-4,1e-3' --cv group
     fs sweep list;  fs sweep show ID
 
     Rerunning the same command continues the same sweep; finished configurations are not rerun.
@@ -67,11 +73,14 @@ def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_
     store = get_store(ctx)
     config = SweepConfig(method=method, dataset=dataset, features=parse_feature_refs(features, store), grid=parsed_grid,
                          random=n_random, optuna=n_optuna, space=space, params=parse_params(params), metric=metric,
-                         seed=seed, target=target, val_fraction=val_fraction, storage=storage, limit=limit)
+                         seed=seed, target=target, val_fraction=val_fraction, storage=storage, limit=limit,
+                         cv=cv)
     ray = ray_config(engine, address, workers, cpus_per_worker, gpus_per_worker)
     say = None if as_json else lambda s: click.echo(s, err=True)  # noqa: E731
     bar = None if as_json else progress
     if ray is not None:
+        if cv:
+            raise ConfigError("--cv sweeps run locally for now; leave out --engine ray or --cv")
         from featurestore.jobs.ray_sweep import run as run_ray
 
         result = run_ray(config, store, ray, log=say, progress=bar)
@@ -81,6 +90,8 @@ def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_
         if export_path and result.table.height else None
     if as_json:
         return emit({**result.to_dict(top), "exported": exported})
+    if config.cv:
+        click.echo(f"ranked by the mean validation {result.metric} over the --cv {config.cv} folds")
     click.echo(f"sweep {result.sweep_id}: {result.table.height} configuration(s), {result.trained_now} trained now, "
                f"{result.reused} already finished, {result.seconds:.1f}s; folder {result.folder}")
     click.echo(table(result.leaderboard(top)))
@@ -118,7 +129,8 @@ def sweep_show_cmd(ctx, sweep_id, top, export_path, show_test, as_json):
         return emit({"sweep": sweep_id, "definition": definition, "n_configs": results.height,
                      "leaderboard": board, "results": results.to_dicts(), "exported": exported})
     click.echo(f"sweep {sweep_id}: {definition['method']} on {definition['dataset']} ({definition['mode']}), "
-               f"{results.height} configuration(s), ranked by val {definition['metric']}")
+               f"{results.height} configuration(s), ranked by val {definition['metric']}"
+               + (f" (mean over --cv {definition['cv']} folds)" if definition.get("cv") else ""))
     click.echo(table(board))
     _say_exported(exported, export_path)
 

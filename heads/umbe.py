@@ -44,7 +44,8 @@ from ._data import TensorSet, align, pad_sequences
 from ._torch import Plateau, TorchParams, _check_kind, pick_device, scores_from_outputs, seeded, train_loop, \
     validation_scorer
 
-__all__ = ["UMBE", "UMBEConfig", "UMBENet", "umbe_loss", "unimodal_batch", "drop_modalities", "INDEX_FILE"]
+__all__ = ["UMBE", "UMBEConfig", "UMBENet", "umbe_loss", "unimodal_batch", "drop_modalities", "class_weights",
+           "INDEX_FILE"]
 
 INDEX_FILE = "prompt_keys.faiss"
 
@@ -72,6 +73,14 @@ class UMBEConfig(TorchParams):
                                                  "(the authors' code: sigmoid of one linear layer, L1 on it)")
     sff_hidden: int = field(16, "width of W1 in the SFF gate (sff=mlp)")
     l1: float = field(0.01, "lambda of eq. 13 (the authors' code: 0.01)")
+    prompt_encoder: Literal["small", "clip"] = field(
+        "small", "small: a trained transformer decoder reads the prompt tokens with a class token; clip: the "
+                 "authors' dual stream, a frozen CLIP text tower reads [BOS; prompts; class name; EOS] (CoOp)")
+    clip_text: str = field("", "prompt_encoder=clip: the CLIP text tower, a hub id or local folder (default: the "
+                               "registered clip-text backbone's model); its weights are not saved with the run")
+    class_weight: Literal["none", "balanced", "sqrt"] = field(
+        "balanced", "cross-entropy class weights: balanced (n / (C x n_c) over the training split; chosen on the "
+                    "demo's validation UAR) | sqrt (its square root) | none (the paper)")
     scale: float = field(100.0, "logit scale of the cosine similarities (CLIP's 100, as the authors' code)")
     stages: int = field(2, "2: two-stage training (sec. 3.4); 1: train on all modalities at once (the ablation)")
     drop_prob: float = field(0.3, "stage 2: chance to drop each present modality of an item (one always stays)")
@@ -191,10 +200,76 @@ class SparseGate(nn.Module):
         return self.first.weight.abs().sum()
 
 
+class ClipPromptEncoder(nn.Module):
+    """The authors' second stream (CoOp-style): per item and class, `[BOS; prompt tokens; class-name
+    tokens; EOS]` through a frozen CLIP text tower, pooled at EOS and projected into CLIP's joint space.
+
+    The prompt tokens (`hidden` wide) reach CLIP's token width through a trained linear map; the
+    class names are tokenised once (buffers saved with the net). The CLIP model is held outside the
+    module tree, so its weights are neither trained nor saved: a run records its reference and
+    weights hash and loads it again."""
+
+    def __init__(self, tower, tokenizer, classes: list[str], hidden: int, n_prompt: int):
+        super().__init__()
+        object.__setattr__(self, "tower", tower)  # not a submodule: frozen, not in state_dict
+        for p in tower.parameters():
+            p.requires_grad_(False)
+        cfg = tower.config
+        self.joint_dim = int(cfg.projection_dim)
+        self.to_tokens = nn.Linear(hidden, int(cfg.hidden_size))
+        names = [tokenizer(c.replace("_", " "), add_special_tokens=False)["input_ids"] for c in classes]
+        longest = max(1, max(len(n) for n in names))
+        if 2 + n_prompt + longest > int(cfg.max_position_embeddings):
+            raise ConfigError(f"prompt_encoder=clip: {n_prompt} prompt tokens + the longest class name "
+                              f"({longest} tokens) + BOS/EOS exceed CLIP's {cfg.max_position_embeddings} positions; "
+                              f"lower prompt_length")
+        ids = torch.full((len(names), longest), int(cfg.eos_token_id), dtype=torch.long)
+        for i, n in enumerate(names):
+            ids[i, :len(n)] = torch.tensor(n, dtype=torch.long)
+        self.register_buffer("name_ids", ids)
+        self.register_buffer("name_len", torch.tensor([len(n) for n in names], dtype=torch.long))
+        self.register_buffer("special", torch.tensor([int(cfg.bos_token_id), int(cfg.eos_token_id)]))
+
+    def encode_embeds(self, embeds: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+        """CLIP's text transformer on token embeddings `[N, T, W]` (positions added, causal mask),
+        final LayerNorm, the state at position `eos[n]`, the text projection: `[N, joint_dim]`."""
+        from transformers.masking_utils import create_causal_mask
+
+        tm = self.tower.text_model
+        h = tm.embeddings(inputs_embeds=embeds)
+        mask = create_causal_mask(config=tm.config, inputs_embeds=h, attention_mask=None, past_key_values=None)
+        h = tm.encoder(inputs_embeds=h, attention_mask=mask, is_causal=True).last_hidden_state
+        h = tm.final_layer_norm(h)
+        return self.tower.text_projection(h[torch.arange(len(h), device=h.device), eos])
+
+    def forward(self, memory: torch.Tensor) -> torch.Tensor:
+        """Prompt tokens `[B, L, hidden]` -> class features `[B, C, joint_dim]`, L2-normalised."""
+        table = self.tower.text_model.embeddings.token_embedding
+        B, L, _ = memory.shape
+        C, T = self.name_ids.shape
+        prompts = self.to_tokens(memory)  # [B, L, W]
+        bos, eos_tok = table(self.special).unbind(0)
+        names = table(self.name_ids)  # [C, T, W]; padded with EOS tokens, after the real EOS
+        seq = torch.cat([bos.expand(B, C, 1, -1), prompts[:, None].expand(B, C, L, -1),
+                         names[None].expand(B, C, T, -1), eos_tok.expand(B, C, 1, -1)], 2)  # [B, C, 2+L+T, W]
+        eos = 1 + L + self.name_len  # [C]: the first EOS, right after each name (the padding is EOS too)
+        out = self.encode_embeds(seq.reshape(B * C, 2 + L + T, -1), eos.repeat(B))
+        return F.normalize(out.float(), dim=-1).reshape(B, C, -1)
+
+
+def load_clip_text(ref: str):
+    """(CLIPTextModelWithProjection, tokenizer, reference, weights hash) of the registered clip-text backbone."""
+    from featurestore import backbones
+
+    bb = backbones.create("clip-text", {"model": ref} if ref else None, device="cpu").load()
+    return bb.model.float().eval(), bb.tokenizer, bb.model_ref, bb.weights_hash()
+
+
 class UMBENet(nn.Module):
     """Encoders, adaptive fusion, the prompt pool, SFF and the prompt encoder (the dual stream)."""
 
-    def __init__(self, dims: Mapping[str, int], seq_dims: Mapping[str, int], n_classes: int, cfg):
+    def __init__(self, dims: Mapping[str, int], seq_dims: Mapping[str, int], n_classes: int, cfg,
+                 clip: "ClipPromptEncoder | None" = None):
         super().__init__()
         self.mods = sorted(dims)
         self.top_k, self.scale = cfg.top_k, cfg.scale
@@ -207,9 +282,13 @@ class UMBENet(nn.Module):
         self.values = nn.Parameter(torch.randn(cfg.pool_size, n_tok, cfg.hidden) * 0.02)
         self.gate = SparseGate(cfg)
         self.inherent = nn.Parameter(torch.randn(cfg.prompt_length - n_tok, cfg.hidden) * 0.02)
-        self.class_tokens = nn.Parameter(torch.randn(n_classes, cfg.hidden) * 0.02)
-        self.text = nn.TransformerDecoder(_layer(cfg, decoder=True), cfg.text_layers)
-        self.text_out = nn.Sequential(nn.LayerNorm(cfg.hidden), nn.Linear(cfg.hidden, cfg.hidden, bias=False))
+        self.clip = clip
+        if clip is None:
+            self.class_tokens = nn.Parameter(torch.randn(n_classes, cfg.hidden) * 0.02)
+            self.text = nn.TransformerDecoder(_layer(cfg, decoder=True), cfg.text_layers)
+            self.text_out = nn.Sequential(nn.LayerNorm(cfg.hidden), nn.Linear(cfg.hidden, cfg.hidden, bias=False))
+        else:  # the query moves into CLIP's joint space, where the class features are
+            self.to_joint = nn.Linear(cfg.hidden, clip.joint_dim, bias=False)
 
     # -- stream 1: the fused query --
     def fuse(self, batch: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor] | None = None):
@@ -246,6 +325,8 @@ class UMBENet(nn.Module):
         gated = self.gate(self.values) * self.values  # [P, L, H]: the gate of eq. 11 on every value token
         selected = gated[idx].sum(1)  # [B, L, H]: P' of eq. 10, the gated selected prompts fused
         memory = torch.cat([selected, self.inherent.expand(len(idx), -1, -1).to(selected.dtype)], 1)
+        if self.clip is not None:
+            return self.clip(memory)
         n_cls = len(self.class_tokens)
         own = ~torch.eye(n_cls, dtype=torch.bool, device=idx.device)  # a class token sees only itself
         out = self.text(self.class_tokens.expand(len(idx), -1, -1).to(memory.dtype), memory, tgt_mask=own)
@@ -253,6 +334,8 @@ class UMBENet(nn.Module):
 
     def logits(self, q, idx):
         """Eq. 5/14: `scale` x cosine of F_fusion with each class's combined prompt feature."""
+        if self.clip is not None:
+            q = F.normalize(self.to_joint(q).float(), dim=-1)
         return self.scale * torch.einsum("bh,bch->bc", q, self.class_features(idx))
 
     def forward(self, batch, present=None, idx=None):
@@ -262,10 +345,11 @@ class UMBENet(nn.Module):
 
 
 def umbe_loss(net: UMBENet, batch: Mapping[str, torch.Tensor], *, l1: float, match_weight: float,
-              present=None) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy + l1 * sum|W1| (eq. 13) + match_weight * matching term; returns (total, parts)."""
+              present=None, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy (class-`weight`ed if given) + l1 * sum|W1| (eq. 13) + match_weight * matching term;
+    returns (total, parts)."""
     logits, q, idx = net(batch, present)
-    parts = {"ce": F.cross_entropy(logits.float(), batch["y"]), "l1": net.gate.l1(), "match": net.match_loss(q, idx)}
+    parts = {"ce": F.cross_entropy(logits.float(), batch["y"], weight=weight), "l1": net.gate.l1(), "match": net.match_loss(q, idx)}
     return parts["ce"] + l1 * parts["l1"] + match_weight * parts["match"], parts
 
 
@@ -298,6 +382,13 @@ def drop_modalities(batch: Mapping[str, torch.Tensor], mods: list[str], p: float
     return out
 
 
+def class_weights(y: np.ndarray, n_classes: int, device=None) -> torch.Tensor:
+    """n / (C * n_c) per class over the training labels (scikit-learn's "balanced"); 0 for an absent class."""
+    counts = np.bincount(np.asarray(y, np.int64), minlength=n_classes).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32, device=device)
+
+
 # ---- the head --------------------------------------------------------------------------
 class UMBE(Head):
     name = "umbe"
@@ -327,7 +418,17 @@ class UMBE(Head):
         return TensorSet(t, len(X))
 
     def _network(self) -> UMBENet:
-        return UMBENet(self.meta_["dims"], self.meta_["seq_dims"], len(self.meta_["classes"]), self.config)
+        clip = None
+        if self.prompt_encoder == "clip":
+            tower, tokenizer, ref, digest = load_clip_text(self.meta_.get("clip", {}).get("model") or self.clip_text)
+            known = self.meta_.get("clip", {}).get("weights_hash")
+            if known and known != digest:
+                raise ConfigError(f"the CLIP text tower {ref} hashes to {digest}, not {known} as when this umbe run "
+                                  "was trained; give the same weights (clip_text) or retrain")
+            self.meta_["clip"] = {"model": ref, "weights_hash": digest}
+            clip = ClipPromptEncoder(tower, tokenizer, list(self.meta_["classes"]), self.hidden,
+                                     self.prompt_length)
+        return UMBENet(self.meta_["dims"], self.meta_["seq_dims"], len(self.meta_["classes"]), self.config, clip)
 
     # ---- training ------------------------------------------------------------------
     def fit(self, X: Features, y: Targets, *, eval_set: tuple[Features, Targets] | None = None) -> "UMBE":
@@ -339,6 +440,8 @@ class UMBE(Head):
         self._set_meta(X, y, seq_dims=seq_dims)
         device = pick_device(self.device)
         train = self._tensors(X, y)
+        self.class_weights_ = None if self.class_weight == "none" else \
+            class_weights(y.y, len(y.classes), device) ** (0.5 if self.class_weight == "sqrt" else 1.0)
         val = None
         if eval_set is not None:
             self._check_features(eval_set[0])
@@ -349,6 +452,8 @@ class UMBE(Head):
                 x, on = train.tensors[f"x.{m}"], train.tensors[f"m.{m}"] > 0
                 net.encoders[m].norm.fit(x[on][train.tensors[f"s.{m}"][on]] if x.dim() == 3 else x[on])
             net = net.to(device)
+            if net.clip is not None:
+                net.clip.tower.to(device)
             hists, stages, best = [], {}, None
             for stage in range(1, self.stages + 1):
                 if stage == 2:
@@ -360,6 +465,8 @@ class UMBE(Head):
             if best[0] != self.stages:  # stage 1 scored better on validation: keep its weights and pool
                 net.load_state_dict(best[2])
         self.net_ = net.cpu().eval()
+        if net.clip is not None:
+            net.clip.tower.cpu()
         self.meta_["stages"] = {**stages, "chosen": best[0]} if stages else {}
         self.index_ = self._key_index()
         self.history_ = {**hists[best[0] - 1], "epochs_run": sum(h["epochs_run"] for h in hists),
@@ -369,7 +476,7 @@ class UMBE(Head):
 
     def _stage_loss(self, stage: int):
         mods = self.meta_["dims"]
-        cfg = dict(l1=self.l1, match_weight=self.match_weight)
+        cfg = dict(l1=self.l1, match_weight=self.match_weight, weight=getattr(self, "class_weights_", None))
         if self.stages == 1:
             return lambda net, b: umbe_loss(net, b, **cfg)[0]
         if stage == 1:
@@ -392,9 +499,14 @@ class UMBE(Head):
         return TorchParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TorchParams)})
 
     def _loss_on(self, net, data: TensorSet) -> float:
-        """Validation loss of the ReduceLROnPlateau schedule: the mean cross-entropy, all modalities given."""
-        total = sum(float(F.cross_entropy(net(b)[0].float(), b["y"], reduction="sum")) for b in data.batches(1024))
-        return total / max(len(data), 1)
+        """Validation loss of the ReduceLROnPlateau schedule: the cross-entropy that trains (class-weighted
+        with `class_weight=balanced`), all modalities given, over the whole split."""
+        weight = getattr(self, "class_weights_", None)
+        total = den = 0.0
+        for b in data.batches(1024):
+            total += float(F.cross_entropy(net(b)[0].float(), b["y"], weight=weight, reduction="sum"))
+            den += float(weight[b["y"]].sum()) if weight is not None else len(b["y"])
+        return total / max(den, 1e-12)
 
     @staticmethod
     def _proba_torch(net, data: TensorSet) -> np.ndarray:

@@ -93,11 +93,28 @@ def make_head(method: str, params: dict, seed: int) -> heads.Head:
 
 
 def run_folder(store: Store, run_id: str) -> Path:
-    folder = store.heads_dir() / check_name(run_id, "run")
-    if not (folder / "config.json").is_file():
+    """A saved run's folder: `RUN`, or `RUN/fold-<k>` for one fold of a cross-validated run."""
+    name, sep, fold = run_id.partition("/")
+    folder = store.heads_dir() / check_name(name, "run")
+    if sep:
+        sub = folder / check_name(fold, "fold")
+        if not (fold.startswith("fold-") and (sub / "config.json").is_file()):
+            from .cv import fold_dirs
+
+            folds = ", ".join(f"{name}/{p.name}" for p in fold_dirs(folder)) if folder.is_dir() else ""
+            raise NotFoundError(f"run {run_id!r} is not a fold of a cross-validated run; "
+                                f"{'its folds: ' + folds if folds else 'see fs runs --folds'}")
+        return sub
+    if not (folder / "config.json").is_file() and not _is_cv(folder):
         known = ", ".join(p.name for p in _run_dirs(store)) or "none"
         raise NotFoundError(f"run {run_id!r} is not in {store.heads_dir()}; known: {known} (fs runs)")
     return folder
+
+
+def _is_cv(folder: Path) -> bool:
+    from .cv import is_cv_run
+
+    return is_cv_run(folder)
 
 
 def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | None = None,
@@ -238,7 +255,8 @@ def _run_dirs(store: Store) -> list[Path]:
     root = store.heads_dir()
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / "config.json").is_file())
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir()
+                  and ((p / "config.json").is_file() or _is_cv(p)))
 
 
 def staleness(store: Store, lineage: dict) -> dict[str, str]:
@@ -252,41 +270,64 @@ def staleness(store: Store, lineage: dict) -> dict[str, str]:
     return out
 
 
-def list_runs(store: Store) -> list[dict]:
+def list_runs(store: Store, *, folds: bool = False) -> list[dict]:
+    """One row per saved run; a cross-validated run's row holds the mean over its folds (`std`,
+    `cv`), and with `folds` each of its folds follows as `RUN/fold-<k>`."""
     rows = []
     for folder in _run_dirs(store):
         try:
             lineage = read_json(folder / "lineage.json")
             doc = read_json(folder / "metrics.json")
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError, IntegrityError):
+            continue
+        stale = staleness(store, lineage)
+        if doc.get("cv"):
+            from .cv import cv_rows
+
+            rows += cv_rows(folder, doc, lineage, stale=stale, with_folds=folds)
             continue
         split = lineage.get("eval_split", "test")
-        stale = staleness(store, lineage)
         rows.append({"run": folder.name, "method": doc.get("method"), "dataset": lineage.get("dataset"),
                      "target": lineage.get("target"), "metric": doc.get("primary"),
-                     "score": (doc.get(split) or {}).get(doc.get("primary")),
+                     "score": (doc.get(split) or {}).get(doc.get("primary")), "std": None, "cv": None,
                      "features": ",".join(f"{m}={fp}" for m, fp in lineage.get("fingerprints", {}).items()),
                      "stale": bool(stale), "superseded_by": stale, "created_at": lineage.get("created_at")})
     return rows
 
 
 def evaluate(run_id: str, dataset: str, store: Store, *, split: str = "test") -> dict:
-    """Evaluate a saved run on a split of a dataset, reading the exact fingerprints it was trained on."""
+    """Evaluate a saved run on a split of a dataset, reading the exact fingerprints it was trained on.
+    A cross-validated run: `featurestore.jobs.cv.evaluate_cv`; one of its folds (`RUN/fold-<k>`): that
+    fold's head alone, and on the dataset it cross-validated only on the items its fold held out."""
     from featurestore.reader import load_split
 
     folder = run_folder(store, run_id)
+    if "/" not in run_id and _is_cv(folder):
+        from .cv import evaluate_cv
+
+        return evaluate_cv(folder, run_id, dataset, store, split=split)
     head = load_head(folder)
-    lineage = read_json(folder / "lineage.json")
+    lineage = read_json((folder.parent if "/" in run_id else folder) / "lineage.json")
     classes = list(head.meta_.get("classes", []))
     seq = bool(head.meta_.get("seq_dims"))
-    data = load_split(store, dataset, split, lineage["fingerprints"], sequences=seq)
+    data = load_split(store, dataset, split, lineage.get("fingerprints") or lineage["features"], sequences=seq)
     head._check_features(features_of(data, va_from_labels=False))  # wrong widths: a clear error before any work
     _check_labels(data, lineage, classes, run_id)
-    X, y, _, no_target, no_features = usable(data, lineage["target"], classes, sequences=seq)
+    X, y, keep, no_target, no_features = usable(data, lineage["target"], classes, sequences=seq)
+    extra = {}
+    if "/" in run_id and dataset == lineage.get("dataset"):  # one fold: only the items it held out are unseen
+        from .cv import held_out_rows
+
+        rows = held_out_rows(folder.parent, int(folder.name[5:]), np.asarray(data.item_ids)[keep])
+        extra = {"mode": "held-out items of this fold", "not_held_out": int(len(y) - len(rows))}
+        if not len(rows):
+            raise ConfigError(f"no item of {dataset}/{split} was held out by {run_id} (the others trained or "
+                              "validated it); evaluate the whole run, or another split or dataset")
+        X, y = X.take(rows), y.take(rows)
     result = metrics.evaluate(y, head.predict(X), head.predict_proba(X))
     return json_safe({"run": run_id, "dataset": dataset, "split": split, "n": len(y), "dropped_without_target": no_target,
                    "dropped_without_features": no_features, "kind": head.meta_["kind"],
-                   "metrics": result, "stale": staleness(store, lineage)})
+                   "metrics": result, "stale": staleness(store, lineage), **extra})
 
 
 def _check_labels(data, lineage: dict, classes: list, run_id: str) -> None:

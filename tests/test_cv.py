@@ -102,3 +102,136 @@ def test_cli_prints_a_fold_table(grouped_store):
     lines = out.output.splitlines()
     assert any(line.startswith("mean") and "+-" in line for line in lines)
     assert sum(line.split()[0] in ("0", "1", "2") for line in lines if line.strip()) == 3
+
+
+# ---- fs sweep --cv -----------------------------------------------------------------------
+def test_cv_sweep_ranks_by_the_mean_validation_score_over_folds(grouped_store):
+    """Each configuration's `val_uar` is the mean of the per-fold validation UARs that `train-head --cv`
+    records for the same configuration (two separate code paths), and the held-out folds score only
+    the exported best, equal to train-head --cv's held-out mean."""
+    from featurestore.jobs.sweep import SweepConfig, export_best, run as sweep
+
+    res = sweep(SweepConfig(method="linear", dataset="demo", features={"text": "minilm"}, target="label", cv="group",
+                            grid={"lr": ["1e-3", "1e-2"]}, params={"epochs": "3"}), grouped_store)
+    assert res.definition["cv"] == "group" and res.definition["eval_split"] == "held-out folds"
+    assert not [c for c in res.table.columns if c.startswith("test")]
+    rows = {r["lr"]: r for r in res.table.to_dicts()}
+    for lr, row in rows.items():
+        ref = run(TrainHeadConfig(method="linear", dataset="demo", features={"text": "minilm"}, target="label", cv="group",
+                                  params={"epochs": "3", "lr": str(lr)}), grouped_store)
+        per_fold = [f["val_primary"] for f in ref.folds]
+        assert row["folds"] == 3
+        assert row["val_uar"] == pytest.approx(np.mean(per_fold), abs=1e-9)
+        assert row["val_uar_std"] == pytest.approx(np.std(per_fold), abs=1e-9)
+        rows[lr] = (row, ref)
+    best_lr = max(rows, key=lambda k: rows[k][0]["val_uar"])
+    doc = export_best(res.definition, res.table, store=grouped_store)
+    assert doc["params"]["lr"] == best_lr and "--cv group" in doc["command"]
+    assert doc["eval"]["split"] == "held-out folds"
+    assert doc["eval"]["metrics"]["uar"] == pytest.approx(rows[best_lr][1].metrics["uar"], abs=1e-9)
+    plain = sweep(SweepConfig(method="linear", dataset="demo", features={"text": "minilm"}, target="label",
+                              grid={"lr": ["1e-3", "1e-2"]}, params={"epochs": "3"}), grouped_store)
+    assert plain.sweep_id != res.sweep_id  # a cv sweep is its own sweep, not a continuation
+
+
+def test_cli_sweep_cv_prints_the_fold_std(grouped_store):
+    out = CliRunner().invoke(cli, ["--store", str(grouped_store.root), "sweep", "--method", "linear", "--dataset",
+                                   "demo", "--features", "text=minilm", "--target", "label", "--grid", "lr=1e-3,3e-3", "-p", "epochs=2",
+                                   "--cv", "3"], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert "val_uar_std" in out.output and "--cv 3" in out.output
+    bad = CliRunner().invoke(cli, ["--store", str(grouped_store.root), "sweep", "--method", "linear", "--dataset",
+                                   "demo", "--features", "text=minilm", "--target", "label", "--grid", "lr=1e-3", "--cv", "one"])
+    assert bad.exit_code != 0 and "--cv" in bad.output and "Traceback" not in bad.output
+
+
+# ---- fs runs / fs eval of a cross-validated run ---------------------------------------------
+@pytest.fixture(scope="module")
+def cv_run(grouped_store):
+    return run(TrainHeadConfig(method="linear", dataset="demo", features={"text": "minilm"}, target="label", cv="group",
+                               params={"epochs": "3"}, run_id="cvrun"), grouped_store)
+
+
+def test_runs_lists_a_cv_run_with_its_fold_mean_and_its_folds(grouped_store, cv_run):
+    from featurestore.jobs.train_head import list_runs
+
+    rows = {r["run"]: r for r in list_runs(grouped_store)}
+    assert rows["cvrun"]["score"] == pytest.approx(np.mean([f["uar"] for f in cv_run.folds]))
+    assert rows["cvrun"]["std"] == pytest.approx(np.std([f["uar"] for f in cv_run.folds]))
+    assert "cvrun/fold-0" not in rows
+    rows = {r["run"]: r for r in list_runs(grouped_store, folds=True)}
+    assert [rows[f"cvrun/fold-{k}"]["score"] for k in range(3)] == [f["uar"] for f in cv_run.folds]
+    out = CliRunner().invoke(cli, ["--store", str(grouped_store.root), "runs", "--folds"], catch_exceptions=False)
+    assert out.exit_code == 0 and "cvrun/fold-2" in out.output and "group (3 folds)" in out.output
+
+
+def _balanced_accuracy(y, pred):
+    from sklearn.metrics import balanced_accuracy_score
+
+    return balanced_accuracy_score(y, pred)
+
+
+def test_eval_of_a_cv_run_predicts_each_item_with_the_fold_that_held_it_out(grouped_store, cv_run):
+    """Out-of-fold on the cross-validated dataset: item i (group GROUPS[i % 3]) is predicted by the fold
+    whose held-out group is its own, checked against the fold heads loaded by hand and scikit-learn."""
+    import featurestore.heads as heads
+    from featurestore.heads._data import usable
+    from featurestore.reader import load_split
+    from featurestore.jobs.train_head import evaluate
+
+    res = evaluate("cvrun", "demo", grouped_store, split="test")
+    assert res["mode"] == "out-of-fold"
+    data = load_split(grouped_store, "demo", "test", cv_run.lineage["fingerprints"])
+    X, y, keep, _, _ = usable(data, "label", cv_run.lineage["classes"])
+    groups = np.asarray(data.groups)[keep]
+    fold_of_group = {f["held_out_groups"][0]: f["fold"] for f in cv_run.lineage["folds"]}
+    pred = np.empty(len(y), np.int64)
+    for g, k in fold_of_group.items():
+        head = heads.Head.load(cv_run.folder / f"fold-{k}")
+        at = np.flatnonzero(groups == g)
+        pred[at] = head.predict(X.take(at))
+    assert res["n"] == len(y)
+    assert res["metrics"]["uar"] == pytest.approx(_balanced_accuracy(y.y, pred), abs=1e-9)
+    one = evaluate("cvrun/fold-1", "demo", grouped_store, split="test")
+    held = cv_run.lineage["folds"][1]["held_out_groups"][0]
+    at = np.flatnonzero(groups == held)
+    assert one["n"] == len(at) and one["not_held_out"] == len(y) - len(at)
+    assert one["metrics"]["uar"] == pytest.approx(_balanced_accuracy(y.y[at], pred[at]), abs=1e-9)
+
+
+def test_eval_of_a_cv_run_on_another_dataset_reports_every_fold_and_the_ensemble(grouped_store, cv_run):
+    import featurestore.heads as heads
+    from featurestore.datasets import add_dataset, build_demo
+    from featurestore.heads._data import usable
+    from featurestore.reader import load_split
+    from featurestore.jobs.train_head import evaluate
+
+    add_dataset(grouped_store, "demo2", build_demo(), root=None, source="builtin demo, again")
+    res = evaluate("cvrun", "demo2", grouped_store, split="train")
+    data = load_split(grouped_store, "demo2", "train", cv_run.lineage["fingerprints"])
+    X, y, _, _, _ = usable(data, "label", cv_run.lineage["classes"])
+    hs = [heads.Head.load(cv_run.folder / f"fold-{k}") for k in range(3)]
+    per = [_balanced_accuracy(y.y, h.predict(X)) for h in hs]
+    assert [f["uar"] for f in res["per_fold"]] == pytest.approx(per, abs=1e-9)
+    assert res["metrics"]["uar"] == pytest.approx(np.mean(per)) and res["std"]["uar"] == pytest.approx(np.std(per))
+    avg = np.mean([h.predict_proba(X) for h in hs], 0)
+    assert res["ensemble"]["uar"] == pytest.approx(_balanced_accuracy(y.y, avg.argmax(1)), abs=1e-9)
+    out = CliRunner().invoke(cli, ["--store", str(grouped_store.root), "eval", "cvrun", "--dataset", "demo2",
+                                   "--split", "train"], catch_exceptions=False)
+    assert out.exit_code == 0 and "ensemble" in out.output and "every fold head" in out.output
+    missing = CliRunner().invoke(cli, ["--store", str(grouped_store.root), "eval", "cvrun/fold-9", "--dataset", "demo"])
+    assert missing.exit_code != 0 and "cvrun/fold-0" in missing.output and "Traceback" not in missing.output
+
+
+def test_verify_checks_every_file_of_a_cv_run(grouped_store, cv_run):
+    from featurestore._io import check_checksums
+
+    assert check_checksums(cv_run.folder) == []
+    target = cv_run.folder / "fold-2" / "model.safetensors"
+    original = target.read_bytes()
+    try:
+        target.write_bytes(original[:-4] + b"\0\0\0\0")
+        out = CliRunner().invoke(cli, ["--store", str(grouped_store.root), "verify"])
+        assert out.exit_code != 0 and "fold-2/model.safetensors" in out.output
+    finally:
+        target.write_bytes(original)

@@ -140,6 +140,38 @@ def test_sff_gate_and_its_l1_term_are_in_the_loss(sff):
     assert got == pytest.approx(float(1 / (1 + np.exp(-h[0]))), rel=1e-5)
 
 
+def test_class_weight_balanced_weights_the_cross_entropy_as_scikit_learn():
+    """`class_weight=balanced`: the weights of scikit-learn's compute_class_weight, and the loss is the
+    weighted mean of per-item cross-entropies written out by hand (plus the same L1 and match terms)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    X, y = three(40, 7)
+    y = Targets("single", np.r_[np.zeros(25), np.ones(10), np.full(5, 2)].astype(np.int64), CLASSES)
+    w = U.class_weights(y.y, 3).numpy()
+    assert w == pytest.approx(compute_class_weight("balanced", classes=np.arange(3), y=y.y), rel=1e-6)
+    assert U.class_weights(np.array([0, 0, 2]), 3).numpy()[1] == 0  # a class absent from training
+    head = heads.create("umbe", **SMALL, class_weight="balanced")
+    head._set_meta(X, y, seq_dims={})
+    torch.manual_seed(2)
+    net = head._network().eval()
+    batch = next(head._tensors(X, y).batches(40))
+    with torch.no_grad():
+        plain, parts = U.umbe_loss(net, batch, l1=0.0, match_weight=0.0)
+        weighted, wparts = U.umbe_loss(net, batch, l1=0.0, match_weight=0.0, weight=torch.tensor(w))
+        logits = net(batch)[0].double().numpy()
+    logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+        - logits.max(1, keepdims=True)
+    ce = -logp[np.arange(40), y.y]
+    assert float(plain) == pytest.approx(ce.mean(), rel=1e-5)
+    assert float(weighted) == pytest.approx((w[y.y] * ce).sum() / w[y.y].sum(), rel=1e-5)
+    Xv, yv = three(30, 8)
+    fitted = heads.create("umbe", **{**SMALL, "epochs": 1, "stages": 1}, class_weight="balanced").fit(
+        X, y, eval_set=(Xv, yv))
+    assert fitted.class_weights_.numpy() == pytest.approx(w) and fitted.predict_proba(Xv).shape == (30, 3)
+    root = heads.create("umbe", **{**SMALL, "epochs": 1, "stages": 1}, class_weight="sqrt").fit(X, y)
+    assert root.class_weights_.numpy() == pytest.approx(np.sqrt(w), rel=1e-6)
+
+
 @pytest.mark.parametrize("sequences", [False, True])
 def test_a_masked_modality_content_does_not_change_the_output(sequences):
     X, y = three(80, 5, sequences=sequences)
@@ -313,3 +345,80 @@ def test_sweep_trains_umbe_one_configuration_after_another(demo_store):
     assert res.table.height == 2 and set(res.table["stack"]) == {1}
     assert {"val_uar", "val_war"} <= set(res.table.columns)
     assert sorted(res.table["lr"]) == [1e-3, 3e-3]
+
+
+# ---- prompt_encoder=clip: the authors' frozen CLIP text tower ---------------------------------
+def _byte_alphabet() -> list[str]:
+    """The GPT-2/CLIP byte-to-unicode stand-ins, so every byte is one token of the tiny vocabulary."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A CLIP text tower with projection from a tiny config (random weights) and a byte-level tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    chars = _byte_alphabet()
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=32, projection_dim=12,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                         pad_token_id=vocab["<|endoftext|>"])
+    path = tmp_path_factory.mktemp("clip-text")
+    CLIPTextModelWithProjection(cfg).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_clip_prompts_are_the_authors_token_sequence_through_clip(tiny_clip):
+    """With the prompt tokens mapped exactly onto real token embeddings, the class feature of class c
+    is CLIP's own text embedding of `[BOS] tokens name_c [EOS]` (transformers' forward, input ids)."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    tower = CLIPTextModelWithProjection.from_pretrained(tiny_clip).eval()
+    tok = CLIPTokenizer.from_pretrained(tiny_clip)
+    tower2, tok2, ref, digest = U.load_clip_text(str(tiny_clip))
+    enc = U.ClipPromptEncoder(tower2, tok2, CLASSES, hidden=16, n_prompt=4)
+    assert enc.joint_dim == 12 and not any(p.requires_grad for p in tower2.parameters())
+    assert not any(k.startswith("tower") for k in enc.state_dict())  # CLIP's weights are not saved with the run
+    with torch.no_grad():
+        enc.to_tokens.weight.copy_(torch.eye(16))
+        enc.to_tokens.bias.zero_()
+        words = tok("ab de", add_special_tokens=False)["input_ids"]  # 4 tokens: a, b</w>, d, e</w>
+        assert len(words) == 4
+        memory = tower.text_model.embeddings.token_embedding(torch.tensor([words]))  # [1, 4, 16]
+        got = enc(memory)[0].numpy()  # [C, 12]
+        for c, name in enumerate(CLASSES):
+            ids = tok(f"ab de {name}", return_tensors="pt")["input_ids"]  # BOS ... name EOS
+            want = tower(input_ids=ids).text_embeds[0].numpy()
+            assert got[c] == pytest.approx(want / np.linalg.norm(want), abs=1e-5)
+
+
+def test_clip_prompt_encoder_trains_saves_and_loads_without_its_weights(tiny_clip, tmp_path):
+    X, y = three(64, 11)
+    Xv, yv = three(40, 12)
+    params = {**SMALL, "epochs": 1, "stages": 1, "prompt_encoder": "clip", "clip_text": str(tiny_clip)}
+    head = heads.create("umbe", **params).fit(X, y, eval_set=(Xv, yv))
+    before = {k: v.clone() for k, v in head.net_.clip.tower.state_dict().items()}
+    assert head.meta_["clip"]["model"] == str(tiny_clip) and head.meta_["clip"]["weights_hash"]
+    proba = head.predict_proba(Xv)
+    assert proba.shape == (40, 3) and np.allclose(proba.sum(1), 1)
+    head.save(tmp_path / "run")
+    from safetensors.numpy import load_file
+
+    assert not any("tower" in k for k in load_file(str(tmp_path / "run" / "model.safetensors")))
+    again = Head.load(tmp_path / "run")
+    assert np.allclose(again.predict_proba(Xv), proba, atol=1e-6)
+    fresh = U.load_clip_text(str(tiny_clip))[0].state_dict()
+    assert all(torch.equal(before[k], fresh[k]) for k in fresh)  # frozen: training left CLIP untouched

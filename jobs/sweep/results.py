@@ -64,6 +64,8 @@ def rank(table, definition: dict):
 def leaderboard(table, definition: dict, top: int = 10) -> list[dict]:
     metric = definition["metric"]
     cols = ["trial", *definition.get("swept", []), f"val_{metric}", "epochs", "seconds"]
+    if definition.get("cv"):  # a cross-validated sweep: the mean over folds, its std
+        cols.insert(cols.index(f"val_{metric}") + 1, f"val_{metric}_std")
     ranked = rank(table, definition)
     if not ranked.height:
         return []
@@ -104,7 +106,8 @@ def export_best(definition: dict, table, target: str | Path | None = None, *, st
     features = ",".join(f"{m}={b}" for m, b in sorted(definition["features"].items()))
     argv = ["fs", "train-head", "--method", definition["method"], "--dataset", definition["dataset"],
             "--features", features, "--target", definition["target"], "--seed", str(seed),
-            "--val-fraction", str(definition["val_fraction"])]
+            "--val-fraction", str(definition["val_fraction"])] \
+        + (["--cv", definition["cv"]] if definition.get("cv") else [])
     for k, v in sorted(params.items()):
         argv += ["-p", f"{k}={v}"]
     doc = {"method": definition["method"], "dataset": definition["dataset"], "features": definition["features"],
@@ -124,6 +127,9 @@ def export_best(definition: dict, table, target: str | Path | None = None, *, st
 def best_test(store: Store, definition: dict, params: dict) -> dict:
     """Metrics of one configuration on the sweep's evaluation split: trained again (the same seeded
     computation as in the sweep) and evaluated once; kept in `best_test.json` for that configuration."""
+    if definition.get("cv"):
+        from ..cv import best_test_cv
+        return best_test_cv(store, definition, params)
     folder = sweep_folder(store, definition["id"])
     cached = folder / "best_test.json"
     cid = config_id(params)

@@ -48,8 +48,12 @@ class SweepConfig:
     eval_split: str = field("test", "split the best configuration is evaluated on, once, at export or --show-test")
     storage: str = field("", "Optuna storage URL (default: a journal file in the sweep folder)")
     limit: int = field(0, "train at most this many new configurations in this invocation (0: all)")
+    cv: str = field("", "rank by cross-validated validation score: group | fold | K folds over every item (jobs/cv.py)")
 
     def __post_init__(self):
+        if self.cv:
+            from ..cv import parse_cv
+            parse_cv(self.cv)
         if self.target and self.target not in TARGETS:
             raise ConfigError(f"target {self.target!r} is not one of {list(TARGETS)}")
         if not self.dataset:
@@ -127,9 +131,13 @@ def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None 
             configs = [validate(cls, {**fixed, **c}) for c in sample_random(space, config.random, config.seed)]
     refs = parse_feature_refs(config.features, store)
     probe = cls(**{k: v for k, v in (configs[0] if configs else fixed).items()})
-    data = prepare(store, config.dataset, refs, target=config.target, val_fraction=config.val_fraction,
-                   seed=config.seed, sequences=cls.uses_sequences and getattr(probe, "sequences", True),
-                   va=cls.uses_va, eval_split=config.eval_split)
+    reading = dict(target=config.target, val_fraction=config.val_fraction, seed=config.seed,
+                   sequences=cls.uses_sequences and getattr(probe, "sequences", True), va=cls.uses_va)
+    if config.cv:  # every item, in folds, instead of the splits (jobs/cv.py)
+        from ..cv import prepare_cv
+        data = prepare_cv(store, config.dataset, refs, cv=config.cv, **reading)
+    else:
+        data = prepare(store, config.dataset, refs, eval_split=config.eval_split, **reading)
     if data.kind not in cls.supports:
         raise ConfigError(f"head {config.method!r} does not train {data.kind!r} targets (--target {data.target}); "
                           f"it supports {sorted(cls.supports)}")
@@ -141,6 +149,8 @@ def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None 
                   "target": data.target, "kind": data.kind, "mode": config.mode, "space": space,
                   "params": jsonable(fixed), "seed": config.seed, "val_fraction": config.val_fraction,
                   "eval_split": config.eval_split, "metric": metric}
+    if config.cv:
+        definition.update(cv=data.cv, eval_split="held-out folds")
     ident = {k: v for k, v in definition.items() if k not in ("kind", "metric")}
     sweep_id = f"{config.method}-{config.dataset}-{digest(ident)}"[:128]
     folder = store.sweeps_dir() / sweep_id
@@ -150,7 +160,13 @@ def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None 
             write_json_atomic(folder / "sweep.json", {**definition, "created_at": now_iso()})
         (folder / "parts").mkdir(parents=True, exist_ok=True)
         # `runner_cls`: the same interface, training elsewhere (`--engine ray`: jobs/ray_sweep.py)
-        runner = (runner_cls or _Runner)(cls, data, folder, metric, config.limit, say, progress)
+        if config.cv:
+            if runner_cls is not None:
+                raise ConfigError("--cv sweeps run locally for now; leave out --engine ray or --cv")
+            from ..cv import sweep_runner
+            runner = sweep_runner(cls, data, folder, metric, config.limit, say, progress)
+        else:
+            runner = (runner_cls or _Runner)(cls, data, folder, metric, config.limit, say, progress)
         say(f"sweep {sweep_id}: {config.method} on {config.dataset} ({data.kind}), ranking by val {metric}")
         if config.mode == "optuna":
             try:
