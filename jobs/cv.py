@@ -463,19 +463,9 @@ def sweep_runner(cls, data: CVPrepared, folder, metric: str, limit: int, say, pr
 def best_test_cv(store: Store, definition: dict, params: dict) -> dict:
     """The held-out score of one configuration of a `--cv` sweep: trained again on each fold (the same
     seeded computation as in the sweep) and evaluated once on that fold's held-out items; the mean over
-    folds (`<m>`) and std (`<m>_std`), kept in `best_test.json` for that configuration."""
+    folds (`<m>`) and std (`<m>_std`); `sweep.results.best_test` keeps it in `best_test.json`."""
     import featurestore.heads as heads
-    from .sweep import config_id, sweep_folder
 
-    folder = sweep_folder(store, definition["id"])
-    cached = folder / "best_test.json"
-    cid = config_id(params)
-    if cached.is_file():
-        from featurestore._io import read_json
-
-        doc = read_json(cached)
-        if doc.get("config_id") == cid:
-            return doc["metrics"]
     cls = heads.get(definition["method"])
     data = prepare_cv(store, definition["dataset"], definition["fingerprints"], cv=definition["cv"],
                       target=definition["target"], val_fraction=definition["val_fraction"], seed=definition["seed"],
@@ -486,7 +476,4 @@ def best_test_cv(store: Store, definition: dict, params: dict) -> dict:
         Xh, yh = f["held"]
         per_fold.append(metrics.evaluate(yh, head.predict(Xh), head.predict_proba(Xh)))
     mean, std = _fold_mean(per_fold)
-    result = {**mean, **{f"{k}_std": v for k, v in std.items()}}
-    write_json_atomic(cached, json_safe({"config_id": cid, "split": "held-out folds", "metrics": result,
-                                         "computed_at": now_iso()}))
-    return result
+    return {**mean, **{f"{k}_std": v for k, v in std.items()}}

@@ -127,9 +127,6 @@ def export_best(definition: dict, table, target: str | Path | None = None, *, st
 def best_test(store: Store, definition: dict, params: dict) -> dict:
     """Metrics of one configuration on the sweep's evaluation split: trained again (the same seeded
     computation as in the sweep) and evaluated once; kept in `best_test.json` for that configuration."""
-    if definition.get("cv"):
-        from ..cv import best_test_cv
-        return best_test_cv(store, definition, params)
     folder = sweep_folder(store, definition["id"])
     cached = folder / "best_test.json"
     cid = config_id(params)
@@ -137,6 +134,13 @@ def best_test(store: Store, definition: dict, params: dict) -> dict:
         doc = read_json(cached)
         if doc.get("config_id") == cid:
             return doc["metrics"]
+    if definition.get("cv"):
+        from ..cv import best_test_cv
+
+        result = best_test_cv(store, definition, params)
+        write_json_atomic(cached, json_safe({"config_id": cid, "split": "held-out folds", "metrics": result,
+                                             "computed_at": now_iso()}))
+        return result
     cls = heads.get(definition["method"])
     head = cls(**params)
     data = prepare(store, definition["dataset"], definition["fingerprints"], target=definition["target"],
