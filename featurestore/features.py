@@ -8,6 +8,7 @@ features/<fingerprint>/.lock         held while a job writes here
 """
 from __future__ import annotations
 
+import datetime as _dt
 from typing import Sequence
 
 import numpy as np
@@ -129,21 +130,39 @@ def _fp_created(fs: FeatureSet) -> str:
         return ""
 
 
+def _extracted_at(fs: FeatureSet, dataset: str | None) -> float:
+    """When an extraction first completed for `dataset` into `fs` (epoch seconds); the feature set's
+    creation time when no dataset is asked for or the catalogue predates the record."""
+    if dataset is not None:
+        try:
+            at = fs.segments.catalogue().get("datasets", {}).get(dataset, {}).get("first_at")
+        except Exception:
+            at = None
+        if at:
+            return float(at)
+    try:
+        return _dt.datetime.fromisoformat(_fp_created(fs)).timestamp()
+    except ValueError:
+        return 0.0
+
+
 def superseded_by(store: Store, fingerprint: str, dataset: str | None = None) -> str | None:
     """The newest fingerprint of the same backbone and modality extracted for `dataset` after this one.
 
     A fingerprint is superseded only for a dataset: extracting another dataset (or a toy one with
-    other parameters) never makes runs on this one stale. Without `dataset`, any newer extraction counts.
+    other parameters) never makes runs on this one stale, and the order is that of the extractions
+    for `dataset` (not of the fingerprints' creation). Without `dataset`, any newer extraction counts.
     """
     fs = FeatureSet(store, fingerprint)
     if not fs.exists():
         return None
     mine = fs.spec
-    newer = [o for o in list_feature_sets(store)
-             if o.fingerprint != fingerprint and o.backbone == mine["backbone"] and o.modality == mine["modality"]
-             and o.spec.get("created_at", "") > mine.get("created_at", "")
-             and (dataset is None or dataset in extracted_for(o))]
-    return newer[-1].fingerprint if newer else None
+    since = _extracted_at(fs, dataset)
+    newer = sorted((_extracted_at(o, dataset), o.fingerprint) for o in list_feature_sets(store)
+                   if o.fingerprint != fingerprint and o.backbone == mine["backbone"]
+                   and o.modality == mine["modality"] and (dataset is None or dataset in extracted_for(o)))
+    newer = [fp for at, fp in newer if at > since]
+    return newer[-1] if newer else None
 
 
 def feature_modalities(store: Store, ref: str) -> list[str]:

@@ -7,6 +7,7 @@ must never silently change, written by one job at a time.
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import ClassVar, Iterator, Sequence
 
@@ -75,9 +76,11 @@ class KeyedSet:
 
     def record_dataset(self, dataset: str, entry: dict) -> None:
         """Remember which rows `dataset` needs from this set (checked by `fs verify`); the widest
-        selection of the same manifest wins."""
+        selection of the same manifest wins. `first_at` (epoch seconds, sub-second) keeps when an extraction
+        first completed for `dataset` here: staleness orders fingerprints by it, per dataset."""
         with self.segments.update_catalogue() as doc:
             old = doc["datasets"].get(dataset)
+            entry = {**entry, "first_at": (old or {}).get("first_at") or time.time()}
             if old and old.get("manifest_hash") == entry["manifest_hash"] and old.get("modality") == entry["modality"]:
                 entry = {**entry,
                          "limit": 0 if not (old.get("limit") and entry["limit"]) else max(old["limit"], entry["limit"]),

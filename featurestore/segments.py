@@ -37,7 +37,7 @@ from . import __version__
 from ._io import (TMP_SUFFIX, cleaned_on_failure, file_lock, publish, read_json, sha256_file, tmp_path, try_lock,
                   write_json_atomic, writer_alive)
 from .errors import FeatureStoreError, IntegrityError
-from .hashing import KEY_BYTES
+from .hashing import KEY_BYTES, canonical_json
 
 __all__ = ["SegmentSet", "SegmentWriter", "Segment", "ErrorRecord", "Problem", "KEY_DTYPE", "KeyIndex",
            "key_prefix64", "CATALOGUE"]
@@ -46,6 +46,11 @@ KEY_DTYPE = np.dtype(f"S{KEY_BYTES}")
 _STR = h5py.string_dtype("utf-8")
 _PREFIX, _SUFFIX = "seg-", ".h5"
 CATALOGUE = "catalogue.json"
+_CATALOGUE_DIGEST = "sha256"  # of the rest of the catalogue's canonical JSON: a flipped digit is caught too
+
+
+def _catalogue_digest(doc: dict) -> str:
+    return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
 _DELETE_WAIT_S = 5.0  # how long compaction waits for readers before leaving old segments retired
 
 
@@ -177,6 +182,10 @@ class SegmentSet:
         doc = read_json(self.catalogue_path) if self.catalogue_path.is_file() else {}
         if not isinstance(doc, dict):
             raise IntegrityError(f"{self.catalogue_path} is damaged (not a JSON object); run `fs verify`")
+        digest = doc.pop(_CATALOGUE_DIGEST, None)
+        if digest is not None and digest != _catalogue_digest(doc):
+            raise IntegrityError(f"{self.catalogue_path} is damaged (its content does not match its SHA-256); "
+                                 "restore it from a backup, or delete it and run `fs gc` to rebuild it from the segments")
         for key, empty in (("segments", {}), ("retired", []), ("datasets", {})):
             doc.setdefault(key, empty)
         return doc
@@ -188,7 +197,7 @@ class SegmentSet:
         with file_lock(self.folder / ".catalogue.lock", f"catalogue of {self.folder}", wait=True):
             doc = self.catalogue()
             yield doc
-            write_json_atomic(self.catalogue_path, doc)
+            write_json_atomic(self.catalogue_path, {**doc, _CATALOGUE_DIGEST: _catalogue_digest(doc)})
 
     def adopt_orphans(self) -> list[str]:
         """Register sound segments missing from the catalogue (a job killed between publishing a

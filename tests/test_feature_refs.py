@@ -57,6 +57,11 @@ def test_a_toy_extraction_with_other_params_breaks_nothing(store_root):
     fs(root, "extract", "--dataset", "toy", "--modality", "text", "--backbone", "minilm", "-p", "pooling=cls")
     cls_fp = next(f["fingerprint"] for f in _ls_features(root) if f["fingerprint"] != default)
     assert {f["fingerprint"]: f["extracted_for"] for f in _ls_features(root)} == {default: ["words"], cls_fp: ["toy"]}
+    # a fast machine creates both fingerprints within one second (the CI failure of stop 18): staleness
+    # must order the extractions for a dataset, not the fingerprints' second-resolution creation stamps
+    specs = {fp: root / "features" / fp / "spec.json" for fp in (default, cls_fp)}
+    same_second = json.loads(specs[default].read_text())["created_at"]
+    specs[cls_fp].write_text(json.dumps({**json.loads(specs[cls_fp].read_text()), "created_at": same_second}))
     again = json.loads(fs(root, "train-head", "--method", "linear", "--dataset", "words", "--features",
                           "text=minilm", "--target", "label", "-p", "epochs=3", "--json").output)
     assert again["lineage"]["fingerprints"] == {"text": default}  # not the newest in the store

@@ -41,6 +41,29 @@ def test_segment_name_is_its_checksum_and_a_flipped_byte_is_detected(tmp_path):
     assert len(problems) == 1 and "checksum mismatch" in problems[0].message
 
 
+def test_a_changed_digit_in_the_catalogue_is_detected_and_an_unsealed_one_still_reads(tmp_path):
+    import hashlib
+    import json
+
+    segset = SegmentSet(tmp_path)
+    segset.write(keys(7), {"pooled": np.ones((7, 2), np.float32)})
+    raw = segset.catalogue_path.read_text()
+    doc = json.loads(raw)
+    body = {k: v for k, v in doc.items() if k != "sha256"}
+    want = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert doc["sha256"] == want  # the seal is the SHA-256 of the rest, in canonical JSON
+    # a digit flipped in a row count is still valid JSON; only the seal can notice it
+    segset.catalogue_path.write_text(raw.replace('"rows": 7', '"rows": 8'))
+    assert segset.catalogue_path.read_text() != raw
+    with pytest.raises(IntegrityError, match="does not match its SHA-256"):
+        segset.catalogue()
+    (problem,) = segset.verify()
+    assert "SHA-256" in problem.message
+    # a catalogue written before the seal existed reads as it is
+    segset.catalogue_path.write_text(json.dumps(body))
+    assert segset.catalogue()["segments"] == body["segments"] and segset.verify() == []
+
+
 def test_errors_travel_with_their_segment(tmp_path):
     segset = SegmentSet(tmp_path)
     segset.write(keys(1), {"pooled": np.zeros((1, 2), np.float32)},
