@@ -81,6 +81,9 @@ class UMBEConfig(TorchParams):
     class_weight: Literal["none", "balanced", "sqrt"] = field(
         "balanced", "cross-entropy class weights: balanced (n / (C x n_c) over the training split; chosen on the "
                     "demo's validation UAR) | sqrt (its square root) | none (the paper)")
+    select: Literal["primary", "loss"] = field(
+        "primary", "what keeps an epoch (and a stage): primary (the validation UAR for single labels) | loss (the "
+                   "least validation loss, the quantity the paper's schedule watches)")
     scale: float = field(100.0, "logit scale of the cosine similarities (CLIP's 100, as the authors' code)")
     stages: int = field(2, "2: two-stage training (sec. 3.4); 1: train on all modalities at once (the ablation)")
     drop_prob: float = field(0.3, "stage 2: chance to drop each present modality of an item (one always stays)")
@@ -488,8 +491,9 @@ class UMBE(Head):
         val_score = val_loss = None
         if val is not None:
             scorer = validation_scorer(self, eval_set[1], kind)
-            val_score = lambda m: scorer(self._proba_torch(m, val))  # noqa: E731
             val_loss = lambda m: self._loss_on(m, val)  # noqa: E731
+            val_score = (lambda m: -val_loss(m)) if self.select == "loss" else \
+                (lambda m: scorer(self._proba_torch(m, val)))  # noqa: E731
         hist = train_loop(net, self._stage_loss(stage), train, params=self._loop_params(), device=device,
                           val_score=val_score, plateau=Plateau(self.lr_factor, self.lr_patience, self.min_lr),
                           val_loss=val_loss)
@@ -498,6 +502,7 @@ class UMBE(Head):
     def _loop_params(self) -> TorchParams:
         return TorchParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TorchParams)})
 
+    @torch.no_grad()
     def _loss_on(self, net, data: TensorSet) -> float:
         """Validation loss of the ReduceLROnPlateau schedule: the cross-entropy that trains (class-weighted
         with `class_weight=balanced`), all modalities given, over the whole split."""

@@ -55,13 +55,18 @@ class TrainHeadConfig:
     def __post_init__(self):
         if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
             raise ConfigError(f"--seeds {self.seeds!r} must be a whole number >= 1 (the runs to average)")
-        if self.cv:
-            from .cv import parse_cv
-            parse_cv(self.cv)
-        if self.target and self.target not in TARGETS:
-            raise ConfigError(f"target {self.target!r} is not one of {list(TARGETS)}")
-        if not self.dataset:
-            raise ConfigError("no dataset given; use --dataset NAME (fs datasets list)")
+        check_request(self.dataset, self.target, self.cv)
+
+
+def check_request(dataset: str, target: str, cv: str) -> None:
+    """The checks every training request shares (train-head, sweep): a dataset, a known target, a valid --cv."""
+    if cv:
+        from .cv import parse_cv
+        parse_cv(cv)
+    if target and target not in TARGETS:
+        raise ConfigError(f"target {target!r} is not one of {list(TARGETS)}")
+    if not dataset:
+        raise ConfigError("no dataset given; use --dataset NAME (fs datasets list)")
 
 
 @dataclasses.dataclass

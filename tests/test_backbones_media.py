@@ -55,23 +55,11 @@ BAD_AUDIO = {"zero bytes": b"", "garbage": GARBAGE, "empty wav": empty_wav(), "t
 
 
 # ---- tiny saved models -----------------------------------------------------------------------
-def _byte_vocab() -> list[str]:
-    """GPT-2/CLIP byte-to-unicode alphabet: every byte has a printable stand-in."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> Path:
+def clip_dir(tmp_path_factory, byte_alphabet) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-    chars = _byte_vocab()
+    chars = byte_alphabet
     vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars])}
     merges = []
     for word in WORDS:  # merge each word letter by letter, ending in </w>

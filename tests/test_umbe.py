@@ -348,24 +348,12 @@ def test_sweep_trains_umbe_one_configuration_after_another(demo_store):
 
 
 # ---- prompt_encoder=clip: the authors' frozen CLIP text tower ---------------------------------
-def _byte_alphabet() -> list[str]:
-    """The GPT-2/CLIP byte-to-unicode stand-ins, so every byte is one token of the tiny vocabulary."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
+def tiny_clip(tmp_path_factory, byte_alphabet):
     """A CLIP text tower with projection from a tiny config (random weights) and a byte-level tokenizer."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-    chars = _byte_alphabet()
+    chars = byte_alphabet
     vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars])}
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)

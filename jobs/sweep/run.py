@@ -16,7 +16,7 @@ from featurestore._io import file_lock, json_safe, publish, tmp_path, write_json
 from featurestore.config import field
 from featurestore.errors import ConfigError
 from featurestore.heads import metrics
-from featurestore.heads._data import TARGETS, prepare
+from featurestore.heads._data import prepare
 from featurestore.reader import parse_feature_refs
 from featurestore.store import Store, now_iso
 from .plots import plot_sweep
@@ -51,13 +51,8 @@ class SweepConfig:
     cv: str = field("", "rank by cross-validated validation score: group | fold | K folds over every item (jobs/cv.py)")
 
     def __post_init__(self):
-        if self.cv:
-            from ..cv import parse_cv
-            parse_cv(self.cv)
-        if self.target and self.target not in TARGETS:
-            raise ConfigError(f"target {self.target!r} is not one of {list(TARGETS)}")
-        if not self.dataset:
-            raise ConfigError("no dataset given; use --dataset NAME (fs datasets list)")
+        from ..train_head import check_request
+        check_request(self.dataset, self.target, self.cv)
         modes = [m for m, on in (("grid", bool(self.grid)), ("random", self.random), ("optuna", self.optuna)) if on]
         if len(modes) != 1:
             raise ConfigError("give exactly one of --grid, --random N --space FILE, --optuna N --space FILE"
