@@ -95,14 +95,16 @@ def _fold_table(result) -> str:
 
 
 @click.command("runs")
-@click.option("--folds", is_flag=True, help="Also list each fold of a cross-validated run, as RUN/fold-<k>.")
+@click.option("--folds", is_flag=True, help="Also list each fold of a cross-validated run (RUN/fold-<k>) and each "
+                                           "seed of a --seeds run (RUN/seed-<s>).")
 @json_option
 @click.pass_context
 def runs_cmd(ctx, folds, as_json):
     """List saved runs; a run whose feature fingerprint has since been superseded is marked stale.
 
     A cross-validated run (train-head --cv) shows the mean and std of its folds' held-out scores;
-    its folds are RUN/fold-<k> (listed with --folds, evaluated with fs eval RUN/fold-<k>)."""
+    its folds are RUN/fold-<k> (listed with --folds, evaluated with fs eval RUN/fold-<k>). A --seeds
+    run shows the mean and std over its seeds; --folds lists each seed as RUN/seed-<s>."""
     from featurestore.jobs.train_head import list_runs
 
     rows = list_runs(get_store(ctx), folds=folds)

@@ -23,7 +23,7 @@ from featurestore.heads import metrics
 
 from .cv import _summary
 
-__all__ = ["run_seeds", "seed_list"]
+__all__ = ["run_seeds", "seed_list", "seed_rows"]
 
 
 def seed_list(seed: int, n: int) -> list[int]:
@@ -77,3 +77,20 @@ def run_seeds(config, store: Store, *, log: Callable[[str], None] | None = None)
                          time.perf_counter() - start, lineage)
     result.seed_runs, result.std = per_seed, std
     return result
+
+
+def seed_rows(folder, doc: dict, lineage: dict, *, stale: dict, with_seeds: bool) -> list[dict]:
+    """`fs runs` rows of a `--seeds N` run: one for the run (mean and std over its seeds), then with
+    `with_seeds` one per seed (`RUN/seed-<s>`: its test score, or under `--cv` its mean over folds)."""
+    primary, cv = doc.get("primary"), doc.get("cv")
+    common = {"method": doc.get("method"), "dataset": lineage.get("dataset"), "target": lineage.get("target"),
+              "metric": primary, "features": ",".join(f"{m}={fp}" for m, fp in (lineage.get("fingerprints") or {}).items()),
+              "stale": bool(stale), "superseded_by": stale, "created_at": lineage.get("created_at")}
+    seeds = doc.get("seeds") or []
+    rows = [{"run": folder.name, **common, "score": (doc.get("mean") or {}).get(primary),
+             "std": (doc.get("std") or {}).get(primary),
+             "cv": f"{len(seeds)} seeds" + (f", cv {cv}" if cv else "")}]
+    if with_seeds:
+        rows += [{"run": f"{folder.name}/seed-{r['seed']}", **common, "score": r.get(primary), "std": None,
+                  "cv": f"seed {r['seed']}" + (f", mean over folds ({cv})" if cv else "")} for r in doc.get("runs", [])]
+    return rows

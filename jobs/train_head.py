@@ -98,19 +98,25 @@ def make_head(method: str, params: dict, seed: int) -> heads.Head:
 
 
 def run_folder(store: Store, run_id: str) -> Path:
-    """A saved run's folder: `RUN`, or `RUN/fold-<k>` for one fold of a cross-validated run."""
+    """A saved run's folder: `RUN`, `RUN/fold-<k>` for one fold of a cross-validated run, or
+    `RUN/seed-<s>` for one seed of a `--seeds` run."""
     name, sep, fold = run_id.partition("/")
     folder = store.heads_dir() / check_name(name, "run")
     if sep:
         sub = folder / check_name(fold, "fold")
-        if not (fold.startswith("fold-") and (sub / "config.json").is_file()):
+        if not (fold.startswith(("fold-", "seed-")) and (sub / "config.json").is_file()):
             from .cv import fold_dirs
 
-            folds = ", ".join(f"{name}/{p.name}" for p in fold_dirs(folder)) if folder.is_dir() else ""
-            raise NotFoundError(f"run {run_id!r} is not a fold of a cross-validated run; "
-                                f"{'its folds: ' + folds if folds else 'see fs runs --folds'}")
+            parts = fold_dirs(folder) if folder.is_dir() else []
+            parts += sorted(p for p in folder.glob("seed-*") if (p / "config.json").is_file()) if folder.is_dir() else []
+            known = ", ".join(f"{name}/{p.name}" for p in parts)
+            raise NotFoundError(f"run {run_id!r} is not a fold of a cross-validated run or a seed of a --seeds run; "
+                                f"{'its parts: ' + known if known else 'see fs runs --folds'}")
         return sub
     if not (folder / "config.json").is_file() and not _is_cv(folder):
+        seeds = [f"{name}/{p.name}" for p in _seed_dirs(folder) if (p / "config.json").is_file()]
+        if seeds:
+            raise ConfigError(f"run {run_id!r} holds one run per seed (train-head --seeds); name one: {', '.join(seeds)}")
         known = ", ".join(p.name for p in _run_dirs(store)) or "none"
         raise NotFoundError(f"run {run_id!r} is not in {store.heads_dir()}; known: {known} (fs runs)")
     return folder
@@ -261,7 +267,14 @@ def _run_dirs(store: Store) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir()
-                  and ((p / "config.json").is_file() or _is_cv(p)))
+                  and ((p / "config.json").is_file() or _is_cv(p) or _seed_dirs(p)))
+
+
+def _seed_dirs(folder: Path) -> list[Path]:
+    """`seed-<s>` sub-runs of a `--seeds` run (empty for any other folder)."""
+    if not (folder / "metrics.json").is_file():
+        return []
+    return sorted(p for p in folder.glob("seed-*") if p.is_dir() and p.name[5:].lstrip("-").isdigit())
 
 
 def staleness(store: Store, lineage: dict) -> dict[str, str]:
@@ -286,6 +299,11 @@ def list_runs(store: Store, *, folds: bool = False) -> list[dict]:
         except (OSError, json.JSONDecodeError, IntegrityError):
             continue
         stale = staleness(store, lineage)
+        if doc.get("seeds"):
+            from .seeds import seed_rows
+
+            rows += seed_rows(folder, doc, lineage, stale=stale, with_seeds=folds)
+            continue
         if doc.get("cv"):
             from .cv import cv_rows
 
@@ -303,7 +321,8 @@ def list_runs(store: Store, *, folds: bool = False) -> list[dict]:
 def evaluate(run_id: str, dataset: str, store: Store, *, split: str = "test") -> dict:
     """Evaluate a saved run on a split of a dataset, reading the exact fingerprints it was trained on.
     A cross-validated run: `featurestore.jobs.cv.evaluate_cv`; one of its folds (`RUN/fold-<k>`): that
-    fold's head alone, and on the dataset it cross-validated only on the items its fold held out."""
+    fold's head alone, and on the dataset it cross-validated only on the items its fold held out; one
+    seed of a `--seeds` run (`RUN/seed-<s>`): that seed's run."""
     from featurestore.reader import load_split
 
     folder = run_folder(store, run_id)
@@ -311,8 +330,9 @@ def evaluate(run_id: str, dataset: str, store: Store, *, split: str = "test") ->
         from .cv import evaluate_cv
 
         return evaluate_cv(folder, run_id, dataset, store, split=split)
+    fold = "/" in run_id and folder.name.startswith("fold-")  # a seed of a --seeds run is a whole run
     head = load_head(folder)
-    lineage = read_json((folder.parent if "/" in run_id else folder) / "lineage.json")
+    lineage = read_json((folder.parent if fold else folder) / "lineage.json")
     classes = list(head.meta_.get("classes", []))
     seq = bool(head.meta_.get("seq_dims"))
     data = load_split(store, dataset, split, lineage.get("fingerprints") or lineage["features"], sequences=seq)
@@ -320,7 +340,7 @@ def evaluate(run_id: str, dataset: str, store: Store, *, split: str = "test") ->
     _check_labels(data, lineage, classes, run_id)
     X, y, keep, no_target, no_features = usable(data, lineage["target"], classes, sequences=seq)
     extra = {}
-    if "/" in run_id and dataset == lineage.get("dataset"):  # one fold: only the items it held out are unseen
+    if fold and dataset == lineage.get("dataset"):  # one fold: only the items it held out are unseen
         from .cv import held_out_rows
 
         rows = held_out_rows(folder.parent, int(folder.name[5:]), np.asarray(data.item_ids)[keep])

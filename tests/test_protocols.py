@@ -164,3 +164,27 @@ def test_iemocap_layout_leave_one_session_out_end_to_end(tmp_path):
     assert [f["held_out"] for f in result.folds] == [f"Session{s}" for s in range(1, 6)]
     assert [f["n_test"] for f in result.folds] == [12] * 5  # frustration has no 4-class label
     assert result.metrics["uar"] == pytest.approx(np.mean([f["uar"] for f in result.folds]))
+
+
+def test_seeds_runs_are_listed_with_their_std_and_each_seed_evaluates(folded_store):
+    result = run(TrainHeadConfig(method="linear", dataset="demo", features={"text": "minilm"}, target="label", params=PARAMS,
+                                 seed=7, seeds=2, run_id="twoseeds"), folded_store)
+    doc = json.loads((result.folder / "metrics.json").read_text())
+    runner = CliRunner()
+    listed = json.loads(runner.invoke(cli, ["--store", str(folded_store.root), "runs", "--folds", "--json"],
+                                      catch_exceptions=False).output)["runs"]
+    rows = {r["run"]: r for r in listed if r["run"].startswith("twoseeds")}
+    assert set(rows) == {"twoseeds", "twoseeds/seed-7", "twoseeds/seed-8"}
+    per_seed = [json.loads((result.folder / f"seed-{s}" / "metrics.json").read_text())["test"]["uar"] for s in (7, 8)]
+    assert rows["twoseeds"]["metric"] == "uar"
+    assert rows["twoseeds"]["score"] == pytest.approx(np.mean(per_seed))
+    assert rows["twoseeds"]["std"] == pytest.approx(np.std(per_seed)) and rows["twoseeds"]["cv"] == "2 seeds"
+    assert [rows[f"twoseeds/seed-{s}"]["score"] for s in (7, 8)] == pytest.approx(per_seed)
+    assert doc["mean"]["uar"] == pytest.approx(np.mean(per_seed))
+    # one seed is a whole run: fs eval scores it on the test split as its own training reported
+    out = runner.invoke(cli, ["--store", str(folded_store.root), "eval", "twoseeds/seed-8", "--dataset", "demo", "--json"],
+                        catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["metrics"]["uar"] == pytest.approx(per_seed[1])
+    bad = runner.invoke(cli, ["--store", str(folded_store.root), "eval", "twoseeds/seed-9", "--dataset", "demo"])
+    assert bad.exit_code != 0 and "twoseeds/seed-7" in bad.output and "Traceback" not in bad.output
