@@ -54,7 +54,7 @@ def train_head_cmd(ctx, method, dataset, features, params, seed, target, val_fra
                              target=target, seed=seed, val_fraction=val_fraction, run_id=run_id,
                              eval_split=eval_split, cv=cv, seeds=seeds)
     result = run(config, store, log=None if as_json else lambda s: click.echo(s, err=True),
-                 **({} if cv or seeds > 1 or as_json else {"progress": progress}))
+                 **({} if as_json else {"progress": progress}))
     if as_json:
         extra = ({"seeds": result.seed_runs, "std": result.std} if seeds > 1 else
                  {"folds": result.folds, "std": result.std} if cv else {})

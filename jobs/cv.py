@@ -184,9 +184,12 @@ def fold_rows(cs: CVSet, cv: str | int, *, seed: int, val_fraction: float) -> li
 FOLDS_FILE = "folds.parquet"
 
 
-def run_cv(config, store: Store, *, log: Callable[[str], None] | None = None, into=None):
+def run_cv(config, store: Store, *, log: Callable[[str], None] | None = None, into=None, progress=None,
+           desc: str = ""):
     """Train and evaluate `config.method` on each fold of `config.cv`; save every fold's head and the summary
-    (into run folder `into` when given: a seed of a `--seeds` run, published with its parent)."""
+    (into run folder `into` when given: a seed of a `--seeds` run, published with its parent).
+    `progress`: a bar per fold's training (`desc` prefixes its label)."""
+    from ._progress import epoch_progress
     from .train_head import TrainResult, _new_run_id, make_head
 
     start = time.perf_counter()
@@ -219,7 +222,8 @@ def run_cv(config, store: Store, *, log: Callable[[str], None] | None = None, in
             say(f"fold {k + 1}/{len(folds)}: training on {len(tr)}, validating on {len(va_rows)}, "
                 f"testing on {len(held)}" + (f" (held out {cv_kind}: {', '.join(held_names)})" if held_names else ""))
             head = make_head(config.method, config.params, config.seed)
-            head.fit(X.take(tr), y.take(tr), eval_set=(X.take(va_rows), y.take(va_rows)))
+            with epoch_progress(progress, f"{desc or config.method} fold {k + 1}/{len(folds)}"):
+                head.fit(X.take(tr), y.take(tr), eval_set=(X.take(va_rows), y.take(va_rows)))
             Xh, yh = X.take(held), y.take(held)
             result = metrics.evaluate(yh, head.predict(Xh), head.predict_proba(Xh))
             val = metrics.primary(y.take(va_rows), head.predict(X.take(va_rows)), head.predict_proba(X.take(va_rows)))

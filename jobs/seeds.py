@@ -30,7 +30,7 @@ def seed_list(seed: int, n: int) -> list[int]:
     return [seed + i for i in range(n)]
 
 
-def run_seeds(config, store: Store, *, log: Callable[[str], None] | None = None):
+def run_seeds(config, store: Store, *, log: Callable[[str], None] | None = None, progress=None):
     """Run `config` once per seed into one run folder; return a TrainResult whose metrics are the means."""
     from .train_head import TrainResult, _new_run_id, run
 
@@ -48,7 +48,8 @@ def run_seeds(config, store: Store, *, log: Callable[[str], None] | None = None)
         for i, s in enumerate(seeds):
             say(f"seed {s} ({i + 1}/{len(seeds)})")
             one = dataclasses.replace(config, seed=s, seeds=1, run_id=f"{run_id}-seed-{s}"[:128])
-            result = run(one, store, log=log, into=tmp / f"seed-{s}")
+            result = run(one, store, log=log, into=tmp / f"seed-{s}", progress=progress,
+                         desc=f"{config.method} seed {s} ({i + 1}/{len(seeds)})")
             kind = result.kind
             numbers = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             if not config.cv:

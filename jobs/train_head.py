@@ -129,17 +129,18 @@ def _is_cv(folder: Path) -> bool:
 
 
 def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | None = None,
-        into: Path | None = None, progress: Callable | None = None) -> TrainResult:
+        into: Path | None = None, progress: Callable | None = None, desc: str = "") -> TrainResult:
     """Train on train, early-stop on validation, evaluate on `eval_split` once, save the run
     (into folder `into` when given: one seed of a `--seeds` run, published with its parent).
 
-    `progress` (a tqdm-like factory, or None) shows each epoch: its loss and best validation score."""
+    `progress` (a tqdm-like factory, or None) shows each epoch: its loss and best validation score
+    (one bar per training: per fold under --cv, per seed under --seeds; `desc` labels it)."""
     if config.seeds > 1:
         from .seeds import run_seeds
-        return run_seeds(config, store, log=log)
+        return run_seeds(config, store, log=log, progress=progress)
     if config.cv:
         from .cv import run_cv
-        return run_cv(config, store, log=log, into=into)
+        return run_cv(config, store, log=log, into=into, progress=progress, desc=desc)
     start = time.perf_counter()
     say = log or (lambda s: None)
     head = make_head(config.method, config.params, config.seed)  # bad --param fails here, before any reading
@@ -166,7 +167,7 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
         f"validating on {len(yv)}")
     from ._progress import epoch_progress
 
-    with epoch_progress(progress, config.method):
+    with epoch_progress(progress, desc or config.method):
         head.fit(Xtr, ytr, eval_set=(Xv, yv))
     Xte, yte = data.splits[config.eval_split]
     pred, proba = head.predict(Xte), head.predict_proba(Xte)

@@ -214,6 +214,28 @@ def test_train_head_reports_each_epoch_to_a_progress_bar(trained):
     assert "3/3" in text and "loss=" in text and "val=" in text
 
 
+def test_cv_and_seeds_show_one_bar_per_fold_and_per_seed(trained):
+    import io
+
+    from tqdm import tqdm
+
+    from featurestore.jobs.train_head import TrainHeadConfig, run
+    from featurestore.store import open_store
+
+    buf, made = io.StringIO(), []
+
+    def progress(**kw):
+        made.append(kw)
+        return tqdm(file=buf, mininterval=0, **kw)
+
+    run(TrainHeadConfig(method="mlp", dataset="demo", features={"text": "minilm"}, target="label",
+                        params={"epochs": 2, "patience": 0}, cv="3", seeds=2, seed=4), open_store(trained), progress=progress)
+    labels = [kw["desc"].strip() for kw in made]
+    assert labels == [f"mlp seed {s} ({i + 1}/2) fold {k}/3" for i, s in enumerate((4, 5)) for k in (1, 2, 3)]
+    assert all(kw["total"] == 2 and kw["unit"] == "epoch" for kw in made)
+    assert buf.getvalue().count("2/2") >= 6
+
+
 def test_sweep_counts_configurations_and_prints_no_tuple(trained):
     import io
 

@@ -172,6 +172,22 @@ def test_class_weight_balanced_weights_the_cross_entropy_as_scikit_learn():
     assert root.class_weights_.numpy() == pytest.approx(np.sqrt(w), rel=1e-6)
 
 
+def test_select_loss_keeps_the_epoch_with_the_least_validation_loss():
+    """`select=loss`: the kept weights give the smallest of the validation losses recorded per epoch,
+    recomputed here as a hand-written weighted cross-entropy over the validation split."""
+    X, y = three(120, 3)
+    Xv, yv = three(50, 4)
+    head = heads.create("umbe", **{**SMALL, "epochs": 6, "patience": 0, "stages": 1, "lr": 3e-2},
+                        class_weight="balanced", select="loss").fit(X, y, eval_set=(Xv, yv))
+    losses = head.history_["val_loss"]
+    assert len(losses) == 6 and len(set(np.round(losses, 6))) > 1  # a real choice among different losses
+    logits = np.log(np.clip(head.predict_proba(Xv), 1e-30, None))  # softmax probabilities -> log-probabilities
+    w = head.class_weights_.numpy()[yv.y]
+    mine = float((w * -logits[np.arange(len(yv)), yv.y]).sum() / w.sum())
+    assert mine == pytest.approx(min(losses), rel=1e-4)
+    assert head.history_["val_score"] == pytest.approx([-v for v in losses], rel=1e-6)
+
+
 @pytest.mark.parametrize("sequences", [False, True])
 def test_a_masked_modality_content_does_not_change_the_output(sequences):
     X, y = three(80, 5, sequences=sequences)
