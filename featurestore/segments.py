@@ -47,11 +47,11 @@ _STR = h5py.string_dtype("utf-8")
 _PREFIX, _SUFFIX = "seg-", ".h5"
 CATALOGUE = "catalogue.json"
 _CATALOGUE_DIGEST = "sha256"  # of the rest of the catalogue's canonical JSON: a flipped digit is caught too
+_DELETE_WAIT_S = 5.0  # how long compaction waits for readers before leaving old segments retired
 
 
 def _catalogue_digest(doc: dict) -> str:
     return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
-_DELETE_WAIT_S = 5.0  # how long compaction waits for readers before leaving old segments retired
 
 
 @dataclasses.dataclass(frozen=True)
