@@ -1,8 +1,10 @@
 """Acceptance on real data: does a LoRA refresh of MiniLM help an `mlp` head on the demo's words?
 
-    python bench/lora_demo.py [--store store] [--seeds 0,1,2] [-p epochs=2 -p max_train=1200 ...]
+    python bench/lora_demo.py [--store bench/out/lora-demo-store] [--seeds 0,1,2] [-p epochs=2 -p max_train=1200 ...]
 
-Needs `make demo` first (the demo dataset and its frozen MiniLM features in the store). Trains
+Works in a store of its own (built on first use as `bench/results.py` builds its store: the demo
+dataset and its frozen MiniLM features), never in ./store: a refresh leaves a second MiniLM
+fingerprint for the demo there, and `--features minilm` would then be ambiguous for it. Trains
 one `mlp` head per seed on the frozen MiniLM features (target `labels`, the NRC multi-labels),
 then runs one forced refresh whose recipe lists those runs: LoRA fine-tuning on the train split
 (r=6, alpha=36, dropout=0.2; `-p` overrides other LoRA settings, e.g. fewer epochs on a busy
@@ -22,7 +24,7 @@ import _common  # noqa: F401
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--store", default="store")
+    ap.add_argument("--store", default=str(Path(__file__).resolve().parent / "out" / "lora-demo-store"))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("-p", dest="params", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--name", default="lora-demo")
@@ -37,14 +39,15 @@ def main() -> None:
     from featurestore.features import list_feature_sets
     from featurestore.jobs.refresh import load_recipe, run as refresh
     from featurestore.jobs.train_head import TrainHeadConfig, run as train
-    from featurestore.store import open_store
+
+    from results import build_store
 
     torch.set_num_threads(1)
-    store = open_store(args.store)
+    store = build_store(Path(args.store))
     frozen = next((f.fingerprint for f in reversed(list_feature_sets(store))  # newest without an adapter
                    if f.backbone == "minilm" and not f.spec.get("adapter_hash")), None)
     if frozen is None:
-        raise SystemExit("no frozen MiniLM features in the store: run `make demo` first")
+        raise SystemExit(f"no frozen MiniLM features in {args.store}")
     stamp = args.stamp or time.strftime("%H%M%S")
     runs = []
     for seed in (int(s) for s in args.seeds.split(",")):

@@ -1,6 +1,6 @@
 """Why a LoRA refresh lifts test but not validation micro-F1 on the demo (issue 12's acceptance).
 
-    python bench/lora_shift.py --store store --adapter NAME [--seeds 0,1,2]
+    python bench/lora_shift.py --adapter NAME [--store bench/out/lora-demo-store] [--seeds 0,1,2]
 
 The refresh fine-tunes MiniLM on the demo's train split and the retrained heads learn from those
 same train words' embeddings: the adapter has already fitted their labels. This script measures
@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import _common  # noqa: F401
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--store", default="store")
+    ap.add_argument("--store", default=str(Path(__file__).resolve().parent / "out" / "lora-demo-store"),
+                    help="the store bench/lora_demo.py refreshed (its adapters are there)")
     ap.add_argument("--adapter", required=True, help="a stored adapter's name or hash (fs lora list)")
     ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()
@@ -39,7 +41,7 @@ def main() -> None:
     frozen = next((f.fingerprint for f in reversed(list_feature_sets(store))
                    if f.backbone == "minilm" and not f.spec.get("adapter_hash")), None)
     if frozen is None:
-        raise SystemExit("no frozen MiniLM features in the store: run `make demo` first")
+        raise SystemExit(f"no frozen MiniLM features in {args.store}: run bench/lora_demo.py first")
     meta = find_adapter(store, args.adapter)
     tuned = extract(ExtractConfig(dataset="demo", modality="text", backbone="minilm",
                                   params={"adapter": args.adapter}, batch_size=64), store).fingerprint
