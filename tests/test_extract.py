@@ -165,9 +165,11 @@ def test_sigkill_then_resume_gives_bit_identical_rows(tmp_path, demo_df):
         stores[name] = s
     clean = _fs(*args, store=stores["clean"].root)
     victim = _fs(*args, store=stores["killed"].root)
-    deadline = time.time() + 120
+    # a handshake, not a timer: kill once the victim has published 3 segments (of about 22), however
+    # slow a loaded machine is; the deadline only guards against a victim that hangs
+    deadline = time.time() + 600
     fp_dir = stores["killed"].features_dir()
-    while time.time() < deadline:
+    while time.time() < deadline and victim.poll() is None:
         segs = list(fp_dir.glob("*/seg-*.h5")) if fp_dir.exists() else []
         if len(segs) >= 3:
             break

@@ -157,7 +157,7 @@ def test_killed_driver_then_rerun_completes_without_duplicates(tmp_path, ray_ses
             "--segment-seconds", "0.05", "--engine", "ray", "--address", address, "--workers", "1"]
     victim = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     fp_dir = store.feature_dir(ref.fingerprint)
-    deadline = time.time() + 240
+    deadline = time.time() + 600  # a guard against a hang only: the loop waits for 3 segments
     while time.time() < deadline and victim.poll() is None:
         if len(list(fp_dir.glob("seg-*.h5"))) >= 3:
             break
