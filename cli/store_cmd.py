@@ -125,8 +125,8 @@ def verify_cmd(ctx: click.Context, as_json: bool) -> None:
     """Check everything in the store; exit 8 on any problem.
 
     Datasets (manifest hash, counts), feature sets (spec, catalogue, segment checksums,
-    shapes, alignment, rows each extracted dataset needs), saved heads and memories
-    (checksums.json), VA sources, and temporary files left by killed jobs."""
+    shapes, alignment, rows each extracted dataset needs), saved heads, memories, LoRA adapters
+    and fitted VA models (checksums.json), VA sources, and temporary files left by killed jobs."""
     store = get_store(ctx)
     problems = verify_store(store)
     n_sets, n_art, loose = len(feature_sets_on_disk(store)), len(artifact_dirs(store)), unverified(store)
@@ -139,7 +139,7 @@ def verify_cmd(ctx: click.Context, as_json: bool) -> None:
         for path in loose:
             click.echo(f"note: {path} has no checksums.json (saved by an older featurestore); not checked")
         click.echo(f"{'ok' if not problems else f'{len(problems)} problem(s)'}: "
-                   f"{len(list_datasets(store))} datasets, {n_sets} feature sets, {n_art} heads and memories checked")
+                   f"{len(list_datasets(store))} datasets, {n_sets} feature sets, {n_art} heads, memories, adapters and VA models checked")
     if problems:
         ctx.exit(IntegrityError.exit_code)
 

@@ -115,16 +115,19 @@ def _verify_va(store):
 
 
 def artifact_dirs(store) -> list[Path]:
-    """Saved heads, memories and LoRA adapters (their files are checked against checksums.json)."""
+    """Saved heads, memories, LoRA adapters and fitted VA models (their files are checked against
+    checksums.json)."""
+    from .va.learned import models_root
+
     out = []
-    for root in (store.heads_dir(), store.memory_dir(), store.adapters_dir()):
+    for root in (store.heads_dir(), store.memory_dir(), store.adapters_dir(), models_root(store)):
         if root.is_dir():
             out += [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
     return out
 
 
 def unverified(store) -> list[str]:
-    """Saved heads and memories with no checksums.json (saved by an older featurestore)."""
+    """Saved heads, memories, adapters and VA models with no checksums.json (saved by an older featurestore)."""
     return [str(p) for p in artifact_dirs(store) if check_checksums(p) is None]
 
 

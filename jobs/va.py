@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from featurestore import va as va_registry
-from featurestore._io import publish, tmp_path, write_json_atomic
+from featurestore._io import CHECKSUMS, publish, tmp_path, write_checksums, write_json_atomic
 from featurestore.backbones.base import MODALITIES
 from featurestore.config import field, from_strings, to_dict
 from featurestore.datasets import get_dataset
@@ -311,10 +311,13 @@ def fit(config: FitConfig, store: Store, *, log: Callable[[str], None] = lambda 
 
 
 def _save(folder, tensors: dict, info: dict, metrics: dict) -> None:
-    """Weights first, config.json last: a folder with config.json holds a whole model."""
+    """Weights first, config.json last: a folder with config.json holds a whole model; then
+    checksums.json over the three files, which `fs verify` checks (a replaced model drops the old
+    checksums first, so a kill mid-save never leaves checksums that describe other files)."""
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / CHECKSUMS).unlink(missing_ok=True)
     target = folder / WEIGHTS
     tmp = tmp_path(target)
     try:
@@ -325,3 +328,4 @@ def _save(folder, tensors: dict, info: dict, metrics: dict) -> None:
         tmp.unlink(missing_ok=True)
     write_json_atomic(folder / METRICS, metrics)
     write_json_atomic(folder / CONFIG, info)
+    write_checksums(folder, [WEIGHTS, METRICS, CONFIG])

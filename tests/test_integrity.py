@@ -94,6 +94,9 @@ def trained_template(tmp_path_factory, demo_df, minilm):
     mem.add(np.arange(5), np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32),
             {"item_id": [f"i{i}" for i in range(5)], "class": ["a"] * 5})
     mem.save(memory_path(store, "m1"))
+    res = fs_cli(store, "va", "fit", "--dataset", "words", "--features", "text=minilm", "--out", "v1",
+                 "--test-split", "", "--json")
+    assert res.exit_code == 0, res.output
     assert fs_cli(store, "verify").exit_code == 0
     return store
 
@@ -126,7 +129,7 @@ def test_a_deleted_segment_is_found_and_training_warns(trained):
 
 
 @pytest.mark.parametrize("target", ["segment", "catalogue", "spec", "manifest", "dataset.json", "head weights",
-                                    "head config", "faiss index", "memory meta"])
+                                    "head config", "faiss index", "memory meta", "va model weights", "va model config"])
 def test_a_flipped_byte_anywhere_is_exit_8(trained, target):
     store = trained
     (fs,) = list_feature_sets(store)
@@ -136,7 +139,9 @@ def test_a_flipped_byte_anywhere_is_exit_8(trained, target):
             "head weights": lambda: store.heads_dir() / "r1" / "model.safetensors",
             "head config": lambda: store.heads_dir() / "r1" / "config.json",
             "faiss index": lambda: store.memory_dir() / "m1" / "index.faiss",
-            "memory meta": lambda: store.memory_dir() / "m1" / "meta.parquet"}[target]()
+            "memory meta": lambda: store.memory_dir() / "m1" / "meta.parquet",
+            "va model weights": lambda: store.root / "va_models" / "v1" / "model.safetensors",
+            "va model config": lambda: store.root / "va_models" / "v1" / "config.json"}[target]()
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
