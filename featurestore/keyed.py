@@ -7,6 +7,7 @@ must never silently change, written by one job at a time.
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import time
 from pathlib import Path
 from typing import ClassVar, Iterator, Sequence
@@ -80,13 +81,26 @@ class KeyedSet:
         first completed for `dataset` here: staleness orders fingerprints by it, per dataset."""
         with self.segments.update_catalogue() as doc:
             old = doc["datasets"].get(dataset)
-            entry = {**entry, "first_at": (old or {}).get("first_at") or time.time()}
+            entry = {**entry, "first_at": self._first_at(old, entry)}
             if old and old.get("manifest_hash") == entry["manifest_hash"] and old.get("modality") == entry["modality"]:
                 entry = {**entry,
                          "limit": 0 if not (old.get("limit") and entry["limit"]) else max(old["limit"], entry["limit"]),
                          "splits": [] if not (old.get("splits") and entry["splits"])
                          else sorted(set(old["splits"]) | set(entry["splits"]))}
             doc["datasets"][dataset] = entry
+
+    def _first_at(self, old: dict | None, entry: dict) -> float:
+        """When `dataset` was first extracted here: kept from `old` while its manifest is the same; for an
+        entry recorded before `first_at` existed, the set's creation time (what staleness assumed until
+        now, so re-running an old extraction never makes it the newest); now for a new or replaced one."""
+        if not old or old.get("manifest_hash") != entry["manifest_hash"]:
+            return time.time()
+        if old.get("first_at"):
+            return float(old["first_at"])
+        try:
+            return _dt.datetime.fromisoformat(self.spec.get("created_at", "")).timestamp()
+        except (ValueError, TypeError, NotFoundError):
+            return time.time()
 
     # ---- reading -------------------------------------------------------------------
     def index(self, *, refresh: bool = False) -> KeyIndex:

@@ -185,7 +185,8 @@ class SegmentSet:
         digest = doc.pop(_CATALOGUE_DIGEST, None)
         if digest is not None and digest != _catalogue_digest(doc):
             raise IntegrityError(f"{self.catalogue_path} is damaged (its content does not match its SHA-256); "
-                                 "restore it from a backup, or delete it and run `fs gc` to rebuild it from the segments")
+                                 "restore it from a backup, or delete it, run `fs gc` (it rebuilds the segment list) and re-run "
+                                 "`fs extract` for the datasets extracted into it (it re-records what they need)")
         for key, empty in (("segments", {}), ("retired", []), ("datasets", {})):
             doc.setdefault(key, empty)
         return doc

@@ -15,7 +15,7 @@ from ._io import read_json, write_json_atomic
 from .config import to_dict
 from .errors import DiskFullError
 from .hashing import spec_digest
-from .store import FORMAT_VERSION, Store
+from .store import ROW_FORMAT, Store
 
 __all__ = ["lookup", "remember", "forget"]
 
@@ -38,7 +38,7 @@ def _key(bb) -> str | None:
     config = {k: v for k, v in to_dict(bb.config).items() if k != "_version"}
     return spec_digest({"backbone": bb.name, "class": type(bb).__qualname__, "config": config,
                         "model": [str(Path(bb.model_ref).expanduser().resolve()), model],
-                        "adapter": adapter, "store_format": FORMAT_VERSION, "featurestore": __version__}, 32)
+                        "adapter": adapter, "store_format": ROW_FORMAT, "featurestore": __version__}, 32)
 
 
 def _path(store: Store, key: str) -> Path:

@@ -18,9 +18,11 @@ from . import __version__
 from ._io import read_json, write_json_atomic
 from .errors import ConfigError, NotFoundError, StoreVersionError
 
-__all__ = ["FORMAT_VERSION", "DEFAULT_ROOT", "Store", "open_store", "default_root", "check_name"]
+__all__ = ["FORMAT_VERSION", "ROW_FORMAT", "DEFAULT_ROOT", "Store", "open_store", "default_root", "check_name"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: catalogues are sealed with their SHA-256 (older releases would keep a stale seal)
+UPGRADES_FROM = (1,)  # versions opened by upgrading store.json in place (their data reads as it is)
+ROW_FORMAT = 1  # what the cached numbers are; part of every fingerprint, so it changes only with the rows
 DEFAULT_ROOT = "store"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -107,6 +109,13 @@ class Store:
     def check_version(self) -> None:
         meta = self.meta()
         version = meta.get("format_version")
+        if meta.get("format") == "featurestore" and version in UPGRADES_FROM:
+            # version 1 differs only in that its catalogues are not sealed; from now on they will be,
+            # and a release that reads version 1 only must refuse the store rather than keep stale seals
+            write_json_atomic(self.meta_path, {**meta, "format_version": FORMAT_VERSION,
+                                               "upgraded_from": version, "upgraded_at": now_iso(),
+                                               "upgraded_by": f"featurestore {__version__}"})
+            return
         if meta.get("format") != "featurestore" or version != FORMAT_VERSION:
             raise StoreVersionError(
                 f"store {self.root} has format version {version!r}; this featurestore "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -104,17 +105,18 @@ def run_folder(store: Store, run_id: str) -> Path:
     folder = store.heads_dir() / check_name(name, "run")
     if sep:
         sub = folder / check_name(fold, "fold")
-        if not (fold.startswith(("fold-", "seed-")) and (sub / "config.json").is_file()):
+        is_fold = fold.startswith("fold-") and (sub / "config.json").is_file()
+        is_seed = sub in _seed_dirs(folder) and ((sub / "config.json").is_file() or _is_cv(sub))
+        if not (is_fold or is_seed):
             from .cv import fold_dirs
 
-            parts = fold_dirs(folder) if folder.is_dir() else []
-            parts += sorted(p for p in folder.glob("seed-*") if (p / "config.json").is_file()) if folder.is_dir() else []
+            parts = (fold_dirs(folder) if folder.is_dir() else []) + _seed_dirs(folder)
             known = ", ".join(f"{name}/{p.name}" for p in parts)
             raise NotFoundError(f"run {run_id!r} is not a fold of a cross-validated run or a seed of a --seeds run; "
                                 f"{'its parts: ' + known if known else 'see fs runs --folds'}")
         return sub
     if not (folder / "config.json").is_file() and not _is_cv(folder):
-        seeds = [f"{name}/{p.name}" for p in _seed_dirs(folder) if (p / "config.json").is_file()]
+        seeds = [f"{name}/{p.name}" for p in _seed_dirs(folder)]
         if seeds:
             raise ConfigError(f"run {run_id!r} holds one run per seed (train-head --seeds); name one: {', '.join(seeds)}")
         known = ", ".join(p.name for p in _run_dirs(store)) or "none"
@@ -275,7 +277,7 @@ def _seed_dirs(folder: Path) -> list[Path]:
     """`seed-<s>` sub-runs of a `--seeds` run (empty for any other folder)."""
     if not (folder / "metrics.json").is_file():
         return []
-    return sorted(p for p in folder.glob("seed-*") if p.is_dir() and p.name[5:].lstrip("-").isdigit())
+    return sorted(p for p in folder.glob("seed-*") if p.is_dir() and re.fullmatch(r"seed-[0-9]+", p.name))
 
 
 def staleness(store: Store, lineage: dict) -> dict[str, str]:
@@ -327,7 +329,7 @@ def evaluate(run_id: str, dataset: str, store: Store, *, split: str = "test") ->
     from featurestore.reader import load_split
 
     folder = run_folder(store, run_id)
-    if "/" not in run_id and _is_cv(folder):
+    if _is_cv(folder) and not folder.name.startswith("fold-"):  # a cv run, or one seed of a --seeds --cv run
         from .cv import evaluate_cv
 
         return evaluate_cv(folder, run_id, dataset, store, split=split)

@@ -104,6 +104,6 @@ def test_backbones_list_and_show(fs):
 def test_other_store_version_is_refused(fs, tmp_path):
     fs("init")
     meta = tmp_path / "store" / "store.json"
-    meta.write_text(meta.read_text().replace('"format_version": 1', '"format_version": 99'))
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "format_version": 99}))
     res = fs("ls", code=3)
     assert "format version 99" in res.output

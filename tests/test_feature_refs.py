@@ -132,3 +132,30 @@ def test_name_not_covering_the_dataset_says_extract(store_root):
     assert "0/4" in res.output
     res = fs(root, "train-head", "--method", "linear", "--dataset", "fresh", "--features", "audio=minilm", code=2)
     assert "only text features" in res.output and "\n" not in res.output.strip()
+
+
+def test_re_extracting_an_entry_recorded_before_first_at_existed_does_not_make_it_newest(tmp_path, demo_df, minilm):
+    """Catalogues written before `first_at` existed: re-running the older extraction must not make its
+    fingerprint the newest for the dataset (it keeps the set's creation time), so runs on the newer
+    fingerprint do not turn stale."""
+    from featurestore import backbones
+    from featurestore.datasets import add_dataset
+    from featurestore.features import FeatureSet, superseded_by
+    from featurestore.jobs.extract import ExtractConfig, run
+    from featurestore.store import open_store
+
+    store = open_store(tmp_path / "s", create=True)
+    add_dataset(store, "words", demo_df.head(12), root=None, source="t")
+    a = run(ExtractConfig(dataset="words", modality="text", backbone="minilm"), store, backbone=minilm).fingerprint
+    b = run(ExtractConfig(dataset="words", modality="text", backbone="minilm", params={"pooling": "cls"}), store,
+            backbone=backbones.create("minilm", {"pooling": "cls"})).fingerprint
+    for fp, created in ((a, "2026-01-01T00:00:00+00:00"), (b, "2026-02-01T00:00:00+00:00")):
+        fs_ = FeatureSet(store, fp)
+        with fs_.segments.update_catalogue() as doc:  # as an older release recorded it
+            doc["datasets"]["words"].pop("first_at")
+        fs_.spec_path.write_text(json.dumps({**fs_.spec, "created_at": created}))
+    assert superseded_by(store, a, "words") == b and superseded_by(store, b, "words") is None
+    run(ExtractConfig(dataset="words", modality="text", backbone="minilm"), store, backbone=minilm)  # a again
+    recorded = FeatureSet(store, a).segments.catalogue()["datasets"]["words"]["first_at"]
+    assert recorded == pytest.approx(1767225600.0)  # 2026-01-01T00:00:00Z, the set's creation, not now
+    assert superseded_by(store, a, "words") == b and superseded_by(store, b, "words") is None

@@ -114,6 +114,17 @@ def test_seeds_with_cv_fold_average_the_fold_means(folded_store):
     assert doc["mean"]["uar"] == pytest.approx(np.mean(per_seed)) and doc["std"]["uar"] == pytest.approx(np.std(per_seed))
     assert all((result.folder / f"seed-{s}" / f"fold-{k}" / "model.safetensors").is_file()
                for s in (0, 1) for k in range(3))
+    # listed and evaluated like the seeds of any run: RUN/seed-<s> is a cross-validated run
+    runner, root = CliRunner(), str(folded_store.root)
+    rows = {r["run"]: r for r in json.loads(runner.invoke(cli, ["--store", root, "runs", "--folds", "--json"],
+                                                          catch_exceptions=False).output)["runs"]}
+    assert rows["cvseeds"]["cv"] == "2 seeds, cv fold" and rows["cvseeds"]["score"] == pytest.approx(np.mean(per_seed))
+    assert [rows[f"cvseeds/seed-{s}"]["score"] for s in (0, 1)] == pytest.approx(per_seed)
+    one = runner.invoke(cli, ["--store", root, "eval", "cvseeds/seed-1", "--dataset", "demo", "--json"])
+    assert one.exit_code == 0, one.output
+    assert json.loads(one.output)["cv"] == "fold" and json.loads(one.output)["folds"] == 3
+    whole = runner.invoke(cli, ["--store", root, "eval", "cvseeds", "--dataset", "demo"])
+    assert whole.exit_code == 2 and "cvseeds/seed-0, cvseeds/seed-1" in whole.output and "known" not in whole.output
 
 
 def test_cli_seeds_table_and_fold_errors(folded_store):

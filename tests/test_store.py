@@ -21,6 +21,28 @@ def test_refuses_other_format_version(tmp_path):
         open_store(tmp_path / "s")
 
 
+def test_a_version_1_store_is_upgraded_in_place_and_keeps_its_fingerprints(tmp_path, monkeypatch):
+    """Version 1 differs only in unsealed catalogues: opening it rewrites store.json (so releases that read
+    version 1 only refuse it from then on) and nothing else; fingerprints hash the row format, not the
+    store's layout version, so cached rows stay cache hits."""
+    from featurestore import backbones
+
+    store = open_store(tmp_path / "s", create=True)
+    write_json_atomic(store.meta_path, {**store.meta(), "format_version": 1})
+    before = sorted(p.name for p in store.root.rglob("*"))
+    again = open_store(tmp_path / "s")
+    meta = again.meta()
+    assert meta["format_version"] == FORMAT_VERSION == 2 and meta["upgraded_from"] == 1
+    assert sorted(p.name for p in store.root.rglob("*")) == before  # only store.json's content changed
+    import featurestore.store as store_module
+
+    minilm = backbones.create("minilm")
+    assert minilm.spec()["store_format"] == 1  # the value every version-1 release hashed
+    fingerprint = minilm.fingerprint()
+    monkeypatch.setattr(store_module, "FORMAT_VERSION", 99)  # the layout version plays no part in it
+    assert backbones.create("minilm").fingerprint() == fingerprint
+
+
 def test_missing_store_says_how_to_create(tmp_path):
     with pytest.raises(NotFoundError, match="fs --store .* init"):
         open_store(tmp_path / "nowhere")

@@ -171,7 +171,7 @@ class Backbone(abc.ABC):
 
     def spec(self) -> dict:
         """All that identifies the numbers; its digest is the fingerprint."""
-        from ..store import FORMAT_VERSION
+        from ..store import ROW_FORMAT
 
         self.load()
         cfg = to_dict(self.config)
@@ -186,7 +186,7 @@ class Backbone(abc.ABC):
             "config": cfg,
             "preprocessing": self.preprocessing(),
             "dim": self.dim,
-            "store_format": FORMAT_VERSION,
+            "store_format": ROW_FORMAT,
         }
 
     def fingerprint(self) -> str:

@@ -152,7 +152,7 @@ class VAScorer(abc.ABC):
 
     def full_spec(self, modality: str) -> dict:
         """The spec plus the fields every scorer shares; what `spec.json` holds."""
-        from ..store import FORMAT_VERSION
+        from ..store import ROW_FORMAT
 
         self.check_modality(modality)
         self.load()
@@ -160,7 +160,7 @@ class VAScorer(abc.ABC):
         for key in ("_version", *self.volatile):
             cfg.pop(key, None)
         return {"scorer": self.name, "label": self.label, "modality": modality, "config": cfg,
-                "provides": list(self.provides()), "store_format": FORMAT_VERSION, **self.spec()}
+                "provides": list(self.provides()), "store_format": ROW_FORMAT, **self.spec()}
 
     def source(self, modality: str) -> str:
         """`<label>-<digest>`; `spec["origin"]` (where the weights or lexicon were read
