@@ -35,7 +35,7 @@ class FeatureSet(KeyedSet):
         self.fingerprint = fingerprint
 
     def _stamp(self) -> dict:
-        return {"fingerprint": self.fingerprint, "created_at": now_iso()}
+        return {"fingerprint": self.fingerprint, "created_at": now_iso(precise=True)}
 
     @property
     def backbone(self) -> str:

@@ -41,8 +41,10 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+def now_iso(precise: bool = False) -> str:
+    """UTC now in ISO 8601; `precise`: with microseconds, for stamps that order things (a feature set's
+    creation): jobs a second apart would otherwise tie. Both forms sort correctly against each other."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds" if precise else "seconds")
 
 
 class Store:

@@ -61,3 +61,15 @@ def test_file_lock_is_exclusive(tmp_path):
                 pass
     with file_lock(tmp_path / ".lock", "thing"):  # released after the first holder exits
         pass
+
+
+def test_feature_sets_created_within_one_second_list_in_creation_order(tmp_path):
+    """Staleness fallbacks and `fs gc --keep-fingerprints` take "newest" from this order; fingerprints
+    named against their creation order, created back to back, must still list oldest first."""
+    from featurestore.features import FeatureSet, list_feature_sets
+
+    store = open_store(tmp_path / "s", create=True)
+    names = [f"minilm-{c * 16}" for c in "zyxwvutsrq"]  # reverse alphabetical
+    for name in names:
+        FeatureSet(store, name).ensure_spec({"backbone": "minilm", "modality": "text", "dim": 4})
+    assert [f.fingerprint for f in list_feature_sets(store)] == names

@@ -51,7 +51,7 @@ class VASet(KeyedSet):
         self.source = source
 
     def _stamp(self) -> dict:
-        return {"source": self.source, "created_at": now_iso(), "created_by": f"featurestore {__version__}"}
+        return {"source": self.source, "created_at": now_iso(precise=True), "created_by": f"featurestore {__version__}"}
 
     @property
     def modality(self) -> str:
