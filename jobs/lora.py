@@ -487,7 +487,7 @@ def _meta(config, bb, base_weights, targets, classes, validation, manifest_hash,
     import transformers
 
     return {
-        "name": config.name, "created_at": now_iso(), "backbone": config.backbone, "modality": bb.modality,
+        "name": config.name, "created_at": now_iso(precise=True), "backbone": config.backbone, "modality": bb.modality,
         "base": {"backbone": config.backbone, "model": bb.model_ref, "weights_hash": base_weights,
                  "params": config.params},
         "dataset": config.dataset, "manifest_hash": manifest_hash, "target": config.target, "classes": classes,
