@@ -443,9 +443,6 @@ def sweep_runner(cls, data: CVPrepared, folder, metric: str, limit: int, say, pr
                 self.trained += 1
 
         def _publish_cv(self, params, trial, per_fold, epochs, seconds, stack) -> None:
-            import polars as pl
-
-            from featurestore._io import publish, tmp_path
             from .sweep.results import config_id, jsonable, scalar
 
             mean, std = _fold_mean(per_fold)
@@ -454,12 +451,7 @@ def sweep_runner(cls, data: CVPrepared, folder, metric: str, limit: int, say, pr
                    **{f"val_{k}": v for k, v in mean.items()}, f"val_{metric}_std": std.get(metric, math.nan),
                    "folds": len(per_fold), "epochs": int(round(float(np.mean(epochs)))), "best_epoch": 0,
                    "seconds": seconds, "stack": stack, "finished_at": now_iso()}
-            target = self.part_path(params)
-            tmp = tmp_path(target)
-            pl.DataFrame([row]).write_parquet(tmp)
-            publish(tmp, target)
-            if self.counter is not None:
-                self.counter.done(1, row.get(f"val_{metric}"))
+            self._write_row(params, row)
 
     return CVRunner(cls, data, folder, metric, limit, say, progress)
 

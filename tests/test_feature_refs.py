@@ -10,9 +10,8 @@ import json
 
 import polars as pl
 import pytest
-from click.testing import CliRunner
 
-from featurestore.cli import cli
+from _cli import fs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,12 +29,6 @@ def store_root(tmp_path_factory, demo_df):
     toy = toy.with_columns(split=pl.Series(["train"] * 7 + ["test"] * 3))
     toy.select("item_id", "split", "label", "text").write_csv(folder / "toy.csv")
     return root
-
-
-def fs(root, *args, code=0):
-    res = CliRunner().invoke(cli, ["--store", str(root), *args], catch_exceptions=False)
-    assert res.exit_code == code, (args, res.exit_code, res.output)
-    return res
 
 
 def _ls_features(root) -> list[dict]:

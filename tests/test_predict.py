@@ -10,19 +10,12 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-from click.testing import CliRunner
 
-from featurestore.cli import cli
+from _cli import fs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NEW = ["what a lovely day", "I am furious about the delay", "quiet evening at home", "a terrifying storm"]
-
-
-def fs(root, *args, code=0):
-    res = CliRunner().invoke(cli, ["--store", str(root), *args], catch_exceptions=False)
-    assert res.exit_code == code, (args, res.exit_code, res.output)
-    return res
 
 
 @pytest.fixture(scope="module")

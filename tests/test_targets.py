@@ -10,17 +10,12 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
+from _cli import fs
 from featurestore.cli import cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EMOTIONS = ["joy", "anger", "fear"]
-
-
-def fs(root, *args, code=0):
-    res = CliRunner().invoke(cli, ["--store", str(root), *args], catch_exceptions=False)
-    assert res.exit_code == code, (args, res.exit_code, res.output)
-    return res
 
 
 @pytest.fixture(scope="module")

@@ -277,8 +277,6 @@ class _Runner:
             self.counter.close()
 
     def _publish(self, head, params: dict, trial: int, seconds: float, stack: int) -> None:
-        import polars as pl
-
         Xv, yv = self.data.splits["val"]
         t0 = time.perf_counter()
         val = metrics.evaluate(yv, head.predict(Xv), head.predict_proba(Xv))  # no test metric: choices see val only
@@ -288,6 +286,12 @@ class _Runner:
                **{f"val_{k}": float(v) for k, v in val.items() if isinstance(v, (int, float))},
                "epochs": int(history.get("epochs_run", 0) or 0), "best_epoch": int(history.get("best_epoch", 0) or 0),
                "seconds": seconds + time.perf_counter() - t0, "stack": stack, "finished_at": now_iso()}
+        self._write_row(params, row)
+
+    def _write_row(self, params: dict, row: dict) -> None:
+        """Publish one configuration's result row (its own parquet part, atomically) and count it."""
+        import polars as pl
+
         target = self.part_path(params)
         tmp = tmp_path(target)
         pl.DataFrame([row]).write_parquet(tmp)

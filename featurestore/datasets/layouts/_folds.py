@@ -29,3 +29,24 @@ def assign_folds(layout: Layout, tests: dict[int, list[tuple[str, str, str]]], t
         layout.problem(f"fold {split_fold}", f"no test list for the fold of the split (option split_fold); "
                                              f"folds found: {sorted(tests)}")
     return out
+
+
+def read_fold_lists(layout: Layout, path_of, parse) -> tuple[dict, dict]:
+    """The official five folds' lists: `path_of(kind, fold)` -> the file of the `test` or `train` list
+    of fold 1-5, `parse(path)` -> its rows [(clip, label, where)]. Returns (tests: fold -> rows,
+    trains: fold -> clips) for `assign_folds`; a missing test list is a recorded problem."""
+    tests, trains = {}, {}
+    for fold in range(1, 6):
+        for kind in ("test", "train"):
+            path = path_of(kind, fold)
+            if not path.is_file():
+                if kind == "test":
+                    layout.problem(layout.rel(path), "fold's test list missing")
+                continue
+            rows = parse(path)
+            if kind == "test":
+                tests[fold] = rows
+            else:
+                trains[fold] = {c for c, _, _ in rows}
+    return tests, trains
+

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ...errors import DatasetError
 from ..adapters import VIDEO_EXT
-from ._folds import assign_folds
+from ._folds import assign_folds, read_fold_lists
 from .base import Layout
 
 CLASSES = {1: "happy", 2: "sad", 3: "neutral", 4: "angry", 5: "surprise", 6: "disgust", 7: "fear"}
@@ -26,24 +26,8 @@ class Dfew(Layout):
     def rows(self):
         split_fold = int(self.choice("split_fold", ("1", "2", "3", "4", "5")))
         base = self.need(_SPLITS, what="label folder")
-        tests, trains = {}, {}
-        for fold in range(1, 6):
-            for kind, store in (("test", tests), ("train", trains)):
-                path = base / f"{kind}(single-labeled)" / f"set_{fold}.csv"
-                if not path.is_file():
-                    if kind == "test":
-                        self.problem(self.rel(path), "fold's test list missing")
-                    continue
-                rows = []
-                for lineno, row in self.csv_rows(path, required=("video_name", "label")):
-                    where = f"{self.rel(path)}:{lineno}"
-                    try:
-                        clip, code = int(row["video_name"]), int(float(row["label"]))
-                        rows.append((f"{clip:05d}", CLASSES[code], where))
-                    except (TypeError, ValueError, KeyError):
-                        self.problem(where, f"expected video_name (a number) and label 1-7, got "
-                                            f"{row.get('video_name')!r}, {row.get('label')!r}")
-                store[fold] = rows if kind == "test" else {c for c, _, _ in rows}
+        tests, trains = read_fold_lists(self, lambda kind, fold: base / f"{kind}(single-labeled)" / f"set_{fold}.csv",
+                                        self._parse)
         if not tests:
             raise DatasetError(f"layout dfew: no test(single-labeled)/set_N.csv under {base}; see docs/datasets.md "
                                "(dfew) for the layout it expects")
@@ -56,4 +40,16 @@ class Dfew(Layout):
             rel = self.rel(path) if path else f"Clip/original/{clip}.mp4"
             yield {"item_id": clip, "split": "test" if fold == split_fold else "train", "fold": str(fold),
                    "label": label, "video": rel, "audio": rel}
+
+    def _parse(self, path) -> list[tuple[str, str, str]]:
+        rows = []
+        for lineno, row in self.csv_rows(path, required=("video_name", "label")):
+            where = f"{self.rel(path)}:{lineno}"
+            try:
+                clip, code = int(row["video_name"]), int(float(row["label"]))
+                rows.append((f"{clip:05d}", CLASSES[code], where))
+            except (TypeError, ValueError, KeyError):
+                self.problem(where, f"expected video_name (a number) and label 1-7, got "
+                                    f"{row.get('video_name')!r}, {row.get('label')!r}")
+        return rows
 

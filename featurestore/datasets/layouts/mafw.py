@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ...errors import DatasetError
 from ..adapters import VIDEO_EXT
-from ._folds import assign_folds
+from ._folds import assign_folds, read_fold_lists
 from .base import Layout
 
 CLASSES = ("anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise", "contempt", "anxiety",
@@ -30,31 +30,8 @@ class Mafw(Layout):
         split_fold = int(self.choice("split_fold", ("1", "2", "3", "4", "5")))
         which = self.choice("set", ("single", "compound"))
         base = self.need(*_SETS[which], what="split folder")
-        tests, trains = {}, {}
-        for fold in range(1, 6):
-            for kind, store in (("test", tests), ("train", trains)):
-                path = base / f"set_{fold}" / f"{kind}.txt"
-                if not path.is_file():
-                    if kind == "test":
-                        self.problem(self.rel(path), "fold's test list missing")
-                    continue
-                rows = []
-                for lineno, line in enumerate(self.read_text(path).splitlines(), 1):
-                    if not line.strip():
-                        continue
-                    where = f"{self.rel(path)}:{lineno}"
-                    parts = line.split()
-                    if len(parts) != 2:
-                        self.problem(where, f"expected '<clip> <emotion>', got {line.strip()!r}")
-                        continue
-                    clip, label = parts[0].rsplit(".", 1)[0], parts[1].lower()
-                    parts_ok = all(p in CLASSES for p in label.split("_"))
-                    if (which == "single" and label not in CLASSES) or not parts_ok:
-                        self.problem(where, f"emotion {parts[1]!r} is not one of {list(CLASSES)}"
-                                            + (" (or their '_' compounds)" if which == "compound" else ""))
-                        continue
-                    rows.append((clip, label, where))
-                store[fold] = rows if kind == "test" else {c for c, _, _ in rows}
+        tests, trains = read_fold_lists(self, lambda kind, fold: base / f"set_{fold}" / f"{kind}.txt",
+                                        lambda path: self._parse(path, which))
         if not tests:
             raise DatasetError(f"layout mafw: no set_N/test.txt under {base}; see docs/datasets.md (mafw) for the "
                                "layout it expects")
@@ -67,3 +44,23 @@ class Mafw(Layout):
             if which == "compound":
                 row["labels"] = sorted(label.split("_"))
             yield row
+
+    def _parse(self, path, which: str) -> list[tuple[str, str, str]]:
+        rows = []
+        for lineno, line in enumerate(self.read_text(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{self.rel(path)}:{lineno}"
+            parts = line.split()
+            if len(parts) != 2:
+                self.problem(where, f"expected '<clip> <emotion>', got {line.strip()!r}")
+                continue
+            clip, label = parts[0].rsplit(".", 1)[0], parts[1].lower()
+            parts_ok = all(p in CLASSES for p in label.split("_"))
+            if (which == "single" and label not in CLASSES) or not parts_ok:
+                self.problem(where, f"emotion {parts[1]!r} is not one of {list(CLASSES)}"
+                                    + (" (or their '_' compounds)" if which == "compound" else ""))
+                continue
+            rows.append((clip, label, where))
+        return rows
+
