@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import os
 import statistics
+import threading
 import sys
 import time
 from pathlib import Path
@@ -39,3 +40,31 @@ def phrases(n: int) -> list[str]:
         if len(out) == n:
             return out
     raise ValueError(f"cannot make {n} phrases")
+
+
+class GPUSampler:
+    """Mean GPU utilisation (%) while running, sampled every 50 ms (CUDA only)."""
+
+    def __init__(self, device: str):
+        self.on, self.samples, self._stop = device.startswith("cuda"), [], threading.Event()
+
+    def __enter__(self):
+        if self.on:
+            import torch
+
+            def loop():
+                while not self._stop.wait(0.05):
+                    try:
+                        self.samples.append(torch.cuda.utilization())
+                    except Exception:  # no pynvml: nothing to sample
+                        return
+            self.thread = threading.Thread(target=loop, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.samples) if self.samples else None

@@ -47,24 +47,25 @@ def _store(root: Path, n: int):
     return store
 
 
-def bare_loop(store, settings: dict, device: str) -> float:
-    """items/s of one epoch of a plain peft + torch loop: MiniLM + LoRA + the same mlp head."""
+def bare_loop(store, settings: dict, device: str, backbone: str = "minilm", params: dict | None = None) -> float:
+    """items/s of one epoch of a plain peft + torch loop: the backbone (MiniLM by default) + LoRA + the same
+    mlp head, under the same autocast as the job."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel, AutoTokenizer
 
     from featurestore.backbones import create
     from featurestore.backbones._hf import autocast
-    from featurestore.jobs.lora import LoraSettings, load_splits, make_head
+    from featurestore.jobs.lora import LoraSettings, default_targets, load_splits, make_head
 
     s = LoraSettings(**settings)
     train, _, classes, _, _ = load_splits(store, "words", "labels", "text", s)
-    ref = create("minilm").model_ref
+    ref = create(backbone, params or {}).model_ref
     tok, base = AutoTokenizer.from_pretrained(ref), AutoModel.from_pretrained(ref).to(device)
     torch.manual_seed(s.seed)
     model = get_peft_model(base, LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
-                                            target_modules=["query", "value"]))
-    head = make_head(s.head, 384, len(classes), s.hidden).to(device)
+                                            target_modules=list(default_targets(base))))
+    head = make_head(s.head, int(base.config.hidden_size), len(classes), s.hidden).to(device)
     opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.requires_grad], "lr": s.lr},
                              {"params": list(head.parameters()), "lr": s.head_lr}])
     y = torch.as_tensor(train.y)
@@ -88,15 +89,16 @@ def bare_loop(store, settings: dict, device: str) -> float:
     return len(order) / (time.perf_counter() - t)
 
 
-def ours(store, settings: dict, device: str, name: str) -> float:
+def ours(store, settings: dict, device: str, name: str, backbone: str = "minilm", params: dict | None = None) -> float:
     from featurestore.jobs.lora import LoraTrainConfig, run
 
-    res = run(LoraTrainConfig.build(backbone="minilm", dataset="words", target="labels", name=name,
-                                    settings=settings, device=device, threads=1), store)
+    res = run(LoraTrainConfig.build(backbone=backbone, params=params or {}, dataset="words", target="labels",
+                                    name=name, settings=settings, device=device, threads=1), store)
     return res.train_items_per_s
 
 
-def bench_throughput(tmp: Path, n_train: int, batch_size: int, device: str, repeat: int = 3) -> dict:
+def bench_throughput(tmp: Path, n_train: int, batch_size: int, device: str, repeat: int = 3,
+                     backbone: str = "minilm", params: dict | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -106,9 +108,9 @@ def bench_throughput(tmp: Path, n_train: int, batch_size: int, device: str, repe
     for k in range(repeat):  # alternate which goes first: the second of a pair measured slower either way
         for which in (("bare", "ours") if k % 2 == 0 else ("ours", "bare")):
             if which == "bare":
-                b.append(bare_loop(store, settings, device))
+                b.append(bare_loop(store, settings, device, backbone, params))
             else:
-                a.append(ours(store, settings, device, f"tp{k}"))
+                a.append(ours(store, settings, device, f"tp{k}", backbone, params))
                 torch.set_num_threads(1)  # Backbone.load raises it to the core count
     return {"ours_items_per_s": round(max(a), 2), "bare_items_per_s": round(max(b), 2),
             "ratio": round(max(a) / max(b), 3), "runs_ours": [round(x, 2) for x in a],

@@ -1,7 +1,7 @@
 """Sweep benchmark: 64 `mlp` configurations trained as one stack vs alone vs one after another.
 
     python bench/bench_sweep.py [--n 50000] [--configs 64] [--epochs 2] [--sequential 8] [--cli 2]
-                                [--univa 16] [--univa-n 5000] [--univa-only]
+                                [--univa 16] [--univa-n 5000] [--univa-only] [--device cpu|cuda]
 
 Synthetic "cached" features: N x 384 float16 written to a .npy file, read back as float32 (as
 the store reads them), 7 classes, a 10% validation set. 64 configurations = 4 learning rates x
@@ -56,10 +56,10 @@ def load(folder: Path):
     return tr, va
 
 
-def configs(n: int, epochs: int) -> list[dict]:
+def configs(n: int, epochs: int, device: str = "cpu") -> list[dict]:
     grid = [dict(lr=lr, weight_decay=wd, dropout=dr) for lr in (1e-4, 3e-4, 1e-3, 3e-3)
             for wd in (0.0, 1e-4, 1e-3, 1e-2) for dr in (0.0, 0.1, 0.3, 0.5)]
-    base = dict(hidden=HIDDEN, layers=LAYERS, batch_size=BATCH, epochs=epochs, patience=0, seed=0, device="cpu")
+    base = dict(hidden=HIDDEN, layers=LAYERS, batch_size=BATCH, epochs=epochs, patience=0, seed=0, device=device)
     return [{**base, **g} for g in grid[:n]]
 
 
@@ -71,9 +71,20 @@ def train_flops(n_train: int, n_val: int, C: int, epochs: int) -> float:
     return C * epochs * (n_train * (fwd + bwd) + n_val * fwd)
 
 
-def bare_gemm_seconds(n_train: int, n_val: int, C: int, epochs: int) -> float:
+def bare_gemm_seconds(n_train: int, n_val: int, C: int, epochs: int, device: str = "cpu") -> float:
     """The same GEMMs as the stacked step, on random tensors, nothing else."""
     import torch
+
+    with torch.device(device):
+        return _bare_gemm_seconds(n_train, n_val, C, epochs, device)
+
+
+def _bare_gemm_seconds(n_train: int, n_val: int, C: int, epochs: int, device: str) -> float:
+    import torch
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     x = torch.randn(BATCH, D)
     W1 = torch.randn(D, C * HIDDEN)
@@ -100,12 +111,15 @@ def bare_gemm_seconds(n_train: int, n_val: int, C: int, epochs: int) -> float:
     for _ in range(3):
         step()
     reps = 20
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         step()
+    sync()
     per_step = (time.perf_counter() - t) / reps
     t = time.perf_counter()
     val()
+    sync()
     per_val = time.perf_counter() - t
     steps = -(-n_train // BATCH)
     return epochs * (steps * per_step + per_val * n_val / len(xv))
@@ -125,14 +139,14 @@ def univa_data(n: int, seed: int = 0):
     return X, Targets("multi", y, ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"])
 
 
-def bench_univa(n: int, C: int) -> None:
+def bench_univa(n: int, C: int, device: str = "cpu") -> None:
     import featurestore.heads as heads
     from featurestore.heads._stacked import fit_heads
 
     (X, y), (Xv, yv) = univa_data(n, 0), univa_data(max(n // 10, 1), 1)
     grid = [dict(lr=lr, lam=lam, tau=tau) for lr in (1e-4, 3e-4, 1e-3, 3e-3) for lam in (0.2, 0.5)
             for tau in (0.3, 0.6)] * (-(-C // 16))
-    base = dict(hidden=128, heads=4, batch_size=64, epochs=1, patience=0, seed=0, device="cpu")
+    base = dict(hidden=128, heads=4, batch_size=64, epochs=1, patience=0, seed=0, device=device)
     cfgs = [{**base, **g} for g in grid[:C]]
     heads.create("univa", **{**cfgs[0]}).fit(*univa_data(256, 2))  # first-call costs
     t = time.perf_counter()
@@ -152,13 +166,16 @@ def main() -> None:
     ap.add_argument("--configs", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--sequential", type=int, default=8, help="configurations timed one after another")
-    ap.add_argument("--cli", type=int, default=2, help="fresh interpreters timed for the fs train-head estimate")
+    ap.add_argument("--cli", type=int, default=2, help="fresh interpreters timed for the fs train-head estimate (>= 1)")
     ap.add_argument("--univa", type=int, default=16, help="univa configurations in one stack (0: skip)")
     ap.add_argument("--univa-n", type=int, default=5000, help="synthetic items for the univa line")
     ap.add_argument("--univa-only", action="store_true", help="run only the univa line")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: where every head and the bare GEMMs run")
     args = ap.parse_args()
+    if args.cli < 1:
+        ap.error(f"--cli {args.cli}: time at least one fresh interpreter (the estimate needs it)")
     if args.univa_only:
-        bench_univa(args.univa_n, args.univa)
+        bench_univa(args.univa_n, args.univa, args.device)
         return
 
     import torch
@@ -175,7 +192,7 @@ def main() -> None:
         t = time.perf_counter()
         (X, y), (Xv, yv) = load(folder)
         t_load = time.perf_counter() - t
-        cfgs = configs(args.configs, args.epochs)
+        cfgs = configs(args.configs, args.epochs, args.device)
 
         warm = Features({"text": X.pooled["text"][:2048]}, {}), Targets("single", y.y[:2048], y.classes)
         fit_heads([heads.create("mlp", **{**c, "epochs": 1}) for c in cfgs[:2]], *warm)  # first-call costs
@@ -200,7 +217,7 @@ def main() -> None:
 
         n_train, n_val = len(y), len(yv)
         flops = train_flops(n_train, n_val, len(cfgs), args.epochs)
-        t_gemm = bare_gemm_seconds(n_train, n_val, len(cfgs), args.epochs)
+        t_gemm = bare_gemm_seconds(n_train, n_val, len(cfgs), args.epochs, args.device)
 
         t_proc = []
         for _ in range(args.cli):
@@ -221,7 +238,7 @@ def main() -> None:
     print(f"{len(cfgs)} separate fs train-head runs (estimate: {min(t_proc):.1f}s interpreter+imports + load + "
           f"solo fit, each): {t_cli:.0f}s = {t_cli / t_sweep:.1f}x the sweep")
     if args.univa:
-        bench_univa(args.univa_n, args.univa)
+        bench_univa(args.univa_n, args.univa, args.device)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import best_of  # noqa: F401  (sets the offline environment and sys.path)
+from _common import GPUSampler  # (also sets the offline environment and sys.path)
 
 from featurestore import backbones
 from featurestore.backbones._video import uniform_indices
@@ -98,34 +97,6 @@ def bare_loop(bb, paths: list[Path], frames: int, batch: int) -> int:
     if image.device.startswith("cuda"):
         torch.cuda.synchronize()
     return done
-
-
-class GPUSampler:
-    """Mean GPU utilisation (%) while running, sampled every 50 ms (CUDA only)."""
-
-    def __init__(self, device: str):
-        self.on, self.samples, self._stop = device.startswith("cuda"), [], threading.Event()
-
-    def __enter__(self):
-        if self.on:
-            import torch
-
-            def loop():
-                while not self._stop.wait(0.05):
-                    try:
-                        self.samples.append(torch.cuda.utilization())
-                    except Exception:  # no pynvml: nothing to sample
-                        return
-            self.thread = threading.Thread(target=loop, daemon=True)
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-
-    @property
-    def mean(self) -> float | None:
-        return float(np.mean(self.samples)) if self.samples else None
 
 
 def main() -> None:

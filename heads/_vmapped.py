@@ -45,6 +45,18 @@ class VmapSpec:
         self.n = len(self.lr)
 
 
+def _math_attention(device) -> contextlib.AbstractContextManager:
+    """CUDA's fused attention kernels (flash, memory-efficient, cuDNN) draw their dropout inside the
+    kernel, which `vmap(randomness="same")` cannot batch ("Vmap does not currently support same
+    randomness with a batched tensor input", seen on an H100). The math kernel draws it with
+    `torch.dropout`, which vmap batches, as on the CPU, where the math kernel is what runs."""
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def _adamw(params: dict, m: dict, v: dict, step: int, lr, wd) -> None:
     b1, b2 = BETAS
     bc1 = 1 - b1 ** step
@@ -91,7 +103,8 @@ def train_vmapped(net, spec: VmapSpec, train, *, batch_size: int, seed: int, dev
 
     def forward(batch):
         net.train()
-        return batched(st["params"], st["buffers"], args_of(batch))
+        with _math_attention(device):
+            return batched(st["params"], st["buffers"], args_of(batch))
 
     def step(batch):
         with amp():

@@ -49,14 +49,22 @@ class XGBConfig(DecisionParams):
 
 
 def _device(pref: str) -> str:
-    if pref != "auto":
-        return pref
-    try:
-        import torch
+    """`auto`: CUDA only when torch sees a GPU *and* this xgboost was built with CUDA (the
+    `xgboost-cpu` wheel, or a macOS build, is not: it would fail at the first boosting round)."""
+    import xgboost as xgb
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
+    cuda_build = bool(xgb.build_info().get("USE_CUDA"))
+    if pref == "auto":
+        try:
+            import torch
+
+            return "cuda" if cuda_build and torch.cuda.is_available() else "cpu"
+        except ImportError:
+            return "cpu"
+    if pref.startswith("cuda") and not cuda_build:
+        raise ConfigError(f"device {pref!r}: this xgboost ({xgb.__version__}) was built without CUDA; "
+                          "install the CUDA build (pip install xgboost) or use -p device=cpu")
+    return pref
 
 
 class XGBoost(Head):

@@ -219,3 +219,21 @@ def test_tensor_batches_are_slices_of_one_tensor():
     assert first.data_ptr() == t.data_ptr()  # a view, not a copy
     seen = torch.cat([b["x"] for b in ts.batches(3, shuffle=True, generator=torch.Generator().manual_seed(0))])
     assert sorted(seen.flatten().tolist()) == list(range(10))
+
+
+def test_xgboost_auto_device_needs_a_cuda_build_of_xgboost(monkeypatch):
+    """On a GPU machine with the CPU-only xgboost wheel (seen on an H100: `xgboost-cpu`), `auto` must pick
+    the CPU, and an explicit `cuda` must say what to install instead of failing in the first round."""
+    import torch
+    import xgboost
+
+    from featurestore.errors import ConfigError
+    from heads import xgb as X
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU is what cannot exist here
+    monkeypatch.setattr(xgboost, "build_info", lambda: {"USE_CUDA": False})
+    assert X._device("auto") == "cpu" and X._device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match="built without CUDA"):
+        X._device("cuda")
+    monkeypatch.setattr(xgboost, "build_info", lambda: {"USE_CUDA": True})
+    assert X._device("auto") == "cuda" and X._device("cuda:1") == "cuda:1"

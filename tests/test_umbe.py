@@ -167,9 +167,9 @@ def test_class_weight_balanced_weights_the_cross_entropy_as_scikit_learn():
     Xv, yv = three(30, 8)
     fitted = heads.create("umbe", **{**SMALL, "epochs": 1, "stages": 1}, class_weight="balanced").fit(
         X, y, eval_set=(Xv, yv))
-    assert fitted.class_weights_.numpy() == pytest.approx(w) and fitted.predict_proba(Xv).shape == (30, 3)
+    assert fitted.class_weights_.cpu().numpy() == pytest.approx(w) and fitted.predict_proba(Xv).shape == (30, 3)
     root = heads.create("umbe", **{**SMALL, "epochs": 1, "stages": 1}, class_weight="sqrt").fit(X, y)
-    assert root.class_weights_.numpy() == pytest.approx(np.sqrt(w), rel=1e-6)
+    assert root.class_weights_.cpu().numpy() == pytest.approx(np.sqrt(w), rel=1e-6)
 
 
 def test_select_loss_keeps_the_epoch_with_the_least_validation_loss():
@@ -182,7 +182,7 @@ def test_select_loss_keeps_the_epoch_with_the_least_validation_loss():
     losses = head.history_["val_loss"]
     assert len(losses) == 6 and len(set(np.round(losses, 6))) > 1  # a real choice among different losses
     logits = np.log(np.clip(head.predict_proba(Xv), 1e-30, None))  # softmax probabilities -> log-probabilities
-    w = head.class_weights_.numpy()[yv.y]
+    w = head.class_weights_.cpu().numpy()[yv.y]
     mine = float((w * -logits[np.arange(len(yv)), yv.y]).sum() / w.sum())
     assert mine == pytest.approx(min(losses), rel=1e-4)
     assert head.history_["val_score"] == pytest.approx([-v for v in losses], rel=1e-6)
@@ -256,7 +256,7 @@ def test_stage_two_starts_from_the_prompts_stage_one_activated(monkeypatch):
     net.eval()
     counts = np.zeros(16, int)
     batch = next(head._tensors(X, y).batches(len(X)))
-    keys = stage1["keys"].numpy().astype(np.float64)
+    keys = stage1["keys"].cpu().numpy().astype(np.float64)
     for m in net.mods:
         present = {o: (batch[f"m.{o}"] > 0) & (o == m) for o in net.mods}
         rows = present[m].numpy()

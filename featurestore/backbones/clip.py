@@ -8,6 +8,7 @@ the width `dim` of a pooled row and lives in the same joint space.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence
 
 from ..config import field
@@ -57,6 +58,13 @@ class CLIPImage(_CLIPBase):
     name = "clip-image"
     modality = "image"
     description = "CLIP image encoder (projected embeddings), default openai/clip-vit-base-patch32"
+
+    @property
+    def prepare_workers(self) -> int:
+        """On a GPU, a batch's images are decoded and resized on up to 8 threads at once (PIL releases
+        the GIL): one thread fed an H100 ViT-B/32 at 1% utilisation (bench/gpu.py). On the CPU the
+        model needs the cores, and one thread keeps ahead of it."""
+        return max(1, min(8, os.cpu_count() or 1)) if self.device.startswith("cuda") else 1
 
     def _load(self) -> None:
         from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
