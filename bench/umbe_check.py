@@ -11,6 +11,8 @@
 (c) `--only configs --config 'k=v k=v' ...`: umbe configurations on the demo's polarity split, fitted
     directly (no run folder), validation UAR and WAR (what a default is chosen by) and test UAR and
     WAR per seed, one JSON line each.
+(d) `--only cv --folds 5 --config 'umbe k=v' --config mlp ...`: configurations by K-fold cross-validation
+    over the demo's train + validation items only (test never read): UAR, WAR and their mean.
 
     .venv/bin/python bench/umbe_check.py [--store DIR] [--seeds 3] [--only demo|synthetic|configs] [--threads 1]
 """
@@ -83,6 +85,42 @@ def run_configs(store, seeds: list[int], configs: list[str]) -> None:
                   flush=True)
 
 
+def run_cv_select(store, folds: int, configs: list[str]) -> None:
+    """`--only cv`: each configuration (a method and its k=v parameters) by K-fold cross-validation over the
+    demo's train + validation items only (the test split is never read). Each fold trains on the other
+    folds, early-stops on 10% carved from them, and is scored once on its held-out fold; one JSON line
+    per configuration: UAR, WAR and their mean over the folds (what a default is chosen by)."""
+    import json
+
+    import featurestore.heads as heads
+    from featurestore.heads import Targets, metrics
+    from featurestore.heads._data import carve_validation, prepare
+    from featurestore.jobs.cv import _concat, cv_folds
+
+    data = prepare(store, "demo", {"text": "minilm"}, target="label", seed=0)
+    (Xtr, ytr), (Xv, yv) = data.splits["train"], data.splits["val"]
+    X = _concat([Xtr, Xv])
+    y = Targets("single", np.concatenate([ytr.y, yv.y]), list(ytr.classes))
+    splits = cv_folds(folds, y, np.full(len(y), None, object), seed=0)
+    for cfg in configs:
+        method, *kv = cfg.split()
+        params = dict(p.split("=", 1) for p in kv)
+        per_fold = []
+        t0 = time.perf_counter()
+        for k, (train, held) in enumerate(splits):
+            fit_rows, val_rows, _ = carve_validation(len(train), fraction=0.1, seed=k)
+            Xf, yf = X.take(train), y.take(train)
+            head = heads.create(method, seed=k, **params).fit(Xf.take(fit_rows), yf.take(fit_rows),
+                                                              eval_set=(Xf.take(val_rows), yf.take(val_rows)))
+            m = metrics.evaluate(y.take(held), head.predict(X.take(held)))
+            per_fold.append((m["uar"], m["war"]))
+        a = np.array(per_fold)
+        print(json.dumps({"config": cfg, "folds": folds, "cv_uar": round(a[:, 0].mean(), 4),
+                          "cv_war": round(a[:, 1].mean(), 4), "cv_mean": round(a.mean(), 4),
+                          "uar_std": round(a[:, 0].std(), 4), "war_std": round(a[:, 1].std(), 4),
+                          "per_fold": a.round(4).tolist(), "s": round(time.perf_counter() - t0)}), flush=True)
+
+
 def three_modalities(n: int, seed: int, dim: int = 16, strength: float = 2.0):
     """Six classes; classes c and c + 3 carry a signal (two directions) in modality c % 3 only."""
     from featurestore.heads import Features, Targets
@@ -143,8 +181,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", default="", help="store folder to build or reuse (default: a temporary one)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--only", choices=["demo", "synthetic", "configs"], default=None)
-    ap.add_argument("--config", action="append", default=[], help="--only configs: 'k=v k=v' umbe parameters")
+    ap.add_argument("--only", choices=["demo", "synthetic", "configs", "cv"], default=None)
+    ap.add_argument("--folds", type=int, default=5, help="--only cv: folds over train + validation")
+    ap.add_argument("--config", action="append", default=[], help="--only configs: 'k=v k=v' umbe parameters; "
+                                                                  "--only cv: 'METHOD k=v k=v'")
     ap.add_argument("--methods", default="mlp,umbe", help="demo heads to compare")
     ap.add_argument("--umbe-param", action="append", default=[], help="k=v override for umbe on the demo")
     ap.add_argument("--synthetic-param", action="append", default=[], help="k=v override for umbe (synthetic)")
@@ -157,6 +197,10 @@ def main() -> None:
     if args.only == "configs":
         with tempfile.TemporaryDirectory() as tmp:
             run_configs(demo_store(Path(args.store or tmp)), seeds, args.config or ["class_weight=none"])
+        return
+    if args.only == "cv":
+        with tempfile.TemporaryDirectory() as tmp:
+            run_cv_select(demo_store(Path(args.store or tmp)), args.folds, args.config or ["mlp", "umbe"])
         return
     if args.only in (None, "demo"):
         with tempfile.TemporaryDirectory() as tmp:
