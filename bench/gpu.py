@@ -18,10 +18,12 @@ Every result is one JSON line in DIR/gpu.jsonl; a short table is printed last.
            `fs extract --modality image --device cuda` items/s and the GPU's mean utilisation.
   umbe     umbe training throughput at batch 256 (issue 13), at the default width (128) and at
            CLIP's 768, on three pooled 768-d modalities; items/s = items x extra epochs / extra time
-           (a 6-epoch fit minus a 1-epoch fit, after an untimed one: set-up, warm-up and the FAISS
-           index build cancel out; validation passes stay in). The CPU (an eighth of the items) for scale.
+           (a 6-epoch fit, 3 on the CPU, minus a 1-epoch fit, after an untimed one: set-up, warm-up and
+           the FAISS index build cancel out; validation passes stay in). The CPU (an eighth of the
+           items) for scale.
   drkf     drkf training throughput at the paper's width (hidden 1024, projection 1024; issue 14),
-           two modalities of 50 x 1024 sequences, batch 32 (ours) and 4 (the paper's), same method;
+           two modalities of 50 x 1024 sequences, batch 32 (ours) and 4 (the paper's), a 4-epoch fit
+           minus a 1-epoch fit;
            the CPU (64 items, batch 32) for scale.
   lora     `fs lora train` training items/s against a bare peft loop (issue 12), BERT-base built
            from its config with a vocabulary of the demo's words, autocast on CUDA.

@@ -223,3 +223,28 @@ def test_bad_thresholds_are_refused():
             heads.create("mlp", threshold=bad)
     with pytest.raises(ConfigError, match="zeta"):
         heads.create("univa", zeta="2")
+
+
+def test_vmapped_training_runs_attention_with_the_math_kernel_on_cuda():
+    """On an H100, univa's vmapped step failed: CUDA's fused attention kernels draw dropout inside the
+    kernel, which vmap(randomness="same") cannot batch. The engine must select the math kernel on CUDA
+    (the flags are process-wide and can be checked without a GPU), leave them alone on the CPU, and
+    the math kernel must batch dropout under vmap as the engine uses it."""
+    from torch.func import functional_call, vmap
+
+    from featurestore.heads._vmapped import _math_attention
+
+    before = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled())
+    with _math_attention("cuda:0"):
+        assert torch.backends.cuda.math_sdp_enabled()
+        assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled()) == before
+    with _math_attention(torch.device("cpu")):
+        assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled()) == before
+
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, 0.3, batch_first=True).train()
+    params = {k: v.detach().unsqueeze(0).repeat(3, *[1] * v.dim()) for k, v in layer.named_parameters()}
+    step = vmap(lambda p, x: functional_call(layer, p, (x,)), in_dims=(0, None), randomness="same")
+    with _math_attention("cuda"):
+        out = step(params, torch.randn(5, 7, 16))
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])  # one dropout mask for every config

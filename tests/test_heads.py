@@ -228,7 +228,7 @@ def test_xgboost_auto_device_needs_a_cuda_build_of_xgboost(monkeypatch):
     import xgboost
 
     from featurestore.errors import ConfigError
-    from heads import xgb as X
+    from featurestore.heads import xgb as X
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU is what cannot exist here
     monkeypatch.setattr(xgboost, "build_info", lambda: {"USE_CUDA": False})
