@@ -80,7 +80,7 @@ def run_configs(store, seeds: list[int], configs: list[str]) -> None:
             v, t = metrics.evaluate(yv, head.predict(Xv)), metrics.evaluate(yte, head.predict(Xte))
             print(json.dumps({"config": cfg, "seed": seed, "val_uar": round(v["uar"], 4), "val_war": round(v["war"], 4),
                               "test_uar": round(t["uar"], 4), "test_war": round(t["war"], 4),
-                              "chosen_stage": head.history_.get("chosen_stage"),
+                              "chosen_stage": head.history_.get("chosen_stage"), "shift": head.meta_.get("shift"),
                               "epochs": head.history_.get("epochs_run"), "s": round(time.perf_counter() - t0)}),
                   flush=True)
 

@@ -85,6 +85,10 @@ class UMBEConfig(TorchParams):
         "primary", "what keeps an epoch (and a stage): primary (the validation UAR for single labels) | loss (the "
                    "least validation loss, the quantity the paper's schedule watches)")
     scale: float = field(100.0, "logit scale of the cosine similarities (CLIP's 100, as the authors' code)")
+    shift: str = field("auto", "post-hoc prior shift of single-label probabilities, p x prior^-tau renormalised "
+                               "(prior: the training split's class frequencies): auto: tau in -1..1 (steps of "
+                               "0.25) chosen on the validation split by the mean of UAR and WAR; a number: "
+                               "that tau; 0: none")
     stages: int = field(2, "2: two-stage training (sec. 3.4); 1: train on all modalities at once (the ablation)")
     drop_prob: float = field(0.3, "stage 2: chance to drop each present modality of an item (one always stays)")
     lr_factor: float = field(0.6, "ReduceLROnPlateau factor on the validation loss (the paper: 0.6)")
@@ -113,6 +117,11 @@ class UMBEConfig(TorchParams):
         if not 0 < self.lr_factor < 1 or self.lr_patience < 0 or self.min_lr < 0:
             raise ConfigError(f"lr_factor={self.lr_factor} must be in (0, 1), lr_patience={self.lr_patience} "
                               f"and min_lr={self.min_lr} >= 0")
+        if self.shift != "auto":
+            try:
+                float(self.shift)
+            except ValueError:
+                raise ConfigError(f"shift={self.shift!r} must be auto or a number (0: no shift)") from None
         if self.l1 < 0 or self.match_weight < 0 or self.scale <= 0 or self.max_len < 0:
             raise ConfigError(f"l1={self.l1}, match_weight={self.match_weight}, max_len={self.max_len} must be "
                               f">= 0 and scale={self.scale} > 0")
@@ -392,6 +401,28 @@ def class_weights(y: np.ndarray, n_classes: int, device=None) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32, device=device)
 
 
+SHIFTS = tuple(np.arange(-1.0, 1.001, 0.25).round(2).tolist())
+
+
+def shift_curve(proba: np.ndarray, targets: Targets, prior) -> dict[float, tuple[float, float]]:
+    """{tau: (UAR, WAR)} of the decisions argmax(p x prior^-tau) for each tau of SHIFTS."""
+    from . import metrics
+
+    out = {}
+    for tau in SHIFTS:
+        m = metrics.evaluate(targets, np.argmax(_shifted(proba, prior, tau), 1))
+        out[tau] = (float(m["uar"]), float(m["war"]))
+    return out
+
+
+def _shifted(proba: np.ndarray, prior, tau: float) -> np.ndarray:
+    """p x prior^-tau, renormalised per row: softmax(log p - tau log prior)."""
+    logits = np.log(np.maximum(proba, 1e-300)) - tau * np.log(np.asarray(prior, np.float64))
+    logits -= logits.max(1, keepdims=True)
+    out = np.exp(logits)
+    return out / out.sum(1, keepdims=True)
+
+
 # ---- the head --------------------------------------------------------------------------
 class UMBE(Head):
     name = "umbe"
@@ -441,6 +472,8 @@ class UMBE(Head):
         seq_dims = {m: int(next(s.shape[1] for s in X.sequences[m] if s is not None)) for m in X.pooled
                     if self.sequences and any(s is not None for s in X.sequences.get(m, []))}
         self._set_meta(X, y, seq_dims=seq_dims)
+        counts = np.bincount(np.asarray(y.y, np.int64), minlength=len(y.classes)).astype(np.float64)
+        self.meta_["prior"] = (np.maximum(counts, 1.0) / max(counts.sum(), 1.0)).tolist()  # of the prior shift
         device = pick_device(self.device)
         train = self._tensors(X, y)
         self.class_weights_ = None if self.class_weight == "none" else \
@@ -472,10 +505,25 @@ class UMBE(Head):
             net.clip.tower.cpu()
         self.meta_["stages"] = {**stages, "chosen": best[0]} if stages else {}
         self.index_ = self._key_index()
+        curve = self._choose_shift(y, eval_set)
         self.history_ = {**hists[best[0] - 1], "epochs_run": sum(h["epochs_run"] for h in hists),
                          "chosen_stage": best[0], "stage_histories": hists,
-                         **({"stage1_counts": stages["counts"]} if stages else {})}
+                         **({"stage1_counts": stages["counts"]} if stages else {}),
+                         **({"shift_curve": curve} if curve else {})}
         return self
+
+    def _choose_shift(self, y: Targets, eval_set) -> dict:
+        """Fix tau of the post-hoc prior shift in meta_ (`shift`; fit sets `prior`); return the validation curve
+        {tau: (UAR, WAR)} when tau was chosen on it. argmax(log p - tau log prior) moves the decisions
+        along the model's UAR/WAR trade-off (tau 1: a full logit adjustment towards UAR, -1 towards
+        WAR) without retraining; see docs/heads.md, "umbe", for why the operating point matters here."""
+        self.meta_["shift"] = 0.0 if self.shift == "auto" else float(self.shift)
+        if self.shift != "auto" or y.kind != "single" or eval_set is None or not len(eval_set[1]):
+            return {}
+        raw = self.predict_proba(eval_set[0])  # shift 0 for now
+        curve = shift_curve(raw, eval_set[1], self.meta_["prior"])
+        self.meta_["shift"] = max(curve, key=lambda t: (sum(curve[t]) / 2, -abs(t)))  # ties: the smaller shift
+        return {f"{t:g}": (round(u, 4), round(w, 4)) for t, (u, w) in curve.items()}
 
     def _stage_loss(self, stage: int):
         mods = self.meta_["dims"]
@@ -563,7 +611,11 @@ class UMBE(Head):
                 outs.append(self.net_.logits(q, idx))
         if not outs:
             return np.zeros((0, len(self.meta_["classes"])))
-        return scores_from_outputs(torch.cat(outs), self.meta_["kind"])
+        proba = scores_from_outputs(torch.cat(outs), self.meta_["kind"])
+        tau = float(self.meta_.get("shift", 0.0))
+        if tau and self.meta_["kind"] == "single":
+            proba = _shifted(proba, self.meta_["prior"], tau)
+        return proba
 
     # ---- persistence ---------------------------------------------------------------
     def _state(self) -> dict[str, np.ndarray]:

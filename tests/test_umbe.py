@@ -67,6 +67,7 @@ def test_faiss_selection_equals_torch_selection_and_a_numpy_loop(fitted, tmp_pat
     # predictions go through that selection, also after a save/load that reads the index file
     with torch.no_grad():
         want = torch.softmax(head.net_.logits(q, torch.from_numpy(reference)), -1).numpy()
+    want = U._shifted(want, head.meta_["prior"], head.meta_["shift"])  # the chosen prior shift (tested below)
     np.testing.assert_allclose(head.predict_proba(X), want, atol=1e-6)
     head.save(tmp_path / "run")
     assert (tmp_path / "run" / U.INDEX_FILE).is_file()
@@ -426,3 +427,35 @@ def test_clip_prompt_encoder_trains_saves_and_loads_without_its_weights(tiny_cli
     assert np.allclose(again.predict_proba(Xv), proba, atol=1e-6)
     fresh = U.load_clip_text(str(tiny_clip))[0].state_dict()
     assert all(torch.equal(before[k], fresh[k]) for k in fresh)  # frozen: training left CLIP untouched
+
+
+def test_shift_auto_picks_the_best_validation_mean_and_shifts_the_probabilities():
+    """`shift=auto`: among tau in -1..1 (steps of 0.25) the one whose decisions argmax(p x prior^-tau) have
+    the best mean of validation UAR and WAR (scikit-learn's balanced accuracy and accuracy; ties: the
+    smaller |tau|), and predict_proba returns p x prior^-tau renormalised; a number fixes tau."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    X, y = three(150, 21)
+    keep = np.r_[np.flatnonzero(y.y == 0), np.flatnonzero(y.y != 0)[:40]]  # imbalanced: class 0 dominates
+    X, y = X.take(keep), y.take(keep)
+    Xv, yv = three(60, 22)
+    params = {**SMALL, "epochs": 2, "stages": 1, "class_weight": "balanced"}
+    head = heads.create("umbe", **params).fit(X, y, eval_set=(Xv, yv))
+    prior = np.bincount(y.y, minlength=3) / len(y)
+    assert head.meta_["prior"] == pytest.approx(prior.tolist())
+    tau = head.meta_["shift"]
+    head.meta_["shift"] = 0.0
+    raw = head.predict_proba(Xv)
+    best = max(np.arange(-1, 1.001, 0.25), key=lambda t: (
+        (balanced_accuracy_score(yv.y, np.argmax(raw * prior ** -t, 1)) + accuracy_score(yv.y, np.argmax(raw * prior ** -t, 1))) / 2,
+        -abs(t)))
+    assert tau == pytest.approx(best)
+    assert set(head.history_["shift_curve"]) == {f"{t:g}" for t in np.arange(-1, 1.001, 0.25)}
+    fixed = heads.create("umbe", **{**params, "shift": "0.5"}).fit(X, y, eval_set=(Xv, yv))
+    assert fixed.meta_["shift"] == 0.5 and "shift_curve" not in fixed.history_
+    shifted = fixed.predict_proba(Xv)
+    fixed.meta_["shift"] = 0.0
+    want = fixed.predict_proba(Xv) * prior ** -0.5
+    np.testing.assert_allclose(shifted, want / want.sum(1, keepdims=True), rtol=1e-6)
+    with pytest.raises(ConfigError, match="shift='x'"):
+        heads.create("umbe", shift="x")
