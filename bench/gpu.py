@@ -89,24 +89,10 @@ def env(args) -> None:
 
 # ---- heads -----------------------------------------------------------------------------
 def three_modalities(n: int, seed: int, dim: int = 64, strength: float = 1.0):
-    """Six classes; classes c and c + 3 show in modality c % 3 only; VA per modality tracks the class."""
-    from featurestore.heads import Features, Targets
+    """umbe_check's task (classes c and c + 3 show in modality c % 3 only), with per-modality VA."""
+    from umbe_check import three_modalities as task
 
-    rng = np.random.default_rng(seed)
-    directions = np.random.default_rng(1234).normal(size=(6, dim))
-    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    y = rng.integers(0, 6, n)
-    pooled, va = {}, {}
-    centre = np.random.default_rng(99).uniform(-0.8, 0.8, size=(6, 2))
-    for m, name in enumerate(("audio", "image", "text")):
-        x = rng.normal(size=(n, dim))
-        mine = y % 3 == m
-        x[mine] += strength * directions[y[mine]]
-        pooled[name] = x.astype(np.float32)
-        v = rng.normal(scale=0.3, size=(n, 2))
-        v[mine] += centre[y[mine]]
-        va[name] = np.clip(v, -1, 1)
-    return Features(pooled, {}, va=va), Targets("single", y, [f"c{i}" for i in range(6)])
+    return task(n, seed, dim=dim, strength=strength, va=True)
 
 
 def pick(X, mods):
@@ -227,7 +213,7 @@ def extract_parity(args) -> None:
 
 def image_extract(args) -> None:
     from PIL import Image
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from bench_video import tiny_clip
 
     from featurestore.datasets import add_dataset, read_manifest_file
     from featurestore.jobs.extract import ExtractConfig, run
@@ -241,10 +227,7 @@ def image_extract(args) -> None:
         for i in range(n):
             Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(tmp / "img" / f"i{i}.png")
         (tmp / "m.csv").write_text("id,split,image\n" + "".join(f"i{i},train,img/i{i}.png\n" for i in range(n)))
-        torch.manual_seed(0)
-        CLIPVisionModelWithProjection(CLIPVisionConfig()).eval().save_pretrained(tmp / "vit")
-        CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
-            tmp / "vit")
+        tiny_clip(tmp / "vit", vit_b32=True)  # ViT-B/32 from its config, random weights, CLIP's processor
         for bs in (64, 256):
             store = open_store(tmp / f"s{bs}", create=True)
             add_dataset(store, "imgs", read_manifest_file(tmp / "m.csv"), root=tmp, source="bench")

@@ -95,6 +95,7 @@ def run_cv_select(store, folds: int, configs: list[str]) -> None:
     import featurestore.heads as heads
     from featurestore.heads import Targets, metrics
     from featurestore.heads._data import carve_validation, prepare
+    from featurestore.heads.umbe import shift_curve
     from featurestore.jobs.cv import _concat, cv_folds
 
     data = prepare(store, "demo", {"text": "minilm"}, target="label", seed=0)
@@ -117,15 +118,10 @@ def run_cv_select(store, folds: int, configs: list[str]) -> None:
             m = metrics.evaluate(y.take(held), head.predict(X.take(held)))
             per_fold.append((m["uar"], m["war"]))
         a = np.array(per_fold)
-        # the trade-off curve of a post-hoc prior shift on the held-out probabilities, argmax(log p - tau log prior),
-        # the prior being the class frequencies of train + validation: tau 0 is the head as it is, 1 a full logit
-        # adjustment towards UAR, -1 the opposite, towards WAR. A diagnosis of each head's UAR/WAR trade-off,
-        # over all held-out items at once.
+        # the trade-off curve of the post-hoc prior shift (umbe's `shift`) on all held-out items at once:
+        # argmax(p x prior^-tau), the prior being the class frequencies of train + validation
         prior = np.bincount(y.y, minlength=len(y.classes)) / len(y)
-        curve = {}
-        for tau in (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0):
-            m = metrics.evaluate(y, np.argmax(np.log(np.maximum(proba, 1e-12)) - tau * np.log(prior), 1))
-            curve[tau] = [round(m["uar"], 4), round(m["war"], 4)]
+        curve = {f"{t:g}": [round(u, 4), round(w, 4)] for t, (u, w) in shift_curve(proba, y, prior).items()}
         print(json.dumps({"config": cfg, "folds": folds, "cv_uar": round(a[:, 0].mean(), 4),
                           "cv_war": round(a[:, 1].mean(), 4), "cv_mean": round(a.mean(), 4),
                           "uar_std": round(a[:, 0].std(), 4), "war_std": round(a[:, 1].std(), 4),
@@ -133,21 +129,27 @@ def run_cv_select(store, folds: int, configs: list[str]) -> None:
                           "s": round(time.perf_counter() - t0)}), flush=True)
 
 
-def three_modalities(n: int, seed: int, dim: int = 16, strength: float = 2.0):
-    """Six classes; classes c and c + 3 carry a signal (two directions) in modality c % 3 only."""
+def three_modalities(n: int, seed: int, dim: int = 16, strength: float = 2.0, va: bool = False):
+    """Six classes; classes c and c + 3 carry a signal (two directions) in modality c % 3 only.
+    `va`: per-modality VA scores too, near a class centre in the modality that shows the class."""
     from featurestore.heads import Features, Targets
 
     rng = np.random.default_rng(seed)
     directions = np.random.default_rng(1234).normal(size=(6, dim))
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    centre = np.random.default_rng(99).uniform(-0.8, 0.8, size=(6, 2))
     y = rng.integers(0, 6, n)
-    pooled = {}
+    pooled, scores = {}, {}
     for m, name in enumerate(("audio", "image", "text")):
         x = rng.normal(size=(n, dim))
         mine = y % 3 == m
         x[mine] += strength * directions[y[mine]]
         pooled[name] = x.astype(np.float32)
-    return Features(pooled, {}), Targets("single", y, [f"c{i}" for i in range(6)])
+        if va:
+            v = rng.normal(scale=0.3, size=(n, 2))
+            v[mine] += centre[y[mine]]
+            scores[name] = np.clip(v, -1, 1)
+    return Features(pooled, {}, va=scores), Targets("single", y, [f"c{i}" for i in range(6)])
 
 
 def without(X, mod: str):
