@@ -235,6 +235,21 @@ def picture(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def read_tables(path: Path) -> dict:
+    """The head tables of a results.md back into `picture`'s input: {task: {row: {metric: (mean, std)}}}."""
+    results, task = {}, None
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            task = next((t for t in TASKS if t.name == line[3:]), None)
+            if task is not None:
+                results[task.name] = {}
+        elif task is not None and line.startswith("| ") and "±" in line:
+            label, *cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+            results[task.name][label] = {m: tuple(float(x) for x in c.split("±"))
+                                         for m, c in zip(task.metrics, cells)}
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -244,7 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="", help="comma-separated targets: labels,label,va (default: all)")
     ap.add_argument("--fresh", action="store_true", help="recompute every row (default: reuse rows whose code "
                                                           "is unchanged, from bench/out/results-cache.json)")
+    ap.add_argument("--redraw", action="store_true", help="only redraw the picture from the tables of --out "
+                                                           "(after a row was regenerated alone and merged by hand)")
     args = ap.parse_args(argv)
+    if args.redraw:
+        out = Path(args.out)
+        picture(read_tables(out), out.with_suffix(".png"))
+        print(f"redrew {out.with_suffix('.png')} from {out}")
+        return 0
 
     import torch
 

@@ -10,9 +10,12 @@
 
 (c) `--only configs --config 'k=v k=v' ...`: umbe configurations on the demo's polarity split, fitted
     directly (no run folder), validation UAR and WAR (what a default is chosen by) and test UAR and
-    WAR per seed, one JSON line each.
+    WAR per seed, one JSON line each; then each configuration minus `mlp` (same seeds) on test, with a
+    paired bootstrap over the test items.
 (d) `--only cv --folds 5 --config 'umbe k=v' --config mlp ...`: configurations by K-fold cross-validation
-    over the demo's train + validation items only (test never read): UAR, WAR and their mean.
+    over the demo's train + validation items only (test never read): UAR, WAR and their mean; for umbe
+    also post-hoc decision rules on the same fits (`post_hoc_rules`), and with `mlp` among the configs a
+    paired bootstrap of each configuration minus `mlp` over the held-out items.
 
     .venv/bin/python bench/umbe_check.py [--store DIR] [--seeds 3] [--only demo|synthetic|configs] [--threads 1]
 """
@@ -72,17 +75,86 @@ def run_configs(store, seeds: list[int], configs: list[str]) -> None:
 
     data = prepare(store, "demo", {"text": "minilm"}, target="label", seed=0)
     (Xtr, ytr), (Xv, yv), (Xte, yte) = data.splits["train"], data.splits["val"], data.splits["test"]
+    mlp = [[heads.create("mlp", seed=seed).fit(Xtr, ytr, eval_set=(Xv, yv)).predict(Xte) for seed in seeds]]
     for cfg in configs:
         params = dict(kv.split("=", 1) for kv in cfg.split())
+        preds = []
         for seed in seeds:
             t0 = time.perf_counter()
             head = heads.create("umbe", seed=seed, **params).fit(Xtr, ytr, eval_set=(Xv, yv))
-            v, t = metrics.evaluate(yv, head.predict(Xv)), metrics.evaluate(yte, head.predict(Xte))
+            preds.append(head.predict(Xte))
+            v, t = metrics.evaluate(yv, head.predict(Xv)), metrics.evaluate(yte, preds[-1])
             print(json.dumps({"config": cfg, "seed": seed, "val_uar": round(v["uar"], 4), "val_war": round(v["war"], 4),
                               "test_uar": round(t["uar"], 4), "test_war": round(t["war"], 4),
                               "chosen_stage": head.history_.get("chosen_stage"), "shift": head.meta_.get("shift"),
                               "epochs": head.history_.get("epochs_run"), "s": round(time.perf_counter() - t0)}),
                   flush=True)
+        print(json.dumps({"config": cfg, "test_minus_mlp": paired_bootstrap(yte.y, [preds], mlp, 2000)}), flush=True)
+
+
+def uar_war(y: np.ndarray, pred: np.ndarray, n_classes: int) -> tuple[float, float]:
+    """UAR (mean recall over the classes present) and WAR (accuracy), in points."""
+    recalls = [(pred[y == c] == c).mean() for c in range(n_classes) if (y == c).any()]
+    return 100 * float(np.mean(recalls)), 100 * float((pred == y).mean())
+
+
+def paired_bootstrap(y: np.ndarray, head: list[list[np.ndarray]], reference: list[list[np.ndarray]],
+                     resamples: int, seed: int = 0) -> dict:
+    """Head minus reference, UAR and WAR, over the same resampled items: `y` and each `[parts][fits]` of
+    predictions index one array of items split in parts (folds; one part for a test split), every part
+    resampled with replacement on its own, each part's metric averaged over its fits, then over parts.
+    Returns {metric: [difference on the items, 2.5th and 97.5th percentile, P(difference >= -2)]}."""
+    bounds = np.cumsum([0] + [len(p[0]) for p in head])
+    ys = [y[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    n_classes = int(y.max()) + 1
+
+    def score(preds, rows):
+        per = [np.mean([uar_war(yy[r], p[r], n_classes) for p in fits], 0) for yy, fits, r in zip(ys, preds, rows)]
+        return np.mean(per, 0)
+
+    full = [np.arange(len(yy)) for yy in ys]
+    rng = np.random.default_rng(seed)
+    diffs = np.array([score(head, rows) - score(reference, rows) for rows in
+                      ([rng.integers(0, len(yy), len(yy)) for yy in ys] for _ in range(resamples))])
+    point = score(head, full) - score(reference, full)
+    return {m: [round(float(point[i]), 2), *np.percentile(diffs[:, i], [2.5, 97.5]).round(2).tolist(),
+                round(float((diffs[:, i] >= -2).mean()), 3)] for i, m in enumerate(("uar", "war"))}
+
+
+def log_loss_shift(z: np.ndarray, y: np.ndarray, prior) -> tuple[float, float]:
+    """Temperature T and prior shift tau minimising the validation log-loss of softmax(z / T - tau log prior)
+    (L-BFGS); a calibration rule compared with umbe's `shift`, not one of its settings."""
+    import torch
+
+    zt, yt = torch.tensor(z, dtype=torch.float64), torch.tensor(y)
+    lp = torch.log(torch.tensor(prior, dtype=torch.float64))
+    p = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([p], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(zt / torch.exp(p[0]) - p[1] * lp, yt)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(torch.exp(p[0]).detach()), float(p[1].detach())
+
+
+def shift_rules(z_val: np.ndarray, y_val: np.ndarray, z_held: np.ndarray, prior) -> dict[str, np.ndarray]:
+    """Decisions on held-out logits by post-hoc rules fixed on the validation logits: no shift, `auto`
+    (tau from -1..1 by the validation mean of UAR and WAR), tau -0.5, tau -1 (`undo` of balanced weights),
+    and temperature + tau by validation log-loss."""
+    from featurestore.heads import Targets
+    from featurestore.heads.umbe import shift_curve
+
+    lp = np.log(np.asarray(prior, np.float64))
+    curve = shift_curve(softmax(z_val), Targets("single", y_val, [str(c) for c in range(len(prior))]), prior)
+    tau = max(curve, key=lambda t: (sum(curve[t]) / 2, -abs(t)))
+    T, cal = log_loss_shift(z_val, y_val, prior)
+    return {"tau 0": z_held.argmax(1), "auto": (z_held - tau * lp).argmax(1),
+            "tau -0.5": (z_held + 0.5 * lp).argmax(1), "tau -1": (z_held + lp).argmax(1),
+            "log-loss": (z_held / T - cal * lp).argmax(1)}
 
 
 def run_cv_select(store, folds: int, configs: list[str]) -> None:
@@ -103,10 +175,12 @@ def run_cv_select(store, folds: int, configs: list[str]) -> None:
     X = _concat([Xtr, Xv])
     y = Targets("single", np.concatenate([ytr.y, yv.y]), list(ytr.classes))
     splits = cv_folds(folds, y, np.full(len(y), None, object), seed=0)
+    held_y = np.concatenate([y.y[held] for _, held in splits])
+    predictions = {}
     for cfg in configs:
         method, *kv = cfg.split()
         params = dict(p.split("=", 1) for p in kv)
-        per_fold = []
+        per_fold, preds, rules = [], [], {}
         proba = np.zeros((len(y), len(y.classes)))
         t0 = time.perf_counter()
         for k, (train, held) in enumerate(splits):
@@ -114,19 +188,35 @@ def run_cv_select(store, folds: int, configs: list[str]) -> None:
             Xf, yf = X.take(train), y.take(train)
             head = heads.create(method, seed=k, **params).fit(Xf.take(fit_rows), yf.take(fit_rows),
                                                               eval_set=(Xf.take(val_rows), yf.take(val_rows)))
-            proba[held] = head.predict_proba(X.take(held))
-            m = metrics.evaluate(y.take(held), head.predict(X.take(held)))
+            # the curve below starts from the model's own scores: umbe's before its post-hoc shift
+            proba[held] = softmax(head.logits(X.take(held))) if hasattr(head, "logits") else \
+                head.predict_proba(X.take(held))
+            preds.append([head.predict(X.take(held))])
+            m = metrics.evaluate(y.take(held), preds[-1][0])
             per_fold.append((m["uar"], m["war"]))
+            if hasattr(head, "logits"):  # post-hoc rules on the same fit, fixed on its carved validation
+                for rule, pred in shift_rules(head.logits(Xf.take(val_rows)), yf.y[val_rows],
+                                              head.logits(X.take(held)), head.meta_["prior"]).items():
+                    rules.setdefault(rule, []).append(uar_war(y.y[held], pred, len(y.classes)))
+        predictions[cfg] = preds
         a = np.array(per_fold)
         # the trade-off curve of the post-hoc prior shift (umbe's `shift`) on all held-out items at once:
-        # argmax(p x prior^-tau), the prior being the class frequencies of train + validation
+        # argmax(p x prior^-tau), the prior being the class frequencies of train + validation; for umbe tau
+        # is the whole shift (its default, shift=undo with balanced weights, sits at -1)
         prior = np.bincount(y.y, minlength=len(y.classes)) / len(y)
         curve = {f"{t:g}": [round(u, 4), round(w, 4)] for t, (u, w) in shift_curve(proba, y, prior).items()}
         print(json.dumps({"config": cfg, "folds": folds, "cv_uar": round(a[:, 0].mean(), 4),
                           "cv_war": round(a[:, 1].mean(), 4), "cv_mean": round(a.mean(), 4),
                           "uar_std": round(a[:, 0].std(), 4), "war_std": round(a[:, 1].std(), 4),
                           "per_fold": a.round(4).tolist(), "prior_shift_curve": curve,
+                          **({"post_hoc_rules": {r: [round(u, 2), round(w, 2), round((u + w) / 2, 2)] for r, (u, w)
+                                                 in ((r, np.mean(v, 0)) for r, v in rules.items())}} if rules else {}),
                           "s": round(time.perf_counter() - t0)}), flush=True)
+    if "mlp" in predictions:  # paired bootstrap over the held-out items, each fold resampled on its own
+        for cfg, preds in predictions.items():
+            if cfg != "mlp":
+                print(json.dumps({"config": cfg, "cv_minus_mlp": paired_bootstrap(held_y, preds, predictions["mlp"],
+                                                                                  1000)}), flush=True)
 
 
 def three_modalities(n: int, seed: int, dim: int = 16, strength: float = 2.0, va: bool = False):
@@ -185,6 +275,11 @@ def run_synthetic(seeds: list[int], params: dict) -> dict:
                 f" ({time.perf_counter() - t0:.0f} s)", flush=True)
         out[stages] = np.array(rows)
     return {"conditions": conditions, **out}
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, np.float64) - np.max(z, 1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(1, keepdims=True)
 
 
 def fmt(a: np.ndarray) -> str:

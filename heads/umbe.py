@@ -22,6 +22,10 @@ uses Adam at `lr`, ReduceLROnPlateau on the validation loss and stops when lr < 
 During training the top-k selection runs in torch (the keys move every step). The trained keys
 are kept as a FAISS inner-product index over the normalised keys (`prompt_keys.faiss` in the run
 folder), and `predict_proba` selects with it.
+
+Ours, not the paper's: single labels train with class-balanced cross-entropy, and the decisions
+multiply the training prior back in (`shift=undo`, a logit adjustment run backwards); the epochs are
+scored on those decisions. docs/heads.md ("umbe", "Undoing the weighting") has the measurements.
 """
 from __future__ import annotations
 
@@ -82,13 +86,16 @@ class UMBEConfig(TorchParams):
         "balanced", "cross-entropy class weights: balanced (n / (C x n_c) over the training split; chosen on the "
                     "demo's validation UAR) | sqrt (its square root) | none (the paper)")
     select: Literal["primary", "loss"] = field(
-        "primary", "what keeps an epoch (and a stage): primary (the validation UAR for single labels) | loss (the "
+        "primary", "what keeps an epoch (and a stage): primary (the validation UAR for single labels, of the "
+                   "decisions after a fixed shift) | loss (the "
                    "least validation loss, the quantity the paper's schedule watches)")
     scale: float = field(100.0, "logit scale of the cosine similarities (CLIP's 100, as the authors' code)")
-    shift: str = field("auto", "post-hoc prior shift of single-label probabilities, p x prior^-tau renormalised "
-                               "(prior: the training split's class frequencies): auto: tau in -1..1 (steps of "
-                               "0.25) chosen on the validation split by the mean of UAR and WAR; a number: "
-                               "that tau; 0: none")
+    shift: str = field("undo", "post-hoc prior shift of single-label probabilities, p x prior^-tau renormalised "
+                               "(prior: the training split's class frequencies): undo: tau = minus the class "
+                               "weighting's exponent (balanced -1, sqrt -0.5, none 0), the decisions of the "
+                               "unweighted problem; auto: tau in -1..1 (steps of 0.25) chosen on the validation "
+                               "split by the mean of UAR and WAR; a number: that tau; 0: none. A fixed tau (undo, "
+                               "a number) also scores the epochs on validation")
     stages: int = field(2, "2: two-stage training (sec. 3.4); 1: train on all modalities at once (the ablation)")
     drop_prob: float = field(0.3, "stage 2: chance to drop each present modality of an item (one always stays)")
     lr_factor: float = field(0.6, "ReduceLROnPlateau factor on the validation loss (the paper: 0.6)")
@@ -117,11 +124,11 @@ class UMBEConfig(TorchParams):
         if not 0 < self.lr_factor < 1 or self.lr_patience < 0 or self.min_lr < 0:
             raise ConfigError(f"lr_factor={self.lr_factor} must be in (0, 1), lr_patience={self.lr_patience} "
                               f"and min_lr={self.min_lr} >= 0")
-        if self.shift != "auto":
+        if self.shift not in ("auto", "undo"):
             try:
                 float(self.shift)
             except ValueError:
-                raise ConfigError(f"shift={self.shift!r} must be auto or a number (0: no shift)") from None
+                raise ConfigError(f"shift={self.shift!r} must be undo, auto or a number (0: no shift)") from None
         if self.l1 < 0 or self.match_weight < 0 or self.scale <= 0 or self.max_len < 0:
             raise ConfigError(f"l1={self.l1}, match_weight={self.match_weight}, max_len={self.max_len} must be "
                               f">= 0 and scale={self.scale} > 0")
@@ -417,7 +424,12 @@ def shift_curve(proba: np.ndarray, targets: Targets, prior) -> dict[float, tuple
 
 def _shifted(proba: np.ndarray, prior, tau: float) -> np.ndarray:
     """p x prior^-tau, renormalised per row: softmax(log p - tau log prior)."""
-    logits = np.log(np.maximum(proba, 1e-300)) - tau * np.log(np.asarray(prior, np.float64))
+    return _shifted_logits(np.log(np.maximum(proba, 1e-300)), prior, tau)
+
+
+def _shifted_logits(z: np.ndarray, prior, tau: float) -> np.ndarray:
+    """softmax(z - tau log prior) per row, in float64 (a logit gap of 200, 100 x cosine, underflows float32)."""
+    logits = np.asarray(z, np.float64) - tau * np.log(np.asarray(prior, np.float64))
     logits -= logits.max(1, keepdims=True)
     out = np.exp(logits)
     return out / out.sum(1, keepdims=True)
@@ -517,13 +529,22 @@ class UMBE(Head):
         {tau: (UAR, WAR)} when tau was chosen on it. argmax(log p - tau log prior) moves the decisions
         along the model's UAR/WAR trade-off (tau 1: a full logit adjustment towards UAR, -1 towards
         WAR) without retraining; see docs/heads.md, "umbe", for why the operating point matters here."""
-        self.meta_["shift"] = 0.0 if self.shift == "auto" else float(self.shift)
+        self.meta_["shift"] = self._fixed_shift()
         if self.shift != "auto" or y.kind != "single" or eval_set is None or not len(eval_set[1]):
             return {}
         raw = self.predict_proba(eval_set[0])  # shift 0 for now
         curve = shift_curve(raw, eval_set[1], self.meta_["prior"])
         self.meta_["shift"] = max(curve, key=lambda t: (sum(curve[t]) / 2, -abs(t)))  # ties: the smaller shift
         return {f"{t:g}": (round(u, 4), round(w, 4)) for t, (u, w) in curve.items()}
+
+    def _fixed_shift(self) -> float:
+        """tau when it is not chosen on validation: undo's minus the weighting exponent, or the number given;
+        0 for auto (chosen after training) and for targets other than single labels."""
+        if self.shift == "auto" or self.meta_.get("kind") != "single":
+            return 0.0
+        if self.shift == "undo":
+            return {"none": 0.0, "sqrt": -0.5, "balanced": -1.0}[self.class_weight]
+        return float(self.shift)
 
     def _stage_loss(self, stage: int):
         mods = self.meta_["dims"]
@@ -537,11 +558,12 @@ class UMBE(Head):
     def _train_stage(self, net, train: TensorSet, val: TensorSet | None, eval_set, kind: str, stage: int,
                      device) -> dict:
         val_score = val_loss = None
+        tau = self._fixed_shift()  # the epochs are scored on the decisions the head will make
         if val is not None:
             scorer = validation_scorer(self, eval_set[1], kind)
             val_loss = lambda m: self._loss_on(m, val)  # noqa: E731
             val_score = (lambda m: -val_loss(m)) if self.select == "loss" else \
-                (lambda m: scorer(self._proba_torch(m, val)))  # noqa: E731
+                (lambda m: scorer(self._proba_torch(m, val, self.meta_["prior"], tau)))  # noqa: E731
         hist = train_loop(net, self._stage_loss(stage), train, params=self._loop_params(), device=device,
                           val_score=val_score, plateau=Plateau(self.lr_factor, self.lr_patience, self.min_lr),
                           val_loss=val_loss)
@@ -562,9 +584,9 @@ class UMBE(Head):
         return total / max(den, 1e-12)
 
     @staticmethod
-    def _proba_torch(net, data: TensorSet) -> np.ndarray:
-        outs = [net(b)[0] for b in data.batches(1024)]
-        return scores_from_outputs(torch.cat(outs), "single")
+    def _proba_torch(net, data: TensorSet, prior, tau: float) -> np.ndarray:
+        z = torch.cat([net(b)[0] for b in data.batches(1024)])
+        return _shifted_logits(z.cpu().numpy(), prior, tau) if tau else scores_from_outputs(z, "single")
 
     @torch.no_grad()
     def _next_pool(self, net: UMBENet, train: TensorSet) -> dict:
@@ -599,7 +621,9 @@ class UMBE(Head):
         return idx
 
     # ---- inference -----------------------------------------------------------------
-    def predict_proba(self, X: Features) -> np.ndarray:
+    def logits(self, X: Features) -> np.ndarray:
+        """The network's logits `[N, C]` (scale x cosine), prompts selected with the FAISS key index, before
+        any post-hoc shift."""
         self._check_features(X)
         data = self._tensors(X)
         self.net_.eval()
@@ -609,13 +633,16 @@ class UMBE(Head):
                 q = self.net_.fuse(b)
                 idx = torch.from_numpy(self.select_faiss(q.numpy()))
                 outs.append(self.net_.logits(q, idx))
-        if not outs:
+        return torch.cat(outs).numpy() if outs else np.zeros((0, len(self.meta_["classes"])), np.float32)
+
+    def predict_proba(self, X: Features) -> np.ndarray:
+        z = self.logits(X)
+        if not len(z):
             return np.zeros((0, len(self.meta_["classes"])))
-        proba = scores_from_outputs(torch.cat(outs), self.meta_["kind"])
         tau = float(self.meta_.get("shift", 0.0))
         if tau and self.meta_["kind"] == "single":
-            proba = _shifted(proba, self.meta_["prior"], tau)
-        return proba
+            return _shifted_logits(z, self.meta_["prior"], tau)
+        return scores_from_outputs(torch.from_numpy(z), self.meta_["kind"])
 
     # ---- persistence ---------------------------------------------------------------
     def _state(self) -> dict[str, np.ndarray]:

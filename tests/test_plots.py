@@ -153,3 +153,32 @@ def test_train_head_and_sweep_write_the_pictures(tmp_path):
     for p in [*paths, out]:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*"))  # no temporary file left
+
+
+def test_results_redraw_reads_back_the_tables_it_wrote(tmp_path, monkeypatch):
+    """bench/results.py --redraw: the picture's numbers come back from the markdown tables, bold best
+    cells included, to the 4 decimals written; the ablation rows keep their labels with spaces."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_results", Path(__file__).parents[1] / "bench" / "results.py")
+    results = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_results", results)  # its dataclasses look their module up
+    spec.loader.exec_module(results)
+    rng = np.random.default_rng(0)
+    table = {t.name: {label: {**{m: (float(rng.uniform(0, 1)), float(rng.uniform(0, .05))) for m in t.metrics},
+                              "val_primary": (0.5, 0.0), "seconds": (1.0, 0.0)}
+                      for label in ("linear", "mlp", "univa w/o VA-CL, w/o prior")}
+             for t in results.TASKS}
+    md = tmp_path / "results.md"
+    md.write_text(results.markdown(table, {"An extra section": "| a | b |\n| --- | --- |\n| 1 ± 2 | 3 |"}, 3, 1.0))
+    back = results.read_tables(md)
+    assert list(back) == list(table)
+    for task, rows in table.items():
+        assert list(back[task]) == list(rows)
+        for label, cells in rows.items():
+            for m, (mean, std) in cells.items():
+                if m not in ("val_primary", "seconds"):
+                    assert back[task][label][m] == pytest.approx((mean, std), abs=5e-5)
+    assert results.main(["--redraw", "--out", str(md)]) == 0 and (tmp_path / "results.png").stat().st_size > 0

@@ -179,7 +179,7 @@ def test_select_loss_keeps_the_epoch_with_the_least_validation_loss():
     X, y = three(120, 3)
     Xv, yv = three(50, 4)
     head = heads.create("umbe", **{**SMALL, "epochs": 6, "patience": 0, "stages": 1, "lr": 3e-2},
-                        class_weight="balanced", select="loss").fit(X, y, eval_set=(Xv, yv))
+                        class_weight="balanced", select="loss", shift="0").fit(X, y, eval_set=(Xv, yv))
     losses = head.history_["val_loss"]
     assert len(losses) == 6 and len(set(np.round(losses, 6))) > 1  # a real choice among different losses
     logits = np.log(np.clip(head.predict_proba(Xv), 1e-30, None))  # softmax probabilities -> log-probabilities
@@ -440,7 +440,7 @@ def test_shift_auto_picks_the_best_validation_mean_and_shifts_the_probabilities(
     X, y = X.take(keep), y.take(keep)
     Xv, yv = three(60, 22)
     params = {**SMALL, "epochs": 2, "stages": 1, "class_weight": "balanced"}
-    head = heads.create("umbe", **params).fit(X, y, eval_set=(Xv, yv))
+    head = heads.create("umbe", **params, shift="auto").fit(X, y, eval_set=(Xv, yv))
     prior = np.bincount(y.y, minlength=3) / len(y)
     assert head.meta_["prior"] == pytest.approx(prior.tolist())
     tau = head.meta_["shift"]
@@ -458,4 +458,33 @@ def test_shift_auto_picks_the_best_validation_mean_and_shifts_the_probabilities(
     want = fixed.predict_proba(Xv) * prior ** -0.5
     np.testing.assert_allclose(shifted, want / want.sum(1, keepdims=True), rtol=1e-6)
     with pytest.raises(ConfigError, match="shift='x'"):
+        heads.create("umbe", shift="x")
+
+
+def test_shift_undo_reverses_the_class_weighting_and_scores_epochs_on_the_shifted_decisions():
+    """`shift=undo` (the default): tau is minus the class weighting's exponent (balanced -1, sqrt -0.5,
+    none 0), so the decisions are argmax(p x prior) for balanced training, the Bayes rule of the unweighted
+    problem when the weighted model's p is proportional to posterior / prior; the kept epoch is the one
+    whose shifted decisions have the best validation UAR (recomputed with scikit-learn)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    X, y = three(150, 31)
+    keep = np.r_[np.flatnonzero(y.y == 0), np.flatnonzero(y.y != 0)[:40]]  # imbalanced: class 0 dominates
+    X, y = X.take(keep), y.take(keep)
+    Xv, yv = three(60, 32)
+    params = {**SMALL, "epochs": 5, "patience": 0, "stages": 1, "lr": 3e-2}
+    prior = np.bincount(y.y, minlength=3) / len(y)
+    for weighting, tau in (("balanced", -1.0), ("sqrt", -0.5), ("none", 0.0)):
+        head = heads.create("umbe", **params, class_weight=weighting).fit(X, y, eval_set=(Xv, yv))
+        assert head.meta_["shift"] == tau
+        proba = head.predict_proba(Xv)
+        head.meta_["shift"] = 0.0
+        want = head.predict_proba(Xv) * prior ** -tau
+        np.testing.assert_allclose(proba, want / want.sum(1, keepdims=True), rtol=1e-5)
+        scores = head.history_["val_score"]
+        assert len(scores) == 5 and max(scores) == pytest.approx(
+            balanced_accuracy_score(yv.y, proba.argmax(1)), abs=1e-9)
+        if weighting == "balanced":  # the epochs really were scored on the shifted decisions
+            assert len(set(np.round(scores, 6))) > 1
+    with pytest.raises(ConfigError, match="shift='x'.*undo"):
         heads.create("umbe", shift="x")
