@@ -17,7 +17,7 @@
     also post-hoc decision rules on the same fits (`post_hoc_rules`), and with `mlp` among the configs a
     paired bootstrap of each configuration minus `mlp` over the held-out items.
 
-    .venv/bin/python bench/umbe_check.py [--store DIR] [--seeds 3] [--only demo|synthetic|configs] [--threads 1]
+    .venv/bin/python bench/umbe_check.py [--store DIR] [--seeds 3] [--only demo|synthetic|configs|cv] [--threads 1]
 """
 from __future__ import annotations
 

@@ -532,7 +532,7 @@ class UMBE(Head):
         self.meta_["shift"] = self._fixed_shift()
         if self.shift != "auto" or y.kind != "single" or eval_set is None or not len(eval_set[1]):
             return {}
-        raw = self.predict_proba(eval_set[0])  # shift 0 for now
+        raw = _shifted_logits(self.logits(eval_set[0]), self.meta_["prior"], 0.0)  # float64 softmax
         curve = shift_curve(raw, eval_set[1], self.meta_["prior"])
         self.meta_["shift"] = max(curve, key=lambda t: (sum(curve[t]) / 2, -abs(t)))  # ties: the smaller shift
         return {f"{t:g}": (round(u, 4), round(w, 4)) for t, (u, w) in curve.items()}
@@ -649,6 +649,8 @@ class UMBE(Head):
         return {f"net.{k}": v.detach().cpu().numpy() for k, v in self.net_.state_dict().items()}
 
     def _restore(self, state: Mapping[str, np.ndarray], meta: dict) -> None:
+        if "shift" not in meta:  # saved before `shift` existed: it predicted unshifted, and its params say so
+            self.shift = "0"
         self.net_ = self._network()
         self.net_.load_state_dict({k[4:]: torch.from_numpy(np.array(v)) for k, v in state.items()
                                    if k.startswith("net.")})

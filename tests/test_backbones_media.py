@@ -451,3 +451,22 @@ def test_partial_slices_match_resemblyzer():
     assert partial_slices(16000, 1.3, 0.75) == [slice(0, 160)]
     s = partial_slices(48000, 1.3, 0.75)
     assert [x.start for x in s] == [0, 77, 154] and all(x.stop - x.start == 160 for x in s)
+
+
+def test_clip_image_decode_threads_follow_the_device_and_the_cpus_the_process_may_use(monkeypatch):
+    """On CUDA a batch's images are prepared on up to 8 threads, never more than the process's CPU
+    affinity or torch's thread count (a Ray actor's OMP_NUM_THREADS); on the CPU on one."""
+    import os
+
+    import torch
+
+    bb = backbones.create("clip-image", device="cpu")
+    assert bb.prepare_workers == 1
+    bb.device = "cuda:0"  # only the device string is read: no GPU is touched
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert bb.prepare_workers == 3
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 32)
+    assert bb.prepare_workers == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert bb.prepare_workers == 2

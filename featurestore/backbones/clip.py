@@ -62,9 +62,16 @@ class CLIPImage(_CLIPBase):
     @property
     def prepare_workers(self) -> int:
         """On a GPU, a batch's images are decoded and resized on up to 8 threads at once (PIL releases
-        the GIL): one thread fed an H100 ViT-B/32 at 1% utilisation (bench/gpu.py). On the CPU the
-        model needs the cores, and one thread keeps ahead of it."""
-        return max(1, min(8, os.cpu_count() or 1)) if self.device.startswith("cuda") else 1
+        the GIL): one thread fed an H100 ViT-B/32 at 1% utilisation (bench/gpu.py). No more threads than
+        the process may use: its CPU affinity (taskset, a container's cpuset) and torch's thread count
+        (a Ray actor's OMP_NUM_THREADS is its num_cpus). On the CPU the model needs the cores, and one
+        thread keeps ahead of it."""
+        if not self.device.startswith("cuda"):
+            return 1
+        import torch
+
+        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(8, allowed, torch.get_num_threads()))
 
     def _load(self) -> None:
         from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
