@@ -333,16 +333,23 @@ class UMBENet(nn.Module):
         """Indices `[B, top_k]` of the keys most cosine-similar to each item's own query (eq. 4, 8)."""
         return torch.topk(q @ self.normalised_keys().T, self.top_k, dim=-1).indices
 
+    def _picks(self, idx, dtype):
+        """One-hot `[B, k, pool]` of the selections. Gathering rows by a matmul with it, not by indexing:
+        the backward of indexing accumulates with threads in no fixed order on the CPU, so two runs with
+        the same seed drifted apart (by 3e-5 in the logits after 3 epochs at 2 threads)."""
+        return F.one_hot(idx, len(self.keys)).to(dtype)
+
     def match_loss(self, q, idx):
         """Mean over items of sum over its selected keys of 1 - cos(query, key); the query is held fixed."""
-        k = self.normalised_keys()[idx]  # [B, k, H]
+        k = torch.einsum("bkp,ph->bkh", self._picks(idx, q.dtype), self.normalised_keys())  # [B, k, H]
         return (1 - (k * q.detach()[:, None]).sum(-1)).sum(1).mean()
 
     # -- stream 2: prompts -> one text feature per class --
     def class_features(self, idx):
         """`[B, C, hidden]` normalised: SFF over the selected values, + inherent tokens, encoded per class."""
         gated = self.gate(self.values) * self.values  # [P, L, H]: the gate of eq. 11 on every value token
-        selected = gated[idx].sum(1)  # [B, L, H]: P' of eq. 10, the gated selected prompts fused
+        selected = torch.einsum("bp,plh->blh", self._picks(idx, gated.dtype).sum(1), gated)  # [B, L, H]: P' of
+        # eq. 10, the gated selected prompts summed
         memory = torch.cat([selected, self.inherent.expand(len(idx), -1, -1).to(selected.dtype)], 1)
         if self.clip is not None:
             return self.clip(memory)
