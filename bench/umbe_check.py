@@ -94,8 +94,10 @@ def run_configs(store, seeds: list[int], configs: list[str]) -> None:
 
 def uar_war(y: np.ndarray, pred: np.ndarray, n_classes: int) -> tuple[float, float]:
     """UAR (mean recall over the classes present) and WAR (accuracy), in points."""
-    recalls = [(pred[y == c] == c).mean() for c in range(n_classes) if (y == c).any()]
-    return 100 * float(np.mean(recalls)), 100 * float((pred == y).mean())
+    from featurestore.heads import metrics
+
+    m = metrics.single(y, pred, n_classes)
+    return 100 * m["uar"], 100 * m["war"]
 
 
 def paired_bootstrap(y: np.ndarray, head: list[list[np.ndarray]], reference: list[list[np.ndarray]],
@@ -146,11 +148,11 @@ def shift_rules(z_val: np.ndarray, y_val: np.ndarray, z_held: np.ndarray, prior)
     (tau from -1..1 by the validation mean of UAR and WAR), tau -0.5, tau -1 (`undo` of balanced weights),
     and temperature + tau by validation log-loss."""
     from featurestore.heads import Targets
-    from featurestore.heads.umbe import shift_curve
+    from featurestore.heads.umbe import choose_shift, shift_curve, shifted_softmax
 
     lp = np.log(np.asarray(prior, np.float64))
-    curve = shift_curve(softmax(z_val), Targets("single", y_val, [str(c) for c in range(len(prior))]), prior)
-    tau = max(curve, key=lambda t: (sum(curve[t]) / 2, -abs(t)))
+    tau = choose_shift(shift_curve(shifted_softmax(z_val, prior, 0.0),
+                                   Targets("single", y_val, [str(c) for c in range(len(prior))]), prior))
     T, cal = log_loss_shift(z_val, y_val, prior)
     return {"tau 0": z_held.argmax(1), "auto": (z_held - tau * lp).argmax(1),
             "tau -0.5": (z_held + 0.5 * lp).argmax(1), "tau -1": (z_held + lp).argmax(1),
@@ -167,7 +169,7 @@ def run_cv_select(store, folds: int, configs: list[str]) -> None:
     import featurestore.heads as heads
     from featurestore.heads import Targets, metrics
     from featurestore.heads._data import carve_validation, prepare
-    from featurestore.heads.umbe import shift_curve
+    from featurestore.heads.umbe import shift_curve, shifted_softmax
     from featurestore.jobs.cv import _concat, cv_folds
 
     data = prepare(store, "demo", {"text": "minilm"}, target="label", seed=0)
@@ -189,7 +191,7 @@ def run_cv_select(store, folds: int, configs: list[str]) -> None:
             head = heads.create(method, seed=k, **params).fit(Xf.take(fit_rows), yf.take(fit_rows),
                                                               eval_set=(Xf.take(val_rows), yf.take(val_rows)))
             # the curve below starts from the model's own scores: umbe's before its post-hoc shift
-            proba[held] = softmax(head.logits(X.take(held))) if hasattr(head, "logits") else \
+            proba[held] = shifted_softmax(head.logits(X.take(held)), head.meta_["prior"], 0.0) if hasattr(head, "logits") else \
                 head.predict_proba(X.take(held))
             preds.append([head.predict(X.take(held))])
             m = metrics.evaluate(y.take(held), preds[-1][0])
@@ -275,11 +277,6 @@ def run_synthetic(seeds: list[int], params: dict) -> dict:
                 f" ({time.perf_counter() - t0:.0f} s)", flush=True)
         out[stages] = np.array(rows)
     return {"conditions": conditions, **out}
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, np.float64) - np.max(z, 1, keepdims=True)
-    return np.exp(z) / np.exp(z).sum(1, keepdims=True)
 
 
 def fmt(a: np.ndarray) -> str:

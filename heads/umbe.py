@@ -49,7 +49,7 @@ from ._torch import Plateau, TorchParams, _check_kind, pick_device, scores_from_
     validation_scorer
 
 __all__ = ["UMBE", "UMBEConfig", "UMBENet", "umbe_loss", "unimodal_batch", "drop_modalities", "class_weights",
-           "INDEX_FILE"]
+           "shift_curve", "choose_shift", "shifted_softmax", "INDEX_FILE"]
 
 INDEX_FILE = "prompt_keys.faiss"
 
@@ -418,6 +418,11 @@ def class_weights(y: np.ndarray, n_classes: int, device=None) -> torch.Tensor:
 SHIFTS = tuple(np.arange(-1.0, 1.001, 0.25).round(2).tolist())
 
 
+def choose_shift(curve: Mapping[float, tuple[float, float]]) -> float:
+    """`shift=auto`'s tau: the best mean of UAR and WAR on the curve; ties go to the smaller |tau|."""
+    return max(curve, key=lambda t: (sum(curve[t]) / 2, -abs(t)))
+
+
 def shift_curve(proba: np.ndarray, targets: Targets, prior) -> dict[float, tuple[float, float]]:
     """{tau: (UAR, WAR)} of the decisions argmax(p x prior^-tau) for each tau of SHIFTS."""
     from . import metrics
@@ -431,10 +436,10 @@ def shift_curve(proba: np.ndarray, targets: Targets, prior) -> dict[float, tuple
 
 def _shifted(proba: np.ndarray, prior, tau: float) -> np.ndarray:
     """p x prior^-tau, renormalised per row: softmax(log p - tau log prior)."""
-    return _shifted_logits(np.log(np.maximum(proba, 1e-300)), prior, tau)
+    return shifted_softmax(np.log(np.maximum(proba, 1e-300)), prior, tau)
 
 
-def _shifted_logits(z: np.ndarray, prior, tau: float) -> np.ndarray:
+def shifted_softmax(z: np.ndarray, prior, tau: float) -> np.ndarray:
     """softmax(z - tau log prior) per row, in float64 (a logit gap of 200, 100 x cosine, underflows float32)."""
     logits = np.asarray(z, np.float64) - tau * np.log(np.asarray(prior, np.float64))
     logits -= logits.max(1, keepdims=True)
@@ -539,9 +544,9 @@ class UMBE(Head):
         self.meta_["shift"] = self._fixed_shift()
         if self.shift != "auto" or y.kind != "single" or eval_set is None or not len(eval_set[1]):
             return {}
-        raw = _shifted_logits(self.logits(eval_set[0]), self.meta_["prior"], 0.0)  # float64 softmax
+        raw = shifted_softmax(self.logits(eval_set[0]), self.meta_["prior"], 0.0)  # float64 softmax
         curve = shift_curve(raw, eval_set[1], self.meta_["prior"])
-        self.meta_["shift"] = max(curve, key=lambda t: (sum(curve[t]) / 2, -abs(t)))  # ties: the smaller shift
+        self.meta_["shift"] = choose_shift(curve)
         return {f"{t:g}": (round(u, 4), round(w, 4)) for t, (u, w) in curve.items()}
 
     def _fixed_shift(self) -> float:
@@ -593,7 +598,7 @@ class UMBE(Head):
     @staticmethod
     def _proba_torch(net, data: TensorSet, prior, tau: float) -> np.ndarray:
         z = torch.cat([net(b)[0] for b in data.batches(1024)])
-        return _shifted_logits(z.cpu().numpy(), prior, tau) if tau else scores_from_outputs(z, "single")
+        return shifted_softmax(z.cpu().numpy(), prior, tau) if tau else scores_from_outputs(z, "single")
 
     @torch.no_grad()
     def _next_pool(self, net: UMBENet, train: TensorSet) -> dict:
@@ -648,7 +653,7 @@ class UMBE(Head):
             return np.zeros((0, len(self.meta_["classes"])))
         tau = float(self.meta_.get("shift", 0.0))
         if tau and self.meta_["kind"] == "single":
-            return _shifted_logits(z, self.meta_["prior"], tau)
+            return shifted_softmax(z, self.meta_["prior"], tau)
         return scores_from_outputs(torch.from_numpy(z), self.meta_["kind"])
 
     # ---- persistence ---------------------------------------------------------------
