@@ -7,6 +7,7 @@ itself is `heads._engine.run_epochs`, shared by every engine.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from typing import Any, Callable, Mapping
@@ -68,16 +69,23 @@ class Plateau:
 
 def train_loop(model, loss_fn: Callable[[Any, dict], Any], train: TensorSet, *, params: TorchParams, device,
                val_score: Callable[[Any], float] | None = None, log: Callable[[str], None] | None = None,
-               plateau: Plateau | None = None, val_loss: Callable[[Any], float] | None = None) -> dict:
+               plateau: Plateau | None = None, val_loss: Callable[[Any], float] | None = None,
+               ema: float = 0.0, stop_when: Callable[[Any], float | None] | None = None) -> dict:
     """Train one `model` with `torch.optim.AdamW` on mini-batch slices of `train` (`run_epochs`, C = 1);
     early-stop on `val_score(model)` (higher is better). `loss_fn(model, batch) -> scalar tensor`.
     With `plateau`, the learning rate follows torch's ReduceLROnPlateau on `val_loss(model)` (the
     epoch's training loss when there is none) and training stops once it falls below `plateau.min_lr`.
+    With `ema` > 0, an exponential moving average of the trained parameters (decay min(ema, (1 + t) /
+    (10 + t)) at step t) is what is validated, snapshotted and returned; the optimiser trains the live ones.
     Returns the history; the model ends with its best weights, in eval mode."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=params.lr,
                             weight_decay=params.weight_decay)
     sched = None if plateau is None else torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="min", factor=plateau.factor, patience=plateau.patience)
+
+    live = [p for p in model.parameters() if p.requires_grad]
+    shadow = [p.detach().clone() for p in live] if ema > 0 else None
+    updates = [0]
 
     def step(batch):
         model.train()
@@ -86,11 +94,38 @@ def train_loop(model, loss_fn: Callable[[Any, dict], Any], train: TensorSet, *, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if shadow is not None:
+            with torch.no_grad():
+                decay = min(ema, (1 + updates[0]) / (10 + updates[0]))
+                torch._foreach_lerp_(shadow, [p.detach() for p in live], 1.0 - decay)
+            updates[0] += 1
         return loss.detach()
+
+    @contextlib.contextmanager
+    def averaged():
+        """The averaged parameters in the model for the duration (nothing to do without `ema`)."""
+        if shadow is None:
+            yield
+            return
+        saved = [p.detach().clone() for p in live]
+        with torch.no_grad():
+            for p, a in zip(live, shadow):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in zip(live, saved):
+                    p.copy_(w)
 
     def validate(active):
         model.eval()
-        return [val_score(model)]
+        with averaged():
+            return [val_score(model)]
+
+    def snapshot(pos):
+        with averaged():
+            return copy.deepcopy(model.state_dict())
 
     stop = StackStopping([params.epochs], [params.patience])
 
@@ -99,7 +134,7 @@ def train_loop(model, loss_fn: Callable[[Any, dict], Any], train: TensorSet, *, 
         history = stop.histories[0]
         if val_loss is not None:
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), averaged():
                 loss = float(val_loss(model))
             history.setdefault("val_loss", []).append(loss)
         else:
@@ -109,13 +144,25 @@ def train_loop(model, loss_fn: Callable[[Any, dict], Any], train: TensorSet, *, 
         history.setdefault("lr", []).append(max(lrs))
         return max(lrs) < plateau.min_lr
 
+    def after_epoch() -> bool:
+        spent = lr_spent() if sched is not None else False
+        if stop_when is None:
+            return spent
+        model.eval()
+        with torch.no_grad(), averaged():
+            return bool(stop_when(model)) or spent
+
     best, hist = run_epochs(train.to(device), batch_size=params.batch_size,
                             generator=torch.Generator().manual_seed(params.seed), stop=stop, step=step,
-                            snapshot=lambda pos: copy.deepcopy(model.state_dict()),
+                            snapshot=snapshot,
                             validate=validate if val_score is not None else None,
-                            after_epoch=lr_spent if sched is not None else None, log=log)
+                            after_epoch=after_epoch if sched is not None or stop_when is not None else None, log=log)
     if best[0] is not None:
         model.load_state_dict(best[0])
+    elif shadow is not None:  # no snapshot was taken: end on the averaged weights
+        with torch.no_grad():
+            for p, a in zip(live, shadow):
+                p.copy_(a)
     model.eval()
     return hist[0]
 

@@ -96,6 +96,10 @@ class UMBEConfig(TorchParams):
                                "unweighted problem; auto: tau in -1..1 (steps of 0.25) chosen on the validation "
                                "split by the mean of UAR and WAR; a number: that tau; 0: none. A fixed tau (undo, "
                                "a number) also scores the epochs on validation")
+    ema: float = field(0.0, "decay of an exponential moving average of the weights, which is what is validated "
+                       "and kept (0: none, the paper's)")
+    stop_train_acc: float = field(0.0, "end a stage once the training accuracy (all modalities, after the epoch) "
+                                  "exceeds this (the paper: 0.8, not in its code; 0: never)")
     stages: int = field(2, "2: two-stage training (sec. 3.4); 1: train on all modalities at once (the ablation)")
     drop_prob: float = field(0.3, "stage 2: chance to drop each present modality of an item (one always stays)")
     lr_factor: float = field(0.6, "ReduceLROnPlateau factor on the validation loss (the paper: 0.6)")
@@ -115,6 +119,10 @@ class UMBEConfig(TorchParams):
             raise ConfigError(f"top_k={self.top_k} exceeds pool_size={self.pool_size}; choose top_k <= pool_size")
         if self.prompt_length < 2:
             raise ConfigError(f"prompt_length={self.prompt_length} must be at least 2 (half value, half inherent)")
+        if not 0 <= self.stop_train_acc <= 1:
+            raise ConfigError(f"stop_train_acc={self.stop_train_acc} must be in [0, 1] (0: never; the paper: 0.8)")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"ema={self.ema} must be in [0, 1) (0: no weight averaging; 0.99 averages about 100 steps)")
         if self.stages not in (1, 2):
             raise ConfigError(f"stages={self.stages} must be 1 (one-stage ablation) or 2 (two-stage training)")
         bad = [f"{n}={getattr(self, n)} must be in [0, 1)" for n in ("dropout", "drop_prob")
@@ -576,10 +584,30 @@ class UMBE(Head):
             val_loss = lambda m: self._loss_on(m, val)  # noqa: E731
             val_score = (lambda m: -val_loss(m)) if self.select == "loss" else \
                 (lambda m: scorer(self._proba_torch(m, val, self.meta_["prior"], tau)))  # noqa: E731
+        hist_acc: list[float] = []
         hist = train_loop(net, self._stage_loss(stage), train, params=self._loop_params(), device=device,
                           val_score=val_score, plateau=Plateau(self.lr_factor, self.lr_patience, self.min_lr),
-                          val_loss=val_loss)
+                          val_loss=val_loss, ema=self.ema, stop_when=self._train_acc_stop(train.to(device), tau, hist_acc))
+        if hist_acc:
+            hist["train_acc"] = hist_acc
         return {**hist, "stage": stage}
+
+    def _train_acc_stop(self, train: TensorSet, tau: float, record: list):
+        """The paper's early end (sec. 4.1): true once the training split's accuracy (every modality given,
+        the head's decisions: shifted by tau) exceeds `stop_train_acc`; each epoch's accuracy is appended
+        to `record`. None when off."""
+        if not self.stop_train_acc or self.meta_.get("kind") != "single":
+            return None
+        shift = -tau * torch.log(torch.as_tensor(self.meta_["prior"], dtype=torch.float32))
+
+        def done(net) -> bool:
+            hits = 0
+            for b in train.batches(2048):
+                z = net(b)[0].float()
+                hits += int(((z + shift.to(z.device)).argmax(1) == b["y"]).sum())
+            record.append(round(hits / max(len(train), 1), 4))
+            return record[-1] > self.stop_train_acc
+        return done
 
     def _loop_params(self) -> TorchParams:
         return TorchParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TorchParams)})

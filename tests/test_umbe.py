@@ -314,10 +314,68 @@ def test_train_loop_plateau_follows_torch_and_stops_below_min_lr():
     assert plain["epochs_run"] == 3 and "lr" not in plain
 
 
+def test_train_loop_ema_validates_and_keeps_the_moving_average_of_a_plain_adamw_loop():
+    from featurestore.heads._data import TensorSet
+
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    data = TensorSet({"x": x, "y": y}, 16)
+    loss = lambda m, b: (m(b["x"]) - b["y"]).pow(2).mean()  # noqa: E731
+    start = torch.nn.Linear(3, 1)
+
+    def reference(steps: int, ema: float) -> list[torch.Tensor]:
+        """torch.optim.AdamW on the whole split, the average written from its definition."""
+        m = copy.deepcopy(start)
+        opt = torch.optim.AdamW(m.parameters(), lr=0.05, weight_decay=1e-4)
+        avg = [p.detach().clone() for p in m.parameters()]
+        for t in range(steps):
+            opt.zero_grad()
+            loss(m, {"x": x, "y": y}).backward()
+            opt.step()
+            d = min(ema, (1 + t) / (10 + t))
+            avg = [d * a + (1 - d) * p.detach() for a, p in zip(avg, m.parameters())]
+        return avg
+
+    params = TorchParams(epochs=6, batch_size=16, lr=0.05, weight_decay=1e-4, patience=0)
+    seen = []
+
+    def score(m):  # the weights validation sees; a constant score keeps the first epoch's snapshot
+        seen.append([p.detach().clone() for p in m.parameters()])
+        return 1.0
+
+    model = copy.deepcopy(start)
+    train_loop(model, loss, data, params=params, device=torch.device("cpu"), val_score=score, ema=0.9)
+    for epoch in (1, 6):
+        for got, want in zip(seen[epoch - 1], reference(epoch, 0.9)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(model.parameters(), reference(1, 0.9)):  # kept: the first epoch's average
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(reference(6, 0.9)[0], reference(6, 0.0)[0])  # the average is not the live weights
+    model = copy.deepcopy(start)  # no validation: the loop ends on the average of every step
+    train_loop(model, loss, data, params=params, device=torch.device("cpu"), ema=0.9)
+    for got, want in zip(model.parameters(), reference(6, 0.9)):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_stop_train_acc_ends_training_once_the_training_accuracy_exceeds_it():
+    """The paper's early end: the accuracies recorded per epoch stay at or below the bar until the last,
+    which exceeds it and equals the accuracy of the head's own predictions (FAISS selection, shifted
+    decisions) on the training split, the weights the loop ended on when nothing is validated."""
+    X, y = three(150, 5)
+    head = heads.create("umbe", **{**SMALL, "epochs": 30, "stages": 1, "lr": 1e-2}, stop_train_acc=0.7)
+    head.fit(X, y)
+    acc = head.history_["train_acc"]
+    assert head.history_["epochs_run"] == len(acc) < 30
+    assert all(a <= 0.7 for a in acc[:-1]) and acc[-1] > 0.7
+    assert acc[-1] == pytest.approx(float((head.predict(X) == y.y).mean()), abs=1e-4)
+    assert "train_acc" not in heads.create("umbe", **{**SMALL, "stages": 1}).fit(X, y).history_
+
+
 def test_bad_parameters_are_refused_naming_the_value():
     for bad, match in [({"top_k": 9, "pool_size": 8}, "top_k=9"), ({"stages": 3}, "stages=3"),
                        ({"hidden": 10, "heads": 4}, "hidden=10"), ({"lr_factor": 1.5}, "lr_factor=1.5"),
-                       ({"sff": "conv"}, "conv"), ({"prompt_length": 1}, "prompt_length=1")]:
+                       ({"sff": "conv"}, "conv"), ({"prompt_length": 1}, "prompt_length=1"),
+                       ({"ema": 1.0}, "ema=1.0"), ({"stop_train_acc": 1.5}, "stop_train_acc=1.5")]:
         with pytest.raises(ConfigError, match=match):
             heads.create("umbe", **bad)
     X, _ = three(10, 0)
