@@ -70,13 +70,15 @@ class Plateau:
 def train_loop(model, loss_fn: Callable[[Any, dict], Any], train: TensorSet, *, params: TorchParams, device,
                val_score: Callable[[Any], float] | None = None, log: Callable[[str], None] | None = None,
                plateau: Plateau | None = None, val_loss: Callable[[Any], float] | None = None,
-               ema: float = 0.0, stop_when: Callable[[Any], float | None] | None = None) -> dict:
+               ema: float = 0.0, stop_when: Callable[[Any], bool] | None = None) -> dict:
     """Train one `model` with `torch.optim.AdamW` on mini-batch slices of `train` (`run_epochs`, C = 1);
     early-stop on `val_score(model)` (higher is better). `loss_fn(model, batch) -> scalar tensor`.
     With `plateau`, the learning rate follows torch's ReduceLROnPlateau on `val_loss(model)` (the
     epoch's training loss when there is none) and training stops once it falls below `plateau.min_lr`.
     With `ema` > 0, an exponential moving average of the trained parameters (decay min(ema, (1 + t) /
     (10 + t)) at step t) is what is validated, snapshotted and returned; the optimiser trains the live ones.
+    `stop_when(model) -> bool`, called after each epoch (eval mode, the averaged weights), ends training
+    when true, as a spent learning rate does.
     Returns the history; the model ends with its best weights, in eval mode."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=params.lr,
                             weight_decay=params.weight_decay)
@@ -157,12 +159,8 @@ def train_loop(model, loss_fn: Callable[[Any, dict], Any], train: TensorSet, *, 
                             snapshot=snapshot,
                             validate=validate if val_score is not None else None,
                             after_epoch=after_epoch if sched is not None or stop_when is not None else None, log=log)
-    if best[0] is not None:
+    if best[0] is not None:  # every epoch-end snapshot is of the averaged weights when there are any
         model.load_state_dict(best[0])
-    elif shadow is not None:  # no snapshot was taken: end on the averaged weights
-        with torch.no_grad():
-            for p, a in zip(live, shadow):
-                p.copy_(a)
     model.eval()
     return hist[0]
 

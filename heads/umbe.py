@@ -122,7 +122,7 @@ class UMBEConfig(TorchParams):
         if not 0 <= self.stop_train_acc <= 1:
             raise ConfigError(f"stop_train_acc={self.stop_train_acc} must be in [0, 1] (0: never; the paper: 0.8)")
         if not 0 <= self.ema < 1:
-            raise ConfigError(f"ema={self.ema} must be in [0, 1) (0: no weight averaging; 0.99 averages about 100 steps)")
+            raise ConfigError(f"ema={self.ema} must be in [0, 1) (0: no weight averaging)")
         if self.stages not in (1, 2):
             raise ConfigError(f"stages={self.stages} must be 1 (one-stage ablation) or 2 (two-stage training)")
         bad = [f"{n}={getattr(self, n)} must be in [0, 1)" for n in ("dropout", "drop_prob")
@@ -587,17 +587,18 @@ class UMBE(Head):
         hist_acc: list[float] = []
         hist = train_loop(net, self._stage_loss(stage), train, params=self._loop_params(), device=device,
                           val_score=val_score, plateau=Plateau(self.lr_factor, self.lr_patience, self.min_lr),
-                          val_loss=val_loss, ema=self.ema, stop_when=self._train_acc_stop(train.to(device), tau, hist_acc))
+                          val_loss=val_loss, ema=self.ema, stop_when=self._train_acc_stop(train, device, tau, hist_acc))
         if hist_acc:
             hist["train_acc"] = hist_acc
         return {**hist, "stage": stage}
 
-    def _train_acc_stop(self, train: TensorSet, tau: float, record: list):
+    def _train_acc_stop(self, train: TensorSet, device, tau: float, record: list):
         """The paper's early end (sec. 4.1): true once the training split's accuracy (every modality given,
         the head's decisions: shifted by tau) exceeds `stop_train_acc`; each epoch's accuracy is appended
         to `record`. None when off."""
-        if not self.stop_train_acc or self.meta_.get("kind") != "single":
+        if not self.stop_train_acc:
             return None
+        train = train.to(device)
         shift = -tau * torch.log(torch.as_tensor(self.meta_["prior"], dtype=torch.float32))
 
         def done(net) -> bool:
@@ -605,8 +606,9 @@ class UMBE(Head):
             for b in train.batches(2048):
                 z = net(b)[0].float()
                 hits += int(((z + shift.to(z.device)).argmax(1) == b["y"]).sum())
-            record.append(round(hits / max(len(train), 1), 4))
-            return record[-1] > self.stop_train_acc
+            acc = hits / max(len(train), 1)
+            record.append(round(acc, 4))
+            return acc > self.stop_train_acc
         return done
 
     def _loop_params(self) -> TorchParams:

@@ -355,14 +355,52 @@ def test_train_loop_ema_validates_and_keeps_the_moving_average_of_a_plain_adamw_
     train_loop(model, loss, data, params=params, device=torch.device("cpu"), ema=0.9)
     for got, want in zip(model.parameters(), reference(6, 0.9)):
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    # the schedule's validation loss and the stop rule see the average too; a stop rule that never fires
+    # leaves the spent learning rate to end training (halved every epoch after the first: 4 epochs)
+    at_loss, at_stop = [], []
+    hist = train_loop(copy.deepcopy(start), loss, data, params=params, device=torch.device("cpu"), ema=0.9,
+                      plateau=Plateau(factor=0.5, patience=0, min_lr=0.01),
+                      val_loss=lambda m: at_loss.append([p.detach().clone() for p in m.parameters()]) or 1.0,
+                      stop_when=lambda m: at_stop.append([p.detach().clone() for p in m.parameters()]) and False)
+    assert hist["epochs_run"] == 4 and len(at_loss) == len(at_stop) == 4
+    for seen_at in (at_loss, at_stop):
+        for got, want in zip(seen_at[1], reference(2, 0.9)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_stop_train_acc_ends_training_once_the_training_accuracy_exceeds_it():
+def test_train_loop_ema_puts_the_live_weights_back_when_validation_fails():
+    from featurestore.heads._data import TensorSet
+
+    torch.manual_seed(2)
+    data = TensorSet({"x": torch.randn(16, 3)}, 16)
+    model = torch.nn.Linear(3, 1)
+    mine = copy.deepcopy(model)
+    opt = torch.optim.AdamW(mine.parameters(), lr=0.05, weight_decay=1e-4)
+    loss = lambda m, b: m(b["x"]).pow(2).mean()  # noqa: E731
+    opt.zero_grad()
+    loss(mine, {"x": data.tensors["x"]}).backward()
+    opt.step()  # one AdamW step on the whole split: the live weights when validation raises
+
+    def broken(m):
+        raise RuntimeError("validation failed")
+
+    with pytest.raises(RuntimeError, match="validation failed"):
+        train_loop(model, loss, data, params=TorchParams(epochs=3, batch_size=16, lr=0.05, weight_decay=1e-4),
+                   device=torch.device("cpu"), val_score=broken, ema=0.9)
+    for got, want in zip(model.parameters(), mine.parameters()):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["single", "binary"])
+def test_stop_train_acc_ends_training_once_the_training_accuracy_exceeds_it(kind):
     """The paper's early end: the accuracies recorded per epoch stay at or below the bar until the last,
     which exceeds it and equals the accuracy of the head's own predictions (FAISS selection, shifted
     decisions) on the training split, the weights the loop ended on when nothing is validated."""
     X, y = three(150, 5)
-    head = heads.create("umbe", **{**SMALL, "epochs": 30, "stages": 1, "lr": 1e-2}, stop_train_acc=0.7)
+    if kind == "binary":
+        y = Targets("binary", (y.y > 0).astype(np.int64), ["negative", "positive"])
+    head = heads.create("umbe", **{**SMALL, "epochs": 30, "stages": 1, "lr": 1e-2, "dropout": 0.3},
+                        stop_train_acc=0.7)
     head.fit(X, y)
     acc = head.history_["train_acc"]
     assert head.history_["epochs_run"] == len(acc) < 30
