@@ -15,9 +15,10 @@
 (d) `--only cv --folds 5 --config 'umbe k=v' --config mlp ...`: configurations by K-fold cross-validation
     over the demo's train + validation items only (test never read): UAR, WAR and their mean; for umbe
     also post-hoc decision rules on the same fits (`post_hoc_rules`), and with `mlp` among the configs a
-    paired bootstrap of each configuration minus `mlp` over the held-out items.
+    paired bootstrap of each configuration minus `mlp` over the held-out items. `--cv-seed N` draws
+    another fold split (repeated cross-validation; 0 is the split of the earlier figures).
 
-    .venv/bin/python bench/umbe_check.py [--store DIR] [--seeds 3] [--only demo|synthetic|configs|cv] [--threads 1]
+    .venv/bin/python bench/umbe_check.py [--store DIR] [--seeds 3] [--only demo|synthetic|configs|cv] [--cv-seed 0] [--threads 1]
 """
 from __future__ import annotations
 
@@ -159,11 +160,13 @@ def shift_rules(z_val: np.ndarray, y_val: np.ndarray, z_held: np.ndarray, prior)
             "log-loss": (z_held / T - cal * lp).argmax(1)}
 
 
-def run_cv_select(store, folds: int, configs: list[str]) -> None:
+def run_cv_select(store, folds: int, configs: list[str], cv_seed: int = 0) -> None:
     """`--only cv`: each configuration (a method and its k=v parameters) by K-fold cross-validation over the
     demo's train + validation items only (the test split is never read). Each fold trains on the other
     folds, early-stops on 10% carved from them, and is scored once on its held-out fold; one JSON line
-    per configuration: UAR, WAR and their mean over the folds (what a default is chosen by)."""
+    per configuration: UAR, WAR and their mean over the folds (what a default is chosen by). `cv_seed`
+    draws another fold split (and other carve and head seeds) for a repeated cross-validation; 0 is the
+    split of every figure in docs/heads.md before repeated CV."""
     import json
 
     import featurestore.heads as heads
@@ -176,7 +179,8 @@ def run_cv_select(store, folds: int, configs: list[str]) -> None:
     (Xtr, ytr), (Xv, yv) = data.splits["train"], data.splits["val"]
     X = _concat([Xtr, Xv])
     y = Targets("single", np.concatenate([ytr.y, yv.y]), list(ytr.classes))
-    splits = cv_folds(folds, y, np.full(len(y), None, object), seed=0)
+    splits = cv_folds(folds, y, np.full(len(y), None, object), seed=cv_seed)
+    offset = 1000 * cv_seed
     held_y = np.concatenate([y.y[held] for _, held in splits])
     predictions = {}
     for cfg in configs:
@@ -186,9 +190,9 @@ def run_cv_select(store, folds: int, configs: list[str]) -> None:
         proba = np.zeros((len(y), len(y.classes)))
         t0 = time.perf_counter()
         for k, (train, held) in enumerate(splits):
-            fit_rows, val_rows, _ = carve_validation(len(train), fraction=0.1, seed=k)
+            fit_rows, val_rows, _ = carve_validation(len(train), fraction=0.1, seed=k + offset)
             Xf, yf = X.take(train), y.take(train)
-            head = heads.create(method, seed=k, **params).fit(Xf.take(fit_rows), yf.take(fit_rows),
+            head = heads.create(method, seed=k + offset, **params).fit(Xf.take(fit_rows), yf.take(fit_rows),
                                                               eval_set=(Xf.take(val_rows), yf.take(val_rows)))
             # the curve below starts from the model's own scores: umbe's before its post-hoc shift
             proba[held] = shifted_softmax(head.logits(X.take(held)), head.meta_["prior"], 0.0) if hasattr(head, "logits") else \
@@ -294,6 +298,7 @@ def main() -> None:
     ap.add_argument("--methods", default="mlp,umbe", help="demo heads to compare")
     ap.add_argument("--umbe-param", action="append", default=[], help="k=v override for umbe on the demo")
     ap.add_argument("--synthetic-param", action="append", default=[], help="k=v override for umbe (synthetic)")
+    ap.add_argument("--cv-seed", type=int, default=0, help="--only cv: another fold split (repeated CV)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     import torch
@@ -306,7 +311,7 @@ def main() -> None:
         return
     if args.only == "cv":
         with tempfile.TemporaryDirectory() as tmp:
-            run_cv_select(demo_store(Path(args.store or tmp)), args.folds, args.config or ["mlp", "umbe"])
+            run_cv_select(demo_store(Path(args.store or tmp)), args.folds, args.config or ["mlp", "umbe"], args.cv_seed)
         return
     if args.only in (None, "demo"):
         with tempfile.TemporaryDirectory() as tmp:
