@@ -55,6 +55,8 @@ ABLATIONS: tuple[tuple[str, str, dict], ...] = (
     ("univa", "univa, eq. 11 as printed", {"kl_weight": "1", "kl_target": "normalized", "prior_form": "paper",
                                            "learn_m": "false", "zeta": "0.18"}),
     ("univa", "univa, zeta 0.18 (the paper's)", {"zeta": "0.18"}),
+    ("umbe", "umbe, one stage (the paper's ablation)", {"stages": "1"}),
+    ("umbe", "umbe, stop at 80% training accuracy (the paper's)", {"stop_train_acc": "0.8"}),
 )
 
 
