@@ -80,12 +80,10 @@ def train_loop(model, loss_fn: Callable[[Any, dict], Any], train: TensorSet, *, 
     `stop_when(model) -> bool`, called after each epoch (eval mode, the averaged weights), ends training
     when true, as a spent learning rate does.
     Returns the history; the model ends with its best weights, in eval mode."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=params.lr,
-                            weight_decay=params.weight_decay)
+    live = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(live, lr=params.lr, weight_decay=params.weight_decay)
     sched = None if plateau is None else torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="min", factor=plateau.factor, patience=plateau.patience)
-
-    live = [p for p in model.parameters() if p.requires_grad]
     shadow = [p.detach().clone() for p in live] if ema > 0 else None
     updates = [0]
 
@@ -111,14 +109,12 @@ def train_loop(model, loss_fn: Callable[[Any, dict], Any], train: TensorSet, *, 
             return
         saved = [p.detach().clone() for p in live]
         with torch.no_grad():
-            for p, a in zip(live, shadow):
-                p.copy_(a)
+            torch._foreach_copy_(live, shadow)
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, w in zip(live, saved):
-                    p.copy_(w)
+                torch._foreach_copy_(live, saved)
 
     def validate(active):
         model.eval()

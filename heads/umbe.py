@@ -598,15 +598,10 @@ class UMBE(Head):
         to `record`. None when off."""
         if not self.stop_train_acc:
             return None
-        train = train.to(device)
-        shift = -tau * torch.log(torch.as_tensor(self.meta_["prior"], dtype=torch.float32))
+        train, y = train.to(device), train.tensors["y"].numpy()
 
         def done(net) -> bool:
-            hits = 0
-            for b in train.batches(2048):
-                z = net(b)[0].float()
-                hits += int(((z + shift.to(z.device)).argmax(1) == b["y"]).sum())
-            acc = hits / max(len(train), 1)
+            acc = float((self._proba_torch(net, train, self.meta_["prior"], tau).argmax(1) == y).mean())
             record.append(round(acc, 4))
             return acc > self.stop_train_acc
         return done
