@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -47,8 +48,9 @@ class TorchParams:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        bad = [msg for ok, msg in ((self.lr > 0, f"lr={self.lr} must be > 0"),
-                                   (self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0"),
+        bad = [msg for ok, msg in ((0 < self.lr < math.inf, f"lr={self.lr} must be a finite number > 0"),
+                                   (0 <= self.weight_decay < math.inf,
+                                    f"weight_decay={self.weight_decay} must be a finite number >= 0"),
                                    (self.patience >= 0, f"patience={self.patience} must be >= 0")) if not ok]
         if bad:
             raise ConfigError("; ".join(bad))
@@ -83,7 +85,8 @@ def train_loop(model, loss_fn: Callable[[Any, dict], Any], train: TensorSet, *, 
     live = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(live, lr=params.lr, weight_decay=params.weight_decay)
     sched = None if plateau is None else torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="min", factor=plateau.factor, patience=plateau.patience)
+        opt, mode="min", factor=plateau.factor, patience=plateau.patience, eps=0.0)  # eps 0: torch's default 1e-8
+    # skips reductions smaller than it, so the lr stalled above a small min_lr (or a factor near 1) forever
     shadow = [p.detach().clone() for p in live] if ema > 0 else None
     updates = [0]
 

@@ -86,20 +86,22 @@ class UMBEConfig(TorchParams):
         "balanced", "cross-entropy class weights: balanced (n / (C x n_c) over the training split; chosen on the "
                     "demo's validation UAR) | sqrt (its square root) | none (the paper)")
     select: Literal["primary", "loss"] = field(
-        "primary", "what keeps an epoch (and a stage): primary (the validation UAR for single labels, of the "
-                   "decisions after a fixed shift) | loss (the "
+        "primary", "what keeps an epoch (and a stage): primary (the validation UAR for single labels, accuracy "
+                   "for binary, of the decisions after a fixed shift) | loss (the "
                    "least validation loss, the quantity the paper's schedule watches)")
     scale: float = field(100.0, "logit scale of the cosine similarities (CLIP's 100, as the authors' code)")
-    shift: str = field("undo", "post-hoc prior shift of single-label probabilities, p x prior^-tau renormalised "
-                               "(prior: the training split's class frequencies): undo: tau = minus the class "
-                               "weighting's exponent (balanced -1, sqrt -0.5, none 0), the decisions of the "
-                               "unweighted problem; auto: tau in -1..1 (steps of 0.25) chosen on the validation "
-                               "split by the mean of UAR and WAR; a number: that tau; 0: none. A fixed tau (undo, "
-                               "a number) also scores the epochs on validation")
+    shift: str = field("undo", "post-hoc prior shift of single-label and binary probabilities, p x prior^-tau "
+                               "renormalised (prior: the training split's class frequencies): undo: tau = minus "
+                               "the class weighting's exponent (balanced -1, sqrt -0.5, none 0), the decisions of "
+                               "the unweighted problem; auto: tau in -1..1 (steps of 0.25) chosen on the "
+                               "validation split by the mean of UAR and WAR (single labels; binary: none); a "
+                               "number: that tau; 0: none. A fixed tau (undo, a number) also scores the epochs "
+                               "on validation")
     ema: float = field(0.0, "decay of an exponential moving average of the weights, which is what is validated "
                        "and kept (0: none, the paper's)")
-    stop_train_acc: float = field(0.0, "end a stage once the training accuracy (all modalities, after the epoch) "
-                                  "exceeds this (the paper: 0.8, not in its code; 0: never)")
+    stop_train_acc: float = field(0.0, "end a stage once the training accuracy (all modalities, after the epoch, "
+                                  "of the decisions after a fixed shift) exceeds this (the paper: 0.8, not in its "
+                                  "code; 0: never)")
     stages: int = field(2, "2: two-stage training (sec. 3.4); 1: train on all modalities at once (the ablation)")
     drop_prob: float = field(0.3, "stage 2: chance to drop each present modality of an item (one always stays)")
     lr_factor: float = field(0.6, "ReduceLROnPlateau factor on the validation loss (the paper: 0.6)")
@@ -119,8 +121,8 @@ class UMBEConfig(TorchParams):
             raise ConfigError(f"top_k={self.top_k} exceeds pool_size={self.pool_size}; choose top_k <= pool_size")
         if self.prompt_length < 2:
             raise ConfigError(f"prompt_length={self.prompt_length} must be at least 2 (half value, half inherent)")
-        if not 0 <= self.stop_train_acc <= 1:
-            raise ConfigError(f"stop_train_acc={self.stop_train_acc} must be in [0, 1] (0: never; the paper: 0.8)")
+        if not 0 <= self.stop_train_acc < 1:
+            raise ConfigError(f"stop_train_acc={self.stop_train_acc} must be in [0, 1) (0: never; the paper: 0.8)")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema={self.ema} must be in [0, 1) (0: no weight averaging)")
         if self.stages not in (1, 2):
@@ -134,15 +136,26 @@ class UMBEConfig(TorchParams):
                               f"and min_lr={self.min_lr} >= 0")
         if self.shift not in ("auto", "undo"):
             try:
-                float(self.shift)
+                ok = math.isfinite(float(self.shift))
             except ValueError:
-                raise ConfigError(f"shift={self.shift!r} must be undo, auto or a number (0: no shift)") from None
+                ok = False
+            if not ok:
+                raise ConfigError(f"shift={self.shift!r} must be undo, auto or a finite number (0: no shift)")
+        odd = [f"{n}={getattr(self, n)}" for n in ("l1", "match_weight", "scale", "min_lr")
+               if not math.isfinite(getattr(self, n))]
+        if odd:
+            raise ConfigError(f"{', '.join(odd)}: give finite numbers")
         if self.l1 < 0 or self.match_weight < 0 or self.scale <= 0 or self.max_len < 0:
             raise ConfigError(f"l1={self.l1}, match_weight={self.match_weight}, max_len={self.max_len} must be "
                               f">= 0 and scale={self.scale} > 0")
 
 
 # ---- the network ---------------------------------------------------------------------
+def _full_precision(t: torch.Tensor):
+    """Autocast off on `t`'s device for the block (a no-op on the CPU, where training runs in float32)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def _layer(cfg, decoder: bool = False):
     cls = nn.TransformerDecoderLayer if decoder else nn.TransformerEncoderLayer
     return cls(cfg.hidden, cfg.heads, 2 * cfg.hidden, cfg.dropout, activation="gelu", batch_first=True,
@@ -338,8 +351,10 @@ class UMBENet(nn.Module):
         return F.normalize(self.keys.float(), dim=-1)
 
     def select(self, q):
-        """Indices `[B, top_k]` of the keys most cosine-similar to each item's own query (eq. 4, 8)."""
-        return torch.topk(q @ self.normalised_keys().T, self.top_k, dim=-1).indices
+        """Indices `[B, top_k]` of the keys most cosine-similar to each item's own query (eq. 4, 8), in
+        float32 also under CUDA's bfloat16 autocast, so training selects as the FAISS index will."""
+        with _full_precision(q):
+            return torch.topk(q.float() @ self.normalised_keys().T, self.top_k, dim=-1).indices
 
     def _picks(self, idx, dtype):
         """One-hot `[B, k, pool]` of the selections. Gathering rows by a matmul with it, not by indexing:
@@ -349,8 +364,9 @@ class UMBENet(nn.Module):
 
     def match_loss(self, q, idx):
         """Mean over items of sum over its selected keys of 1 - cos(query, key); the query is held fixed."""
-        k = torch.einsum("bkp,ph->bkh", self._picks(idx, q.dtype), self.normalised_keys())  # [B, k, H]
-        return (1 - (k * q.detach()[:, None]).sum(-1)).sum(1).mean()
+        with _full_precision(q):
+            k = torch.einsum("bkp,ph->bkh", self._picks(idx, torch.float32), self.normalised_keys())  # [B, k, H]
+            return (1 - (k * q.detach().float()[:, None]).sum(-1)).sum(1).mean()
 
     # -- stream 2: prompts -> one text feature per class --
     def class_features(self, idx):
@@ -370,7 +386,9 @@ class UMBENet(nn.Module):
         """Eq. 5/14: `scale` x cosine of F_fusion with each class's combined prompt feature."""
         if self.clip is not None:
             q = F.normalize(self.to_joint(q).float(), dim=-1)
-        return self.scale * torch.einsum("bh,bch->bc", q, self.class_features(idx))
+        feats = self.class_features(idx)
+        with _full_precision(q):  # scale 100 x a bfloat16 cosine would be off by up to 0.5
+            return self.scale * torch.einsum("bh,bch->bc", q.float(), feats.float())
 
     def forward(self, batch, present=None, idx=None):
         q = self.fuse(batch, present)
@@ -471,6 +489,8 @@ class UMBE(Head):
             t[f"m.{mod}"] = torch.from_numpy(mask.astype(np.float32))
             if mod in self.meta_["seq_dims"]:
                 seqs = X.sequences.get(mod)
+                if seqs is None and not mask.any():  # absent from every item: nothing to encode
+                    seqs = [None] * len(X)
                 if seqs is None:
                     raise ConfigError(f"head 'umbe' was trained on {mod} sequences; pass them (Features.sequences) "
                                       "or train with sequences=false")
@@ -501,13 +521,15 @@ class UMBE(Head):
         _check_kind(self, y)
         if not len(y):
             raise ConfigError("head 'umbe': no training items")
+        if eval_set is not None and not len(eval_set[1]):
+            eval_set = None  # an empty validation split: train as without one
         seq_dims = {m: int(next(s.shape[1] for s in X.sequences[m] if s is not None)) for m in X.pooled
                     if self.sequences and any(s is not None for s in X.sequences.get(m, []))}
         self._set_meta(X, y, seq_dims=seq_dims)
         counts = np.bincount(np.asarray(y.y, np.int64), minlength=len(y.classes)).astype(np.float64)
         self.meta_["prior"] = (np.maximum(counts, 1.0) / max(counts.sum(), 1.0)).tolist()  # of the prior shift
         device = pick_device(self.device)
-        train = self._tensors(X, y)
+        host = self._tensors(X, y)
         self.class_weights_ = None if self.class_weight == "none" else \
             class_weights(y.y, len(y.classes), device) ** (0.5 if self.class_weight == "sqrt" else 1.0)
         val = None
@@ -517,15 +539,16 @@ class UMBE(Head):
         with seeded(self.seed, device):
             net = self._network()
             for m in net.mods:  # standardise with the training rows (steps) where the modality is present
-                x, on = train.tensors[f"x.{m}"], train.tensors[f"m.{m}"] > 0
-                net.encoders[m].norm.fit(x[on][train.tensors[f"s.{m}"][on]] if x.dim() == 3 else x[on])
+                x, on = host.tensors[f"x.{m}"], host.tensors[f"m.{m}"] > 0
+                net.encoders[m].norm.fit(x[on][host.tensors[f"s.{m}"][on]] if x.dim() == 3 else x[on])
             net = net.to(device)
+            train = host.to(device)  # one copy on the device for every stage
             if net.clip is not None:
                 net.clip.tower.to(device)
             hists, stages, best = [], {}, None
             for stage in range(1, self.stages + 1):
                 if stage == 2:
-                    stages = self._next_pool(net, train.to(device))
+                    stages = self._next_pool(net, train)
                 hists.append(self._train_stage(net, train, val, eval_set, y.kind, stage, device))
                 score = max(hists[-1]["val_score"], default=None)
                 if best is None or score is None or score > best[1]:  # no validation: the last stage
@@ -533,6 +556,8 @@ class UMBE(Head):
             if best[0] != self.stages:  # stage 1 scored better on validation: keep its weights and pool
                 net.load_state_dict(best[2])
         self.net_ = net.cpu().eval()
+        if self.class_weights_ is not None:
+            self.class_weights_ = self.class_weights_.cpu()
         if net.clip is not None:
             net.clip.tower.cpu()
         self.meta_["stages"] = {**stages, "chosen": best[0]} if stages else {}
@@ -558,9 +583,9 @@ class UMBE(Head):
         return {f"{t:g}": (round(u, 4), round(w, 4)) for t, (u, w) in curve.items()}
 
     def _fixed_shift(self) -> float:
-        """tau when it is not chosen on validation: undo's minus the weighting exponent, or the number given;
-        0 for auto (chosen after training) and for targets other than single labels."""
-        if self.shift == "auto" or self.meta_.get("kind") != "single":
+        """tau when it is not chosen on validation: undo's minus the weighting exponent, or the number given
+        (single labels and binary); 0 for auto (chosen after training)."""
+        if self.shift == "auto" or self.meta_.get("kind") not in ("single", "binary"):
             return 0.0
         if self.shift == "undo":
             return {"none": 0.0, "sqrt": -0.5, "balanced": -1.0}[self.class_weight]
@@ -598,7 +623,7 @@ class UMBE(Head):
         to `record`. None when off."""
         if not self.stop_train_acc:
             return None
-        train, y = train.to(device), train.tensors["y"].numpy()
+        y = train.tensors["y"].cpu().numpy()
 
         def done(net) -> bool:
             acc = float((self._proba_torch(net, train, self.meta_["prior"], tau).argmax(1) == y).mean())
@@ -677,7 +702,7 @@ class UMBE(Head):
         if not len(z):
             return np.zeros((0, len(self.meta_["classes"])))
         tau = float(self.meta_.get("shift", 0.0))
-        if tau and self.meta_["kind"] == "single":
+        if tau and self.meta_["kind"] in ("single", "binary"):
             return shifted_softmax(z, self.meta_["prior"], tau)
         return scores_from_outputs(torch.from_numpy(z), self.meta_["kind"])
 

@@ -69,6 +69,20 @@ def test_faiss_selection_equals_torch_selection_and_a_numpy_loop(fitted, tmp_pat
         want = torch.softmax(head.net_.logits(q, torch.from_numpy(reference)), -1).numpy()
     want = U._shifted(want, head.meta_["prior"], head.meta_["shift"])  # the chosen prior shift (tested below)
     np.testing.assert_allclose(head.predict_proba(X), want, atol=1e-6)
+    # and prediction reads the index, not torch: an index over the negated keys selects the least similar
+    import faiss
+
+    saved = head.index_
+    keys = head.net_.normalised_keys().detach().numpy()
+    head.index_ = faiss.IndexFlatIP(keys.shape[1])
+    head.index_.add(np.ascontiguousarray(-keys))
+    least = numpy_topk(-q.numpy().astype(np.float64), head.net_.keys.detach().numpy().astype(np.float64), 3)
+    with torch.no_grad():
+        other = torch.softmax(head.net_.logits(q, torch.from_numpy(least)), -1).numpy()
+    np.testing.assert_allclose(head.predict_proba(X), U._shifted(other, head.meta_["prior"], head.meta_["shift"]),
+                               atol=1e-6)
+    assert not np.allclose(other, want, atol=1e-3)
+    head.index_ = saved
     head.save(tmp_path / "run")
     assert (tmp_path / "run" / U.INDEX_FILE).is_file()
     loaded = Head.load(tmp_path / "run")
@@ -139,6 +153,66 @@ def test_sff_gate_and_its_l1_term_are_in_the_loss(sff):
     with torch.no_grad():
         got = float(net.gate(net.values)[2, 1, 0])
     assert got == pytest.approx(float(1 / (1 + np.exp(-h[0]))), rel=1e-5)
+
+
+def test_the_prompt_tokens_are_the_gated_selected_values_summed_then_the_inherent_ones():
+    """Eq. 10-11 in the forward pass: the decoder reads P' = sum over the item's top-k prompts of
+    gate(v_j) * v_j, token by token (the gate of eq. 11 written in numpy), followed by the inherent tokens."""
+    X, y = three(20, 13)
+    head = heads.create("umbe", **SMALL)
+    head._set_meta(X, y, seq_dims={})
+    torch.manual_seed(3)
+    net = head._network().eval()
+    batch = next(head._tensors(X, y).batches(20))
+    seen = []
+    net.text.register_forward_pre_hook(lambda mod, args: seen.append(args[1].detach().numpy()))
+    with torch.no_grad():
+        q = net.fuse(batch)
+        net(batch)
+    idx = numpy_topk(q.numpy().astype(np.float64), net.keys.detach().numpy().astype(np.float64), 3)
+    v = net.values.detach().numpy().astype(np.float64)  # [P, L, H]
+    W1, b1 = net.gate.first.weight.detach().numpy(), net.gate.first.bias.detach().numpy()
+    W2, b2 = net.gate.second.weight.detach().numpy(), net.gate.second.bias.detach().numpy()
+    gate = 1 / (1 + np.exp(-(np.maximum(v @ W1.T + b1, 0) @ W2.T + b2)))  # [P, L, 1]
+    want = np.stack([sum(gate[j] * v[j] for j in row) for row in idx])  # [B, L, H]
+    memory = seen[0]
+    assert memory.shape == (20, 8, 16)
+    np.testing.assert_allclose(memory[:, :4], want, atol=1e-5)
+    np.testing.assert_allclose(memory[:, 4:], np.broadcast_to(net.inherent.detach().numpy(), (20, 4, 16)))
+
+
+def test_the_matching_term_moves_the_keys_and_nothing_upstream():
+    """The query is held fixed in 1 - cos(query, key): the term alone gives no gradient to the encoders,
+    the modality embeddings or the fusion transformer, only to the selected keys."""
+    X, y = three(30, 14)
+    head = heads.create("umbe", **SMALL)
+    head._set_meta(X, y, seq_dims={})
+    torch.manual_seed(4)
+    net = head._network()
+    batch = next(head._tensors(X, y).batches(30))
+    q = net.fuse(batch)
+    net.match_loss(q, net.select(q)).backward()
+    assert net.keys.grad is not None and net.keys.grad.abs().sum() > 0
+    upstream = [*net.encoders.parameters(), net.modality, *net.fusion.parameters()]
+    assert all(p.grad is None or not p.grad.abs().sum() for p in upstream)
+
+
+def test_selection_and_logits_stay_float32_under_bfloat16_autocast():
+    """On CUDA the loss runs under bfloat16 autocast; the top-k and the scale-100 logits must not, or
+    training would select other prompts than the float32 FAISS index at prediction. CPU autocast stands in."""
+    X, y = three(20, 15)
+    head = heads.create("umbe", **{**SMALL, "hidden": 64, "pool_size": 32, "top_k": 5})
+    head._set_meta(X, y, seq_dims={})
+    torch.manual_seed(5)
+    net = head._network().eval()
+    q = torch.nn.functional.normalize(torch.randn(3000, 64), dim=-1)
+    with torch.no_grad():
+        plain_idx, plain_logits = net.select(q), net.logits(q[:50], net.select(q[:50]))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto_idx = net.select(q)
+            auto_logits = net.logits(q[:50], plain_idx[:50])
+    np.testing.assert_array_equal(auto_idx.numpy(), plain_idx.numpy())
+    assert auto_logits.dtype == torch.float32
 
 
 def test_class_weight_balanced_weights_the_cross_entropy_as_scikit_learn():
@@ -278,6 +352,36 @@ def test_stage_two_starts_from_the_prompts_stage_one_activated(monkeypatch):
             np.testing.assert_array_equal(stage2[k], stage1[k])
 
 
+def test_an_empty_validation_split_trains_as_without_one():
+    X, y = three(60, 9)
+    Xv, yv = three(40, 10)
+    empty = (Xv.take(np.arange(0)), yv.take(np.arange(0)))
+    params = {**SMALL, "epochs": 2}
+    got = heads.create("umbe", **params).fit(X, y, eval_set=empty)
+    want = heads.create("umbe", **params).fit(X, y)
+    np.testing.assert_array_equal(got.predict_proba(Xv), want.predict_proba(Xv))
+    assert got.history_["chosen_stage"] == 2
+
+
+def test_binary_targets_undo_the_class_weighting_too():
+    """A binary target trained with balanced weights predicts p x prior renormalised (tau -1), the decisions
+    of the unweighted problem, and scores its epochs on them (accuracy, scikit-learn's)."""
+    X, y = three(200, 33)
+    yb = Targets("binary", (y.y > 0).astype(np.int64), ["negative", "positive"])  # 2 : 1 positive
+    Xv, yv = three(60, 34)
+    yvb = Targets("binary", (yv.y > 0).astype(np.int64), ["negative", "positive"])
+    head = heads.create("umbe", **{**SMALL, "epochs": 4, "stages": 1}).fit(X, yb, eval_set=(Xv, yvb))
+    prior = np.bincount(yb.y, minlength=2) / len(yb)
+    assert head.meta_["shift"] == -1.0
+    proba = head.predict_proba(Xv)
+    head.meta_["shift"] = 0.0
+    want = head.predict_proba(Xv) * prior
+    np.testing.assert_allclose(proba, want / want.sum(1, keepdims=True), rtol=1e-5)
+    assert max(head.history_["val_score"]) == pytest.approx(float((proba.argmax(1) == yvb.y).mean()), abs=1e-9)
+    auto = heads.create("umbe", **{**SMALL, "epochs": 1, "stages": 1, "shift": "auto"}).fit(X, yb, eval_set=(Xv, yvb))
+    assert auto.meta_["shift"] == 0.0 and "shift_curve" not in auto.history_  # auto: single labels only
+
+
 def test_one_stage_is_a_single_run_of_the_loop(monkeypatch):
     calls = []
     monkeypatch.setattr(U, "train_loop", lambda *a, **k: calls.append(1) or train_loop(*a, **k))
@@ -288,12 +392,26 @@ def test_one_stage_is_a_single_run_of_the_loop(monkeypatch):
     assert len(calls) == 3 and two.meta_["stages"]["chosen"] == 2 and two.history_["chosen_stage"] == 2
 
 
-def test_a_model_trained_on_all_modalities_predicts_from_any_subset(fitted):
+@pytest.mark.parametrize("sequences", [False, True])
+def test_a_model_trained_on_all_modalities_predicts_from_any_subset(fitted, sequences):
+    """Leaving modalities out of the features is the same as masking them off (any content), also for a
+    modality the model read as stored sequences."""
     head, X = fitted
-    for keep in (["audio"], ["image"], ["text"], ["audio", "text"]):
-        sub = Features({m: X.pooled[m] for m in keep}, {m: X.masks[m] for m in keep})
+    if sequences:
+        Xt, yt = three(80, 5, sequences=True)
+        X = three(30, 6, sequences=True)[0]
+        head = heads.create("umbe", **{**SMALL, "stages": 1}).fit(Xt, yt)
+        assert "audio" in head.meta_["seq_dims"]
+    for keep in (["audio"], ["image"], ["text"], ["audio", "text"], ["image", "text"]):
+        sub = Features({m: X.pooled[m] for m in keep}, {m: X.masks[m] for m in keep if m in X.masks},
+                       sequences={m: s for m, s in X.sequences.items() if m in keep})
+        off = Features({m: a if m in keep else np.full_like(a, 7.0) for m, a in X.pooled.items()},
+                       {m: (X.masks[m] if m in X.masks else np.ones(len(X), bool)) if m in keep
+                        else np.zeros(len(X), bool) for m in X.pooled}, sequences=X.sequences)
         proba = head.predict_proba(sub)
         assert proba.shape == (len(X), 3) and np.isfinite(proba).all()
+        np.testing.assert_allclose(proba, head.predict_proba(off), atol=1e-6)
+    assert not np.allclose(head.predict_proba(sub), head.predict_proba(X), atol=1e-3)  # audio mattered
 
 
 # ---- the schedule -----------------------------------------------------------------------
@@ -309,6 +427,11 @@ def test_train_loop_plateau_follows_torch_and_stops_below_min_lr():
     # a validation loss that never improves: halved every epoch after the first, stop once below 2e-4
     assert hist["lr"] == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4]) and hist["epochs_run"] == 4
     assert hist["val_loss"] == [1.0] * 4
+    # reductions smaller than 1e-8 still happen (torch's default eps would stall the lr at ~1.6e-8 forever)
+    tiny = train_loop(model, lambda m, b: m(b["x"]).pow(2).mean(), data,
+                      params=TorchParams(epochs=50, batch_size=4, lr=1e-6, patience=0), device=torch.device("cpu"),
+                      plateau=Plateau(factor=0.5, patience=0, min_lr=1e-8), val_loss=lambda m: 1.0)
+    assert tiny["lr"] == pytest.approx([1e-6 * 0.5 ** i for i in range(8)]) and tiny["epochs_run"] == 8
     plain = train_loop(torch.nn.Linear(2, 1), lambda m, b: m(b["x"]).pow(2).mean(), data,
                        params=TorchParams(epochs=3, batch_size=4), device=torch.device("cpu"))
     assert plain["epochs_run"] == 3 and "lr" not in plain
@@ -344,13 +467,14 @@ def test_train_loop_ema_validates_and_keeps_the_moving_average_of_a_plain_adamw_
         return 1.0
 
     model = copy.deepcopy(start)
-    train_loop(model, loss, data, params=params, device=torch.device("cpu"), val_score=score, ema=0.9)
-    for epoch in (1, 6):
-        for got, want in zip(seen[epoch - 1], reference(epoch, 0.9)):
+    train_loop(model, loss, data, params=params, device=torch.device("cpu"), val_score=score, ema=0.2)
+    for epoch in (1, 6):  # decay min(0.2, (1 + t) / (10 + t)): 0.1, 0.18, then the cap 0.2 from step 2
+        for got, want in zip(seen[epoch - 1], reference(epoch, 0.2)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    for got, want in zip(model.parameters(), reference(1, 0.9)):  # kept: the first epoch's average
+    for got, want in zip(model.parameters(), reference(1, 0.2)):  # kept: the first epoch's average
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(reference(6, 0.9)[0], reference(6, 0.0)[0])  # the average is not the live weights
+    assert not torch.allclose(reference(6, 0.2)[0], reference(6, 0.0)[0])  # the average is not the live weights
+    assert not torch.allclose(reference(6, 0.2)[0], reference(6, 0.9)[0])  # and the cap is what sets it
     model = copy.deepcopy(start)  # no validation: the loop ends on the average of every step
     train_loop(model, loss, data, params=params, device=torch.device("cpu"), ema=0.9)
     for got, want in zip(model.parameters(), reference(6, 0.9)):
@@ -391,8 +515,8 @@ def test_train_loop_ema_puts_the_live_weights_back_when_validation_fails():
         torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["single", "binary"])
-def test_stop_train_acc_ends_training_once_the_training_accuracy_exceeds_it(kind):
+@pytest.mark.parametrize("kind,bar", [("single", 0.7), ("binary", 0.9)])
+def test_stop_train_acc_ends_training_once_the_training_accuracy_exceeds_it(kind, bar):
     """The paper's early end: the accuracies recorded per epoch stay at or below the bar until the last,
     which exceeds it and equals the accuracy of the head's own predictions (FAISS selection, shifted
     decisions) on the training split, the weights the loop ended on when nothing is validated."""
@@ -400,11 +524,11 @@ def test_stop_train_acc_ends_training_once_the_training_accuracy_exceeds_it(kind
     if kind == "binary":
         y = Targets("binary", (y.y > 0).astype(np.int64), ["negative", "positive"])
     head = heads.create("umbe", **{**SMALL, "epochs": 30, "stages": 1, "lr": 1e-2, "dropout": 0.3},
-                        stop_train_acc=0.7)
+                        stop_train_acc=bar)
     head.fit(X, y)
     acc = head.history_["train_acc"]
-    assert head.history_["epochs_run"] == len(acc) < 30
-    assert all(a <= 0.7 for a in acc[:-1]) and acc[-1] > 0.7
+    assert 2 <= head.history_["epochs_run"] == len(acc) < 30  # not at the first epoch: a real crossing
+    assert all(a <= bar for a in acc[:-1]) and acc[-1] > bar
     assert acc[-1] == pytest.approx(float((head.predict(X) == y.y).mean()), abs=1e-4)
     assert "train_acc" not in heads.create("umbe", **{**SMALL, "stages": 1}).fit(X, y).history_
 
@@ -413,7 +537,10 @@ def test_bad_parameters_are_refused_naming_the_value():
     for bad, match in [({"top_k": 9, "pool_size": 8}, "top_k=9"), ({"stages": 3}, "stages=3"),
                        ({"hidden": 10, "heads": 4}, "hidden=10"), ({"lr_factor": 1.5}, "lr_factor=1.5"),
                        ({"sff": "conv"}, "conv"), ({"prompt_length": 1}, "prompt_length=1"),
-                       ({"ema": 1.0}, "ema=1.0"), ({"stop_train_acc": 1.5}, "stop_train_acc=1.5")]:
+                       ({"ema": 1.0}, "ema=1.0"), ({"stop_train_acc": 1.5}, "stop_train_acc=1.5"),
+                       ({"stop_train_acc": 1.0}, "stop_train_acc=1.0"), ({"scale": float("nan")}, "scale=nan"),
+                       ({"min_lr": float("nan")}, "min_lr=nan"), ({"lr": float("inf")}, "lr=inf"),
+                       ({"l1": float("inf")}, "l1=inf"), ({"shift": "nan"}, "shift='nan'")]:
         with pytest.raises(ConfigError, match=match):
             heads.create("umbe", **bad)
     X, _ = three(10, 0)
@@ -547,6 +674,10 @@ def test_shift_auto_picks_the_best_validation_mean_and_shifts_the_probabilities(
         -abs(t)))
     assert tau == pytest.approx(best)
     assert set(head.history_["shift_curve"]) == {f"{t:g}" for t in np.arange(-1, 1.001, 0.25)}
+    for t in np.arange(-1, 1.001, 0.25):  # the recorded curve: each tau's decisions, scored by scikit-learn
+        d = np.argmax(raw * prior ** -t, 1)
+        assert head.history_["shift_curve"][f"{t:g}"] == pytest.approx(
+            (balanced_accuracy_score(yv.y, d), accuracy_score(yv.y, d)), abs=1e-4)
     fixed = heads.create("umbe", **{**params, "shift": "0.5"}).fit(X, y, eval_set=(Xv, yv))
     assert fixed.meta_["shift"] == 0.5 and "shift_curve" not in fixed.history_
     shifted = fixed.predict_proba(Xv)
@@ -555,6 +686,30 @@ def test_shift_auto_picks_the_best_validation_mean_and_shifts_the_probabilities(
     np.testing.assert_allclose(shifted, want / want.sum(1, keepdims=True), rtol=1e-5)
     with pytest.raises(ConfigError, match="shift='x'"):
         heads.create("umbe", shift="x")
+
+
+def test_shift_curve_and_its_choice_match_scikit_learn_where_the_best_shift_is_not_zero():
+    """Scores proportional to likelihoods (what balanced weighting learns) on an imbalanced split: the curve
+    of (UAR, WAR) per tau is scikit-learn's on argmax(p x prior^-tau), and the chosen tau, the best mean
+    (ties to the smaller |tau|), moves towards the prior."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    rng = np.random.default_rng(0)
+    prior = np.array([0.7, 0.2, 0.1])
+    y = rng.choice(3, size=600, p=prior)
+    z = 1.2 * np.eye(3)[y] + rng.normal(0, 1, (600, 3))
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    targets = Targets("single", y, CLASSES)
+    curve = U.shift_curve(p, targets, prior)
+    want = {}
+    for t in U.SHIFTS:
+        d = np.argmax(p * prior ** -t, 1)
+        want[t] = (balanced_accuracy_score(y, d), accuracy_score(y, d))
+        assert curve[t] == pytest.approx(want[t], abs=1e-9)
+    best = max(sorted(want, key=abs), key=lambda t: sum(want[t]) / 2)
+    assert best < 0 and U.choose_shift(curve) == best
+    assert U.choose_shift({-0.5: (0.6, 0.7), 0.0: (0.6, 0.6), 0.5: (0.7, 0.6)}) == -0.5
+    assert U.choose_shift({-0.5: (0.6, 0.7), 0.5: (0.7, 0.6), 0.25: (0.65, 0.65)}) == 0.25  # a tie: smaller |tau|
 
 
 def test_shift_undo_reverses_the_class_weighting_and_scores_epochs_on_the_shifted_decisions():
