@@ -32,6 +32,7 @@ docs/heads.md lists every deviation.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, Mapping
 
 import numpy as np
@@ -71,11 +72,13 @@ class DRKFConfig(TorchParams):
         "augmented", "what the fusion encoder reads: f_AE(sequence) (so the ORL losses shape the prediction) | "
                      "the raw sequence (the authors' code)")
     cmie: Literal["paper", "code"] = field(
-        "paper", "contrastive loss: eq. 14-16 (cross-modal augmented negatives) | the code's same-modality NT-Xent")
+        "paper", "contrastive loss: eq. 14-16 (cross-modal augmented negatives, the positive also in the "
+                 "denominator) | the authors' code (NT-Xent per modality, raw vs augmented, + eq. 16)")
     mse_scale: Literal["element", "item"] = field(
         "element", "eq. 10's squared error per item: averaged over its steps and dimensions (the code's MSELoss) "
                    "| summed (the printed squared norm)")
-    ed_pairs: int = field(256, "shuffled pairs per batch for ED, drawn at random (0: all M(M-1), as the paper)")
+    ed_pairs: int = field(256, "shuffled pairs per batch for ED, drawn at random (0: all M(M-1), as the authors' "
+                               "code; eq. 19 prints M^2)")
     standardize: bool = field(True, "z-score each input dimension with training statistics")
     sequences: bool = field(True, "use stored sequences when the store has them (else pooled features)")
     max_len: int = field(0, "keep at most this many sequence steps per item (0: all)")
@@ -92,8 +95,8 @@ class DRKFConfig(TorchParams):
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
         for name in ("alpha", "beta", "gamma", "delta"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (a loss weight)")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a finite number >= 0 (a loss weight)")
         if self.ed_pairs < 0 or self.max_len < 0:
             raise ConfigError(f"ed_pairs={self.ed_pairs} and max_len={self.max_len} must be >= 0 (0: all)")
 
@@ -121,23 +124,29 @@ def kl_to_labels(log_q, y, present):
 
 
 def _cos(a, b):
-    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+    """Cosine similarities `[n_a, n_b]` in float32, also under CUDA's bfloat16 autocast (which would round
+    the matmul however its inputs were cast)."""
+    with torch.autocast(a.device.type, enabled=False):
+        return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
 
 def cmie_paper(zA, zA_aug, zB, zB_aug, tau):
     """Eq. 14-17 over the items where both modalities are present (rows of the inputs `[n, P]`).
 
-    L_A,i = -log exp(sim(zA_i, zA~_i)/tau) / sum_{k != i} exp(sim(zA_i, zB~_k)/tau), L_B alike, and
-    L_AB,i = -log exp(sim(zA_i, zB_i)/tau) / sum_k exp(sim(zA_i, zB_k)/tau); L_c the mean over i of their sum."""
+    L_A,i = -log exp(sim(zA_i, zA~_i)/tau) / [exp(sim(zA_i, zA~_i)/tau) + sum_{k != i} exp(sim(zA_i, zB~_k)/tau)],
+    L_B alike, and L_AB,i = -log exp(sim(zA_i, zB_i)/tau) / sum_k exp(sim(zA_i, zB_k)/tau); L_c the mean over i
+    of their sum. The positive is in eq. 14-15's denominator, as in every InfoNCE bound (the printed sum
+    leaves it out, which makes the loss unbounded below as the learnt tau shrinks)."""
     n = len(zA)
     if n < 2:
         return zA.sum() * 0
     off = ~torch.eye(n, dtype=torch.bool, device=zA.device)
 
     def cross(z, z_aug_same, z_aug_other):
-        pos = (F.normalize(z.float(), dim=-1) * F.normalize(z_aug_same.float(), dim=-1)).sum(-1) / tau
+        with torch.autocast(z.device.type, enabled=False):
+            pos = (F.normalize(z.float(), dim=-1) * F.normalize(z_aug_same.float(), dim=-1)).sum(-1) / tau
         neg = (_cos(z, z_aug_other) / tau).masked_fill(~off, float("-inf"))
-        return torch.logsumexp(neg, 1) - pos
+        return torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos
 
     joint = _cos(zA, zB) / tau
     l_ab = torch.logsumexp(joint, 1) - joint.diagonal()
@@ -153,6 +162,11 @@ def nt_xent(a, b, tau):
     sim = (_cos(z, z) / tau).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=a.device), float("-inf"))
     target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(a.device)
     return F.cross_entropy(sim, target)
+
+
+def cross_modal_nce(a, b, tau):
+    """Eq. 16 (and the authors' `modal_nt_xent_loss`): each a_i against every b_k, b_i the positive."""
+    return F.cross_entropy(_cos(a, b) / tau, torch.arange(len(a), device=a.device))
 
 
 def shuffle_pairs(y, present_a, present_b):
@@ -270,7 +284,8 @@ def drkf_loss(net: DRKFNet, batch: dict, cfg: DRKFConfig, n_classes: int) -> tor
         if cfg.cmie == "paper":
             l_c = cmie_paper(z[a], z_aug[a], z[b], z_aug[b], tau)
         else:
-            l_c = nt_xent(z[a], z_aug[a], tau) + nt_xent(z[b], z_aug[b], tau) + nt_xent(z[a], z[b], tau)
+            l_c = nt_xent(z[a], z_aug[a], tau) + nt_xent(z[b], z_aug[b], tau) + cross_modal_nce(z[a], z[b], tau) \
+                if len(z[a]) >= 2 else z[a].sum() * 0
         i, j, same = shuffle_pairs(y, present[a], present[b])
         if cfg.ed_pairs and len(i) > cfg.ed_pairs:
             pick = torch.randperm(len(i), device=i.device)[:cfg.ed_pairs]
@@ -327,6 +342,9 @@ class DRKF(Head):
             if r is not None:
                 if r.shape[1] != dim:
                     raise ConfigError(f"{mod} sequences are {r.shape[1]}-d but head 'drkf' was trained on {dim}-d")
+                if not np.isfinite(r).all():
+                    raise ConfigError(f"the {mod} sequence of item {i} holds NaN or inf; drop the item or "
+                                      "re-extract its features")
                 x[i, :len(r)], steps[i, :len(r)] = r, True
         return torch.from_numpy(x), torch.from_numpy(steps)
 
@@ -344,6 +362,12 @@ class DRKF(Head):
         check_kind(self, y)
         if not 1 <= len(X.pooled) <= 2:
             raise ConfigError(f"head 'drkf' fuses two modalities; got {X.modalities}: choose two with --features")
+        empty = [m for m in X.pooled if not X.masks.get(m, np.ones(len(X), bool)).any()]
+        if empty:
+            raise ConfigError(f"head 'drkf': modality {', '.join(empty)} has no item in the training split, so "
+                              "nothing would train its weights; leave it out of --features")
+        if eval_set is not None and not len(eval_set[1]):
+            eval_set = None  # an empty validation split: train as without one
         seq_dims = {m: int(next(s.shape[1] for s in X.sequences[m] if s is not None)) for m in X.pooled
                     if self.sequences and any(s is not None for s in X.sequences.get(m, []))}
         self._set_meta(X, y, seq_dims=seq_dims, in_dims={**X.dims(), **seq_dims})
@@ -370,7 +394,7 @@ class DRKF(Head):
         model.eval()
         with torch.no_grad():
             outs = [model(b) for b in data.batches(1024)]
-        return scores_from_outputs(torch.cat(outs), "single") if outs else np.zeros((0, 0))
+        return scores_from_outputs(torch.cat(outs), "single") if outs else np.zeros((0, model.ec[-1].out_features))
 
     def predict_proba(self, X: Features) -> np.ndarray:
         self._check_features(X)
