@@ -417,12 +417,16 @@ class SegmentSet:
     def compact(self, *, attrs: Mapping | None = None) -> tuple[int, Path | None]:
         """Merge all segments into one, check it, and only then retire and delete the old ones.
 
+        Every source segment must first hash to its name and catalogue record (else IntegrityError,
+        nothing merged); the merged one must hold every key with the values of the source it came from.
+
         The caller holds the set's exclusive writer lock."""
         self.adopt_orphans()
         self.delete_retired()
         segs = self.segments()
         if len(segs) < 2:
             return 0, None
+        _check_sources(segs, self.catalogue())  # never seal a corrupt segment's rows under a fresh checksum
         with self.reading():
             index = KeyIndex.build(segs)
             keys = index.unique_keys()
@@ -435,7 +439,7 @@ class SegmentSet:
                        if e.key.encode() not in done}.values())
         merged = self.write([k.decode() for k in keys], dense, ragged, errors, attrs=attrs)
         try:
-            _check_merged(Segment(merged), keys, dense, ragged_names, len(errors), self.catalogue())
+            _check_merged(Segment(merged), keys, dense, ragged_names, len(errors), self.catalogue(), index)
         except IntegrityError:
             if merged not in {s.path for s in segs}:  # withdraw the bad merge; the old segments stay
                 with self.update_catalogue() as doc:
@@ -530,13 +534,32 @@ def _array_names(segs: list[Segment]) -> tuple[list[str], list[str]]:
     return sorted(dense), sorted(ragged)
 
 
+def _check_sources(segs: list[Segment], catalogue: dict) -> None:
+    """Refuse to merge unless every source segment still hashes to its name and its catalogue record:
+    a merge would otherwise seal a flipped byte's values under a fresh, valid checksum and delete
+    the only evidence."""
+    for seg in segs:
+        try:
+            digest = sha256_file(seg.path)
+        except OSError as exc:
+            raise IntegrityError(f"compaction of {seg.path.parent} stopped, nothing merged: cannot read segment "
+                                 f"{seg.path.name} ({exc.strerror or exc}); run `fs verify`") from None
+        recorded = (catalogue["segments"].get(seg.path.name) or {}).get("sha256")
+        if digest[:32] != seg.digest or (recorded is not None and recorded != digest):
+            raise IntegrityError(f"compaction of {seg.path.parent} stopped, nothing merged: segment {seg.path.name} "
+                                 "is corrupt (its SHA-256 does not match its name or catalogue record); run "
+                                 "`fs verify`, delete it and re-run `fs extract` to recompute its rows, then compact again")
+
+
 def _check_merged(seg: Segment, keys: np.ndarray, dense: Mapping[str, np.ndarray], ragged: Sequence[str],
-                  n_errors: int, catalogue: dict) -> None:
-    """Refuse to retire anything unless the merged segment holds every row, array and error."""
+                  n_errors: int, catalogue: dict, index: "KeyIndex | None" = None) -> None:
+    """Refuse to retire anything unless the merged segment holds every row, array and error, and
+    (given the sources' `index`) each key's values are the ones its source segment holds."""
     entry = catalogue["segments"].get(seg.path.name)
     problems = _verify_segment(seg, {}, {}, entry)
     with seg.open() as f:
-        if f["keys"].shape[0] != len(keys) or not np.array_equal(f["keys"][...], keys):
+        keys_ok = f["keys"].shape[0] == len(keys) and np.array_equal(f["keys"][...], keys)
+        if not keys_ok:
             problems.append(Problem(str(seg.path), "merged keys differ from the union of the old segments"))
         for name, arr in dense.items():
             if f"arrays/{name}" not in f or f[f"arrays/{name}"].shape != arr.shape:
@@ -547,8 +570,52 @@ def _check_merged(seg: Segment, keys: np.ndarray, dense: Mapping[str, np.ndarray
         got_errors = f["errors/keys"].shape[0] if "errors" in f else 0
         if got_errors != n_errors:
             problems.append(Problem(str(seg.path), f"merged segment has {got_errors} errors, expected {n_errors}"))
+        if not problems and index is not None:
+            problems += _merged_values_differ(seg, f, keys, list(dense), list(ragged), index)
     if problems:
         raise IntegrityError(f"compaction of {seg.path.parent} stopped, nothing deleted: {problems[0].message}")
+
+
+def _merged_values_differ(seg: Segment, merged: h5py.File, keys: np.ndarray, dense: list[str], ragged: list[str],
+                          index: "KeyIndex") -> list[Problem]:
+    """Compare the merged segment's rows, key by key, with the rows of the source copy each key was
+    taken from (the one `index` finds), read straight through h5py: a gather bug in the merge is
+    caught before the sources go. Reads one array at a time."""
+    order = np.argsort(keys, kind="stable")  # merged keys are unique: each source key has one place
+    sorted_keys = keys[order]
+    sources = []  # (segment, merged rows, source rows) of the copies the merge took
+    for s, src in enumerate(index.segments):
+        with src.open() as f:
+            src_keys = f["keys"][...]
+        seg_of, row_of, _ = index.lookup(src_keys)
+        mine = np.flatnonzero((seg_of == s) & (row_of == np.arange(len(src_keys))))
+        if len(mine):
+            at = order[np.minimum(np.searchsorted(sorted_keys, src_keys[mine]), len(keys) - 1)]
+            if not np.array_equal(keys[at], src_keys[mine]):
+                return [Problem(str(seg.path), f"merged segment lacks keys of {src.path.name}")]
+            sources.append((src, at, mine))
+    where = str(seg.path)
+    for name in dense:
+        got = merged[f"arrays/{name}"][...]
+        for src, at, rows in sources:
+            with src.open() as f:
+                want = f[f"arrays/{name}"][...][rows] if f"arrays/{name}" in f else None
+            if want is None or not np.array_equal(got[at], want, equal_nan=got.dtype.kind in "fc"):
+                return [Problem(where, f"merged array {name} differs from the rows of {src.path.name}")]
+    for name in ragged:
+        off, data = merged[f"ragged/{name}/offsets"][...], merged[f"ragged/{name}/data"][...]
+        for src, at, rows in sources:
+            with src.open() as f:
+                if f"ragged/{name}" not in f:
+                    if (off[at + 1] != off[at]).any():
+                        return [Problem(where, f"merged ragged {name} has rows {src.path.name} does not hold")]
+                    continue
+                s_off, s_data = f[f"ragged/{name}/offsets"][...], f[f"ragged/{name}/data"][...]
+            for a, r in zip(at.tolist(), rows.tolist()):
+                if not np.array_equal(data[off[a]:off[a + 1]], s_data[s_off[r]:s_off[r + 1]],
+                                      equal_nan=data.dtype.kind in "fc"):
+                    return [Problem(where, f"merged ragged {name} differs from the rows of {src.path.name}")]
+    return []
 
 
 def _where(ds: h5py.Dataset):

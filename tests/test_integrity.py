@@ -77,6 +77,27 @@ def test_compaction_refuses_to_delete_when_the_merge_is_short(store, tmp_path, m
     assert fs_cli(store, "verify").exit_code == 0
 
 
+def test_gc_compact_refuses_a_bit_flipped_segment_and_verify_still_reports_it(store, tmp_path, minilm):
+    """`fs gc --compact` must not seal a corrupt segment's values under a fresh checksum (review 5)."""
+    import h5py
+
+    fs = two_datasets(store, tmp_path, minilm)
+    victim = next(s.path for s in fs.segments.segments() if len(s.keys()))
+    with h5py.File(victim, "r") as f:
+        offset = f["arrays/pooled"].id.get_offset()
+    data = bytearray(victim.read_bytes())
+    data[offset + 1] ^= 0x40  # the exponent of the first fp16 value
+    victim.write_bytes(bytes(data))
+    before = sorted(s.path.name for s in fs.segments.segments())
+    assert fs_cli(store, "verify").exit_code == 8
+    res = fs_cli(store, "gc", "--compact")
+    assert res.exit_code == 8, res.output
+    assert res.output.count("\n") == 1 and victim.name in res.output and "nothing merged" in res.output
+    assert sorted(s.path.name for s in fs.segments.segments()) == before
+    res = fs_cli(store, "verify", "--json")
+    assert res.exit_code == 8 and "checksum mismatch" in res.output
+
+
 # ---- defect 2: verify catches deletions, missing rows, damaged heads and memories ----------------
 @pytest.fixture(scope="module")
 def trained_template(tmp_path_factory, demo_df, minilm):

@@ -102,3 +102,72 @@ def test_unknown_array_name_is_a_clear_error(tmp_path):
     segset.write(keys(2), {"pooled": np.zeros((2, 2), np.float32)})
     with pytest.raises(IntegrityError, match="no array 'va'"):
         segset.read(keys(2), "va")
+
+
+def _flip_array_byte(path, name="pooled", byte=1):
+    """Flip one bit inside the stored values of `arrays/<name>` (not in HDF5 metadata)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        offset = f[f"arrays/{name}"].id.get_offset()
+    data = bytearray(path.read_bytes())
+    data[offset + byte] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_compact_refuses_a_corrupt_source_and_merges_nothing(tmp_path):
+    """A bit-flipped segment must not be sealed under a fresh checksum (and its evidence deleted)."""
+    segset = SegmentSet(tmp_path)
+    k = keys(30)
+    a = np.linspace(-1, 1, 30 * 4, dtype=np.float32).reshape(30, 4)
+    paths = [segset.write(k[lo:lo + 10], {"pooled": a[lo:lo + 10]}) for lo in range(0, 30, 10)]
+    _flip_array_byte(paths[1])
+    out, _ = segset.read(k, "pooled")
+    assert not np.array_equal(out, a)  # readers do see the flipped value
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("seg-*.h5")}
+    with pytest.raises(IntegrityError, match=f"nothing merged: segment {paths[1].name} is corrupt") as err:
+        segset.compact()
+    assert "\n" not in str(err.value) and "fs verify" in str(err.value)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("seg-*.h5")} == before  # nothing written or deleted
+    assert len(segset.segments()) == 3 and not segset.catalogue()["retired"]
+    assert [p.message for p in segset.verify() if "checksum mismatch" in p.message]
+
+
+@pytest.mark.parametrize("what", ["dense", "ragged"])
+def test_compact_refuses_a_merge_whose_values_differ_from_the_sources(tmp_path, monkeypatch, what):
+    """Keys, shapes and counts right, one value wrong (a gather bug): nothing is retired."""
+    from featurestore import segments as seg_mod
+
+    segset = SegmentSet(tmp_path)
+    k = keys(20)
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(20, 3)).astype(np.float32)
+    seqs = [rng.normal(size=(i % 3 + 1, 3)).astype(np.float16) for i in range(20)]
+    for lo in (0, 10):
+        segset.write(k[lo:lo + 10], {"pooled": a[lo:lo + 10]}, {"seq": seqs[lo:lo + 10]})
+    old = sorted(s.path.name for s in segset.segments())
+    if what == "dense":
+        real = seg_mod.SegmentSet._scan
+
+        def bad_scan(self, segs, name, dtype=None):
+            got_keys, rows = real(self, segs, name, dtype)
+            rows = rows.copy()
+            rows[[3, 4]] = rows[[4, 3]]  # two rows swapped: same keys, shapes and counts
+            return got_keys, rows
+        monkeypatch.setattr(seg_mod.SegmentSet, "_scan", bad_scan)
+    else:
+        real = seg_mod.SegmentSet.read_ragged
+
+        def bad_ragged(self, *args, **kw):
+            rows, present = real(self, *args, **kw)
+            rows[7] = rows[7] + np.float16(1)
+            return rows, present
+        monkeypatch.setattr(seg_mod.SegmentSet, "read_ragged", bad_ragged)
+    with pytest.raises(IntegrityError, match="nothing deleted: merged (array pooled|ragged seq) differs"):
+        segset.compact()
+    monkeypatch.undo()
+    assert sorted(s.path.name for s in segset.segments()) == old  # the bad merge was withdrawn
+    out, present = segset.read(k, "pooled")
+    assert present.all()
+    np.testing.assert_array_equal(out, a)
+    assert segset.verify() == []

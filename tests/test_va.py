@@ -346,6 +346,124 @@ def test_learned_mlp_saves_and_reloads_the_same_predictions(demo_va_store):
     assert pearson(p, test.valence) == pytest.approx(res.metrics["valence"]["pearson"], abs=1e-4)
 
 
+# ---- replacing a fitted model is all-or-nothing (review 6) ------------------------------
+@pytest.fixture(scope="module")
+def va_model_template(tmp_path_factory, minilm, demo_df):
+    """40 rated demo words with their MiniLM rows, and a ridge model `v1` fitted on them."""
+    from featurestore.store import open_store
+
+    store = open_store(tmp_path_factory.mktemp("vamodel") / "store", create=True)
+    df = demo_df.filter(pl.col("valence").is_not_null() & (pl.col("split") == "train")).head(40)
+    add_dataset(store, "rated", df, root=None, source="test")
+    extract(ExtractConfig(dataset="rated", modality="text", backbone="minilm"), store, backbone=minilm)
+    fit(FitConfig(dataset="rated", features="minilm", out="v1", test_split="", params={"alpha": "1"}), store)
+    return store
+
+
+@pytest.fixture
+def va_model_store(va_model_template, tmp_path):
+    import shutil
+
+    from featurestore.store import open_store
+
+    shutil.copytree(va_model_template.root, tmp_path / "store", symlinks=True)
+    return open_store(tmp_path / "store")
+
+
+def _model_files(store) -> dict:
+    root = store.root / "va_models"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+REFIT = ["va", "fit", "--dataset", "rated", "--features", "text=minilm", "--out", "v1", "--test-split", "",
+         "-p", "alpha=50", "--replace"]
+
+
+@pytest.mark.parametrize("at", ["model.safetensors", "safetensors error", "metrics.json", "config.json",
+                                "checksums.json"])
+def test_a_full_disk_while_replacing_a_va_model_keeps_the_old_model_and_is_exit_11(va_model_store, monkeypatch, at):
+    import errno
+
+    import safetensors.numpy
+
+    from featurestore import _io
+    from featurestore._io import check_checksums
+
+    store = va_model_store
+    before = _model_files(store)
+    assert check_checksums(store.root / "va_models" / "v1") == []
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    if at == "model.safetensors":
+        monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    elif at == "safetensors error":  # what the library raises on a real full disk (not an OSError)
+        def lib_full(*args, **kw):
+            raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                              'message: "No space left on device" })')
+        monkeypatch.setattr(safetensors.numpy, "save_file", lib_full)
+    else:
+        real = _io.write_bytes_atomic
+        monkeypatch.setattr(_io, "write_bytes_atomic",
+                            lambda target, data: full() if Path(target).name == at else real(target, data))
+    res = CliRunner().invoke(cli, ["--store", str(store.root), *REFIT])
+    monkeypatch.undo()
+    assert _model_files(store) == before  # old weights, config, metrics and checksums, byte for byte
+    assert check_checksums(store.root / "va_models" / "v1") == []
+    assert res.exit_code == 11, res.output
+    (line,) = [ln for ln in res.output.splitlines() if ln.startswith("error")]  # one line, no traceback
+    assert "disk full writing" in line and "va_models" in line and "Traceback" not in res.output
+    verified = CliRunner().invoke(cli, ["--store", str(store.root), "verify", "--json"])
+    assert verified.exit_code == 0 and json.loads(verified.output)["unverified"] == [], verified.output
+    # and with space again the replacement goes through as one unit
+    assert CliRunner().invoke(cli, ["--store", str(store.root), *REFIT]).exit_code == 0
+    assert json.loads((store.root / "va_models" / "v1" / "config.json").read_text())["params"]["alpha"] == 50
+    assert check_checksums(store.root / "va_models" / "v1") == []
+    assert [p.name for p in (store.root / "va_models").iterdir()] == ["v1"]
+
+
+KILL_AT = """
+import os, signal, sys
+from featurestore import _io
+from featurestore.cli import cli
+real = _io.write_bytes_atomic
+def write(target, data):
+    if os.path.basename(str(target)) == sys.argv[2]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(target, data)
+_io.write_bytes_atomic = write
+cli(["--store", sys.argv[1], *sys.argv[3:]])
+"""
+
+
+def test_a_kill_while_replacing_a_va_model_keeps_the_old_model_whole(va_model_store):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from featurestore._io import check_checksums
+
+    store = va_model_store
+    before = _model_files(store)
+    proc = subprocess.run([sys.executable, "-c", KILL_AT, str(store.root), "config.json", *REFIT],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -9, proc.stderr
+    models = store.root / "va_models"
+    assert {k: v for k, v in _model_files(store).items() if k.startswith("v1/")} == before
+    assert check_checksums(models / "v1") == []
+    from featurestore.va.learned import list_models
+    assert list_models(store) == ["v1"]  # the half-built folder is not a model
+    (leftover,) = [p for p in models.iterdir() if p.name != "v1"]
+    assert leftover.name.startswith(".v1.") and leftover.name.endswith(".tmp")
+    old = time.time() - 3600
+    os.utime(leftover, (old, old))
+    assert CliRunner().invoke(cli, ["--store", str(store.root), "gc"]).exit_code == 0
+    res = CliRunner().invoke(cli, ["--store", str(store.root), "verify"])
+    assert res.exit_code == 0, res.output
+    assert _model_files(store) == before
+
+
 def test_metrics():
     a = np.array([0.1, 0.4, -0.3, 0.8])
     assert pearson(a, 2 * a + 1) == pytest.approx(1.0) and ccc(a, a) == pytest.approx(1.0)

@@ -41,7 +41,8 @@ def models_root(store) -> Path:
 
 def list_models(store) -> list[str]:
     root = models_root(store)
-    return sorted(p.name for p in root.iterdir() if (p / CONFIG).is_file()) if root.is_dir() else []
+    return sorted(p.name for p in root.iterdir()  # hidden names: a model being saved, or the one it replaced
+                  if not p.name.startswith(".") and (p / CONFIG).is_file()) if root.is_dir() else []
 
 
 def model_folder(store, ref: str) -> Path:
