@@ -124,9 +124,11 @@ def _print_nested(data: dict, indent: int = 0) -> None:
 def verify_cmd(ctx: click.Context, as_json: bool) -> None:
     """Check everything in the store; exit 8 on any problem.
 
-    Datasets (manifest hash, counts), feature sets (spec, catalogue, segment checksums,
-    shapes, alignment, rows each extracted dataset needs), saved heads, memories, LoRA adapters
-    and fitted VA models (checksums.json), VA sources, and temporary files left by killed jobs."""
+    Datasets (manifest hash, counts; a folder without dataset.json), feature sets (spec, catalogue,
+    segment checksums, shapes, alignment, rows each extracted dataset needs; a folder without
+    spec.json; every feature set a saved run, memory or refresh uses), saved heads, memories, LoRA
+    adapters and fitted VA models (checksums.json), VA sources, a folder a killed replacement left
+    moved aside, and temporary files left by killed jobs."""
     store = get_store(ctx)
     problems = verify_store(store)
     n_sets, n_art, loose = len(feature_sets_on_disk(store)), len(artifact_dirs(store)), unverified(store)
@@ -156,6 +158,9 @@ def gc_cmd(ctx: click.Context, compact: bool, dry_run: bool, keep: int | None, a
     """Remove temporary files left by killed jobs, register or delete segments a killed job or an
     earlier compaction left behind, and optionally compact segments.
 
+    A folder (memory, SCL run) whose replacement was killed half-way, leaving only its previous
+    copy as `.NAME.<id>.old`, is put back as NAME first; such a copy is never removed.
+
     A feature set being written is skipped. Temporary files elsewhere (datasets, heads,
     memories) are removed once they are 10 minutes old (younger ones may belong to a running job)."""
     store = get_store(ctx)
@@ -169,6 +174,9 @@ def gc_cmd(ctx: click.Context, compact: bool, dry_run: bool, keep: int | None, a
         report["fingerprints"] = fingerprints
     if as_json:
         return emit(report)
+    for r in report["restored"]:
+        click.echo(f"{'would restore' if dry_run else 'restored'} {r['to']} from {r['from']} "
+                   "(a job replacing it was killed half-way)")
     verb = "would remove" if dry_run else "removed"
     click.echo(f"{verb} {len(report['removed_temp_files'])} temporary file(s)")
     for path in report["kept_recent_temp_files"]:

@@ -21,9 +21,11 @@ from .errors import DiskFullError, IntegrityError, LockedError
 
 __all__ = ["TMP_SUFFIX", "tmp_path", "publish", "write_json_atomic", "write_bytes_atomic", "read_json",
            "file_lock", "json_safe", "disk_full", "raise_if_disk_full", "CHECKSUMS", "write_checksums",
-           "check_checksums", "sha256_file", "try_lock", "cleaned_on_failure", "writer_alive"]
+           "check_checksums", "sha256_file", "try_lock", "cleaned_on_failure", "writer_alive", "fsync_dir",
+           "fsync_tree", "exchange", "publish_folder", "OLD_SUFFIX", "swapped_out_target"]
 
 TMP_SUFFIX = ".tmp"
+OLD_SUFFIX = ".old"  # `.X.<id>.old`: the previous X, moved aside while a new X is published
 CHECKSUMS = "checksums.json"
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -81,6 +83,110 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+fsync_dir = _fsync_dir
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then every folder (deepest first, `folder` last), so that a
+    rename publishing it cannot reach the disk before its contents."""
+    folder = Path(folder)
+    for dirpath, _dirnames, filenames in os.walk(folder, topdown=False):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+_renameat2: Any = None
+
+
+def _libc_renameat2():
+    global _renameat2
+    if _renameat2 is None:
+        _renameat2 = False
+        try:
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fn = libc.renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2 = fn
+        except (OSError, AttributeError):  # not Linux, or a libc older than glibc 2.28
+            pass
+    return _renameat2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE). False, with nothing
+    changed, where the kernel, libc or filesystem cannot; any other failure raises OSError."""
+    import ctypes
+
+    fn = _libc_renameat2()
+    if not fn:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def swapped_out_target(path: Path) -> Path | None:
+    """For `.X.<id>.old` (a previous X moved aside by the fallback of `publish_folder`), X's path."""
+    name = path.name
+    if not (name.startswith(".") and name.endswith(OLD_SUFFIX)):
+        return None
+    stem, _, ident = name[1: -len(OLD_SUFFIX)].rpartition(".")
+    return path.with_name(stem) if stem and ident else None
+
+
+def publish_folder(tmp: Path, target: Path) -> None:
+    """Publish the finished folder `tmp` at `target`, crash-safely: its files and itself are fsynced
+    first and the parent folder after, so a power cut leaves the old or the new folder whole.
+
+    A first publish is one rename. A replacement swaps the two atomically (renameat2 RENAME_EXCHANGE)
+    and then deletes the old one, so a reader always sees a whole folder. Where that swap is not
+    available it moves the old folder aside to `.X.<id>.old`, renames the new one in and deletes the
+    old one; a kill between those two renames leaves the old copy there with no X, which
+    `fs verify` reports and `fs gc` puts back (verify.restore_swapped_out)."""
+    tmp, target = Path(tmp), Path(target)
+    fsync_tree(tmp)
+    if not target.exists():
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        return
+    if exchange(tmp, target):  # tmp now holds the old folder
+        _fsync_dir(target.parent)
+        _rmtree(tmp)
+        return
+    old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{OLD_SUFFIX}")
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.replace(old, target)  # put the old one back: X is never left missing by a failure
+        raise
+    _fsync_dir(target.parent)
+    _rmtree(old)
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def publish(tmp: Path, target: Path) -> None:

@@ -5,19 +5,20 @@ raises; `gc_store` removes what killed jobs left behind and optionally compacts 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
 from pathlib import Path
 
-from ._io import TMP_SUFFIX, check_checksums
+from ._io import OLD_SUFFIX, TMP_SUFFIX, check_checksums, fsync_dir, read_json, swapped_out_target
 from .datasets import get_dataset, list_datasets
 from .errors import FeatureStoreError, LockedError
 from .features import FeatureSet, list_feature_sets
 from .hashing import file_digest
 
 __all__ = ["verify_store", "feature_sets_on_disk", "artifact_dirs", "unverified", "stray_temp_files", "gc_store",
-           "gc_va", "TEMP_GRACE_S"]
+           "gc_va", "TEMP_GRACE_S", "swapped_out", "restore_swapped_out"]
 
 TEMP_GRACE_S = 600  # temp files outside feature sets younger than this may belong to a running job
 
@@ -35,10 +36,16 @@ def verify_store(store) -> list[dict]:
 
     for name in list_datasets(store):
         checked(store.dataset_dir(name), lambda: _verify_dataset(store, name))
+    checked(store.datasets_dir(), lambda: _unlisted_datasets(store))
     for fs in feature_sets_on_disk(store):
         checked(fs.folder, lambda: _verify_features(store, fs))
+    checked(store.features_dir(), lambda: _spec_less_feature_sets(store))
+    checked(store.root, lambda: _missing_feature_sets(store))
     for folder in artifact_dirs(store):
         checked(folder, lambda: [(folder, m) for m in check_checksums(folder) or []])
+    problems += [{"path": str(old), "message": f"{target.name} is missing: a job replacing it was killed after moving "
+                                                f"the previous copy here; `fs gc` puts this copy back as {target}"}
+                 for old, target in swapped_out(store)]
     problems += [{"path": str(t), "message": "temporary file left by a killed or failed job; `fs gc` removes it"}
                  for t in stray_temp_files(store)]
     checked(store.root, lambda: _verify_va(store))
@@ -59,6 +66,88 @@ def _verify_dataset(store, name):
         yield folder / "dataset.json", f"says {ds.info.get('n_items')} items, the manifest has {len(ds.manifest)}"
     for message in check_checksums(folder) or []:
         yield folder, message
+
+
+def _unlisted_datasets(store):
+    """Dataset folders whose dataset.json is gone: `list_datasets` does not list them, so nothing else
+    checks them."""
+    root = store.datasets_dir()
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if root.is_dir() else []:
+        if not (folder / "dataset.json").exists() and \
+                any((folder / n).exists() for n in ("manifest.parquet", "checksums.json")):
+            yield folder / "dataset.json", (f"dataset.json is missing, so dataset {folder.name} is not listed or "
+                                            "checked; restore it from a backup, or re-add the dataset with "
+                                            f"`fs datasets add {folder.name} ... --replace`")
+
+
+def _spec_less_feature_sets(store):
+    """Feature set folders with segments or a catalogue but no spec.json: not listed, so not checked
+    otherwise. Their segments are still checked (checksums, catalogue) so damage is not hidden."""
+    from .segments import CATALOGUE
+
+    root = store.features_dir()
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if root.is_dir() else []:
+        if (folder / "spec.json").exists() or not (any(folder.glob("seg-*.h5")) or (folder / CATALOGUE).exists()):
+            continue
+        yield folder / "spec.json", ("spec.json is missing, so these features cannot be read; restore it from a "
+                                     "backup, or delete the folder and re-run the extraction that made it "
+                                     "(`fs extract`)")
+        yield from ((p.path, p.message) for p in FeatureSet(store, folder.name).segments.verify())
+
+
+def _missing_feature_sets(store):
+    """Every feature set a saved run (heads/*/lineage.json, not retired by a refresh), a memory
+    (memory/*/spec.json) or a refresh (refresh/*/state.json) names must exist."""
+    users: dict[str, list[str]] = {}
+    retired: set[str] = set()
+
+    def used(fp, by: str) -> None:
+        if isinstance(fp, str) and fp:
+            users.setdefault(fp, []).append(by)
+
+    root = store.root / "refresh"
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if root.is_dir() else []:
+        state = _json_or_none(folder / "state.json")
+        if isinstance(state, dict):
+            retired |= set(state.get("retired_runs") or [])
+            used((state.get("current") or {}).get("fingerprint"), f"refresh {folder.name}")
+    heads = store.heads_dir()
+    for run in sorted(p for p in heads.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if heads.is_dir() else []:
+        lineage = None if run.name in retired else _json_or_none(run / "lineage.json")
+        if not isinstance(lineage, dict):
+            continue
+        fps = dict(lineage.get("fingerprints") or {})
+        if (lineage.get("config") or {}).get("write_features"):  # an SCL run wrote its derived features
+            fps.update({f"derived {m}": fp for m, fp in (lineage.get("derived") or {}).items()})
+        for fp in fps.values():
+            used(fp, f"run {run.name}")
+    mems = store.memory_dir()
+    for mem in sorted(p for p in mems.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if mems.is_dir() else []:
+        spec = _json_or_none(mem / "spec.json")
+        if isinstance(spec, dict):
+            for fp in [*(spec.get("fingerprints") or {}).values(), *(spec.get("source_fingerprints") or {}).values()]:
+                used(fp, f"memory {mem.name}")
+    for fp, who in sorted(users.items()):
+        if (store.features_dir() / fp / "spec.json").is_file():
+            continue
+        who = sorted(set(who))
+        users_text = ", ".join(who[:3]) + (" ..." if len(who) > 3 else "")
+        yield store.features_dir() / fp, (f"feature set {fp} used by {users_text} is missing; restore it from a "
+                                           "backup, or re-extract it with the same backbone and settings "
+                                           "(`fs extract`)")
+
+
+def _json_or_none(path: Path):
+    """A JSON file, or None where it is absent or damaged (its own check reports the damage)."""
+    try:
+        return read_json(path) if path.is_file() else None
+    except (FeatureStoreError, OSError):
+        return None
 
 
 def feature_sets_on_disk(store) -> list[FeatureSet]:
@@ -109,9 +198,11 @@ def _verify_va(store):
         yield from ((p.path, p.message) for p in vs.verify())
     root = va_root(store)
     if root.is_dir():  # a source folder whose spec.json is gone is not listed above
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not (p / "spec.json").exists()):
-            if any(folder.glob("seg-*.h5")):
-                yield folder / "spec.json", "spec.json is missing"
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                             and not (p / "spec.json").exists()):
+            if any(folder.glob("seg-*.h5")) or (folder / "catalogue.json").exists():
+                yield folder / "spec.json", ("spec.json is missing, so these VA scores cannot be read; restore it "
+                                             "from a backup, or delete the folder and re-score (`fs va score`)")
 
 
 def artifact_dirs(store) -> list[Path]:
@@ -131,22 +222,66 @@ def unverified(store) -> list[str]:
     return [str(p) for p in artifact_dirs(store) if check_checksums(p) is None]
 
 
-def stray_temp_files(store, *, older_than: float = 0.0) -> list[Path]:
-    """Temporary files and folders (`.*.tmp`, `.*.old`) outside the segment sets, which report their own."""
-    now, out = time.time(), []
+def _hidden_leftovers(store) -> list[Path]:
+    """`.*.tmp` and `.*.old` files and folders outside the segment sets, which report their own."""
+    out = []
     for dirpath, dirnames, filenames in os.walk(store.root):
         here = Path(dirpath)
         if here.parent in (store.features_dir(), store.root / "va"):
             dirnames[:] = []  # a segment set: `fs verify` of the set reports its temp files
             continue
         for name in list(dirnames) + filenames:
-            path = here / name
-            if name.startswith(".") and name.endswith((TMP_SUFFIX, ".old")):
+            if name.startswith(".") and name.endswith((TMP_SUFFIX, OLD_SUFFIX)):
                 if name in dirnames:
                     dirnames.remove(name)
-                if now - path.lstat().st_mtime >= older_than:
-                    out.append(path)
+                out.append(here / name)
     return sorted(out)
+
+
+def swapped_out(store) -> list[tuple[Path, Path]]:
+    """(`.X.<id>.old`, X) where X is missing: a replacement killed between its two renames (see
+    `_io.publish_folder`) left the complete previous copy there. Never a temporary file: gc restores it."""
+    out = []
+    for path in _hidden_leftovers(store):
+        target = swapped_out_target(path)
+        if target is not None and not os.path.lexists(target):
+            out.append((path, target))
+    return out
+
+
+def restore_swapped_out(store, *, dry_run: bool = False) -> list[tuple[Path, Path]]:
+    """Rename each `.X.<id>.old` whose X is missing back to X (the most recently moved one where there
+    are several); returns what was (or would be) restored."""
+    newest: dict[Path, Path] = {}
+    for old, target in swapped_out(store):
+        if target not in newest or old.lstat().st_ctime > newest[target].lstat().st_ctime:
+            newest[target] = old
+    done = []
+    for target, old in sorted(newest.items()):
+        if not dry_run:
+            if os.path.lexists(target):  # published meanwhile by a live job: leave both alone
+                continue
+            os.rename(old, target)
+            with contextlib.suppress(OSError):
+                fsync_dir(target.parent)
+        done.append((old, target))
+    return done
+
+
+def stray_temp_files(store, *, older_than: float = 0.0) -> list[Path]:
+    """Temporary files and folders (`.*.tmp`, and `.*.old` whose original is in place) outside the
+    segment sets, which report their own."""
+    now, out = time.time(), []
+    for path in _hidden_leftovers(store):
+        target = swapped_out_target(path)
+        if target is not None and not os.path.lexists(target):
+            continue  # the only copy of X: restored by gc, never removed
+        try:
+            if now - path.lstat().st_mtime >= older_than:
+                out.append(path)
+        except FileNotFoundError:
+            continue
+    return out
 
 
 def _tidy(sets, *, compact: bool, dry_run: bool, name_of, attrs_of, report: dict) -> None:
@@ -172,7 +307,10 @@ def gc_store(store, *, compact: bool = False, dry_run: bool = False) -> dict:
     """Remove temporary files left by killed jobs, register or delete segments a killed job or an earlier
     compaction left behind, optionally compact; a feature set being written is skipped. Temporary files
     elsewhere are removed once they are TEMP_GRACE_S old. Returns what was (or would be) done."""
-    report: dict = {"removed_temp_files": [], "compacted": {}, "skipped_locked": [], "kept_recent_temp_files": []}
+    report: dict = {"removed_temp_files": [], "compacted": {}, "skipped_locked": [], "kept_recent_temp_files": [],
+                    "restored": []}
+    report["restored"] = [{"from": str(old), "to": str(target)}
+                          for old, target in restore_swapped_out(store, dry_run=dry_run)]
     _tidy(list_feature_sets(store), compact=compact, dry_run=dry_run, name_of=lambda fs: fs.fingerprint,
           attrs_of=lambda fs: {"fingerprint": fs.fingerprint, "compacted": True}, report=report)
     old = stray_temp_files(store, older_than=TEMP_GRACE_S)

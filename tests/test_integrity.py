@@ -670,3 +670,54 @@ def test_a_store_written_before_catalogues_is_adopted_by_gc(store, tmp_path, min
     assert fs_cli(store, "gc").exit_code == 0
     assert len(fs.segments.catalogue()["segments"]) == 2
     assert fs_cli(store, "verify").exit_code == 0
+
+
+# ---- review finding 4: verify finds a feature set, its spec or a dataset's metadata gone ----------
+def _problems(store):
+    res = fs_cli(store, "verify")
+    lines = [line for line in res.output.splitlines() if line.startswith("PROBLEM")]
+    assert "Traceback" not in res.output and all(len(line) < 600 for line in lines)
+    return res.exit_code, lines
+
+
+def test_a_feature_set_without_spec_is_a_problem_and_its_segments_are_still_checked(trained):
+    (fs,) = list_feature_sets(trained)
+    seg = fs.segments.segments()[1].path
+    data = bytearray(seg.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    seg.write_bytes(bytes(data))
+    fs.spec_path.unlink()
+    code, lines = _problems(trained)
+    assert code == 8
+    assert any(str(fs.spec_path) in line and "spec.json is missing" in line and "restore it" in line for line in lines)
+    assert any(seg.name in line and "checksum mismatch" in line for line in lines)  # not hidden by the lost spec
+
+
+def test_a_deleted_feature_set_used_by_a_run_is_a_problem(trained):
+    import shutil
+
+    (fs,) = list_feature_sets(trained)
+    shutil.rmtree(fs.folder)
+    code, lines = _problems(trained)
+    assert code == 8
+    assert [line for line in lines if f"feature set {fs.fingerprint} used by run r1 is missing" in line]
+
+
+def test_a_dataset_without_dataset_json_is_a_problem(trained):
+    (trained.dataset_dir("words") / "dataset.json").unlink()
+    code, lines = _problems(trained)
+    assert code == 8
+    assert any("dataset.json is missing, so dataset words is not listed" in line and "fs datasets add words" in line
+               for line in lines)
+
+
+def test_a_feature_set_named_by_a_memory_must_exist(store):
+    from featurestore.memory import Memory, memory_path
+
+    mem = Memory(4, spec={"fingerprints": {"text": "scl-00000000deadbeef"},
+                          "source_fingerprints": {"text": "minilm-00000000deadbeef"}})
+    mem.add(np.arange(2), np.eye(2, 4, dtype=np.float32), {"item_id": ["a", "b"]})
+    mem.save(memory_path(store, "m2"))
+    code, lines = _problems(store)
+    assert code == 8 and len(lines) == 2
+    assert all("used by memory m2 is missing" in line for line in lines)

@@ -107,3 +107,121 @@ def test_pools_are_top_p_of_correct_rows_with_a_floor_per_modality_and_class(min
         mark_pools(df, 0)
     with pytest.raises(ConfigError, match="min_pool=0"):
         mark_pools(df, 0.2, 0)
+
+
+# ---- replacing a published memory is crash-safe (review finding 3) -------------------------------
+_KILL_BETWEEN_RENAMES = """
+import os, signal, sys, numpy as np
+import featurestore._io as _io
+from featurestore.store import open_store
+from featurestore.memory import Memory, memory_path
+store, fallback = open_store(sys.argv[1]), sys.argv[2] == "fallback"
+if fallback:
+    _io.exchange = lambda a, b: False  # as on a kernel or filesystem without renameat2
+def build(seed):
+    mem = Memory(8)
+    mem.add(np.arange(5), np.random.default_rng(seed).normal(size=(5, 8)).astype(np.float32),
+            {"item_id": [f"v{seed}-{i}" for i in range(5)], "class": ["a"] * 5})
+    return mem
+target = memory_path(store, "m1")
+build(0).save(target)
+real = os.replace
+def replace(src, dst):
+    real(src, dst)
+    if os.fspath(src) == os.fspath(target):  # the old folder was just moved aside: a real SIGKILL here
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+build(1).save(target)
+print("saved")
+"""
+
+
+def _save_twice_killing_between_renames(store, how):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _KILL_BETWEEN_RENAMES, str(store.root), how],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _item_ids(store):
+    from featurestore.memory import open_memory
+
+    return open_memory(store, "m1").meta["item_id"].to_list()
+
+
+def test_a_replacement_swaps_atomically_so_there_is_never_a_moment_without_the_memory(store, tmp_path):
+    from featurestore import _io
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir(), (a / "f").write_text("a")
+    if not _io.exchange(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
+    assert (b / "f").read_text() == "a" and not any(a.iterdir())
+    res = _save_twice_killing_between_renames(store, "exchange")
+    assert res.returncode == 0 and "saved" in res.stdout, res.stderr[-2000:]  # the old folder never moved aside
+    assert _item_ids(store) == [f"v1-{i}" for i in range(5)]
+    assert sorted(p.name for p in store.memory_dir().iterdir()) == ["m1"]
+
+
+def test_gc_restores_a_memory_whose_replacement_was_killed_between_the_renames(store):
+    import json
+    import os
+
+    from click.testing import CliRunner
+
+    from featurestore.cli import cli
+
+    def fs(*args):
+        return CliRunner().invoke(cli, ["--store", str(store.root), *args], catch_exceptions=False)
+
+    res = _save_twice_killing_between_renames(store, "fallback")
+    assert res.returncode == -9, (res.returncode, res.stderr[-2000:])
+    left = sorted(p.name for p in store.memory_dir().iterdir())
+    assert "m1" not in left and len(left) == 2 and left[0].endswith(".old") ^ left[1].endswith(".old")
+    out = fs("verify", "--json")
+    assert out.exit_code == 8
+    problems = {os.path.basename(p["path"]): p["message"] for p in json.loads(out.output)["problems"]}
+    old = next(n for n in left if n.endswith(".old"))
+    assert "m1 is missing" in problems[old] and "`fs gc` puts this copy back" in problems[old]
+    for name in left:  # even once the grace period for temporary files is over
+        os.utime(store.memory_dir() / name, (0, 0))
+    out = fs("gc")
+    assert out.exit_code == 0 and "restored" in out.output, out.output
+    assert _item_ids(store) == [f"v0-{i}" for i in range(5)]  # the complete previous memory
+    assert sorted(p.name for p in store.memory_dir().iterdir()) == ["m1"]  # the half-published copy is gone
+    assert fs("verify").exit_code == 0
+
+
+def test_a_failed_second_rename_puts_the_old_folder_back_and_everything_is_fsynced(tmp_path, monkeypatch):
+    import os
+
+    from featurestore import _io
+
+    target, tmp = tmp_path / "x", tmp_path / ".x.1234abcd.tmp"
+    for folder, text in ((target, "old"), (tmp, "new")):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "f").write_text(text)
+        (folder / "sub" / "g").write_text(text)
+    synced = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    monkeypatch.setattr(_io, "exchange", lambda a, b: False)
+    calls = []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError):
+        _io.publish_folder(tmp, target)
+    assert (target / "f").read_text() == "old" and (tmp / "f").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".x.1234abcd.tmp", "x"]
+    assert {str(tmp / "f"), str(tmp / "sub" / "g"), str(tmp / "sub"), str(tmp)} <= set(synced)
+    monkeypatch.setattr(os, "replace", real_replace)
+    synced.clear()
+    _io.publish_folder(tmp, target)
+    assert (target / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+    assert str(tmp_path) in synced  # the parent, after the rename

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from .._io import raise_if_disk_full, read_json, write_checksums, write_json_atomic
+from .._io import publish_folder, raise_if_disk_full, read_json, write_checksums, write_json_atomic
 from ..config import field, from_dict, to_dict
 from ..errors import ConfigError, IntegrityError, NotFoundError
 from ..store import now_iso
@@ -223,18 +223,3 @@ class Memory:
             raise IntegrityError(f"memory {folder}: the index holds {mem.index.ntotal} {mem.index.d}-d vectors but "
                                  f"meta.parquet has {len(mem.meta)} rows for {mem.dim}-d; rebuild it (fs memory build)")
         return mem
-
-
-def publish_folder(tmp: Path, target: Path) -> None:
-    """Move a finished folder to `target`. A first publish is one atomic rename; a replacement
-    moves the old folder aside, renames the new one in, then deletes the old one, so a reader
-    sees the old or the new folder whole (or, for that instant, none: `load` says so)."""
-    import os
-
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
-    os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
