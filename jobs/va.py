@@ -10,19 +10,16 @@ give a value is recorded as an error for that item, never stored.
 from __future__ import annotations
 
 import dataclasses
-import errno
-import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from featurestore import va as va_registry
-from featurestore._io import (cleaned_on_failure, publish, raise_if_disk_full, tmp_path, write_checksums,
-                              write_json_atomic)
+from featurestore._io import (cleaned_on_failure, publish, publish_folder, raise_if_disk_full, tmp_path,
+                              write_checksums, write_json_atomic)
 from featurestore.backbones.base import MODALITIES
 from featurestore.config import field, from_strings, to_dict
 from featurestore.datasets import get_dataset
@@ -318,9 +315,9 @@ def fit(config: FitConfig, store: Store, *, log: Callable[[str], None] = lambda 
 
 def _save(folder, tensors: dict, info: dict, metrics: dict) -> None:
     """Build the whole model folder (weights, metrics.json, config.json, checksums.json over the three)
-    under a hidden temporary name beside it, fsync it, and only then publish it as one unit: a new
-    model by one rename, a replaced one by one atomic exchange of the two folders, after which the old
-    one is deleted. A kill or a full disk at any point leaves the old model and its checksums whole
+    under a hidden temporary name beside it, and only then publish it as one unit (`_io.publish_folder`:
+    a new model by one rename, a replaced one by an atomic exchange of the two folders, after which the
+    old one is deleted). A kill or a full disk at any point leaves the old model and its checksums whole
     (plus at most a `.NAME.*.tmp` folder that `fs gc` removes); a full disk is a DiskFullError."""
     from safetensors.numpy import save_file
 
@@ -338,57 +335,8 @@ def _save(folder, tensors: dict, info: dict, metrics: dict) -> None:
         write_json_atomic(tmp / METRICS, metrics)
         write_json_atomic(tmp / CONFIG, info)
         write_checksums(tmp, [WEIGHTS, METRICS, CONFIG])
-        old = _swap_in(tmp, folder)
+        publish_folder(tmp, folder)  # one rename, or an atomic exchange with the old folder (then deleted)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise_if_disk_full(exc, folder)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)  # a kill here leaves it as a temp folder for `fs gc`
-
-
-def _swap_in(tmp: Path, folder: Path) -> Path | None:
-    """Publish finished folder `tmp` as `folder`; returns where the replaced folder now lies (to delete)."""
-    if not folder.exists():
-        os.rename(tmp, folder)  # a new model: one atomic rename
-        _fsync_dir(folder.parent)
-        return None
-    try:
-        _exchange(tmp, folder)  # both names stay whole folders at every instant
-        old = tmp
-    except OSError as exc:  # no renameat2 (not Linux, or a filesystem without RENAME_EXCHANGE)
-        if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-        # The old folder moves aside as `.NAME.<id>.old` (the name the store's gc puts back when NAME is
-        # missing): a kill between these two renames leaves it whole there, the new one under `tmp`.
-        old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.old")
-        os.rename(folder, old)
-        try:
-            os.rename(tmp, folder)
-        except BaseException:
-            os.rename(old, folder)  # never leave NAME missing after a failure
-            raise
-    _fsync_dir(folder.parent)
-    return old
-
-
-def _exchange(a: Path, b: Path) -> None:
-    """Atomically swap two paths (Linux renameat2 with RENAME_EXCHANGE)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
-    if fn is None:
-        raise OSError(errno.ENOSYS, "renameat2 is not available")
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(b))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
