@@ -8,7 +8,7 @@ from __future__ import annotations
 __all__ = [
     "FeatureStoreError", "ConfigError", "StoreVersionError", "NotFoundError",
     "DatasetError", "BadItemError", "BackboneError", "IntegrityError", "LockedError",
-    "DiskFullError",
+    "DiskFullError", "InputReadError",
 ]
 
 
@@ -49,6 +49,11 @@ class BadItemError(FeatureStoreError):
     """One input item cannot be decoded; extraction records it and goes on."""
 
     exit_code = 6
+
+
+class InputReadError(DatasetError):
+    """A dataset's files cannot be read right now (an I/O error, a missing mount, too many open files):
+    not the item's fault, so extraction stops without recording it and a rerun retries."""
 
 
 class BackboneError(FeatureStoreError):

@@ -4,8 +4,11 @@ Each distinct input (by content key) is computed once per fingerprint. Rows are
 published in segments at batch boundaries, so a killed job loses at most one unpublished
 segment and, resumed with the same batch size, forms the same batches and so writes
 bit-identical rows on CPU. Bad items are recorded with their reason; the job goes on.
-Errors that are not about an item (out of memory, a device error, a full disk) stop the
-job with what it computed published, and are not recorded: a later run retries the items.
+Errors that are not about an item (out of memory, a device error, a full disk, an input
+file that cannot be read for a reason other than the item's own: EIO, a stale mount, a
+missing dataset root) stop the job with what it computed published, and are not recorded:
+a later run retries the items. A batch that runs out of memory is retried one item at a
+time; an item that alone runs out of memory while the others of its batch fit is recorded.
 
 Several jobs may extract into one fingerprint at once (two datasets, two shards): each
 publishes its own segments, and keys another live job is computing are left to it
@@ -15,6 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import gc
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +34,8 @@ from featurestore.backbones.base import MODALITIES, Backbone, fingerprint_of
 from featurestore.claims import Claims
 from featurestore.config import field
 from featurestore.datasets import get_dataset
-from featurestore.errors import BackboneError, BadItemError, ConfigError, DiskFullError, FeatureStoreError
+from featurestore.errors import (BackboneError, BadItemError, ConfigError, DiskFullError, FeatureStoreError,
+                                 InputReadError)
 from featurestore.features import POOLED, SEQ, FeatureSet
 from featurestore.hashing import content_key
 from featurestore.segments import ErrorRecord, Segment
@@ -100,6 +107,7 @@ class _Item:
     key: str
     item_id: str
     source: str
+    root: str | None = None  # the dataset root its file lies under (file modalities)
 
 
 def plan(store: Store, config: ExtractConfig) -> tuple[list[_Item], list[ErrorRecord], int]:
@@ -110,6 +118,7 @@ def plan(store: Store, config: ExtractConfig) -> tuple[list[_Item], list[ErrorRe
     if df[m].null_count() == len(df):
         raise ConfigError(f"dataset {config.dataset!r} has no {m} inputs; it has "
                           f"{', '.join(ds.modalities) or 'none'}")
+    root = ds.info.get("root") if m != "text" else None
     items, errors, seen = [], [], set()
     for item_id, source, key in zip(df["item_id"].to_list(), df[m].to_list(), df[f"{m}_key"].to_list()):
         if source is None:
@@ -118,7 +127,7 @@ def plan(store: Store, config: ExtractConfig) -> tuple[list[_Item], list[ErrorRe
             errors.append(ErrorRecord("", config.dataset, item_id, _unreadable_reason(m, source)))
         elif key not in seen:
             seen.add(key)
-            items.append(_Item(key, item_id, source))
+            items.append(_Item(key, item_id, source, root))
     return items, errors, len(df) - df[m].null_count()
 
 
@@ -156,13 +165,53 @@ def _unreadable_reason(modality: str, source: str) -> str:
     return f"cannot read file: {source}"
 
 
+# Read errors that are the item's own fault: recorded against it. Any other OSError (EIO, ESTALE,
+# ETIMEDOUT, EMFILE, ENFILE, ENOMEM, ...) is about the disk or the mount: the job stops, a rerun retries.
+_ITEM_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
+_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR})  # ... if the dataset root is there
+# OSErrors that are never about one item, wherever they come from (a decoder, a temp file).
+_TRANSIENT_ERRNOS = frozenset(getattr(errno, n) for n in (
+    "EIO", "ESTALE", "ETIMEDOUT", "EMFILE", "ENFILE", "ENOMEM", "EAGAIN", "EINTR", "ENOLINK", "ECOMM",
+    "EREMOTEIO", "EHOSTDOWN", "EHOSTUNREACH", "ENETDOWN", "ENETUNREACH", "ECONNRESET", "ECONNABORTED",
+    "ENOTCONN", "ESHUTDOWN", "ENXIO", "ENODEV", "ENOMEDIUM") if hasattr(errno, n))
+
+
+def _root_there(root: str) -> bool:
+    try:
+        return Path(root).is_dir()
+    except OSError:  # the root itself cannot be looked at (EIO, a stale mount): not there for us
+        return False
+
+
+def root_missing(root: str, dataset: str = "") -> InputReadError:
+    of = f" of dataset {dataset!r}" if dataset else ""
+    return InputReadError(f"the dataset root {root}{of} is missing or unreadable (an unmounted or failed disk?): "
+                          "nothing was recorded against its items and rows computed so far are kept; mount or "
+                          "restore it and re-run, or re-register the dataset where it now lies "
+                          "(fs datasets add --replace --root DIR)")
+
+
+def _read_error(exc: OSError, item: _Item) -> FeatureStoreError:
+    """A file that could not be read: the item's fault (BadItemError, recorded) or the storage's
+    (InputReadError, transient: the job stops and a rerun retries the item)."""
+    code = exc.errno
+    if code in _PATH_ERRNOS and item.root and not _root_there(item.root):
+        return root_missing(item.root)
+    if code in _PATH_ERRNOS or code in _ITEM_ERRNOS:
+        return BadItemError(f"cannot read file {item.source}: {exc.strerror}")
+    name = errno.errorcode.get(code, str(code)) if code is not None else type(exc).__name__
+    return InputReadError(f"cannot read {item.source}: {exc.strerror or exc} ({name}); that is the disk or mount "
+                          "failing, not the item, so nothing was recorded against it and rows computed so far are "
+                          "kept: re-run once the dataset's files read again")
+
+
 def _raw(modality: str, item: _Item) -> bytes | str:
     if modality == "text":
         return item.source
     try:
         data = Path(item.source).read_bytes()
     except OSError as exc:
-        raise BadItemError(f"cannot read file {item.source}: {exc.strerror}") from None
+        raise _read_error(exc, item) from None
     if content_key(modality, data) != item.key:
         raise BadItemError(f"file {item.source} changed since the dataset was added; "
                            "re-add it with `fs datasets add --replace`")
@@ -170,8 +219,11 @@ def _raw(modality: str, item: _Item) -> bytes | str:
 
 
 def transient(exc: BaseException) -> bool:
-    """Errors about the machine, not the item (memory, device, disk): never recorded against an item."""
-    if isinstance(exc, (MemoryError, DiskFullError)) or disk_full(exc):
+    """Errors about the machine, not the item (memory, device, disk, unreadable storage): never recorded
+    against an item (but see _encode_safely: an item that alone runs out of memory is)."""
+    if isinstance(exc, (MemoryError, DiskFullError, InputReadError)) or disk_full(exc):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
     if type(exc).__name__ in ("OutOfMemoryError", "AcceleratorError", "CudaError"):
         return True
@@ -221,26 +273,71 @@ def _prepare_batch(bb: Backbone, modality: str, batch: Sequence[_Item],
     return good, prepared, bad
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """A transient error that is running out of (host or device) memory."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+        return True
+    return "out of memory" in str(exc).lower()
+
+
+def _free_memory() -> None:
+    """Give back what a failed forward pass left allocated before trying again."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        with contextlib.suppress(Exception):
+            torch.cuda.empty_cache()
+
+
+def _failed_reason(exc: BaseException) -> str:
+    return f"backbone failed on this item: {type(exc).__name__}: {str(exc)[:500]}"
+
+
 def _encode_safely(bb: Backbone, good: list, prepared: list) -> tuple[list, np.ndarray | None, list | None, list]:
-    """Encode a batch; if it fails, fall back to one item at a time to isolate the culprit."""
+    """Encode a batch; if it fails, fall back to one item at a time to isolate the culprit.
+
+    A backbone error that is not transient is the item's: a one-item batch's item is recorded
+    at once (not encoded twice). A batch that runs out of memory is retried one item at a time;
+    an item that alone still runs out of memory while another item of the batch fits is recorded
+    ("out of memory on this item alone"); if none fits, the machine is out of memory and the job
+    stops. Any other transient error (device, disk, storage) stops the job.
+    """
     try:
         enc = bb.encode(prepared)
         return good, enc.pooled, enc.sequences, []
     except Exception as exc:
-        if len(prepared) == 1 or transient(exc):
+        if transient(exc) and (len(prepared) == 1 or not out_of_memory(exc)):
             raise
-    keep, pooled, seqs, bad = [], [], [], []
+        if len(prepared) == 1:
+            return [], None, None, [(good[0], _failed_reason(exc))]
+        freeing = out_of_memory(exc)
+    if freeing:  # out here, once the failed pass's frames are gone
+        _free_memory()
+    keep, pooled, seqs, bad, oom = [], [], [], [], []
     for item, p in zip(good, prepared):
+        enc = None
         try:
             enc = bb.encode([p])
         except Exception as exc:
-            if transient(exc):
+            if out_of_memory(exc):
+                oom.append((item, exc.with_traceback(None)))  # no frames kept: they may hold the memory
+            elif transient(exc):
                 raise
-            bad.append((item, f"backbone failed on this item: {type(exc).__name__}: {exc}"))
+            else:
+                bad.append((item, _failed_reason(exc)))
+        if enc is None:
+            if oom and oom[-1][0] is item:
+                _free_memory()
             continue
         keep.append(item)
         pooled.append(enc.pooled)
         seqs.extend(enc.sequences or [])
+    if oom and not keep:  # nothing fits, not even one item alone: the machine, not the items
+        raise oom[0][1]
+    bad += [(item, f"out of memory on this item alone ({type(exc).__name__}: {str(exc)[:200]}) while the other "
+                   "items of its batch fit; `--retry-errors` tries it again") for item, exc in oom]
     if not keep:
         return [], None, None, bad
     return keep, np.concatenate(pooled), (seqs or None), bad
@@ -308,6 +405,9 @@ class _Job:
         fs.segments.adopt_orphans()  # segments of a job killed between publishing and registering
         work = pending(fs, self.items, self.unreadable, config.dataset, retry_errors=config.retry_errors)
         result.cached, todo = work.cached, work.todo
+        root = todo[0].root if todo else None
+        if root and not _root_there(root):  # an unmounted disk: stop before recording anything against items
+            raise root_missing(root, config.dataset)
         writer = fs.segments.writer(dtypes={POOLED: fs.dtype, SEQ: fs.dtype}, shapes={POOLED: (fs.dim,)},
                                     attrs={"fingerprint": fs.fingerprint, "backbone": self.bb.name})
         writer.add_errors(work.new_errors)

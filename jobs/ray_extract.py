@@ -33,6 +33,7 @@ import numpy as np
 from featurestore import backbones, spec_cache
 from featurestore.backbones.base import Backbone, fingerprint_of
 from featurestore.claims import Claims
+from featurestore.datasets import get_dataset
 from featurestore.errors import BackboneError, ConfigError
 from featurestore.features import POOLED, SEQ, FeatureSet
 from featurestore.store import Store, open_store
@@ -175,13 +176,16 @@ class _Encoder:
             raise FingerprintMismatch(
                 f"the model on {self.worker} ({self.bb.model_ref}) gives fingerprint {got}, the driver expects "
                 f"{fingerprint}: every node must hold the same weights and adapter at the same path")
-        self.fs = FeatureSet(open_store(root), fingerprint)
+        store = open_store(root)
+        self.fs = FeatureSet(store, fingerprint)
+        # the dataset root, so that a file missing because the whole root is gone stops the job (not recorded)
+        self.data_root = get_dataset(store, config.dataset).info.get("root") if config.modality != "text" else None
 
     def __call__(self, batch: dict) -> dict:
         cols: dict[str, list] = {k: [] for k in ("shard", "items", "computed", "failed", "segments",
                                                  "model_seconds", "start", "end", "worker")}
         for shard, keys, ids, sources in zip(batch["shard"], batch["keys"], batch["item_ids"], batch["sources"]):
-            items = [_Item(str(k), str(i), str(s)) for k, i, s in zip(keys, ids, sources)]
+            items = [_Item(str(k), str(i), str(s), self.data_root) for k, i, s in zip(keys, ids, sources)]
             res = ExtractResult(self.fs.fingerprint, self.config.dataset, self.config.modality)
             start = time.time()
             self._encode(items, res)

@@ -1,6 +1,7 @@
 """fs extract on real models: dedup, cache hits, bad items, kill-and-resume, verify."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import signal
@@ -228,3 +229,182 @@ def test_a_wrong_remembered_spec_is_caught_before_rows_are_written(store, demo_d
     assert res.fingerprint == truth.fingerprint and res.computed == 5
     assert spec_cache.lookup(store, backbones.create("minilm"))["weights_hash"] != "not-the-weights"
     assert [f.fingerprint for f in list_feature_sets(store)] == [truth.fingerprint]
+
+
+# ---- one bad item alone in its batch, unreadable storage, one item too big for memory -------------
+class Poisoned:
+    """A real backbone whose forward pass raises for one chosen input (the failure injection only):
+    counts how often that input reaches the model."""
+
+    def __init__(self, inner, text, exc=lambda t: ValueError(f"tokenizer blew up on {t!r}")):
+        self.inner, self.poison, self.exc, self.poison_calls = inner, inner.prepare(text), exc, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode(self, items):
+        if self.poison in items:
+            self.poison_calls += 1
+            raise self.exc(self.poison)
+        return self.inner.encode(items)
+
+
+@pytest.mark.parametrize("n, batch, poison", [(17, 8, 16),  # alone in the last batch (17 mod 8 == 1)
+                                              (5, 1, 2)])  # --batch-size 1
+def test_a_bad_item_alone_in_its_batch_is_recorded_and_the_job_goes_on(store, demo_df, minilm, n, batch, poison):
+    words_dataset(store, demo_df, n)
+    text = demo_df["text"][poison]
+    cfg = ExtractConfig(dataset="words", modality="text", backbone="minilm", batch_size=batch)
+    bb = Poisoned(minilm, text)
+    res = run(cfg, store, backbone=bb)
+    assert (res.computed, res.failed_new, res.failed_total) == (n - 1, 1, 1)
+    assert bb.poison_calls == 1  # recorded from the one failure, not encoded a second time
+    (err,) = FeatureSet(store, res.fingerprint).errors()
+    assert err.item_id == demo_df["item_id"][poison]
+    assert err.reason.startswith("backbone failed on this item: ValueError: tokenizer blew up")
+    again = Poisoned(minilm, text)
+    second = run(cfg, store, backbone=again)  # the job finished: a rerun has nothing left to do
+    assert second.cache_hit and second.failed_total == 1 and again.poison_calls == 0
+
+
+def _faces(store, tmp_path, n=6):
+    root = tmp_path / "faces"
+    root.mkdir()
+    for i in range(n):
+        (root / f"{i}.png").write_bytes(_png((40 * i, 255 - 30 * i, 7 * i)))  # distinct bytes: distinct keys
+    (root / "m.csv").write_text("id,image\n" + "".join(f"f{i},{i}.png\n" for i in range(n)))
+    add_dataset(store, "faces", read_manifest_file(root / "m.csv"), root=root, source="t")
+    return root
+
+
+def _failing_reads(monkeypatch, errors: dict):
+    """Path.read_bytes raises OSError(errno) for the chosen file names, as a failing disk or mount would."""
+    import pathlib
+
+    real = pathlib.Path.read_bytes
+
+    def read_bytes(self):
+        if self.name in errors:
+            code = errors[self.name]
+            raise OSError(code, os.strerror(code), str(self))
+        return real(self)
+    monkeypatch.setattr(pathlib.Path, "read_bytes", read_bytes)
+
+
+@pytest.mark.parametrize("code", ["EIO", "ESTALE", "ETIMEDOUT", "EMFILE", "ENOMEM"])
+def test_an_io_error_reading_an_input_stops_the_job_records_nothing_and_a_rerun_retries(
+        store, tmp_path, monkeypatch, code):
+    import errno
+
+    from click.testing import CliRunner
+
+    from featurestore.cli import cli
+    from featurestore.errors import InputReadError
+
+    _faces(store, tmp_path)
+    cfg = ExtractConfig(dataset="faces", modality="image", backbone="fer", batch_size=2)
+    _failing_reads(monkeypatch, {"3.png": getattr(errno, code)})
+    with pytest.raises(InputReadError, match=f"cannot read .*3.png: .*{code}.*not the item"):
+        run(cfg, store)
+    (fs,) = list_feature_sets(store)
+    assert fs.errors() == []  # nothing recorded against the item (or any other)
+    assert len(fs.index(refresh=True).unique_keys()) == 2  # the batch before it is kept
+    out = CliRunner().invoke(cli, ["--store", str(store.root), "extract", "--dataset", "faces", "--modality",
+                                   "image", "--backbone", "fer", "--batch-size", "2"])
+    assert out.exit_code == InputReadError.exit_code
+    (line,) = [line for line in out.output.splitlines() if line.startswith("error:")]  # progress lines aside
+    assert line.startswith("error: cannot read") and "not the item" in line and "Traceback" not in out.output
+    monkeypatch.undo()  # the disk is back
+    again = run(cfg, store)  # no --retry-errors needed
+    assert (again.cached, again.computed, again.failed_total) == (2, 4, 0)
+
+
+def test_a_missing_dataset_root_stops_the_job_with_one_line_and_records_nothing(store, tmp_path):
+    from click.testing import CliRunner
+
+    from featurestore.cli import cli
+    from featurestore.errors import InputReadError
+
+    root = _faces(store, tmp_path)
+    root.rename(tmp_path / "unmounted")
+    cfg = ExtractConfig(dataset="faces", modality="image", backbone="fer", batch_size=2)
+    with pytest.raises(InputReadError, match=f"root {root} of dataset 'faces' is missing"):
+        run(cfg, store)
+    out = CliRunner().invoke(cli, ["--store", str(store.root), "extract", "--dataset", "faces", "--modality",
+                                   "image", "--backbone", "fer"])
+    assert out.exit_code == InputReadError.exit_code
+    (line,) = [line for line in out.output.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: the dataset root {root} of dataset 'faces' is missing")
+    assert "--replace --root" in line
+    assert "Traceback" not in out.output
+    assert all(fs.errors() == [] for fs in list_feature_sets(store))
+    (tmp_path / "unmounted").rename(root)
+    again = run(cfg, store)
+    assert (again.computed, again.failed_total) == (6, 0)
+
+
+def test_a_root_that_vanishes_mid_run_stops_the_job_not_records_the_rest(store, tmp_path, monkeypatch):
+    """The mount goes away after the job started: ENOENT for every file, but not the items' fault."""
+    import pathlib
+
+    from featurestore.errors import InputReadError
+
+    root = _faces(store, tmp_path)
+    real = pathlib.Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "2.png" and root.exists():
+            root.rename(tmp_path / "gone")  # a real ENOENT for this and every later file
+        return real(self)
+    monkeypatch.setattr(pathlib.Path, "read_bytes", read_bytes)
+    with pytest.raises(InputReadError, match="root .* is missing"):
+        run(ExtractConfig(dataset="faces", modality="image", backbone="fer", batch_size=2), store)
+    (fs,) = list_feature_sets(store)
+    assert fs.errors() == [] and len(fs.index(refresh=True).unique_keys()) == 2
+
+
+def test_files_that_are_the_items_fault_are_still_recorded(store, tmp_path, monkeypatch):
+    import errno
+
+    root = _faces(store, tmp_path)
+    (root / "1.png").unlink()  # deleted since `datasets add`, its root still there
+    _failing_reads(monkeypatch, {"4.png": errno.EACCES})
+    res = run(ExtractConfig(dataset="faces", modality="image", backbone="fer", batch_size=2), store)
+    assert (res.computed, res.failed_new) == (4, 2)
+    reasons = {e.item_id: e.reason for e in FeatureSet(store, res.fingerprint).errors()}
+    assert "No such file" in reasons["f1"] and "Permission denied" in reasons["f4"]
+
+
+def test_an_item_that_alone_runs_out_of_memory_is_recorded_and_retry_errors_retries_it(store, demo_df, minilm):
+    words_dataset(store, demo_df, 12)
+    text = demo_df["text"][5]
+    cfg = ExtractConfig(dataset="words", modality="text", backbone="minilm", batch_size=4)
+    bb = Poisoned(minilm, text, exc=lambda t: MemoryError(f"cannot allocate for {t!r}"))
+    res = run(cfg, store, backbone=bb)
+    assert (res.computed, res.failed_new, res.failed_total) == (11, 1, 1)
+    assert bb.poison_calls == 2  # in its batch, then alone
+    (err,) = FeatureSet(store, res.fingerprint).errors()
+    assert err.item_id == demo_df["item_id"][5] and "out of memory on this item alone" in err.reason
+    assert run(cfg, store, backbone=Counting(minilm)).cache_hit  # not retried by a plain rerun
+    fixed = Counting(minilm)  # more memory now: --retry-errors computes it
+    retried = run(dataclasses.replace(cfg, retry_errors=True), store, backbone=fixed)
+    assert (retried.cached, retried.computed, retried.failed_new) == (11, 1, 0) and fixed.calls == 1
+
+
+def test_out_of_memory_on_every_item_alone_stops_the_job_and_records_nothing(store, demo_df, minilm):
+    from featurestore.errors import BackboneError
+
+    words_dataset(store, demo_df, 8)
+
+    class Starved(Counting):
+        def encode(self, items):
+            self.calls += 1
+            if self.calls > 1:  # the first batch fits; then the machine runs out of memory
+                raise MemoryError()
+            return self.inner.encode(items)
+    bb = Starved(minilm)
+    with pytest.raises(BackboneError, match="not about an item"):
+        run(ExtractConfig(dataset="words", modality="text", backbone="minilm", batch_size=4), store, backbone=bb)
+    assert bb.calls == 1 + 1 + 4  # batch 1, batch 2, then each of its items alone
+    (fs,) = list_feature_sets(store)
+    assert fs.errors() == [] and len(fs.index(refresh=True).unique_keys()) == 4

@@ -481,18 +481,19 @@ def test_segment_seconds_publishes_by_time_and_the_default_is_a_few_seconds(stor
 
 
 # ---- defect 8: out-of-memory and device errors are not item failures -----------------------------
-class FailsOnce:
-    """A real backbone whose third forward pass raises a transient error (no GPU here to run out of)."""
+class FailsFromThird:
+    """A real backbone whose forward passes raise a transient error from the third on (no GPU here to
+    run out of): the machine is out of memory, or the device is broken, for every batch and item after."""
 
-    def __init__(self, inner, exc):
-        self.inner, self.exc, self.calls = inner, exc, 0
+    def __init__(self, inner, exc, times=None):
+        self.inner, self.exc, self.calls, self.times = inner, exc, 0, times
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def encode(self, items):
         self.calls += 1
-        if self.calls == 3:
+        if self.calls >= 3 and (self.times is None or self.calls < 3 + self.times):
             raise self.exc
         return self.inner.encode(items)
 
@@ -506,12 +507,21 @@ def test_transient_errors_stop_the_job_and_are_retried_not_recorded(store, demo_
     add_dataset(store, "d", demo_df.head(40), root=None, source="t")
     cfg = ExtractConfig(dataset="d", modality="text", backbone="minilm", batch_size=8, segment_seconds=1e-6)
     with pytest.raises(BackboneError, match="not about an item"):
-        run(cfg, store, backbone=FailsOnce(minilm, exc()))
+        run(cfg, store, backbone=FailsFromThird(minilm, exc()))
     (fs,) = list_feature_sets(store)
     assert fs.errors() == []  # nothing recorded against the items of the failed batch
     assert len(fs.index(refresh=True).unique_keys()) == 16  # the two batches before it are kept
     again = run(cfg, store, backbone=minilm)  # no --retry-errors needed
     assert (again.cached, again.computed, again.failed_total) == (16, 24, 0)
+
+
+def test_a_batch_that_runs_out_of_memory_once_goes_on_one_item_at_a_time(store, demo_df, minilm):
+    add_dataset(store, "d", demo_df.head(40), root=None, source="t")
+    bb = FailsFromThird(minilm, MemoryError(), times=1)  # the third batch does not fit; its items alone do
+    res = run(ExtractConfig(dataset="d", modality="text", backbone="minilm", batch_size=8), store, backbone=bb)
+    assert (res.computed, res.failed_new) == (40, 0) and bb.calls == 5 + 8
+    (fs,) = list_feature_sets(store)
+    assert fs.errors() == []
 
 
 # ---- defect 9: 16-bit PNGs, JSONL encodings, long WAVs ------------------------------------------
