@@ -44,6 +44,15 @@ def fitted():
     return heads.create("umbe", **SMALL).fit(X, y, eval_set=(Xv, yv)), Xv
 
 
+def bare_net(n: int, data_seed: int, torch_seed: int, **params):
+    """(head with its meta set, an untrained network, one batch of n items) for unit checks of the net."""
+    X, y = three(n, data_seed)
+    head = heads.create("umbe", **{**SMALL, **params})
+    head._set_meta(X, y, seq_dims={})
+    torch.manual_seed(torch_seed)
+    return head, head._network(), next(head._tensors(X, y).batches(n))
+
+
 def numpy_topk(q: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
     """Cosine top-k written out item by item (the reference for both selections)."""
     out = []
@@ -108,12 +117,7 @@ def test_a_prediction_does_not_depend_on_its_batch_neighbours(fitted):
 
 
 def test_keys_are_trained_by_the_matching_term_only():
-    X, y = three(40, 2)
-    head = heads.create("umbe", **SMALL)
-    head._set_meta(X, y, seq_dims={})
-    torch.manual_seed(0)
-    net = head._network()
-    batch = next(head._tensors(X, y).batches(40))
+    _, net, batch = bare_net(40, 2, 0)
     loss, _ = U.umbe_loss(net, batch, l1=0.01, match_weight=0.5)
     loss.backward()
     with torch.no_grad():
@@ -158,12 +162,8 @@ def test_sff_gate_and_its_l1_term_are_in_the_loss(sff):
 def test_the_prompt_tokens_are_the_gated_selected_values_summed_then_the_inherent_ones():
     """Eq. 10-11 in the forward pass: the decoder reads P' = sum over the item's top-k prompts of
     gate(v_j) * v_j, token by token (the gate of eq. 11 written in numpy), followed by the inherent tokens."""
-    X, y = three(20, 13)
-    head = heads.create("umbe", **SMALL)
-    head._set_meta(X, y, seq_dims={})
-    torch.manual_seed(3)
-    net = head._network().eval()
-    batch = next(head._tensors(X, y).batches(20))
+    _, net, batch = bare_net(20, 13, 3)
+    net.eval()
     seen = []
     net.text.register_forward_pre_hook(lambda mod, args: seen.append(args[1].detach().numpy()))
     with torch.no_grad():
@@ -184,12 +184,7 @@ def test_the_prompt_tokens_are_the_gated_selected_values_summed_then_the_inheren
 def test_the_matching_term_moves_the_keys_and_nothing_upstream():
     """The query is held fixed in 1 - cos(query, key): the term alone gives no gradient to the encoders,
     the modality embeddings or the fusion transformer, only to the selected keys."""
-    X, y = three(30, 14)
-    head = heads.create("umbe", **SMALL)
-    head._set_meta(X, y, seq_dims={})
-    torch.manual_seed(4)
-    net = head._network()
-    batch = next(head._tensors(X, y).batches(30))
+    _, net, batch = bare_net(30, 14, 4)
     q = net.fuse(batch)
     net.match_loss(q, net.select(q)).backward()
     assert net.keys.grad is not None and net.keys.grad.abs().sum() > 0
@@ -200,11 +195,8 @@ def test_the_matching_term_moves_the_keys_and_nothing_upstream():
 def test_selection_and_logits_stay_float32_under_bfloat16_autocast():
     """On CUDA the loss runs under bfloat16 autocast; the top-k and the scale-100 logits must not, or
     training would select other prompts than the float32 FAISS index at prediction. CPU autocast stands in."""
-    X, y = three(20, 15)
-    head = heads.create("umbe", **{**SMALL, "hidden": 64, "pool_size": 32, "top_k": 5})
-    head._set_meta(X, y, seq_dims={})
-    torch.manual_seed(5)
-    net = head._network().eval()
+    _, net, _ = bare_net(20, 15, 5, hidden=64, pool_size=32, top_k=5)
+    net.eval()
     q = torch.nn.functional.normalize(torch.randn(3000, 64), dim=-1)
     with torch.no_grad():
         plain_idx, plain_logits = net.select(q), net.logits(q[:50], net.select(q[:50]))
