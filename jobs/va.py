@@ -6,9 +6,19 @@ the dataset is even read. A feature scorer (`learned`) reads the cached embeddin
 fingerprint and never reruns the backbone; inputs without a cached embedding are counted
 as `missing_features` and left for a later run. A NaN or inf where the scorer claims to
 give a value is recorded as an error for that item, never stored.
+
+Failures follow `jobs.extract` (docs/store.md, Failures): an item the scorer or its decoder
+raises on is recorded with the reason and the job goes on, also when it is alone in its batch
+(it is not scored twice). Errors that are not about an item (`jobs.extract.transient`: an input
+file that cannot be read because of the disk or mount (EIO, ESTALE, ...), a missing dataset
+root, out of memory, a device error, a full disk) stop the job with one line after publishing
+what it scored, and are not recorded, so a rerun retries those items. A batch that runs out of
+memory is retried one item at a time; an item that alone runs out of memory while another item
+of its batch fits is recorded.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -18,12 +28,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from featurestore import va as va_registry
-from featurestore._io import (cleaned_on_failure, publish, publish_folder, raise_if_disk_full, tmp_path,
+from featurestore._io import (cleaned_on_failure, disk_full, publish, publish_folder, raise_if_disk_full, tmp_path,
                               write_checksums, write_json_atomic)
 from featurestore.backbones.base import MODALITIES
 from featurestore.config import field, from_strings, to_dict
 from featurestore.datasets import get_dataset
-from featurestore.errors import BadItemError, ConfigError, NotFoundError
+from featurestore.errors import (BackboneError, BadItemError, ConfigError, DiskFullError, FeatureStoreError,
+                                 NotFoundError)
 from featurestore.features import FeatureSet, resolve_features
 from featurestore.reader import load_split, parse_feature_refs
 from featurestore.segments import ErrorRecord
@@ -32,7 +43,8 @@ from featurestore.va.base import VAScorer
 from featurestore.va.cache import DTYPES, KNOWN, VA, VASet
 from featurestore.va.learned import (CONFIG, METRICS, REGRESSORS, WEIGHTS, FitParams, evaluate, list_models,
                                      models_root)
-from featurestore.jobs.extract import ExtractConfig, _batches, _Item, _raw, pending, plan
+from featurestore.jobs.extract import (ExtractConfig, _batches, _free_memory, _Item, _raw, _root_there, out_of_memory,
+                                      pending, plan, root_missing, transient)
 
 __all__ = ["VAConfig", "VAResult", "run", "make_scorer", "FitConfig", "FitResult", "fit"]
 
@@ -117,6 +129,9 @@ def run(config: VAConfig, store: Store, *, scorer: VAScorer | None = None,
         vs.segments.adopt_orphans()
         work = pending(vs, items, unreadable, config.dataset, retry_errors=config.retry_errors)
         result.cached, todo = work.cached, work.todo
+        root = todo[0].root if todo and features is None else None
+        if root and not _root_there(root):  # an unmounted disk: stop before recording anything against items
+            raise root_missing(root, config.dataset)
         writer = vs.segments.writer(dtypes=DTYPES, shapes={VA: (2,), KNOWN: (2,)},
                                     attrs={"source": vs.source, "scorer": scorer.name})
         writer.add_errors(work.new_errors)
@@ -125,13 +140,32 @@ def run(config: VAConfig, store: Store, *, scorer: VAScorer | None = None,
             have = features.has([it.key for it in todo])
             result.missing_features = int((~have).sum())
             todo = [it for it, h in zip(todo, have) if h]
-        if todo:
-            log(f"{vs.source}: {len(todo)} to score, {result.cached} cached")
-            _score_all(scorer, config, todo, features, frames, writer, result, progress)
+        try:
+            if todo:
+                log(f"{vs.source}: {len(todo)} to score, {result.cached} cached")
+                _score_all(scorer, config, todo, features, frames, writer, result, progress)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):  # publish what was scored before the job stopped
+                writer.flush()
+            if isinstance(exc, Exception) and transient(exc):
+                raise _stop(exc, config) from None
+            raise
         result.segments += bool(writer.flush())
         result.failed_total = len({(e.dataset, e.item_id) for e in vs.errors() if e.dataset == config.dataset})
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _stop(exc: BaseException, config: VAConfig) -> BaseException:
+    """The error a transient failure (`jobs.extract.transient`) stops the job with: one line, nothing recorded."""
+    if isinstance(exc, FeatureStoreError):
+        return exc
+    if disk_full(exc):
+        return DiskFullError(f"disk full while scoring VA for {config.dataset}: free space and re-run; "
+                             "rows scored so far are kept")
+    return BackboneError(f"{type(exc).__name__} while scoring VA for {config.dataset} ({str(exc)[:200]}); this is not "
+                         "about an item, so nothing was recorded against one: rows scored so far are kept, "
+                         "re-run to go on (perhaps with a smaller --batch-size)")
 
 
 def _feature_set(store: Store, scorer: VAScorer, modality: str) -> tuple[FeatureSet | None, bool]:
@@ -178,25 +212,57 @@ def _prepare(scorer: VAScorer, modality: str, batch: Sequence[_Item]) -> tuple[l
             good.append(item)
         except BadItemError as exc:
             bad.append((item, str(exc)))
-        except Exception as exc:  # a decoder crash on one item must not stop the job
+        except Exception as exc:  # a decoder crash on one item must not stop the job ...
+            if transient(exc):  # ... but unreadable storage, memory or a full disk is not the item's fault
+                raise
             bad.append((item, f"{type(exc).__name__}: {exc}"))
     return good, prepared, bad
 
 
+def _failed_reason(exc: BaseException) -> str:
+    return f"VA scorer failed on this item: {type(exc).__name__}: {str(exc)[:500]}"
+
+
 def _score_safely(scorer: VAScorer, modality: str, good: list, inputs) -> tuple[list, np.ndarray | None, list]:
-    """Score a batch; if that fails, one item at a time, to isolate the culprit."""
+    """Score a batch; if that fails, one item at a time, to isolate the culprit (as `_encode_safely`).
+
+    An error that is not transient is the item's: a one-item batch's item is recorded at once
+    (not scored twice). A batch that runs out of memory is retried one item at a time; an item
+    that alone still runs out of memory while another item of the batch fits is recorded; if
+    none fits, the job stops. Any other transient error stops the job.
+    """
     try:
         return good, _checked(scorer.score(inputs, modality), len(good)), []
-    except Exception:
-        if len(good) == 1:
+    except Exception as exc:
+        if transient(exc) and (len(good) == 1 or not out_of_memory(exc)):
             raise
-    keep, rows, bad = [], [], []
+        if len(good) == 1:
+            return [], None, [(good[0], _failed_reason(exc))]
+        freeing = out_of_memory(exc)
+    if freeing:  # out here, once the failed call's frames are gone
+        _free_memory()
+    keep, rows, bad, oom = [], [], [], []
     for i, item in enumerate(good):
+        row = None
         try:
-            rows.append(_checked(scorer.score(inputs[i:i + 1], modality), 1))
-            keep.append(item)
+            row = _checked(scorer.score(inputs[i:i + 1], modality), 1)
         except Exception as exc:
-            bad.append((item, f"VA scorer failed on this item: {type(exc).__name__}: {exc}"))
+            if out_of_memory(exc):
+                oom.append((item, exc.with_traceback(None)))  # no frames kept: they may hold the memory
+            elif transient(exc):
+                raise
+            else:
+                bad.append((item, _failed_reason(exc)))
+        if row is None:
+            if oom and oom[-1][0] is item:
+                _free_memory()
+            continue
+        keep.append(item)
+        rows.append(row)
+    if oom and not keep:  # nothing fits, not even one item alone: the machine, not the items
+        raise oom[0][1]
+    bad += [(item, f"out of memory on this item alone ({type(exc).__name__}: {str(exc)[:200]}) while the other "
+                   "items of its batch fit; `--retry-errors` tries it again") for item, exc in oom]
     return keep, (np.concatenate(rows) if rows else None), bad
 
 

@@ -288,6 +288,127 @@ def test_model_scorer_on_an_image_regressor(store, tmp_path):
     assert VASet(store, res.source).spec["columns"] == {"valence": 1, "arousal": 0}
 
 
+# ---- one bad item alone in its batch, unreadable storage, out of memory (docs/store.md, Failures) ----
+class PoisonedScorer:
+    """A real scorer whose score() raises for one chosen input (the failure injection only):
+    counts how often that input reaches it."""
+
+    def __init__(self, inner, poison, exc=lambda t: ValueError(f"scorer blew up on {t!r}")):
+        self.inner, self.poison, self.exc, self.poison_calls = inner, poison, exc, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def score(self, batch, modality):
+        if self.poison in list(batch):
+            self.poison_calls += 1
+            raise self.exc(self.poison)
+        return self.inner.score(batch, modality)
+
+
+def _words(store, demo_df, n):
+    add_dataset(store, "words", demo_df.head(n), root=None, source="test")
+    return demo_df["item_id"].to_list(), demo_df["text"].to_list()
+
+
+@pytest.mark.parametrize("n, batch, poison", [(17, 8, 16),  # alone in the last batch (17 mod 8 == 1)
+                                              (5, 1, 2)])  # --batch-size 1
+def test_a_bad_item_alone_in_its_batch_is_recorded_and_va_scoring_goes_on(store, demo_df, vader, n, batch, poison):
+    ids, texts = _words(store, demo_df, n)
+    cfg = VAConfig(dataset="words", modality="text", scorer="lexicon", batch_size=batch)
+    scorer = PoisonedScorer(vader, texts[poison])
+    res = run(cfg, store, scorer=scorer)
+    assert (res.computed, res.failed_new, res.failed_total) == (n - 1, 1, 1)
+    assert scorer.poison_calls == 1  # recorded from the one failure, not scored a second time
+    (err,) = VASet(store, res.source).errors()
+    assert err.item_id == ids[poison]
+    assert err.reason.startswith("VA scorer failed on this item: ValueError: scorer blew up")
+    again = PoisonedScorer(vader, texts[poison])
+    second = run(cfg, store, scorer=again)  # the job finished: a rerun has nothing left to do
+    assert second.cache_hit and second.failed_total == 1 and again.poison_calls == 0
+
+
+def test_an_item_that_alone_runs_out_of_memory_is_recorded_not_a_scorer_failure(store, demo_df, vader):
+    ids, texts = _words(store, demo_df, 8)
+    cfg = VAConfig(dataset="words", modality="text", scorer="lexicon", batch_size=4)
+    scorer = PoisonedScorer(vader, texts[5], exc=lambda t: MemoryError(f"cannot allocate for {t!r}"))
+    res = run(cfg, store, scorer=scorer)
+    assert (res.computed, res.failed_new) == (7, 1) and scorer.poison_calls == 2  # in its batch, then alone
+    (err,) = VASet(store, res.source).errors()
+    assert err.item_id == ids[5] and "out of memory on this item alone" in err.reason
+    retried = run(VAConfig(dataset="words", modality="text", scorer="lexicon", retry_errors=True), store, scorer=vader)
+    assert (retried.cached, retried.computed, retried.failed_new) == (7, 1, 0)
+
+
+def test_out_of_memory_on_a_one_item_batch_stops_va_scoring_and_records_nothing(store, demo_df, vader):
+    ids, texts = _words(store, demo_df, 5)
+    scorer = PoisonedScorer(vader, texts[3], exc=lambda t: MemoryError())
+    with pytest.raises(BackboneError, match="MemoryError while scoring VA for words.*not about an item"):
+        run(VAConfig(dataset="words", modality="text", scorer="lexicon", batch_size=1), store, scorer=scorer)
+    (vs,) = list_va_sets(store)
+    assert vs.errors() == [] and len(vs.index(refresh=True)) == 3  # what was scored before it is kept
+
+
+def _failing_reads(monkeypatch, errors: dict):
+    """Path.read_bytes raises OSError(errno) for the chosen file names, as a failing disk or mount would."""
+    import os
+    import pathlib
+
+    real = pathlib.Path.read_bytes
+
+    def read_bytes(self):
+        if self.name in errors:
+            code = errors[self.name]
+            raise OSError(code, os.strerror(code), str(self))
+        return real(self)
+    monkeypatch.setattr(pathlib.Path, "read_bytes", read_bytes)
+
+
+@pytest.mark.parametrize("code", ["EIO", "ESTALE"])
+def test_an_io_error_reading_an_input_stops_va_scoring_records_nothing_and_a_rerun_retries(
+        store, tmp_path, monkeypatch, speech_model, code):
+    import errno
+
+    from featurestore.errors import InputReadError
+
+    audio_dataset(store, tmp_path / "clips")  # c0, c1 | c2, junk (not a wav: a bad item)
+    cfg = VAConfig(dataset="clips", modality="audio", scorer="model", params={"model": str(speech_model)},
+                   device="cpu", batch_size=2)
+    _failing_reads(monkeypatch, {"c2.wav": getattr(errno, code)})
+    with pytest.raises(InputReadError, match=f"cannot read .*c2.wav: .*{code}.*not the item"):
+        run(cfg, store)
+    (vs,) = list_va_sets(store)
+    assert vs.errors() == []  # nothing recorded against the item (or any other)
+    assert len(vs.index(refresh=True)) == 2  # the batch before it is kept
+    out = CliRunner().invoke(cli, ["--store", str(store.root), "va", "score", "--dataset", "clips", "--modality",
+                                   "audio", "--scorer", "model", "--param", f"model={speech_model}",
+                                   "--device", "cpu", "--batch-size", "2"])
+    assert out.exit_code == InputReadError.exit_code
+    (line,) = [line for line in out.output.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: cannot read") and "not the item" in line and "Traceback" not in out.output
+    assert vs.errors() == []
+    monkeypatch.undo()  # the disk is back
+    again = run(cfg, store)  # no --retry-errors needed
+    assert (again.cached, again.computed, again.failed_new, again.failed_total) == (2, 1, 1, 1)
+    assert [e.item_id for e in vs.errors()] == ["junk"]
+
+
+def test_a_missing_dataset_root_stops_va_scoring_and_records_nothing(store, tmp_path, speech_model):
+    from featurestore.errors import InputReadError
+
+    root = tmp_path / "clips"
+    audio_dataset(store, root)
+    root.rename(tmp_path / "unmounted")
+    cfg = VAConfig(dataset="clips", modality="audio", scorer="model", params={"model": str(speech_model)},
+                   device="cpu", batch_size=2)
+    with pytest.raises(InputReadError, match=f"root {root} of dataset 'clips' is missing"):
+        run(cfg, store)
+    assert all(vs.errors() == [] for vs in list_va_sets(store))
+    (tmp_path / "unmounted").rename(root)
+    again = run(cfg, store)
+    assert (again.computed, again.failed_total) == (3, 1)
+
+
 # ---- learned scorer on MiniLM embeddings of real human valence ratings ---------------------
 @pytest.fixture(scope="module")
 def demo_va_store(tmp_path_factory, minilm, demo_df):
