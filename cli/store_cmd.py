@@ -164,12 +164,17 @@ def gc_cmd(ctx: click.Context, compact: bool, dry_run: bool, keep: int | None, a
     A feature set being written is skipped. Temporary files elsewhere (datasets, heads,
     memories) are removed once they are 10 minutes old (younger ones may belong to a running job)."""
     store = get_store(ctx)
-    fingerprints = None
-    if keep is not None:  # old feature sets first, so the temp-file pass sees what they leave
+    fingerprints = restored = None
+    if keep is not None:  # old feature sets first, so the temp-file pass sees what they leave; but a
+        # half-replaced memory or run goes back first, so what it uses counts as in use
         from featurestore.jobs.refresh import gc_fingerprints
+        from featurestore.verify import restore_swapped_out
 
+        restored = restore_swapped_out(store, dry_run=dry_run)
         fingerprints = gc_fingerprints(store, keep, dry_run=dry_run)
     report = gc_store(store, compact=compact, dry_run=dry_run)
+    if restored and not dry_run:  # a dry run's gc_store lists the same ones again
+        report["restored"] = [{"from": str(old), "to": str(to)} for old, to in restored] + report["restored"]
     if fingerprints is not None:
         report["fingerprints"] = fingerprints
     if as_json:

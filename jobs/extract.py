@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import errno
 import gc
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -177,10 +178,25 @@ _TRANSIENT_ERRNOS = frozenset(getattr(errno, n) for n in (
 
 
 def _root_there(root: str) -> bool:
+    """The dataset root is a folder with something in it: an unmounted disk leaves its mount point
+    as an empty folder, and then every item would look like a missing file."""
     try:
-        return Path(root).is_dir()
-    except OSError:  # the root itself cannot be looked at (EIO, a stale mount): not there for us
+        with os.scandir(root) as entries:
+            return next(entries, None) is not None
+    except OSError:  # the root itself cannot be looked at (ENOENT, EIO, a stale mount): not there for us
         return False
+
+
+def check_root(todo: Sequence[_Item], dataset: str) -> None:
+    """Before anything is computed: stop, recording nothing, when the root that the pending items'
+    files lie under is gone or empty. Items registered outside their root (--allow-outside-root)
+    do not need it."""
+    root = next((it.root for it in todo if it.root), None)
+    if root is None:
+        return
+    inside = any(Path(it.source).is_relative_to(root) for it in todo if it.root == root and it.source)
+    if inside and not _root_there(root):
+        raise root_missing(root, dataset)
 
 
 def root_missing(root: str, dataset: str = "") -> InputReadError:
@@ -195,7 +211,8 @@ def _read_error(exc: OSError, item: _Item) -> FeatureStoreError:
     """A file that could not be read: the item's fault (BadItemError, recorded) or the storage's
     (InputReadError, transient: the job stops and a rerun retries the item)."""
     code = exc.errno
-    if code in _PATH_ERRNOS and item.root and not _root_there(item.root):
+    if code in _PATH_ERRNOS and item.root and Path(item.source).is_relative_to(item.root) \
+            and not _root_there(item.root):
         return root_missing(item.root)
     if code in _PATH_ERRNOS or code in _ITEM_ERRNOS:
         return BadItemError(f"cannot read file {item.source}: {exc.strerror}")
@@ -405,9 +422,7 @@ class _Job:
         fs.segments.adopt_orphans()  # segments of a job killed between publishing and registering
         work = pending(fs, self.items, self.unreadable, config.dataset, retry_errors=config.retry_errors)
         result.cached, todo = work.cached, work.todo
-        root = todo[0].root if todo else None
-        if root and not _root_there(root):  # an unmounted disk: stop before recording anything against items
-            raise root_missing(root, config.dataset)
+        check_root(todo, config.dataset)  # an unmounted disk: stop before recording anything against items
         writer = fs.segments.writer(dtypes={POOLED: fs.dtype, SEQ: fs.dtype}, shapes={POOLED: (fs.dim,)},
                                     attrs={"fingerprint": fs.fingerprint, "backbone": self.bb.name})
         writer.add_errors(work.new_errors)

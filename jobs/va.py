@@ -43,8 +43,8 @@ from featurestore.va.base import VAScorer
 from featurestore.va.cache import DTYPES, KNOWN, VA, VASet
 from featurestore.va.learned import (CONFIG, METRICS, REGRESSORS, WEIGHTS, FitParams, evaluate, list_models,
                                      models_root)
-from featurestore.jobs.extract import (ExtractConfig, _batches, _free_memory, _Item, _raw, _root_there, out_of_memory,
-                                      pending, plan, root_missing, transient)
+from featurestore.jobs.extract import (ExtractConfig, _batches, _free_memory, _Item, _raw, check_root,
+                                      out_of_memory, pending, plan, transient)
 
 __all__ = ["VAConfig", "VAResult", "run", "make_scorer", "FitConfig", "FitResult", "fit"]
 
@@ -129,9 +129,8 @@ def run(config: VAConfig, store: Store, *, scorer: VAScorer | None = None,
         vs.segments.adopt_orphans()
         work = pending(vs, items, unreadable, config.dataset, retry_errors=config.retry_errors)
         result.cached, todo = work.cached, work.todo
-        root = todo[0].root if todo and features is None else None
-        if root and not _root_there(root):  # an unmounted disk: stop before recording anything against items
-            raise root_missing(root, config.dataset)
+        if features is None:  # an unmounted disk: stop before recording anything against items
+            check_root(todo, config.dataset)
         writer = vs.segments.writer(dtypes=DTYPES, shapes={VA: (2,), KNOWN: (2,)},
                                     attrs={"source": vs.source, "scorer": scorer.name})
         writer.add_errors(work.new_errors)

@@ -343,6 +343,23 @@ def test_a_missing_dataset_root_stops_the_job_with_one_line_and_records_nothing(
     assert (again.computed, again.failed_total) == (6, 0)
 
 
+def test_an_unmounted_disk_leaving_an_empty_mount_point_is_a_missing_root(store, tmp_path):
+    """The root folder is still there but empty, as a mount point is without its disk: the job stops
+    and records nothing, rather than recording every item as a missing file."""
+    from featurestore.errors import InputReadError
+
+    root = _faces(store, tmp_path)
+    root.rename(tmp_path / "disk")
+    root.mkdir()  # the empty mount point
+    cfg = ExtractConfig(dataset="faces", modality="image", backbone="fer", batch_size=2)
+    with pytest.raises(InputReadError, match=f"root {root} of dataset 'faces' is missing"):
+        run(cfg, store)
+    assert all(fs.errors() == [] for fs in list_feature_sets(store))
+    root.rmdir()
+    (tmp_path / "disk").rename(root)
+    assert run(cfg, store).failed_total == 0
+
+
 def test_a_root_that_vanishes_mid_run_stops_the_job_not_records_the_rest(store, tmp_path, monkeypatch):
     """The mount goes away after the job started: ENOENT for every file, but not the items' fault."""
     import pathlib
