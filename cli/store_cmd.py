@@ -150,8 +150,10 @@ def verify_cmd(ctx: click.Context, as_json: bool) -> None:
 @click.option("--compact", is_flag=True, help="Also merge each feature set's segments into one.")
 @click.option("--dry-run", is_flag=True, help="Say what would be done; change nothing.")
 @click.option("--keep-fingerprints", "keep", type=click.IntRange(1), default=None, metavar="N",
-              help="Also remove all but the N newest feature sets of each backbone and modality, never one a "
-                   "saved run (not retired by a refresh), a memory or a refresh still uses.")
+              help="Also remove old feature sets: of each backbone and modality the N newest stay, and an "
+                   "older one goes only if every dataset it was extracted for has a newer extraction (of the "
+                   "same backbone and modality) that stays; never one a saved run (not retired by a refresh), "
+                   "a memory or a refresh still uses.")
 @json_option
 @click.pass_context
 def gc_cmd(ctx: click.Context, compact: bool, dry_run: bool, keep: int | None, as_json: bool) -> None:
@@ -192,10 +194,21 @@ def gc_cmd(ctx: click.Context, compact: bool, dry_run: bool, keep: int | None, a
         click.echo(f"skipped {fp}: a job is writing to it")
     fps = report.get("fingerprints")
     if fps is not None:
+        listed = set()
+        for dataset, gone in sorted(fps["by_dataset"].items()):
+            for g in gone:
+                listed.add(g["fingerprint"])
+                click.echo(f"dataset {dataset}: {'would remove' if dry_run else 'removed'} feature set "
+                           f"{g['fingerprint']} (superseded by {g['superseded_by']})")
         for fp in fps["removed"]:
-            click.echo(f"{'would remove' if dry_run else 'removed'} feature set {fp}")
+            if fp not in listed:  # its catalogue records no dataset
+                click.echo(f"{'would remove' if dry_run else 'removed'} feature set {fp} (no dataset recorded)")
         for fp, users in fps["kept_in_use"].items():
             click.echo(f"kept {fp}: used by {', '.join(users[:3])}{' ...' if len(users) > 3 else ''}")
+        for fp, datasets in fps["kept_newest"].items():
+            click.echo(f"kept {fp}: the newest extraction for dataset(s) {', '.join(datasets)}")
+        for fp in fps["kept_unreadable"]:
+            click.echo(f"kept {fp}: its catalogue cannot be read (run `fs verify`)")
         for fp in fps["skipped_locked"]:
             click.echo(f"skipped {fp}: a job is writing to it")
 

@@ -152,7 +152,7 @@ def swapped_out_target(path: Path) -> Path | None:
     return path.with_name(stem) if stem and ident else None
 
 
-def publish_folder(tmp: Path, target: Path) -> None:
+def publish_folder(tmp: Path, target: Path, *, overwrite: bool = True) -> None:
     """Publish the finished folder `tmp` at `target`, crash-safely: its files and itself are fsynced
     first and the parent folder after, so a power cut leaves the old or the new folder whole.
 
@@ -160,10 +160,14 @@ def publish_folder(tmp: Path, target: Path) -> None:
     and then deletes the old one, so a reader always sees a whole folder. Where that swap is not
     available it moves the old folder aside to `.X.<id>.old`, renames the new one in and deletes the
     old one; a kill between those two renames leaves the old copy there with no X, which
-    `fs verify` reports and `fs gc` puts back (verify.restore_swapped_out)."""
+    `fs verify` reports and `fs gc` puts back (verify.restore_swapped_out).
+
+    `overwrite=False` (callers that refuse an existing target): only the one rename, never a swap,
+    so a target that appeared since the caller's check is not replaced (the rename fails on a
+    non-empty folder, as a plain `os.replace` does)."""
     tmp, target = Path(tmp), Path(target)
     fsync_tree(tmp)
-    if not target.exists():
+    if not overwrite or not target.exists():
         os.replace(tmp, target)
         _fsync_dir(target.parent)
         return

@@ -20,7 +20,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from ._io import read_json, write_checksums, write_json_atomic
+from ._io import publish_folder, read_json, write_checksums, write_json_atomic
 from .errors import BackboneError, ConfigError, NotFoundError
 from .hashing import file_digest, spec_digest
 from .store import Store
@@ -58,7 +58,7 @@ def publish_adapter(store: Store, staged: Path, meta: dict) -> tuple[str, Path]:
         write_checksums(tmp, [*PEFT_FILES, META])
         if final.exists():  # a half-removed leftover without meta.json
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish_folder(tmp, final, overwrite=False)  # fsyncs the tree, then adapters/
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 import uuid
@@ -25,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from featurestore import __version__
-from featurestore._io import json_safe, write_checksums, write_json_atomic
+from featurestore._io import json_safe, publish_folder, write_checksums, write_json_atomic
 from featurestore.datasets import get_dataset
 from featurestore.errors import ConfigError, DatasetError
 from featurestore.features import resolve_features
@@ -246,7 +245,7 @@ def run_cv(config, store: Store, *, log: Callable[[str], None] | None = None, in
         write_json_atomic(tmp / "lineage.json", json_safe(lineage))
         _write_folds(tmp / FOLDS_FILE, cs, held_out_fold)
         write_checksums(tmp, [str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*")) if p.is_file()])
-        os.replace(tmp, final)
+        publish_folder(tmp, final, overwrite=False)  # fsyncs the tree, then heads/
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

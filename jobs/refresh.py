@@ -593,9 +593,16 @@ def in_use(store: Store) -> dict[str, list[str]]:
 
 
 def gc_fingerprints(store: Store, keep: int, *, dry_run: bool = False) -> dict:
-    """Per backbone and modality, remove all but the `keep` newest feature sets, never one in use."""
+    """Per backbone and modality, remove old feature sets, never one in use or the only copy of a dataset.
+
+    The `keep` newest (by creation) of each backbone and modality always stay. An older one goes only
+    if, for every dataset its catalogue records an extraction for, a newer extraction of the same
+    backbone and modality for that dataset exists (`superseded_by`); that newer one is the newest for
+    the dataset and so is kept. A feature set that is the newest for some dataset stays
+    (`kept_newest`), as does one whose catalogue cannot be read (`kept_unreadable`). `by_dataset`
+    lists, per dataset, what is (or with `dry_run` would be) removed and what supersedes it."""
     from featurestore.errors import LockedError
-    from featurestore.features import list_feature_sets
+    from featurestore.features import list_feature_sets, superseded_by
 
     if keep < 1:
         raise ConfigError(f"--keep-fingerprints {keep} must be at least 1")
@@ -603,19 +610,31 @@ def gc_fingerprints(store: Store, keep: int, *, dry_run: bool = False) -> dict:
     groups: dict[tuple, list] = {}
     for fs in list_feature_sets(store):  # oldest first
         groups.setdefault((fs.backbone, fs.modality), []).append(fs)
-    report = {"removed": [], "kept_in_use": {}, "skipped_locked": []}
+    report = {"removed": [], "kept_in_use": {}, "kept_newest": {}, "kept_unreadable": [], "skipped_locked": [],
+              "by_dataset": {}}
     for sets in groups.values():
         for fs in sets[:-keep]:
             if fs.fingerprint in users:
                 report["kept_in_use"][fs.fingerprint] = users[fs.fingerprint]
                 continue
-            if dry_run:
-                report["removed"].append(fs.fingerprint)
-                continue
             try:
-                with fs.lock():
-                    _remove_folder(fs.folder)
-                report["removed"].append(fs.fingerprint)
-            except LockedError:
-                report["skipped_locked"].append(fs.fingerprint)
+                datasets = sorted(fs.segments.catalogue().get("datasets", {}))
+            except Exception:  # a damaged catalogue: which datasets it holds is unknown, so it stays
+                report["kept_unreadable"].append(fs.fingerprint)
+                continue
+            newer = {d: superseded_by(store, fs.fingerprint, d) for d in datasets}
+            only = [d for d, fp in newer.items() if fp is None]
+            if only:
+                report["kept_newest"][fs.fingerprint] = only
+                continue
+            if not dry_run:
+                try:
+                    with fs.lock():
+                        _remove_folder(fs.folder)
+                except LockedError:
+                    report["skipped_locked"].append(fs.fingerprint)
+                    continue
+            report["removed"].append(fs.fingerprint)
+            for d, fp in newer.items():
+                report["by_dataset"].setdefault(d, []).append({"fingerprint": fs.fingerprint, "superseded_by": fp})
     return report

@@ -9,14 +9,13 @@ for folds). The whole folder is written under a temporary name and renamed into 
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import time
 import uuid
 from typing import Callable
 
 from featurestore import __version__
-from featurestore._io import json_safe, write_checksums, write_json_atomic
+from featurestore._io import json_safe, publish_folder, write_checksums, write_json_atomic
 from featurestore.errors import ConfigError
 from featurestore.store import Store, check_name, now_iso
 from featurestore.heads import metrics
@@ -69,7 +68,7 @@ def run_seeds(config, store: Store, *, log: Callable[[str], None] | None = None,
         write_json_atomic(tmp / "metrics.json", json_safe(doc))
         write_json_atomic(tmp / "lineage.json", json_safe(lineage))
         write_checksums(tmp, ["metrics.json", "lineage.json"])
-        os.replace(tmp, final)
+        publish_folder(tmp, final, overwrite=False)  # fsyncs the tree, then heads/
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

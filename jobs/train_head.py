@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 import time
@@ -25,7 +24,7 @@ import numpy as np
 
 import featurestore.heads as heads
 from featurestore import __version__
-from featurestore._io import check_checksums, json_safe, read_json, write_checksums, write_json_atomic
+from featurestore._io import check_checksums, json_safe, publish_folder, read_json, write_checksums, write_json_atomic
 from featurestore.config import field
 from featurestore.errors import ConfigError, FeatureStoreError, IntegrityError, NotFoundError
 from featurestore.features import superseded_by
@@ -248,7 +247,7 @@ def _publish_run(store: Store, run_id: str, head: heads.Head, doc: dict, lineage
         plot(tmp, head.meta_["kind"], list(head.meta_.get("classes", [])), *evaluated, run=run_id,
              dataset=lineage.get("dataset", ""), split=split, metrics=doc.get(split) or {})
         write_checksums(tmp, [p.name for p in tmp.iterdir() if p.is_file()])  # checked by `fs verify`
-        os.replace(tmp, final)
+        publish_folder(tmp, final, overwrite=False)  # fsyncs the tree, then heads/
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -107,3 +107,66 @@ def test_other_store_version_is_refused(fs, tmp_path):
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "format_version": 99}))
     res = fs("ls", code=3)
     assert "format version 99" in res.output
+
+
+def test_gc_keep_fingerprints_never_removes_a_datasets_only_embeddings(demo_store, tmp_path):
+    """Review finding 8: a 2-item toy dataset extracted with `-p pooling=cls` is a newer fingerprint of
+    minilm/text, but it does not cover demo, so `fs gc --keep-fingerprints 1` must keep demo's only
+    embeddings. Once demo itself is extracted with the newer fingerprint, the old one may go."""
+    fs = demo_store
+    ext = ("extract", "--modality", "text", "--backbone", "minilm")
+    demo_fp = json.loads(fs(*ext, "--dataset", "demo", "--limit", "12", "--json").output)["fingerprint"]
+    (tmp_path / "toy.jsonl").write_text('{"id":"t1","text":"toy one","split":"train","label":"a"}\n'
+                                        '{"id":"t2","text":"toy two","split":"train","label":"b"}\n')
+    fs("datasets", "add", "toy", "--manifest", str(tmp_path / "toy.jsonl"))
+    cls_fp = json.loads(fs(*ext, "--dataset", "toy", "-p", "pooling=cls", "--json").output)["fingerprint"]
+    assert cls_fp != demo_fp
+    features = tmp_path / "store" / "features"
+
+    dry = json.loads(fs("gc", "--keep-fingerprints", "1", "--dry-run", "--json").output)["fingerprints"]
+    assert dry["removed"] == [] and dry["kept_newest"] == {demo_fp: ["demo"]} and dry["by_dataset"] == {}
+    out = fs("gc", "--keep-fingerprints", "1").output
+    assert f"kept {demo_fp}: the newest extraction for dataset(s) demo" in out and "removed feature set" not in out
+    assert (features / demo_fp / "spec.json").is_file() and (features / cls_fp / "spec.json").is_file()
+    info = json.loads(fs("info", "demo", "--json").output)
+    assert [f["cached"] for f in info["features"] if f["fingerprint"] == demo_fp] == [12]
+    assert "ok" in fs("verify").output
+
+    # demo extracted with the cls fingerprint too: the old one is superseded for its only dataset
+    fs(*ext, "--dataset", "demo", "--limit", "12", "-p", "pooling=cls")
+    dry = fs("gc", "--keep-fingerprints", "1", "--dry-run")
+    assert f"dataset demo: would remove feature set {demo_fp} (superseded by {cls_fp})" in dry.output
+    assert (features / demo_fp / "spec.json").is_file()
+    gone = json.loads(fs("gc", "--keep-fingerprints", "1", "--json").output)["fingerprints"]
+    assert gone["removed"] == [demo_fp] and gone["by_dataset"] == {"demo": [{"fingerprint": demo_fp,
+                                                                              "superseded_by": cls_fp}]}
+    assert not (features / demo_fp).exists() and (features / cls_fp / "spec.json").is_file()
+    assert "ok" in fs("verify").output
+
+
+def test_train_head_fsyncs_the_run_and_the_heads_folder(demo_store, tmp_path, monkeypatch):
+    """Review finding 11: model.safetensors and config.json are fsynced before the run folder is
+    renamed in, and heads/ after it."""
+    import os
+
+    fs = demo_store
+    fs("extract", "--dataset", "demo", "--modality", "text", "--backbone", "minilm", "--limit", "120")
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    fs("train-head", "--method", "linear", "--dataset", "demo", "--features", "text=minilm", "--target", "label",
+       "--run-id", "r1")
+    monkeypatch.undo()
+    heads = tmp_path / "store" / "heads"
+    assert (heads / "r1" / "model.safetensors").is_file()
+    names = {(os.path.basename(os.path.dirname(p)), os.path.basename(p)) for p in synced}
+    # fsynced under the temporary name the run folder had before its rename
+    assert any(d.startswith(".r1.") and f == "model.safetensors" for d, f in names), sorted(names)
+    assert any(d.startswith(".r1.") and f == "config.json" for d, f in names), sorted(names)
+    assert str(heads) in synced
+    last_tmp = max(i for i, p in enumerate(synced) if os.path.basename(p).startswith(".r1."))
+    assert str(heads) in synced[last_tmp + 1:]  # heads/ after the run folder itself
