@@ -138,7 +138,7 @@ def exchange(a: Path, b: Path) -> bool:
     if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):  # EPERM: a seccomp filter
         return False
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
@@ -169,10 +169,10 @@ def publish_folder(tmp: Path, target: Path, *, overwrite: bool = True) -> None:
     fsync_tree(tmp)
     if not overwrite or not target.exists():
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        _settle(target.parent)
         return
     if exchange(tmp, target):  # tmp now holds the old folder
-        _fsync_dir(target.parent)
+        _settle(target.parent)
         _rmtree(tmp)
         return
     old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{OLD_SUFFIX}")
@@ -183,8 +183,15 @@ def publish_folder(tmp: Path, target: Path, *, overwrite: bool = True) -> None:
         with contextlib.suppress(OSError):
             os.replace(old, target)  # put the old one back: X is never left missing by a failure
         raise
-    _fsync_dir(target.parent)
+    _settle(target.parent)
     _rmtree(old)
+
+
+def _settle(parent: Path) -> None:
+    """fsync a folder after a rename into it has happened: the publish stands either way, so a folder
+    that cannot be fsynced (some filesystems refuse) must not make the caller report a failure."""
+    with contextlib.suppress(OSError):
+        _fsync_dir(parent)
 
 
 def _rmtree(path: Path) -> None:

@@ -225,3 +225,43 @@ def test_a_failed_second_rename_puts_the_old_folder_back_and_everything_is_fsync
     _io.publish_folder(tmp, target)
     assert (target / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["x"]
     assert str(tmp_path) in synced  # the parent, after the rename
+
+
+def test_a_published_folder_is_not_reported_as_failed_when_its_parent_cannot_be_fsynced(tmp_path, monkeypatch):
+    """The swap has happened: a parent folder that refuses fsync (some filesystems do) must not make the
+    caller report a failure and clean up what is now the live copy."""
+    import os
+
+    from featurestore import _io
+
+    target, tmp = tmp_path / "x", tmp_path / ".x.1234abcd.tmp"
+    for folder, text in ((target, "old"), (tmp, "new")):
+        folder.mkdir()
+        (folder / "f").write_text(text)
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path):
+            raise OSError(22, "Invalid argument")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    _io.publish_folder(tmp, target)
+    assert (target / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_a_swap_refused_by_a_sandbox_falls_back_to_the_two_renames(tmp_path, monkeypatch):
+    """renameat2 failing with EPERM (a seccomp filter) is 'cannot swap here', not an error."""
+    import ctypes
+    import errno
+
+    from featurestore import _io
+
+    monkeypatch.setattr(_io, "_libc_renameat2", lambda: (lambda *a: -1))
+    monkeypatch.setattr(ctypes, "get_errno", lambda: errno.EPERM)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    assert _io.exchange(a, b) is False
+    (a / "f").write_text("new")
+    _io.publish_folder(a, b)
+    assert (b / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
