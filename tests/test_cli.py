@@ -144,6 +144,24 @@ def test_gc_keep_fingerprints_never_removes_a_datasets_only_embeddings(demo_stor
     assert "ok" in fs("verify").output
 
 
+def test_gc_keep_fingerprints_puts_a_half_replaced_run_back_before_judging_what_is_in_use(demo_store, tmp_path):
+    """A run whose replacement was killed between its two renames lies as `.r1.<id>.old`: gc restores it
+    first, so the feature set it was trained on counts as in use and is not removed under it."""
+    fs = demo_store
+    ext = ("extract", "--dataset", "demo", "--modality", "text", "--backbone", "minilm", "--limit", "60")
+    old_fp = json.loads(fs(*ext, "--json").output)["fingerprint"]
+    fs("train-head", "--method", "linear", "--dataset", "demo", "--features", f"text={old_fp}", "--target",
+       "label", "--run-id", "r1")
+    new_fp = json.loads(fs(*ext, "-p", "pooling=cls", "--json").output)["fingerprint"]
+    heads_dir = tmp_path / "store" / "heads"
+    (heads_dir / "r1").rename(heads_dir / ".r1.1234abcd.old")
+    out = json.loads(fs("gc", "--keep-fingerprints", "1", "--json").output)
+    assert out["fingerprints"]["removed"] == [] and (heads_dir / "r1" / "lineage.json").is_file()
+    assert [r["to"] for r in out["restored"]] == [str(heads_dir / "r1")]
+    assert (tmp_path / "store" / "features" / old_fp / "spec.json").is_file() and new_fp != old_fp
+    assert "ok" in fs("verify").output
+
+
 def test_train_head_fsyncs_the_run_and_the_heads_folder(demo_store, tmp_path, monkeypatch):
     """Review finding 11: model.safetensors and config.json are fsynced before the run folder is
     renamed in, and heads/ after it."""
