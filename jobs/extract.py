@@ -249,16 +249,15 @@ def transient(exc: BaseException) -> bool:
                                    "device-side assert", "hip error", "mps backend out of memory"))
 
 
-def _stop(exc: BaseException, config: ExtractConfig) -> BaseException:
-    """The error a transient failure stops the job with."""
+def stop_error(exc: BaseException, doing: str, done: str = "computed") -> BaseException:
+    """The one-line error a transient failure stops a job with (`doing`: "extracting DATASET")."""
     if isinstance(exc, FeatureStoreError):
         return exc
     if disk_full(exc):
-        return DiskFullError(f"disk full while extracting {config.dataset}: free space and re-run; "
-                             "rows computed so far are kept")
-    return BackboneError(f"{type(exc).__name__} while extracting {config.dataset} ({str(exc)[:200]}); this is not "
-                         "about an item, so nothing was recorded against one: rows computed so far are kept, "
-                         "re-run to go on (perhaps with a smaller --batch-size)")
+        return DiskFullError(f"disk full while {doing}: free space and re-run; rows {done} so far are kept")
+    return BackboneError(f"{type(exc).__name__} while {doing} ({str(exc)[:200]}); this is not about an item, so "
+                         f"nothing was recorded against one: rows {done} so far are kept, re-run to go on (perhaps "
+                         "with a smaller --batch-size)")
 
 
 def _prepare_one(bb: Backbone, modality: str, item: _Item) -> tuple[bool, Any]:
@@ -312,52 +311,60 @@ def _failed_reason(exc: BaseException) -> str:
     return f"backbone failed on this item: {type(exc).__name__}: {str(exc)[:500]}"
 
 
-def _encode_safely(bb: Backbone, good: list, prepared: list) -> tuple[list, np.ndarray | None, list | None, list]:
-    """Encode a batch; if it fails, fall back to one item at a time to isolate the culprit.
+def isolate(good: list, whole: Callable[[], Any], single: Callable[[int], Any],
+            reason: Callable[[BaseException], str]) -> tuple[list, list, list]:
+    """Run `whole()` for a batch of items `good`; if it fails, run `single(i)` for each item to isolate
+    the culprit. Returns (kept items, outputs: `[whole()]` or one per kept item, bad (item, reason)).
 
-    A backbone error that is not transient is the item's: a one-item batch's item is recorded
-    at once (not encoded twice). A batch that runs out of memory is retried one item at a time;
-    an item that alone still runs out of memory while another item of the batch fits is recorded
-    ("out of memory on this item alone"); if none fits, the machine is out of memory and the job
-    stops. Any other transient error (device, disk, storage) stops the job.
-    """
+    An error that is not transient is the item's: a one-item batch's item is recorded at once (not
+    run twice). A batch that runs out of memory is retried one item at a time; an item that alone
+    still runs out of memory while another item of the batch fits is recorded ("out of memory on
+    this item alone"); if none fits, the machine is out of memory and the error stops the job. Any
+    other transient error (device, disk, storage) stops the job."""
     try:
-        enc = bb.encode(prepared)
-        return good, enc.pooled, enc.sequences, []
+        return good, [whole()], []
     except Exception as exc:
-        if transient(exc) and (len(prepared) == 1 or not out_of_memory(exc)):
+        if transient(exc) and (len(good) == 1 or not out_of_memory(exc)):
             raise
-        if len(prepared) == 1:
-            return [], None, None, [(good[0], _failed_reason(exc))]
+        if len(good) == 1:
+            return [], [], [(good[0], reason(exc))]
         freeing = out_of_memory(exc)
     if freeing:  # out here, once the failed pass's frames are gone
         _free_memory()
-    keep, pooled, seqs, bad, oom = [], [], [], [], []
-    for item, p in zip(good, prepared):
-        enc = None
+    keep, outs, bad, oom = [], [], [], []
+    for i, item in enumerate(good):
+        out = None
         try:
-            enc = bb.encode([p])
+            out = single(i)
         except Exception as exc:
             if out_of_memory(exc):
                 oom.append((item, exc.with_traceback(None)))  # no frames kept: they may hold the memory
             elif transient(exc):
                 raise
             else:
-                bad.append((item, _failed_reason(exc)))
-        if enc is None:
+                bad.append((item, reason(exc)))
+        if out is None:
             if oom and oom[-1][0] is item:
                 _free_memory()
             continue
         keep.append(item)
-        pooled.append(enc.pooled)
-        seqs.extend(enc.sequences or [])
+        outs.append(out)
     if oom and not keep:  # nothing fits, not even one item alone: the machine, not the items
         raise oom[0][1]
     bad += [(item, f"out of memory on this item alone ({type(exc).__name__}: {str(exc)[:200]}) while the other "
                    "items of its batch fit; `--retry-errors` tries it again") for item, exc in oom]
+    return keep, outs, bad
+
+
+def _encode_safely(bb: Backbone, good: list, prepared: list) -> tuple[list, np.ndarray | None, list | None, list]:
+    """Encode a batch, isolating the items the backbone fails on (`isolate`)."""
+    keep, encs, bad = isolate(good, lambda: bb.encode(prepared), lambda i: bb.encode([prepared[i]]), _failed_reason)
     if not keep:
         return [], None, None, bad
-    return keep, np.concatenate(pooled), (seqs or None), bad
+    if keep is good and not bad:  # the whole batch in one pass
+        return good, encs[0].pooled, encs[0].sequences, bad
+    seqs = [s for enc in encs for s in (enc.sequences or [])]
+    return keep, np.concatenate([enc.pooled for enc in encs]), (seqs or None), bad
 
 
 def _batches(items: Sequence[_Item], size: int) -> Iterator[Sequence[_Item]]:
@@ -437,7 +444,7 @@ class _Job:
             with contextlib.suppress(Exception):  # publish what was computed before the job stopped
                 writer.flush()
             if isinstance(exc, Exception) and transient(exc):
-                raise _stop(exc, config) from None
+                raise stop_error(exc, f"extracting {config.dataset}") from None
             raise
         result.segments += bool(writer.flush())
         ds = get_dataset(self.store, config.dataset)

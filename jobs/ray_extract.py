@@ -38,7 +38,7 @@ from featurestore.errors import BackboneError, ConfigError
 from featurestore.features import POOLED, SEQ, FeatureSet
 from featurestore.store import Store, open_store
 from featurestore.jobs._ray import RayOptions, session, unwrap
-from featurestore.jobs.extract import (ExtractConfig, ExtractResult, _extract, _Item, _Job, _Output, _stop, plan,
+from featurestore.jobs.extract import (ExtractConfig, ExtractResult, _extract, _Item, _Job, _Output, plan, stop_error,
                                        transient)
 
 __all__ = ["run", "FingerprintMismatch"]
@@ -210,5 +210,5 @@ class _Encoder:
             with contextlib.suppress(Exception):  # publish what was computed before the error
                 writer.flush()
             if isinstance(exc, Exception) and transient(exc):
-                raise _stop(exc, config) from None
+                raise stop_error(exc, f"extracting {config.dataset}") from None
             raise

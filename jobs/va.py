@@ -28,13 +28,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from featurestore import va as va_registry
-from featurestore._io import (cleaned_on_failure, disk_full, publish, publish_folder, raise_if_disk_full, tmp_path,
+from featurestore._io import (cleaned_on_failure, publish, publish_folder, raise_if_disk_full, tmp_path,
                               write_checksums, write_json_atomic)
 from featurestore.backbones.base import MODALITIES
 from featurestore.config import field, from_strings, to_dict
 from featurestore.datasets import get_dataset
-from featurestore.errors import (BackboneError, BadItemError, ConfigError, DiskFullError, FeatureStoreError,
-                                 NotFoundError)
+from featurestore.errors import BadItemError, ConfigError, NotFoundError
 from featurestore.features import FeatureSet, resolve_features
 from featurestore.reader import load_split, parse_feature_refs
 from featurestore.segments import ErrorRecord
@@ -43,8 +42,8 @@ from featurestore.va.base import VAScorer
 from featurestore.va.cache import DTYPES, KNOWN, VA, VASet
 from featurestore.va.learned import (CONFIG, METRICS, REGRESSORS, WEIGHTS, FitParams, evaluate, list_models,
                                      models_root)
-from featurestore.jobs.extract import (ExtractConfig, _batches, _free_memory, _Item, _raw, check_root,
-                                      out_of_memory, pending, plan, transient)
+from featurestore.jobs.extract import (ExtractConfig, _batches, _Item, _raw, check_root, isolate, pending, plan,
+                                      stop_error, transient)
 
 __all__ = ["VAConfig", "VAResult", "run", "make_scorer", "FitConfig", "FitResult", "fit"]
 
@@ -147,24 +146,12 @@ def run(config: VAConfig, store: Store, *, scorer: VAScorer | None = None,
             with contextlib.suppress(Exception):  # publish what was scored before the job stopped
                 writer.flush()
             if isinstance(exc, Exception) and transient(exc):
-                raise _stop(exc, config) from None
+                raise stop_error(exc, f"scoring VA for {config.dataset}", "scored") from None
             raise
         result.segments += bool(writer.flush())
         result.failed_total = len({(e.dataset, e.item_id) for e in vs.errors() if e.dataset == config.dataset})
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _stop(exc: BaseException, config: VAConfig) -> BaseException:
-    """The error a transient failure (`jobs.extract.transient`) stops the job with: one line, nothing recorded."""
-    if isinstance(exc, FeatureStoreError):
-        return exc
-    if disk_full(exc):
-        return DiskFullError(f"disk full while scoring VA for {config.dataset}: free space and re-run; "
-                             "rows scored so far are kept")
-    return BackboneError(f"{type(exc).__name__} while scoring VA for {config.dataset} ({str(exc)[:200]}); this is not "
-                         "about an item, so nothing was recorded against one: rows scored so far are kept, "
-                         "re-run to go on (perhaps with a smaller --batch-size)")
 
 
 def _feature_set(store: Store, scorer: VAScorer, modality: str) -> tuple[FeatureSet | None, bool]:
@@ -223,45 +210,9 @@ def _failed_reason(exc: BaseException) -> str:
 
 
 def _score_safely(scorer: VAScorer, modality: str, good: list, inputs) -> tuple[list, np.ndarray | None, list]:
-    """Score a batch; if that fails, one item at a time, to isolate the culprit (as `_encode_safely`).
-
-    An error that is not transient is the item's: a one-item batch's item is recorded at once
-    (not scored twice). A batch that runs out of memory is retried one item at a time; an item
-    that alone still runs out of memory while another item of the batch fits is recorded; if
-    none fits, the job stops. Any other transient error stops the job.
-    """
-    try:
-        return good, _checked(scorer.score(inputs, modality), len(good)), []
-    except Exception as exc:
-        if transient(exc) and (len(good) == 1 or not out_of_memory(exc)):
-            raise
-        if len(good) == 1:
-            return [], None, [(good[0], _failed_reason(exc))]
-        freeing = out_of_memory(exc)
-    if freeing:  # out here, once the failed call's frames are gone
-        _free_memory()
-    keep, rows, bad, oom = [], [], [], []
-    for i, item in enumerate(good):
-        row = None
-        try:
-            row = _checked(scorer.score(inputs[i:i + 1], modality), 1)
-        except Exception as exc:
-            if out_of_memory(exc):
-                oom.append((item, exc.with_traceback(None)))  # no frames kept: they may hold the memory
-            elif transient(exc):
-                raise
-            else:
-                bad.append((item, _failed_reason(exc)))
-        if row is None:
-            if oom and oom[-1][0] is item:
-                _free_memory()
-            continue
-        keep.append(item)
-        rows.append(row)
-    if oom and not keep:  # nothing fits, not even one item alone: the machine, not the items
-        raise oom[0][1]
-    bad += [(item, f"out of memory on this item alone ({type(exc).__name__}: {str(exc)[:200]}) while the other "
-                   "items of its batch fit; `--retry-errors` tries it again") for item, exc in oom]
+    """Score a batch, isolating the items the scorer fails on (`jobs.extract.isolate`)."""
+    keep, rows, bad = isolate(good, lambda: _checked(scorer.score(inputs, modality), len(good)),
+                              lambda i: _checked(scorer.score(inputs[i:i + 1], modality), 1), _failed_reason)
     return keep, (np.concatenate(rows) if rows else None), bad
 
 

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import polars as pl
 import pytest
+from _faults import failing_reads
 import soundfile as sf
 from PIL import Image
 
@@ -277,20 +278,6 @@ def _faces(store, tmp_path, n=6):
     return root
 
 
-def _failing_reads(monkeypatch, errors: dict):
-    """Path.read_bytes raises OSError(errno) for the chosen file names, as a failing disk or mount would."""
-    import pathlib
-
-    real = pathlib.Path.read_bytes
-
-    def read_bytes(self):
-        if self.name in errors:
-            code = errors[self.name]
-            raise OSError(code, os.strerror(code), str(self))
-        return real(self)
-    monkeypatch.setattr(pathlib.Path, "read_bytes", read_bytes)
-
-
 @pytest.mark.parametrize("code", ["EIO", "ESTALE", "ETIMEDOUT", "EMFILE", "ENOMEM"])
 def test_an_io_error_reading_an_input_stops_the_job_records_nothing_and_a_rerun_retries(
         store, tmp_path, monkeypatch, code):
@@ -303,7 +290,7 @@ def test_an_io_error_reading_an_input_stops_the_job_records_nothing_and_a_rerun_
 
     _faces(store, tmp_path)
     cfg = ExtractConfig(dataset="faces", modality="image", backbone="fer", batch_size=2)
-    _failing_reads(monkeypatch, {"3.png": getattr(errno, code)})
+    failing_reads(monkeypatch, {"3.png": getattr(errno, code)})
     with pytest.raises(InputReadError, match=f"cannot read .*3.png: .*{code}.*not the item"):
         run(cfg, store)
     (fs,) = list_feature_sets(store)
@@ -385,7 +372,7 @@ def test_files_that_are_the_items_fault_are_still_recorded(store, tmp_path, monk
 
     root = _faces(store, tmp_path)
     (root / "1.png").unlink()  # deleted since `datasets add`, its root still there
-    _failing_reads(monkeypatch, {"4.png": errno.EACCES})
+    failing_reads(monkeypatch, {"4.png": errno.EACCES})
     res = run(ExtractConfig(dataset="faces", modality="image", backbone="fer", batch_size=2), store)
     assert (res.computed, res.failed_new) == (4, 2)
     reasons = {e.item_id: e.reason for e in FeatureSet(store, res.fingerprint).errors()}

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import polars as pl
 import pytest
+from _faults import failing_reads
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -349,21 +350,6 @@ def test_out_of_memory_on_a_one_item_batch_stops_va_scoring_and_records_nothing(
     assert vs.errors() == [] and len(vs.index(refresh=True)) == 3  # what was scored before it is kept
 
 
-def _failing_reads(monkeypatch, errors: dict):
-    """Path.read_bytes raises OSError(errno) for the chosen file names, as a failing disk or mount would."""
-    import os
-    import pathlib
-
-    real = pathlib.Path.read_bytes
-
-    def read_bytes(self):
-        if self.name in errors:
-            code = errors[self.name]
-            raise OSError(code, os.strerror(code), str(self))
-        return real(self)
-    monkeypatch.setattr(pathlib.Path, "read_bytes", read_bytes)
-
-
 @pytest.mark.parametrize("code", ["EIO", "ESTALE"])
 def test_an_io_error_reading_an_input_stops_va_scoring_records_nothing_and_a_rerun_retries(
         store, tmp_path, monkeypatch, speech_model, code):
@@ -374,7 +360,7 @@ def test_an_io_error_reading_an_input_stops_va_scoring_records_nothing_and_a_rer
     audio_dataset(store, tmp_path / "clips")  # c0, c1 | c2, junk (not a wav: a bad item)
     cfg = VAConfig(dataset="clips", modality="audio", scorer="model", params={"model": str(speech_model)},
                    device="cpu", batch_size=2)
-    _failing_reads(monkeypatch, {"c2.wav": getattr(errno, code)})
+    failing_reads(monkeypatch, {"c2.wav": getattr(errno, code)})
     with pytest.raises(InputReadError, match=f"cannot read .*c2.wav: .*{code}.*not the item"):
         run(cfg, store)
     (vs,) = list_va_sets(store)
