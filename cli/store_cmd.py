@@ -10,8 +10,8 @@ from featurestore.features import FeatureSet, extracted_for, list_feature_sets
 from featurestore.inventory import coverage
 from featurestore.store import FORMAT_VERSION
 from featurestore.va.inventory import model_rows, source_rows, va_facts
-from featurestore.verify import (TEMP_GRACE_S, artifact_dirs, feature_sets_on_disk, gc_store, unverified,
-                                 verify_store)
+from featurestore.verify import (TEMP_GRACE_S, artifact_dirs, feature_sets_on_disk, gc_store,
+                                 refuse_if_not_compacted, unverified, verify_store)
 from ._common import emit, get_store, json_option, table
 
 
@@ -180,7 +180,8 @@ def gc_cmd(ctx: click.Context, compact: bool, dry_run: bool, keep: int | None, a
     if fingerprints is not None:
         report["fingerprints"] = fingerprints
     if as_json:
-        return emit(report)
+        emit(report)
+        return refuse_if_not_compacted(report)
     for r in report["restored"]:
         click.echo(f"{'would restore' if dry_run else 'restored'} {r['to']} from {r['from']} "
                    "(a job replacing it was killed half-way)")
@@ -211,6 +212,9 @@ def gc_cmd(ctx: click.Context, compact: bool, dry_run: bool, keep: int | None, a
             click.echo(f"kept {fp}: its catalogue cannot be read (run `fs verify`)")
         for fp in fps["skipped_locked"]:
             click.echo(f"skipped {fp}: a job is writing to it")
+    for fp, why in report["not_compacted"].items():
+        click.echo(f"not compacted {fp}: {why}")
+    refuse_if_not_compacted(report)
 
 
 def register(cli: click.Group) -> None:

@@ -170,16 +170,20 @@ def info_cmd(ctx, name, as_json):
 @click.pass_context
 def gc_cmd(ctx, compact, dry_run, as_json):
     """Remove temporary files left by killed VA jobs, and optionally compact VA segments."""
-    from featurestore.verify import gc_va
+    from featurestore.verify import gc_va, refuse_if_not_compacted
 
     report = gc_va(get_store(ctx), compact=compact, dry_run=dry_run)
     if as_json:
-        return emit(report)
+        emit(report)
+        return refuse_if_not_compacted(report)
     click.echo(f"{'would remove' if dry_run else 'removed'} {len(report['removed_temp_files'])} temporary file(s)")
     for src, n in report["compacted"].items():
         click.echo(f"{'would merge' if dry_run else 'merged'} {n} segments of {src} into one")
     for src in report["skipped_locked"]:
         click.echo(f"skipped {src}: a job is writing to it")
+    for src, why in report["not_compacted"].items():
+        click.echo(f"not compacted {src}: {why}")
+    refuse_if_not_compacted(report)
 
 
 def register(cli: click.Group) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ._io import OLD_SUFFIX, TMP_SUFFIX, check_checksums, fsync_dir, read_json, swapped_out_target
 from .datasets import get_dataset, list_datasets
-from .errors import FeatureStoreError, LockedError
+from .errors import FeatureStoreError, IntegrityError, LockedError
 from .features import FeatureSet, list_feature_sets
 from .hashing import file_digest
 
@@ -301,6 +301,8 @@ def _tidy(sets, *, compact: bool, dry_run: bool, name_of, attrs_of, report: dict
                     report["compacted"][name_of(s)] = n
         except LockedError:
             report["skipped_locked"].append(name_of(s))
+        except IntegrityError as exc:  # a corrupt segment: this set is left as it is, the others go on
+            report["not_compacted"][name_of(s)] = str(exc)
 
 
 def gc_store(store, *, compact: bool = False, dry_run: bool = False) -> dict:
@@ -308,7 +310,7 @@ def gc_store(store, *, compact: bool = False, dry_run: bool = False) -> dict:
     compaction left behind, optionally compact; a feature set being written is skipped. Temporary files
     elsewhere are removed once they are TEMP_GRACE_S old. Returns what was (or would be) done."""
     report: dict = {"removed_temp_files": [], "compacted": {}, "skipped_locked": [], "kept_recent_temp_files": [],
-                    "restored": []}
+                    "restored": [], "not_compacted": {}}
     report["restored"] = [{"from": str(old), "to": str(target)}
                           for old, target in restore_swapped_out(store, dry_run=dry_run)]
     _tidy(list_feature_sets(store), compact=compact, dry_run=dry_run, name_of=lambda fs: fs.fingerprint,
@@ -325,11 +327,19 @@ def gc_store(store, *, compact: bool = False, dry_run: bool = False) -> dict:
     return report
 
 
+def refuse_if_not_compacted(report: dict) -> None:
+    """After a gc has done everything else: exit as an integrity problem when a set was not compacted."""
+    if report.get("not_compacted"):
+        names = ", ".join(report["not_compacted"])
+        raise IntegrityError(f"{len(report['not_compacted'])} set(s) not compacted because a segment is corrupt "
+                             f"({names}); everything else was tidied: run `fs verify`, then re-extract")
+
+
 def gc_va(store, *, compact: bool = False, dry_run: bool = False) -> dict:
     """`gc_store` for the VA sources' segment sets."""
     from .va.cache import list_va_sets
 
-    report: dict = {"removed_temp_files": [], "compacted": {}, "skipped_locked": []}
+    report: dict = {"removed_temp_files": [], "compacted": {}, "skipped_locked": [], "not_compacted": {}}
     _tidy(list_va_sets(store), compact=compact, dry_run=dry_run, name_of=lambda vs: vs.source,
           attrs_of=lambda vs: {"source": vs.source, "compacted": True}, report=report)
     return report

@@ -89,10 +89,21 @@ def test_gc_compact_refuses_a_bit_flipped_segment_and_verify_still_reports_it(st
     data[offset + 1] ^= 0x40  # the exponent of the first fp16 value
     victim.write_bytes(bytes(data))
     before = sorted(s.path.name for s in fs.segments.segments())
+    # a second, healthy feature set (another pooling) in two segments: gc still compacts that one
+    run(ExtractConfig(dataset="a", modality="text", backbone="minilm", params={"pooling": "cls"}, segment_rows=1,
+                      batch_size=1),
+        store)
+    (healthy,) = [f for f in list_feature_sets(store) if f.fingerprint != fs.fingerprint]
+    assert len(healthy.segments.segments()) == 2
     assert fs_cli(store, "verify").exit_code == 8
     res = fs_cli(store, "gc", "--compact")
     assert res.exit_code == 8, res.output
-    assert res.output.count("\n") == 1 and victim.name in res.output and "nothing merged" in res.output
+    assert victim.name in res.output and "nothing merged" in res.output and f"not compacted {fs.fingerprint}" in res.output
+    assert [line for line in res.output.splitlines() if line.startswith("error:")] == [
+        f"error: 1 set(s) not compacted because a segment is corrupt ({fs.fingerprint}); everything else was "
+        "tidied: run `fs verify`, then re-extract"]
+    assert f"merged 2 segments of {healthy.fingerprint} into one" in res.output
+    assert len(healthy.segments.segments()) == 1
     assert sorted(s.path.name for s in fs.segments.segments()) == before
     res = fs_cli(store, "verify", "--json")
     assert res.exit_code == 8 and "checksum mismatch" in res.output
