@@ -102,6 +102,7 @@ def _missing_feature_sets(store):
     (memory/*/spec.json) or a refresh (refresh/*/state.json) names must exist."""
     users: dict[str, list[str]] = {}
     retired: set[str] = set()
+    derived_fps: set[str] = set()  # written by an SCL run, not extracted
 
     def used(fp, by: str) -> None:
         if isinstance(fp, str) and fp:
@@ -123,6 +124,7 @@ def _missing_feature_sets(store):
         fps = dict(lineage.get("fingerprints") or {})
         if (lineage.get("config") or {}).get("write_features"):  # an SCL run wrote its derived features
             fps.update({f"derived {m}": fp for m, fp in (lineage.get("derived") or {}).items()})
+            derived_fps.update(v for v in (lineage.get("derived") or {}).values() if isinstance(v, str))
         for fp in fps.values():
             used(fp, f"run {run.name}")
     mems = store.memory_dir()
@@ -137,9 +139,11 @@ def _missing_feature_sets(store):
             continue
         who = sorted(set(who))
         users_text = ", ".join(who[:3]) + (" ..." if len(who) > 3 else "")
+        derived = any(w.startswith("run ") and fp in derived_fps for w in who)
+        redo = "re-run the SCL training that wrote it (`fs scl train ... --replace`)" if derived else \
+            "re-extract it with the same backbone and settings (`fs extract`)"
         yield store.features_dir() / fp, (f"feature set {fp} used by {users_text} is missing; restore it from a "
-                                           "backup, or re-extract it with the same backbone and settings "
-                                           "(`fs extract`)")
+                                           f"backup, or {redo}")
 
 
 def _json_or_none(path: Path):
@@ -261,7 +265,10 @@ def restore_swapped_out(store, *, dry_run: bool = False) -> list[tuple[Path, Pat
         if not dry_run:
             if os.path.lexists(target):  # published meanwhile by a live job: leave both alone
                 continue
-            os.rename(old, target)
+            try:
+                os.rename(old, target)
+            except OSError:  # raced with a live job that just published or removed it: the next gc looks again
+                continue
             with contextlib.suppress(OSError):
                 fsync_dir(target.parent)
         done.append((old, target))

@@ -231,6 +231,15 @@ def test_scl_run_writes_derived_features_that_verify_and_read(trained):
     faces = load_split(store, "faces", "val", {"image": result.derived["image"]})
     assert faces.masks["image"].all() and faces.features["image"].shape[1] == 64
     assert result.metrics["val"]["faces"]["image"] > 0.4
+    # a derived feature set that goes missing: verify says to re-run the SCL training, not to extract it
+    folder = store.features_dir() / result.derived["text"]
+    folder.rename(folder.with_name("moved-away"))
+    try:
+        (problem,) = [p["message"] for p in verify_store(store) if p["path"] == str(folder)]
+        assert "fs scl train" in problem and "fs extract" not in problem
+    finally:
+        folder.with_name("moved-away").rename(folder)
+    assert verify_store(store) == []
 
 
 def test_memory_holds_both_datasets_with_pools(trained):
