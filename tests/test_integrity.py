@@ -742,3 +742,38 @@ def test_a_feature_set_named_by_a_memory_must_exist(store):
     code, lines = _problems(store)
     assert code == 8 and len(lines) == 2
     assert all("used by memory m2 is missing" in line for line in lines)
+
+
+def test_a_manifest_replaced_without_its_dataset_json_is_refused_by_readers(store, tmp_path, monkeypatch):
+    """`datasets add --replace` publishes manifest.parquet, then dataset.json: a kill between the two
+    (here: the dataset.json write fails) leaves the new manifest under the old counts and hash. Readers
+    refuse that pair with one line instead of using it; re-running the add repairs it."""
+    from featurestore import datasets as D
+    from featurestore.errors import IntegrityError
+
+    import json
+
+    def manifest(n):
+        path = tmp_path / f"words{n}.jsonl"
+        path.write_text("".join(json.dumps({"id": f"w{i}", "text": f"word {i}", "split": "train"}) + "\n"
+                                for i in range(n)))
+        return read_manifest_file(path)
+    add_dataset(store, "words", manifest(6), root=None, source="t")
+    real = D.write_json_atomic
+
+    def killed(path, obj):
+        if path.name == "dataset.json":
+            raise KeyboardInterrupt  # the process dies here
+        return real(path, obj)
+    monkeypatch.setattr(D, "write_json_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        add_dataset(store, "words", manifest(3), root=None, source="t", replace=True)
+    monkeypatch.setattr(D, "write_json_atomic", real)
+    with pytest.raises(IntegrityError, match="not the one dataset.json records"):
+        D.get_dataset(store, "words")
+    res = fs_cli(store, "datasets", "show", "words")
+    assert res.exit_code == IntegrityError.exit_code and "Traceback" not in res.output
+    assert [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert fs_cli(store, "verify").exit_code == 8  # verify names both hashes
+    add_dataset(store, "words", manifest(3), root=None, source="t", replace=True)
+    assert len(D.get_dataset(store, "words").manifest) == 3 and fs_cli(store, "verify").exit_code == 0

@@ -285,6 +285,12 @@ def test_datasets_registered_before_video_existed_still_load(store, tmp_path, de
     ds = add_dataset(store, "old", demo_df.head(20), root=None, source="test")
     path = store.dataset_dir("old") / "manifest.parquet"
     pl.read_parquet(path).drop(["video", "video_key"]).write_parquet(path)
+    import json
+
+    from featurestore.hashing import file_digest
+
+    info_path = store.dataset_dir("old") / "dataset.json"  # as it was written then: the hash of that manifest
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "manifest_hash": file_digest(path)}))
     old = get_dataset(store, "old")
     assert old.manifest["video_key"].null_count() == 20 and old.modalities == ds.modalities
     assert split_va(store, old.manifest, True) == ({}, {})

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 from pathlib import Path
 from typing import Callable
 
@@ -188,7 +190,10 @@ def add_dataset(store: Store, name: str, df: pl.DataFrame, *, root: str | Path |
     return Dataset(name, info, df)
 
 
-def get_dataset(store: Store, name: str) -> Dataset:
+def get_dataset(store: Store, name: str, *, check: bool = True) -> Dataset:
+    """The registered dataset. With `check`, the manifest must be the one `dataset.json` records (its
+    SHA-256): `datasets add --replace` publishes the manifest before `dataset.json`, so a kill between
+    the two would otherwise pair a new manifest with the old counts, splits and hash."""
     folder = store.dataset_dir(name)
     if not (folder / "dataset.json").is_file():
         known = ", ".join(list_datasets(store)) or "none"
@@ -196,10 +201,16 @@ def get_dataset(store: Store, name: str) -> Dataset:
                             "(add one with `fs datasets add`)")
     info = read_json(folder / "dataset.json")
     try:
-        manifest = pl.read_parquet(folder / "manifest.parquet")
+        data = (folder / "manifest.parquet").read_bytes()
+        manifest = pl.read_parquet(io.BytesIO(data))
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise IntegrityError(f"{folder / 'manifest.parquet'} is damaged or missing ({type(exc).__name__}); "
                              f"re-add the dataset with `fs datasets add {name} ... --replace`") from None
+    recorded = info.get("manifest_hash")
+    if check and recorded and hashlib.sha256(data).hexdigest()[:len(recorded)] != recorded:
+        raise IntegrityError(f"dataset {name!r}: manifest.parquet is not the one dataset.json records (manifest hash "
+                             f"!= {recorded}; an interrupted `fs datasets add --replace`?): run that "
+                             "`fs datasets add ... --replace` again")
     missing = [m for m in MODALITIES if m not in manifest.columns]
     if missing:  # registered before a modality existed (video): it has no such inputs
         manifest = manifest.with_columns([pl.lit(None, dtype=pl.String).alias(c)
