@@ -97,50 +97,55 @@ def _spec_less_feature_sets(store):
         yield from ((p.path, p.message) for p in FeatureSet(store, folder.name).segments.verify())
 
 
-def _missing_feature_sets(store):
-    """Every feature set a saved run (heads/*/lineage.json, not retired by a refresh), a memory
-    (memory/*/spec.json) or a refresh (refresh/*/state.json) names must exist."""
+def fingerprint_users(store) -> tuple[dict[str, list[str]], set[str]]:
+    """fingerprint -> what names it: every saved run not retired by a refresh (heads/*/lineage.json, an
+    SCL run's derived feature sets when it wrote them), every memory (memory/*/spec.json), every
+    refresh's current fingerprint; and the set of those an SCL run wrote (not extracted). A damaged
+    JSON is skipped here: its own check reports it."""
     users: dict[str, list[str]] = {}
     retired: set[str] = set()
-    derived_fps: set[str] = set()  # written by an SCL run, not extracted
+    derived: set[str] = set()
 
     def used(fp, by: str) -> None:
         if isinstance(fp, str) and fp:
             users.setdefault(fp, []).append(by)
 
-    root = store.root / "refresh"
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-            if root.is_dir() else []:
+    def folders(root: Path) -> list[Path]:
+        return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+
+    for folder in folders(store.root / "refresh"):
         state = _json_or_none(folder / "state.json")
         if isinstance(state, dict):
             retired |= set(state.get("retired_runs") or [])
-            used((state.get("current") or {}).get("fingerprint"), f"refresh {folder.name}")
-    heads = store.heads_dir()
-    for run in sorted(p for p in heads.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-            if heads.is_dir() else []:
+            used((state.get("current") or {}).get("fingerprint"), f"refresh {folder.name} (current)")
+    for run in folders(store.heads_dir()):
         lineage = None if run.name in retired else _json_or_none(run / "lineage.json")
         if not isinstance(lineage, dict):
             continue
-        fps = dict(lineage.get("fingerprints") or {})
+        fps = list((lineage.get("fingerprints") or {}).values())
         if (lineage.get("config") or {}).get("write_features"):  # an SCL run wrote its derived features
-            fps.update({f"derived {m}": fp for m, fp in (lineage.get("derived") or {}).items()})
-            derived_fps.update(v for v in (lineage.get("derived") or {}).values() if isinstance(v, str))
-        for fp in fps.values():
+            written = [v for v in (lineage.get("derived") or {}).values() if isinstance(v, str)]
+            derived.update(written)
+            fps += written
+        for fp in fps:
             used(fp, f"run {run.name}")
-    mems = store.memory_dir()
-    for mem in sorted(p for p in mems.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-            if mems.is_dir() else []:
+    for mem in folders(store.memory_dir()):
         spec = _json_or_none(mem / "spec.json")
         if isinstance(spec, dict):
             for fp in [*(spec.get("fingerprints") or {}).values(), *(spec.get("source_fingerprints") or {}).values()]:
                 used(fp, f"memory {mem.name}")
+    return users, derived
+
+
+def _missing_feature_sets(store):
+    """Every feature set a saved run, a memory or a refresh names (`fingerprint_users`) must exist."""
+    users, derived = fingerprint_users(store)
     for fp, who in sorted(users.items()):
         if (store.features_dir() / fp / "spec.json").is_file():
             continue
         who = sorted(set(who))
         users_text = ", ".join(who[:3]) + (" ..." if len(who) > 3 else "")
-        derived = any(w.startswith("run ") and fp in derived_fps for w in who)
-        redo = "re-run the SCL training that wrote it (`fs scl train ... --replace`)" if derived else \
+        redo = "re-run the SCL training that wrote it (`fs scl train ... --replace`)" if fp in derived else \
             "re-extract it with the same backbone and settings (`fs extract`)"
         yield store.features_dir() / fp, (f"feature set {fp} used by {users_text} is missing; restore it from a "
                                            f"backup, or {redo}")

@@ -557,38 +557,17 @@ def status(recipe: Recipe, store: Store) -> dict:
 
 # ---- gc ---------------------------------------------------------------------------------------------
 def in_use(store: Store) -> dict[str, list[str]]:
-    """fingerprint -> what uses it: every saved run not retired by a refresh, every memory, every
-    refresh's current fingerprint and unfinished refreshes."""
-    from featurestore.memory import list_memories, memory_folder
+    """fingerprint -> what uses it: what `verify.fingerprint_users` finds (runs not retired by a refresh,
+    memories, each refresh's current fingerprint), and unfinished refreshes' new extractions."""
+    from featurestore.verify import fingerprint_users
 
-    users: dict[str, list[str]] = {}
-    retired: set[str] = set()
-    pending_fps = []
+    users = fingerprint_users(store)[0]
     root = store.root / "refresh"
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if (folder / "state.json").is_file():
-            st = read_json(folder / "state.json")
-            retired |= set(st.get("retired_runs") or [])
-            if st["current"].get("fingerprint"):
-                users.setdefault(st["current"]["fingerprint"], []).append(f"refresh {folder.name} (current)")
         if (folder / "pending.json").is_file():
-            p = read_json(folder / "pending.json")
-            fp = (p["done"].get("extract") or {}).get("fingerprint")
+            fp = (read_json(folder / "pending.json")["done"].get("extract") or {}).get("fingerprint")
             if fp:
-                pending_fps.append((fp, folder.name))
-    for fp, name in pending_fps:
-        users.setdefault(fp, []).append(f"refresh {name} (in progress)")
-    heads_dir = store.heads_dir()
-    for run in sorted(heads_dir.iterdir()) if heads_dir.is_dir() else []:
-        if run.name.startswith(".") or run.name in retired or not (run / "lineage.json").is_file():
-            continue
-        lineage = read_json(run / "lineage.json")
-        for fp in {**lineage.get("fingerprints", {}), **lineage.get("derived", {})}.values():
-            users.setdefault(fp, []).append(f"run {run.name}")
-    for mem in list_memories(store):
-        spec = read_json(memory_folder(store, mem) / "spec.json")
-        for fp in {**spec.get("fingerprints", {}), **spec.get("source_fingerprints", {})}.values():
-            users.setdefault(fp, []).append(f"memory {mem}")
+                users.setdefault(fp, []).append(f"refresh {folder.name} (in progress)")
     return users
 
 
