@@ -15,7 +15,7 @@ def coverage(store, dataset) -> list[dict]:
         if not len(keys):
             continue
         have = int(fs.has(keys.to_numpy().astype("S32")).sum())
-        failed = len({e.item_id for e in fs.errors() if e.dataset == dataset.name})
+        failed = len({e.item_id for e in fs.standing_errors(dataset)})
         if have or failed:
             rows.append({"fingerprint": fs.fingerprint, "modality": fs.modality, "inputs": len(keys),
                          "cached": have, "failed": failed})

@@ -114,5 +114,25 @@ class KeyedSet:
     def has(self, keys: Sequence[str] | np.ndarray) -> np.ndarray:
         return self.index().contains(np.asarray(keys, dtype="S32"))
 
-    def errors(self) -> list[ErrorRecord]:
-        return self.segments.errors()
+    def errors(self, *, resolved: bool = False) -> list[ErrorRecord]:
+        """Recorded failures, one per (key, dataset, item id), the newest reason kept. A record whose
+        key has a row now (a later run, `--retry-errors` say, computed it) is resolved: left out
+        unless `resolved`. Against one dataset's current manifest: `standing_errors`."""
+        latest = {(e.key, e.dataset, e.item_id): e for e in self.segments.errors()}
+        if resolved or not latest:
+            return list(latest.values())
+        keyed = [k for k, _, _ in latest if k]
+        done = {k for k, h in zip(keyed, self.has(keyed)) if h} if keyed else set()
+        return [e for e in latest.values() if e.key not in done]
+
+    def standing_errors(self, dataset) -> list[ErrorRecord]:
+        """The failures still standing against `dataset` (a Dataset) as its manifest is now: records of
+        its items whose content key is still the one recorded (none, for an unreadable input) and
+        has no row. A record of an item since replaced (`datasets add --replace`) or removed is not."""
+        col = f"{self.spec['modality']}_key"
+        df = dataset.manifest
+        if col not in df.columns:
+            return []
+        current = dict(zip(df["item_id"].to_list(), df[col].to_list()))
+        return [e for e in self.errors() if e.dataset == dataset.name and e.item_id in current
+                and (current[e.item_id] or "") == e.key]

@@ -450,7 +450,7 @@ class _Job:
         ds = get_dataset(self.store, config.dataset)
         fs.record_dataset(config.dataset, {"modality": config.modality, "limit": config.limit,
                                            "splits": sorted(config.splits), "manifest_hash": ds.manifest_hash})
-        result.failed_total = len({(e.dataset, e.item_id) for e in fs.errors() if e.dataset == config.dataset})
+        result.failed_total = len({e.item_id for e in fs.standing_errors(ds)})
         result.seconds = time.perf_counter() - self.t0
         return result
 

@@ -149,7 +149,7 @@ def run(config: VAConfig, store: Store, *, scorer: VAScorer | None = None,
                 raise stop_error(exc, f"scoring VA for {config.dataset}", "scored") from None
             raise
         result.segments += bool(writer.flush())
-        result.failed_total = len({(e.dataset, e.item_id) for e in vs.errors() if e.dataset == config.dataset})
+        result.failed_total = len({e.item_id for e in vs.standing_errors(get_dataset(store, config.dataset))})
     result.seconds = time.perf_counter() - t0
     return result
 

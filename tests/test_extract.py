@@ -16,7 +16,8 @@ from _faults import failing_reads
 import soundfile as sf
 from PIL import Image
 
-from featurestore.datasets import add_dataset, read_manifest_file
+from featurestore.datasets import add_dataset, get_dataset, read_manifest_file
+from featurestore.inventory import coverage
 from featurestore.errors import ConfigError
 from featurestore.features import FeatureSet, list_feature_sets
 from featurestore.reader import load_split
@@ -393,6 +394,34 @@ def test_an_item_that_alone_runs_out_of_memory_is_recorded_and_retry_errors_retr
     fixed = Counting(minilm)  # more memory now: --retry-errors computes it
     retried = run(dataclasses.replace(cfg, retry_errors=True), store, backbone=fixed)
     assert (retried.cached, retried.computed, retried.failed_new) == (11, 1, 0) and fixed.calls == 1
+    # computed now: the record no longer counts as a failure anywhere, though it is kept
+    fs = FeatureSet(store, res.fingerprint)
+    assert retried.failed_total == 0 and fs.errors() == [] and fs.errors(resolved=True) == [err]
+    assert [r["failed"] for r in coverage(store, get_dataset(store, "words"))] == [0]
+
+
+def test_a_failure_of_an_input_since_replaced_no_longer_counts(store, tmp_path):
+    root = tmp_path / "faces"
+    root.mkdir()
+    for i in range(3):
+        (root / f"{i}.png").write_bytes(_png((40 * i, 90, 7 * i)))
+    (root / "m.csv").write_text("id,image\n" + "".join(f"f{i},{i}.png\n" for i in range(3)))
+    good = (root / "1.png").read_bytes()
+    (root / "1.png").write_bytes(b"not an image")  # unreadable content: recorded against its key
+    add_dataset(store, "faces", read_manifest_file(root / "m.csv"), root=root, source="t")
+    cfg = ExtractConfig(dataset="faces", modality="image", backbone="fer")
+    res = run(cfg, store)
+    assert (res.computed, res.failed_new, res.failed_total) == (2, 1, 1)
+    ds = get_dataset(store, "faces")
+    assert [r["failed"] for r in coverage(store, ds)] == [1]
+    (root / "1.png").write_bytes(good)  # fixed, and registered again: a new content key
+    add_dataset(store, "faces", read_manifest_file(root / "m.csv"), root=root, source="t", replace=True)
+    again = run(cfg, store)
+    assert (again.computed, again.failed_new, again.failed_total) == (1, 0, 0)
+    assert [r["failed"] for r in coverage(store, get_dataset(store, "faces"))] == [0]
+    fs = FeatureSet(store, res.fingerprint)
+    assert [e.item_id for e in fs.errors()] == ["f1"]  # the old content still has no row: kept in the set
+    assert fs.standing_errors(get_dataset(store, "faces")) == []
 
 
 def test_out_of_memory_on_every_item_alone_stops_the_job_and_records_nothing(store, demo_df, minilm):

@@ -338,7 +338,8 @@ def test_an_item_that_alone_runs_out_of_memory_is_recorded_not_a_scorer_failure(
     (err,) = VASet(store, res.source).errors()
     assert err.item_id == ids[5] and "out of memory on this item alone" in err.reason
     retried = run(VAConfig(dataset="words", modality="text", scorer="lexicon", retry_errors=True), store, scorer=vader)
-    assert (retried.cached, retried.computed, retried.failed_new) == (7, 1, 0)
+    assert (retried.cached, retried.computed, retried.failed_new, retried.failed_total) == (7, 1, 0, 0)
+    assert VASet(store, res.source).errors() == [] and VASet(store, res.source).errors(resolved=True) == [err]
 
 
 def test_out_of_memory_on_a_one_item_batch_stops_va_scoring_and_records_nothing(store, demo_df, vader):

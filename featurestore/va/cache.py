@@ -152,7 +152,7 @@ def va_coverage(store: Store, dataset) -> list[dict]:
         if not len(keys):
             continue
         have = s.has(keys)
-        failed = len({e.item_id for e in s.errors() if e.dataset == dataset.name})
+        failed = len({e.item_id for e in s.standing_errors(dataset)})
         if have.any() or failed:
             values, _ = s.read(keys[have])
             rows.append({"source": s.source, "modality": s.modality, "inputs": len(keys), "scored": int(have.sum()),
