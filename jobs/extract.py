@@ -356,6 +356,44 @@ def isolate(good: list, whole: Callable[[], Any], single: Callable[[int], Any],
     return keep, outs, bad
 
 
+class Breaker:
+    """Until the model has computed one row, its failures on items are held back, not recorded. If it
+    fails on each of the first `LIMIT` items it is given (on every one, for a job of 2 to `LIMIT`
+    items), the model is what is broken (its weights, parameters or environment), not the items: the
+    job stops with a BackboneError and nothing recorded against them, so a fixed rerun computes
+    them without `--retry-errors`. Items that fail before the model (a file that does not decode)
+    are theirs and are recorded as always."""
+
+    LIMIT = 32
+
+    def __init__(self, model: str, total: int, doing: str):
+        self.model, self.total, self.doing = model, total, doing
+        self.held: list = []  # (item, reason), while nothing has been computed
+        self.holding = True
+
+    def passed(self, computed: int, failed: list) -> list:
+        """The model computed `computed` rows of a batch and failed on `failed`: what to record now."""
+        if not self.holding:
+            return failed
+        if computed:
+            self.holding = False
+            out, self.held = self.held + failed, []
+            return out
+        self.held += failed
+        if len(self.held) >= max(2, min(self.LIMIT, self.total)):
+            n, reason = len(self.held), self.held[0][1]
+            raise BackboneError(f"{self.model} failed on each of the first {n} items it was given while "
+                                f"{self.doing} and computed none (first: {reason[:300]}); the model is "
+                                "broken, not the items, so nothing was recorded against them: fix its "
+                                "weights, parameters or environment and run again")
+        return []
+
+    def release(self) -> list:
+        """At the end of a job: failures still held (fewer than the limit) are recorded after all."""
+        out, self.held = self.held, []
+        return out
+
+
 def _encode_safely(bb: Backbone, good: list, prepared: list) -> tuple[list, np.ndarray | None, list | None, list]:
     """Encode a batch, isolating the items the backbone fails on (`isolate`)."""
     keep, encs, bad = isolate(good, lambda: bb.encode(prepared), lambda i: bb.encode([prepared[i]]), _failed_reason)
@@ -509,17 +547,22 @@ def _extract(bb: Backbone, config: ExtractConfig, todo: list[_Item], out: _Outpu
              progress: Callable[..., Any] | None) -> None:
     bar = progress(total=len(todo), desc=f"extract {config.dataset}/{config.modality}", unit="item") if progress else None
     queue = todo
+    breaker = Breaker(f"backbone {bb.name}", len(todo), f"extracting {config.dataset}")
     while queue:
-        later = _extract_pass(bb, config, queue, out, bar)
+        later = _extract_pass(bb, config, queue, out, bar, breaker)
         if later:  # inputs another live job is computing: wait for its segments (or its death)
             out.maybe_flush(config, force=True)
             time.sleep(0.2)
         queue = later
+    held = breaker.release()
+    out.writer.add_errors(ErrorRecord(it.key, config.dataset, it.item_id, reason) for it, reason in held)
+    out.result.failed_new += len(held)
     if bar is not None:
         bar.close()
 
 
-def _extract_pass(bb: Backbone, config: ExtractConfig, todo: list[_Item], out: _Output, bar) -> list[_Item]:
+def _extract_pass(bb: Backbone, config: ExtractConfig, todo: list[_Item], out: _Output, bar,
+                  breaker: Breaker) -> list[_Item]:
     """One pass over `todo` in fixed batches; returns the items left to another job."""
     result, writer, later = out.result, out.writer, []
     batches = list(_batches(todo, config.batch_size))
@@ -544,16 +587,17 @@ def _extract_pass(bb: Backbone, config: ExtractConfig, todo: list[_Item], out: _
             t = time.perf_counter()
             good, pooled, seqs, bad2 = _encode_safely(bb, good, prepared) if good else ([], None, None, [])
             result.model_seconds += time.perf_counter() - t
-            bad += bad2
+            keep = []
             if pooled is not None:
                 finite = np.isfinite(pooled).all(axis=1)
                 if seqs is not None:
                     finite &= np.array([np.isfinite(s).all() for s in seqs])
-                bad += [(it, "backbone produced NaN or inf") for it, ok in zip(good, finite) if not ok]
+                bad2 += [(it, "backbone produced NaN or inf") for it, ok in zip(good, finite) if not ok]
                 keep = np.flatnonzero(finite)
                 writer.add([good[j].key for j in keep], {POOLED: pooled[keep]},
                            {SEQ: [seqs[j] for j in keep]} if seqs is not None else None)
                 result.computed += len(keep)
+            bad += breaker.passed(len(keep), bad2)  # the model's failures, held while it has computed nothing
             writer.add_errors(ErrorRecord(it.key, config.dataset, it.item_id, reason) for it, reason in bad)
             result.failed_new += len(bad)
             out.maybe_flush(config)

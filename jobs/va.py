@@ -42,7 +42,7 @@ from featurestore.va.base import VAScorer
 from featurestore.va.cache import DTYPES, KNOWN, VA, VASet
 from featurestore.va.learned import (CONFIG, METRICS, REGRESSORS, WEIGHTS, FitParams, evaluate, list_models,
                                      models_root)
-from featurestore.jobs.extract import (ExtractConfig, _batches, _Item, _raw, check_root, isolate, pending, plan,
+from featurestore.jobs.extract import (Breaker, ExtractConfig, _batches, _Item, _raw, check_root, isolate, pending, plan,
                                       stop_error, transient)
 
 __all__ = ["VAConfig", "VAResult", "run", "make_scorer", "FitConfig", "FitResult", "fit"]
@@ -168,24 +168,30 @@ def _feature_set(store: Store, scorer: VAScorer, modality: str) -> tuple[Feature
 def _score_all(scorer: VAScorer, config: VAConfig, todo: list[_Item], features: FeatureSet | None, frames: bool,
                writer, result: VAResult, progress) -> None:
     bar = progress(total=len(todo), desc=f"va {config.dataset}/{config.modality}", unit="item") if progress else None
+    breaker = Breaker(f"VA scorer {scorer.name}", len(todo), f"scoring VA for {config.dataset}")
     for batch in _batches(todo, config.batch_size):
         if features is not None:
             keys = [it.key for it in batch]
             rows = features.read_sequences(keys, dtype=np.float32)[0] if frames else \
                 features.read_pooled(keys, dtype=np.float32)[0]
-            good, values, bad = _score_safely(scorer, config.modality, list(batch), rows)
+            bad = []
+            good, values, failed = _score_safely(scorer, config.modality, list(batch), rows)
         else:
             good, prepared, bad = _prepare(scorer, config.modality, batch)
-            good, values, bad2 = _score_safely(scorer, config.modality, good, prepared) if good else ([], None, [])
-            bad += bad2
+            good, values, failed = _score_safely(scorer, config.modality, good, prepared) if good else ([], None, [])
+        before = result.computed
         if values is not None:
-            bad += _add_rows(writer, scorer, good, values, result)
+            failed += _add_rows(writer, scorer, good, values, result)
+        bad += breaker.passed(result.computed - before, failed)  # the scorer's failures, held while it has scored none
         writer.add_errors(ErrorRecord(it.key, config.dataset, it.item_id, reason) for it, reason in bad)
         result.failed_new += len(bad)
         if writer.pending_rows >= config.segment_rows:
             result.segments += bool(writer.flush())
         if bar is not None:
             bar.update(len(batch))
+    held = breaker.release()
+    writer.add_errors(ErrorRecord(it.key, config.dataset, it.item_id, reason) for it, reason in held)
+    result.failed_new += len(held)
     if bar is not None:
         bar.close()
 

@@ -441,3 +441,71 @@ def test_out_of_memory_on_every_item_alone_stops_the_job_and_records_nothing(sto
     assert bb.calls == 1 + 1 + 4  # batch 1, batch 2, then each of its items alone
     (fs,) = list_feature_sets(store)
     assert fs.errors() == [] and len(fs.index(refresh=True).unique_keys()) == 4
+
+
+
+class Broken:
+    """A real backbone that is broken for its first `first` items (the failure injection only): every
+    forward pass raises (or, with `nan`, returns NaN rows) until `first` items have failed alone."""
+
+    def __init__(self, inner, first=10**9, nan=False):
+        self.inner, self.left, self.nan = inner, first, nan
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode(self, items):
+        if self.left <= 0:
+            return self.inner.encode(items)
+        if len(items) == 1:
+            self.left -= 1
+        if self.nan:
+            enc = self.inner.encode(items)
+            return dataclasses.replace(enc, pooled=np.full_like(enc.pooled, np.nan))
+        raise RuntimeError("size mismatch for encoder.layer.0.weight")
+
+
+@pytest.mark.parametrize("n, nan", [(40, False), (40, True), (3, False)])
+def test_a_backbone_that_fails_on_every_item_stops_the_job_and_records_nothing(store, demo_df, minilm, n, nan):
+    from featurestore.errors import BackboneError
+
+    words_dataset(store, demo_df, n)
+    cfg = ExtractConfig(dataset="words", modality="text", backbone="minilm", batch_size=8)
+    with pytest.raises(BackboneError, match=f"failed on each of the first {min(n, 32)} items .* computed none"):
+        run(cfg, store, backbone=Broken(minilm, nan=nan))
+    (fs,) = list_feature_sets(store)
+    assert fs.errors(resolved=True) == [] and len(fs.index(refresh=True).unique_keys()) == 0
+    res = run(cfg, store, backbone=minilm)  # fixed: everything is computed, no --retry-errors needed
+    assert (res.computed, res.failed_total) == (n, 0)
+
+
+def test_a_broken_backbone_is_one_line_and_exit_code_7_at_the_cli(store, demo_df, minilm, monkeypatch):
+    from _cli import fs
+
+    import featurestore.jobs.extract as ex
+
+    words_dataset(store, demo_df, 5)
+    real = ex.backbones.create
+    monkeypatch.setattr(ex.backbones, "create", lambda *a, **k: Broken(real(*a, **k)))
+    r = fs(store.root, "extract", "--dataset", "words", "--modality", "text", "--backbone", "minilm", code=7)
+    assert "Traceback" not in r.output and "failed on each of the first 5 items" in r.output
+    assert "size mismatch" in r.output
+
+
+def test_failures_held_before_the_first_row_are_recorded_once_the_backbone_works(store, demo_df, minilm, monkeypatch):
+    from featurestore.jobs.extract import Breaker
+
+    monkeypatch.setattr(Breaker, "LIMIT", 6)
+    words_dataset(store, demo_df, 20)
+    bb = Broken(minilm, first=5)  # the first 5 items fail, then it works
+    res = run(ExtractConfig(dataset="words", modality="text", backbone="minilm", batch_size=1), store, backbone=bb)
+    assert (res.computed, res.failed_new, res.failed_total) == (15, 5, 5)
+    fs = FeatureSet(store, res.fingerprint)
+    assert sorted(e.item_id for e in fs.errors()) == sorted(demo_df["item_id"][:5].to_list())
+    assert all("size mismatch" in e.reason for e in fs.errors())
+
+
+def test_a_one_item_job_whose_item_fails_still_records_it(store, demo_df, minilm):
+    words_dataset(store, demo_df, 1)
+    res = run(ExtractConfig(dataset="words", modality="text", backbone="minilm"), store, backbone=Broken(minilm))
+    assert (res.computed, res.failed_new, res.failed_total) == (0, 1, 1)

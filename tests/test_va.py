@@ -624,3 +624,24 @@ def test_cli_va_commands_and_extract_va(tmp_path, speech_model):
         fh.seek(200)
         fh.write(bytes([b[0] ^ 0xFF]))
     assert inv("verify").exit_code != 0
+
+
+def test_a_scorer_that_fails_on_every_item_stops_and_records_nothing(store, demo_df, vader):
+    from featurestore.errors import BackboneError
+
+    ids, texts = _words(store, demo_df, 40)
+
+    class Broken:
+        def __getattr__(self, name):
+            return getattr(vader, name)
+
+        def score(self, batch, modality):
+            raise RuntimeError("lexicon table has the wrong shape")
+
+    cfg = VAConfig(dataset="words", modality="text", scorer="lexicon", batch_size=8)
+    with pytest.raises(BackboneError, match="VA scorer .* failed on each of the first 32 items"):
+        run(cfg, store, scorer=Broken())
+    (vs,) = list_va_sets(store)
+    assert vs.errors(resolved=True) == [] and len(vs.index(refresh=True)) == 0
+    res = run(cfg, store, scorer=vader)  # a fixed scorer scores everything, no --retry-errors needed
+    assert (res.computed, res.failed_total) == (40, 0)
