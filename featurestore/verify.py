@@ -100,7 +100,8 @@ def _spec_less_feature_sets(store):
 def fingerprint_users(store) -> tuple[dict[str, list[str]], set[str]]:
     """fingerprint -> what names it: every saved run not retired by a refresh (heads/*/lineage.json, an
     SCL run's derived feature sets when it wrote them), every memory (memory/*/spec.json), every
-    refresh's current fingerprint; and the set of those an SCL run wrote (not extracted). A damaged
+    refresh's current fingerprint, every fitted VA model (va_models/*/config.json, the features it was
+    fitted on and scores); and the set of those an SCL run wrote (not extracted). A damaged
     JSON is skipped here: its own check reports it."""
     users: dict[str, list[str]] = {}
     retired: set[str] = set()
@@ -134,6 +135,10 @@ def fingerprint_users(store) -> tuple[dict[str, list[str]], set[str]]:
         if isinstance(spec, dict):
             for fp in [*(spec.get("fingerprints") or {}).values(), *(spec.get("source_fingerprints") or {}).values()]:
                 used(fp, f"memory {mem.name}")
+    for model in folders(store.root / "va_models"):
+        config = _json_or_none(model / "config.json")
+        if isinstance(config, dict):
+            used(config.get("fingerprint"), f"VA model {model.name}")
     return users, derived
 
 

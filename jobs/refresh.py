@@ -558,7 +558,7 @@ def status(recipe: Recipe, store: Store) -> dict:
 # ---- gc ---------------------------------------------------------------------------------------------
 def in_use(store: Store) -> dict[str, list[str]]:
     """fingerprint -> what uses it: what `verify.fingerprint_users` finds (runs not retired by a refresh,
-    memories, each refresh's current fingerprint), and unfinished refreshes' new extractions."""
+    memories, fitted VA models, each refresh's current fingerprint), and unfinished refreshes' new extractions."""
     from featurestore.verify import fingerprint_users
 
     users = fingerprint_users(store)[0]

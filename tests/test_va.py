@@ -645,3 +645,23 @@ def test_a_scorer_that_fails_on_every_item_stops_and_records_nothing(store, demo
     assert vs.errors(resolved=True) == [] and len(vs.index(refresh=True)) == 0
     res = run(cfg, store, scorer=vader)  # a fixed scorer scores everything, no --retry-errors needed
     assert (res.computed, res.failed_total) == (40, 0)
+
+
+def test_a_fitted_va_models_feature_set_counts_as_in_use(va_model_store, minilm, demo_df):
+    """`fs gc --keep-fingerprints` keeps the features a fitted VA model reads; `fs verify` names the
+    model when they are gone."""
+    import shutil
+
+    from featurestore.jobs.refresh import gc_fingerprints
+    from featurestore.verify import verify_store
+
+    store = va_model_store
+    (old,) = list_feature_sets(store)
+    newer = extract(ExtractConfig(dataset="rated", modality="text", backbone="minilm", params={"max_length": 64}),
+                    store).fingerprint  # the same backbone with other settings: a newer fingerprint
+    assert newer != old.fingerprint
+    out = gc_fingerprints(store, 1)
+    assert out["removed"] == [] and out["kept_in_use"] == {old.fingerprint: ["VA model v1"]}
+    shutil.rmtree(old.folder)
+    problems = [p["message"] for p in verify_store(store)]
+    assert any(f"feature set {old.fingerprint} used by VA model v1 is missing" in m for m in problems)
