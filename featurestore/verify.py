@@ -111,16 +111,25 @@ def fingerprint_users(store) -> tuple[dict[str, list[str]], set[str]]:
         if isinstance(fp, str) and fp:
             users.setdefault(fp, []).append(by)
 
-    def folders(root: Path) -> list[Path]:
-        return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    def folders(root: Path) -> list[tuple[Path, str]]:
+        """(folder, name) under `root`, and for each X that is missing its swapped-out copies
+        `.X.<id>.old` under X's name (`fs gc` puts one back first: a dry run must count them too)."""
+        if not root.is_dir():
+            return []
+        out = {}
+        for p in sorted(root.iterdir()):
+            target = swapped_out_target(p) if p.name.startswith(".") else p
+            if target is not None and p.is_dir() and (target == p or not os.path.lexists(target)):
+                out.setdefault(target.name, []).append(p)
+        return [(p, name) for name, ps in sorted(out.items()) for p in ps]
 
-    for folder in folders(store.root / "refresh"):
+    for folder, name in folders(store.root / "refresh"):
         state = _json_or_none(folder / "state.json")
         if isinstance(state, dict):
             retired |= set(state.get("retired_runs") or [])
-            used((state.get("current") or {}).get("fingerprint"), f"refresh {folder.name} (current)")
-    for run in folders(store.heads_dir()):
-        lineage = None if run.name in retired else _json_or_none(run / "lineage.json")
+            used((state.get("current") or {}).get("fingerprint"), f"refresh {name} (current)")
+    for run, name in folders(store.heads_dir()):
+        lineage = None if name in retired else _json_or_none(run / "lineage.json")
         if not isinstance(lineage, dict):
             continue
         fps = list((lineage.get("fingerprints") or {}).values())
@@ -129,16 +138,16 @@ def fingerprint_users(store) -> tuple[dict[str, list[str]], set[str]]:
             derived.update(written)
             fps += written
         for fp in fps:
-            used(fp, f"run {run.name}")
-    for mem in folders(store.memory_dir()):
+            used(fp, f"run {name}")
+    for mem, name in folders(store.memory_dir()):
         spec = _json_or_none(mem / "spec.json")
         if isinstance(spec, dict):
             for fp in [*(spec.get("fingerprints") or {}).values(), *(spec.get("source_fingerprints") or {}).values()]:
-                used(fp, f"memory {mem.name}")
-    for model in folders(store.root / "va_models"):
+                used(fp, f"memory {name}")
+    for model, name in folders(store.root / "va_models"):
         config = _json_or_none(model / "config.json")
         if isinstance(config, dict):
-            used(config.get("fingerprint"), f"VA model {model.name}")
+            used(config.get("fingerprint"), f"VA model {name}")
     return users, derived
 
 

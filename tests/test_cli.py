@@ -155,6 +155,9 @@ def test_gc_keep_fingerprints_puts_a_half_replaced_run_back_before_judging_what_
     new_fp = json.loads(fs(*ext, "-p", "pooling=cls", "--json").output)["fingerprint"]
     heads_dir = tmp_path / "store" / "heads"
     (heads_dir / "r1").rename(heads_dir / ".r1.1234abcd.old")
+    dry = json.loads(fs("gc", "--keep-fingerprints", "1", "--dry-run", "--json").output)  # sees it too
+    assert dry["fingerprints"]["removed"] == [] and dry["fingerprints"]["kept_in_use"] == {old_fp: ["run r1"]}
+    assert not (heads_dir / "r1").exists()  # a dry run restores nothing
     out = json.loads(fs("gc", "--keep-fingerprints", "1", "--json").output)
     assert out["fingerprints"]["removed"] == [] and (heads_dir / "r1" / "lineage.json").is_file()
     assert [r["to"] for r in out["restored"]] == [str(heads_dir / "r1")]
