@@ -22,7 +22,7 @@ from .errors import DiskFullError, IntegrityError, LockedError
 __all__ = ["TMP_SUFFIX", "tmp_path", "publish", "write_json_atomic", "write_bytes_atomic", "read_json",
            "file_lock", "json_safe", "disk_full", "raise_if_disk_full", "CHECKSUMS", "write_checksums",
            "check_checksums", "sha256_file", "try_lock", "cleaned_on_failure", "writer_alive", "fsync_dir",
-           "fsync_tree", "exchange", "publish_folder", "OLD_SUFFIX", "swapped_out_target"]
+           "fsync_tree", "exchange", "publish_folder", "OLD_SUFFIX", "swapped_out_target", "writer_tag"]
 
 TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"  # `.X.<id>.old`: the previous X, moved aside while a new X is published
@@ -32,15 +32,36 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 def tmp_path(target: Path) -> Path:
     """A unique temporary name in the target's folder (same filesystem, so rename is atomic),
-    carrying the writer's pid so that a later job can tell a dead writer's leftovers."""
-    return target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+    carrying the writer's pid and where that pid means something (`writer_tag`), so that a later
+    job can tell a dead writer's leftovers: `.NAME.<pid>-<random>-<tag>.tmp`."""
+    return target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}-{writer_tag()}{TMP_SUFFIX}")
+
+
+_TAG: list[str] = []
+
+
+def writer_tag() -> str:
+    """This machine and pid namespace, hashed to 8 hex digits: a pid names a process only within
+    them. Two jobs on two nodes (Ray over a shared store) or in two containers have different tags."""
+    if not _TAG:
+        import socket
+
+        try:
+            ns = os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            ns = 0
+        _TAG.append(hashlib.sha256(f"{socket.gethostname()}\0{ns}".encode()).hexdigest()[:8])
+    return _TAG[0]
 
 
 def writer_alive(tmp: Path) -> bool:
-    """Whether the process that named temp file `tmp` may still be running (unknown: assume so)."""
+    """Whether the process that named temp file `tmp` may still be running (unknown: assume so). A
+    name written on another machine or in another pid namespace (its tag is not ours) is unknown;
+    a name without a tag (written before tags existed) is judged by its pid here."""
     stem = tmp.name[: -len(TMP_SUFFIX)]
-    pid = stem.rsplit(".", 1)[-1].split("-", 1)[0]
-    if not pid.isdigit():
+    parts = stem.rsplit(".", 1)[-1].split("-")
+    pid = parts[0]
+    if not pid.isdigit() or (len(parts) >= 3 and parts[2] != writer_tag()):
         return True
     try:
         os.kill(int(pid), 0)

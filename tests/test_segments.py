@@ -97,6 +97,31 @@ def test_temp_files_from_killed_writers_are_reported_and_removed(tmp_path):
     assert segset.verify() == []
 
 
+def test_only_a_dead_writers_temp_files_are_removed_while_others_write(tmp_path):
+    """`remove_temp_files(dead_only=True)` (what each extraction does first): a pid means a process only
+    on the machine and pid namespace that wrote the name, so another one's temp file is kept."""
+    import subprocess
+    import sys
+
+    from featurestore._io import tmp_path as temp_name, writer_tag
+
+    segset = SegmentSet(tmp_path)
+    segset.write(keys(2), {"pooled": np.zeros((2, 2), np.float32)})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    other = "0" * 8 if writer_tag() != "0" * 8 else "f" * 8
+    mine = temp_name(tmp_path / "seg-x.h5")  # a live writer here: this process
+    names = {"dead_here": f".seg-a.h5.{dead}-12345678-{writer_tag()}.tmp",
+             "dead_pid_elsewhere": f".seg-b.h5.{dead}-12345678-{other}.tmp",
+             "untagged_dead": f".seg-c.h5.{dead}-12345678.tmp",
+             "alive_here": mine.name}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"partial")
+    removed = {p.name for p in segset.remove_temp_files(dead_only=True)}
+    assert removed == {names["dead_here"], names["untagged_dead"]}
+    assert {p.name for p in segset.temp_files()} == {names["dead_pid_elsewhere"], names["alive_here"]}
+
+
 def test_unknown_array_name_is_a_clear_error(tmp_path):
     segset = SegmentSet(tmp_path)
     segset.write(keys(2), {"pooled": np.zeros((2, 2), np.float32)})
