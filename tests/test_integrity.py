@@ -721,7 +721,8 @@ def test_a_deleted_feature_set_used_by_a_run_is_a_problem(trained):
     shutil.rmtree(fs.folder)
     code, lines = _problems(trained)
     assert code == 8
-    assert [line for line in lines if f"feature set {fs.fingerprint} used by run r1 is missing" in line]
+    assert [line for line in lines  # the run and the VA model fitted on the same features
+            if f"feature set {fs.fingerprint} used by VA model v1, run r1 is missing" in line]
 
 
 def test_a_dataset_without_dataset_json_is_a_problem(trained):
