@@ -42,7 +42,7 @@ def extract_cmd(ctx, dataset, modality, backbone, model, adapter, params, batch_
     Inputs already cached under the same fingerprint are not recomputed; a killed run
     resumes where it stopped; several jobs may extract into one fingerprint at once.
     Exit status: 0 when every item was encoded, 10 when the job finished but some items
-    failed (they are recorded with their reason: fs info FP), 9 when a compaction holds the
+    failed (they are recorded with their reason: fs errors FP), 9 when a compaction holds the
     fingerprint (or wait for it with --wait), 11 when the disk is full.
 
     With --engine ray the model runs in a pool of Ray actors (a local Ray, or a cluster with
@@ -80,7 +80,7 @@ def extract_cmd(ctx, dataset, modality, backbone, model, adapter, params, batch_
             click.echo(f"{result.fingerprint}: {result.computed} computed, {result.cached} cached, "
                        f"{result.failed_new} failed in {result.seconds:.1f}s ({result.items_per_s:.1f} items/s)")
         if result.failed_total:
-            click.echo(f"{result.failed_total} item(s) of {dataset} failed; reasons: fs info {result.fingerprint}")
+            click.echo(f"{result.failed_total} item(s) of {dataset} failed; reasons: fs errors {result.fingerprint} --dataset {dataset}")
         if va_result:
             click.echo(f"VA {va_result.source}: {va_result.computed} scored, {va_result.cached} cached, "
                        f"{va_result.failed_total} failed (fs va info {va_result.source})")

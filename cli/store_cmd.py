@@ -217,6 +217,70 @@ def gc_cmd(ctx: click.Context, compact: bool, dry_run: bool, keep: int | None, a
     refuse_if_not_compacted(report)
 
 
+@click.command("errors")
+@click.argument("name")
+@click.option("--dataset", "-d", default=None, help="Only this dataset's items, as its manifest is now "
+              "(records of items since replaced or removed are left out).")
+@click.option("--resolved", is_flag=True, help="Also records whose content has a row now (a retry computed it).")
+@click.option("--limit", type=click.IntRange(0), default=50, show_default=True,
+              help="Items listed (0: all); the counts by reason cover every one.")
+@json_option
+@click.pass_context
+def errors_cmd(ctx: click.Context, name: str, dataset: str | None, resolved: bool, limit: int,
+               as_json: bool) -> None:
+    """The items that failed in a feature set or a VA source, and why.
+
+    NAME is a fingerprint or a backbone name (as `--features` takes it), or a VA source or scorer
+    name. Prints the count of each reason, then the items (`--json`: all of them, as records
+    with key, dataset, item_id and reason). `fs extract --retry-errors` and `fs va score
+    --retry-errors` try them again."""
+    from featurestore.features import resolve_features
+    from featurestore.va.cache import resolve_va
+
+    store = get_store(ctx)
+    ds = get_dataset(store, dataset) if dataset is not None else None
+    try:
+        rows = resolve_features(store, name, dataset=ds)
+    except NotFoundError:
+        try:
+            rows = resolve_va(store, name)
+        except NotFoundError:
+            raise NotFoundError(f"{name!r} is neither a feature set nor a VA source in {store.root}; "
+                                "see `fs ls` and `fs va ls`") from None
+    if ds is not None and resolved:
+        raise click.UsageError("--resolved lists every record; it cannot be combined with --dataset")
+    records = rows.standing_errors(ds) if ds is not None else rows.errors(resolved=resolved)
+    records.sort(key=lambda e: (e.dataset, e.item_id))
+    what = getattr(rows, "fingerprint", None) or rows.source
+    if as_json:
+        return emit({"name": what, "dataset": dataset, "n": len(records), "errors": [e.__dict__ for e in records]})
+    if not records:
+        click.echo(f"{what}: no failed items{' of ' + dataset if dataset else ''}")
+        return
+    counts: dict[str, int] = {}
+    for e in records:
+        kind = _reason_kind(e.reason)
+        counts[kind] = counts.get(kind, 0) + 1
+    click.echo(f"{what}: {len(records)} failed item(s){' of ' + dataset if dataset else ''}")
+    click.echo(table([{"count": n, "reason": k} for k, n in sorted(counts.items(), key=lambda kv: -kv[1])]))
+    shown = records if limit == 0 else records[:limit]
+    click.echo("")
+    click.echo(table([{"dataset": e.dataset, "item_id": e.item_id, "reason": e.reason[:160]} for e in shown]))
+    if len(shown) < len(records):
+        click.echo(f"... {len(records) - len(shown)} more (--limit 0 or --json lists them all)")
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without what names one item, so that like failures count together: paths, quoted
+    values and numbers are replaced by placeholders, and the rest cut at 100 characters."""
+    import re
+
+    kind = re.sub(r"(?<![\w.])/[^\s:'\"]+", "<path>", reason)
+    kind = re.sub(r"'[^']*'|\"[^\"]*\"", "<value>", kind)
+    kind = re.sub(r"\d+(\.\d+)?", "N", kind)
+    return kind if len(kind) <= 100 else kind[:97] + "..."
+
+
 def register(cli: click.Group) -> None:
-    for cmd in (init_cmd, ls_cmd, info_cmd, verify_cmd, gc_cmd):
+    for cmd in (init_cmd, ls_cmd, info_cmd, verify_cmd, gc_cmd, errors_cmd):
         cli.add_command(cmd)

@@ -63,7 +63,7 @@ def score_cmd(ctx, dataset, modality, scorer, params, batch_size, device, limit,
     """Score a dataset's MODALITY inputs with a VA scorer into the VA cache.
 
     Inputs already scored under the same source are not rescored. Exit status: 0 when
-    every item was scored, 10 when some failed (reasons: fs va info SOURCE).
+    every item was scored, 10 when some failed (reasons: fs errors SOURCE).
     """
     from featurestore.jobs.va import VAConfig, run
 
@@ -89,7 +89,7 @@ def report_score(ctx: click.Context, result, as_json: bool) -> None:
         if result.missing_features:
             click.echo(f"{result.missing_features} input(s) have no cached embedding yet; run fs extract first")
         if result.failed_total:
-            click.echo(f"{result.failed_total} item(s) of {result.dataset} failed; reasons: fs va info {result.source}")
+            click.echo(f"{result.failed_total} item(s) of {result.dataset} failed; reasons: fs errors {result.source} --dataset {result.dataset}")
     if result.failed_total:
         ctx.exit(FAILED_EXIT)
 

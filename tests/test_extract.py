@@ -509,3 +509,30 @@ def test_a_one_item_job_whose_item_fails_still_records_it(store, demo_df, minilm
     words_dataset(store, demo_df, 1)
     res = run(ExtractConfig(dataset="words", modality="text", backbone="minilm"), store, backbone=Broken(minilm))
     assert (res.computed, res.failed_new, res.failed_total) == (0, 1, 1)
+
+
+def test_fs_errors_lists_the_failed_items_and_counts_their_reasons(store, tmp_path, monkeypatch):
+    import errno
+    import json
+
+    from _cli import fs
+
+    root = _faces(store, tmp_path)
+    (root / "1.png").unlink()  # deleted since `datasets add`
+    (root / "3.png").unlink()
+    failing_reads(monkeypatch, {"4.png": errno.EACCES})
+    r = fs(store.root, "extract", "--dataset", "faces", "--modality", "image", "--backbone", "fer", code=10)
+    fp = FeatureSet(store, list_feature_sets(store)[0].fingerprint).fingerprint
+    assert f"reasons: fs errors {fp} --dataset faces" in r.output
+    out = fs(store.root, "errors", "fer", "--dataset", "faces").output  # a backbone name works as --features does
+    assert f"{fp}: 3 failed item(s) of faces" in out
+    lines = out.splitlines()
+    assert [line.split(None, 1) for line in lines[3:5]] == [
+        ["2", "cannot read file <path>: No such file or directory"], ["1", "cannot read file <path>: Permission denied"]]
+    listed = [line.split()[1] for line in lines if line.startswith("faces ")]
+    assert listed == ["f1", "f3", "f4"]
+    data = json.loads(fs(store.root, "errors", fp, "--json").output)
+    assert data["n"] == 3 and {e["item_id"] for e in data["errors"]} == {"f1", "f3", "f4"}
+    assert "1 more" in fs(store.root, "errors", fp, "--limit", "2").output
+    r = fs(store.root, "errors", "no-such-thing", code=4)
+    assert "neither a feature set nor a VA source" in r.output and "Traceback" not in r.output
