@@ -80,6 +80,9 @@ class FsGroup(click.Group):
                 traceback.print_exc()
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except BrokenPipeError:  # `fs ... | head`: the reader has gone, having read what it wanted
+            _silence_stdout()
+            ctx.exit(SIGPIPE_EXIT)
         except OSError as exc:  # a full disk met outside the writers that name their file themselves
             from featurestore._io import disk_full
 
@@ -103,6 +106,18 @@ class FsGroup(click.Group):
 
 
 UNEXPECTED_EXIT = 1
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail a second time."""
+    import os
+    import sys
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real descriptor (a test runner's capture)
+        pass
 
 
 def _debug(ctx: click.Context) -> bool:

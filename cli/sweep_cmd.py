@@ -35,7 +35,8 @@ from ._common import emit, get_store, json_option, params_option, progress, ray_
                    "(group: leave one manifest group out; fold: the manifest's official folds; K: stratified folds) over every item of the dataset, "
                    "validation carved inside each training fold; the held-out folds score only the best, at "
                    "--export-best / --show-test.")
-@click.option("--limit", default=0, type=int, help="Train at most N new configurations in this invocation.")
+@click.option("--limit", default=None, type=click.IntRange(1), metavar="N",
+              help="Train at most N new configurations in this invocation (default: all that are left).")
 @click.option("--top", default=10, show_default=True, type=int, help="Rows of the leaderboard shown.")
 @click.option("--export-best", "export_path", type=click.Path(dir_okay=False),
               help="Write the best configuration as `fs train-head` takes it (JSON + command line).")
@@ -73,7 +74,7 @@ def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_
     store = get_store(ctx)
     config = SweepConfig(method=method, dataset=dataset, features=parse_feature_refs(features, store), grid=parsed_grid,
                          random=n_random, optuna=n_optuna, space=space, params=parse_params(params), metric=metric,
-                         seed=seed, target=target, val_fraction=val_fraction, storage=storage, limit=limit,
+                         seed=seed, target=target, val_fraction=val_fraction, storage=storage, limit=limit or 0,
                          cv=cv)
     ray = ray_config(engine, address, workers, cpus_per_worker, gpus_per_worker)
     say = None if as_json else lambda s: click.echo(s, err=True)  # noqa: E731

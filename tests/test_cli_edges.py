@@ -320,3 +320,20 @@ def test_heads_report_epochs_through_the_engine_not_by_printing(capsys):
     assert [e.epoch for e in seen] == [1, 2, 3, 4] and all(e.epochs == 4 and e.val is not None for e in seen)
     create("mlp", epochs=2, device="cpu").fit(X, Y)  # no listener: nothing reported, nothing printed
     assert capsys.readouterr().out == "" and len(seen) == 4
+
+
+def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
+    """`fs ... | head`: the writes after the reader closed the pipe end quietly with 141, as a shell's
+    tools do, not with 'error: ... BrokenPipeError'."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom featurestore.cli import cli\n"
+            "sys.stdout.write('x' * 200000)\n"  # more than a pipe holds: the CLI's first write meets the closed pipe
+            "cli(['--store', sys.argv[1], 'heads', 'list'], prog_name='fs')\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "store")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.read(10)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "error" not in err and "Traceback" not in err, err

@@ -366,3 +366,11 @@ def test_concept_stacked_configs_match_solo_training(tmp_path):
     assert stacked[3].history_["epochs_run"] == 2
     distinct = {tuple(np.round(h.predict_proba(Xt)[:5].ravel(), 4)) for h in stacked}
     assert len(distinct) == len(grid)
+
+
+def test_sweep_limit_must_be_at_least_one(tmp_path):
+    from _cli import fs
+
+    res = fs(tmp_path / "store", "sweep", "--method", "mlp", "--dataset", "d", "--features", "text=minilm",
+             "--grid", "lr=1e-3", "--limit", "0", code=2)
+    assert "--limit" in res.output and "Traceback" not in res.output
