@@ -130,7 +130,7 @@ def memory_info(ctx, name, as_json):
 def query_cmd(ctx, text, image, audio, item, batch_file, memory, k, device, as_json):
     """Emotions of an input ranked by similarity to the memory's concepts, and its nearest exemplars.
 
-    Exit status 0, or 11 when some lines of a --batch file failed (each has its error).
+    Exit status 0, or 10 when some lines of a --batch file failed (each has its error), as `fs predict`.
     """
     from featurestore.jobs.query import QueryConfig, run
 
@@ -148,7 +148,7 @@ def query_cmd(ctx, text, image, audio, item, batch_file, memory, k, device, as_j
         for res in out["results"]:
             _print_result(res)
     if any("error" in r for r in out["results"]):
-        ctx.exit(11)
+        ctx.exit(10)
 
 
 def _print_result(res: dict) -> None:

@@ -341,7 +341,7 @@ def test_cli_memory_list_info_and_query_json(trained, tmp_path):
     batch.write_text('{"text": "joy"}\n{"oops": 1}\n')
     res = runner.invoke(cli, ["--store", str(store.root), "query", "--batch", str(batch), "--memory", "m1",
                               "--k", "2", "--json", "--device", "cpu"])
-    assert res.exit_code == 11, res.output  # one bad line
+    assert res.exit_code == 10, res.output  # one bad line
     payload = json.loads(res.output[res.output.index("{"):])
     assert len(payload["results"][0]["neighbours"]) == 2 and "error" in payload["results"][1]
     missing = runner.invoke(cli, ["--store", str(store.root), "query", "--text", "x", "--memory", "nope"])
