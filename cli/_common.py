@@ -11,10 +11,26 @@ import click
 from featurestore.errors import DiskFullError, FeatureStoreError
 from featurestore.store import Store, open_store
 
-__all__ = ["get_store", "emit", "table", "progress", "json_option", "params_option", "FsGroup", "one_line",
+__all__ = ["get_store", "emit", "table", "progress", "json_option", "threads_option", "params_option", "FsGroup", "one_line",
            "ray_options", "ray_config"]
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+
+
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value:
+        import torch
+
+        torch.set_num_threads(value)
+    return value
+
+
+threads_option = click.option(
+    "--threads", type=click.IntRange(0), default=0, show_default=True, envvar="FS_THREADS", metavar="N",
+    expose_value=False, callback=_set_threads,
+    help="CPU threads torch trains with (also $FS_THREADS; 0: torch's default, every core). On a CPU "
+         "that other jobs are using, 1 avoids oversubscribed threads, which made training 2-13x slower "
+         "(docs/heads.md, 'Threads').")
 params_option = click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
                              help="A parameter; repeat for several.")
 

@@ -5,7 +5,7 @@ import click
 
 from featurestore.config import describe, parse_params
 from featurestore.reader import parse_feature_refs
-from ._common import emit, get_store, json_option, params_option, progress, table
+from ._common import emit, get_store, json_option, params_option, threads_option, progress, table
 
 
 def _metric_rows(metrics: dict) -> list[dict]:
@@ -35,6 +35,7 @@ def _metric_rows(metrics: dict) -> list[dict]:
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(min=1),
               help="Train with seeds --seed .. --seed+N-1 and report each metric's mean and std over them "
                    "(with --cv: of each seed's mean over folds).")
+@threads_option
 @json_option
 @click.pass_context
 def train_head_cmd(ctx, method, dataset, features, params, seed, target, val_fraction, run_id, eval_split, memory, cv,

@@ -6,7 +6,7 @@ import click
 from featurestore.config import parse_params
 from featurestore.errors import ConfigError
 from featurestore.reader import parse_feature_refs
-from ._common import emit, get_store, json_option, params_option, progress, ray_config, ray_options, table
+from ._common import emit, get_store, json_option, params_option, progress, ray_config, ray_options, table, threads_option
 
 
 @click.group("sweep", invoke_without_command=True)
@@ -41,6 +41,7 @@ from ._common import emit, get_store, json_option, params_option, progress, ray_
 @click.option("--export-best", "export_path", type=click.Path(dir_okay=False),
               help="Write the best configuration as `fs train-head` takes it (JSON + command line).")
 @ray_options
+@threads_option
 @json_option
 @click.pass_context
 def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_file, storage, params, metric, seed,

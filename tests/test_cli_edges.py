@@ -337,3 +337,25 @@ def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and "error" not in err and "Traceback" not in err, err
+
+
+def test_threads_sets_torchs_cpu_threads(tmp_path, monkeypatch):
+    import torch
+
+    from _cli import fs
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fs(tmp_path / "store", "train-head", "--threads", "1", "--method", "mlp", "--dataset", "nope",
+           "--features", "minilm", code=4)  # set before the command runs, whatever it then does
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("FS_THREADS", "1")
+        fs(tmp_path / "store", "sweep", "--method", "mlp", "--dataset", "nope", "--features", "minilm",
+           "--grid", "lr=1e-3", code=4)
+        assert torch.get_num_threads() == 1
+        assert "--threads" in fs(tmp_path / "store", "train-head", "--threads", "-1", "--method", "mlp",
+                                 "--dataset", "d", "--features", "minilm", code=2).output
+    finally:
+        torch.set_num_threads(before)
