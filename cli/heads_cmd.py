@@ -20,7 +20,7 @@ def _metric_rows(metrics: dict) -> list[dict]:
                    "fingerprint, e.g. text=minilm; the modality may be left out when the name has one.")
 @params_option
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the head and of validation carving.")
-@click.option("--target", default="", type=click.Choice(["", "label", "labels", "va"]), metavar="label|labels|va",
+@click.option("--target", default=None, type=click.Choice(["label", "labels", "va"]), metavar="label|labels|va",
               help="label: single-label (binary with two classes); labels: multi-label; va: regression. Default: the one target "
                    "the dataset has (fs datasets show); an error lists them when it has several.")
 @click.option("--val-fraction", default=0.1, show_default=True, type=float,
@@ -52,7 +52,7 @@ def train_head_cmd(ctx, method, dataset, features, params, seed, target, val_fra
 
         params["memory"] = str(memory_folder(store, params["memory"]).resolve())
     config = TrainHeadConfig(method=method, dataset=dataset, features=parse_feature_refs(features, store), params=params,
-                             target=target, seed=seed, val_fraction=val_fraction, run_id=run_id,
+                             target=target or "", seed=seed, val_fraction=val_fraction, run_id=run_id,
                              eval_split=eval_split, cv=cv, seeds=seeds)
     result = run(config, store, log=None if as_json else lambda s: click.echo(s, err=True),
                  **({} if as_json else {"progress": progress}))

@@ -25,7 +25,7 @@ from ._common import emit, get_store, json_option, params_option, progress, ray_
 @params_option
 @click.option("--metric", default="", help="Validation metric ranking the configurations (default: primary).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the heads, validation carving, sampling.")
-@click.option("--target", default="", type=click.Choice(["", "label", "labels", "va"]), metavar="label|labels|va",
+@click.option("--target", default=None, type=click.Choice(["label", "labels", "va"]), metavar="label|labels|va",
               help="label: single-label (binary with two classes); labels: multi-label; va: regression. Default: the one target "
                    "the dataset has (fs datasets show); an error lists them when it has several.")
 @click.option("--val-fraction", default=0.1, show_default=True, type=float,
@@ -75,7 +75,7 @@ def sweep_group(ctx, method, dataset, features, grid, n_random, n_optuna, space_
     store = get_store(ctx)
     config = SweepConfig(method=method, dataset=dataset, features=parse_feature_refs(features, store), grid=parsed_grid,
                          random=n_random, optuna=n_optuna, space=space, params=parse_params(params), metric=metric,
-                         seed=seed, target=target, val_fraction=val_fraction, storage=storage, limit=limit or 0,
+                         seed=seed, target=target or "", val_fraction=val_fraction, storage=storage, limit=limit or 0,
                          cv=cv)
     ray = ray_config(engine, address, workers, cpus_per_worker, gpus_per_worker)
     say = None if as_json else lambda s: click.echo(s, err=True)  # noqa: E731

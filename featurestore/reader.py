@@ -127,7 +127,7 @@ def load_split(store: Store, dataset: str | Dataset, split: str, features: str |
     ds = dataset if isinstance(dataset, Dataset) else get_dataset(store, dataset)
     rows = ds.split(split)
     if not len(rows) and not allow_empty:
-        raise DatasetError(f"dataset {ds.name!r} has no items in split {split!r}; splits: {ds.splits()}")
+        raise DatasetError(f"dataset {ds.name!r} has no items in split {split!r}; splits: {', '.join(f'{k} ({v})' for k, v in ds.splits().items())}")
     refs = parse_feature_refs(features, store)
     feats, masks, fps, keys, seqs = {}, {}, {}, {}, {}
     for mod, ref in refs.items():

@@ -114,7 +114,7 @@ def usable(data: Any, target: str, classes: Sequence[str], *, sequences: bool = 
     no_features = int((keep & ~cached).sum())
     keep &= cached
     if not keep.any():
-        raise DatasetError(f"{where} has no items with cached features {dict(data.fingerprints)}; "
+        raise DatasetError(f"{where} has no items with cached features {', '.join(f'{m}={fp}' for m, fp in data.fingerprints.items())}; "
                            f"extract them first (fs extract --dataset {data.dataset})")
     idx = np.flatnonzero(keep)
     return X.take(idx), y.take(idx), idx, no_target, no_features

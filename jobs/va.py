@@ -309,7 +309,7 @@ def fit(config: FitConfig, store: Store, *, log: Callable[[str], None] = lambda 
     fs = resolve_features(store, ref, modality=mod, dataset=ds)
     for split in (*config.train_splits, *([config.test_split] if config.test_split else [])):
         if split not in ds.splits():
-            raise ConfigError(f"dataset {ds.name!r} has no split {split!r}; splits: {list(ds.splits())}")
+            raise ConfigError(f"dataset {ds.name!r} has no split {split!r}; splits: {', '.join(ds.splits())}")
     parts = [_labelled(store, ds, s, fs) for s in config.train_splits]
     x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     if len(x) < 2:

@@ -197,7 +197,7 @@ def get_dataset(store: Store, name: str, *, check: bool = True) -> Dataset:
     folder = store.dataset_dir(name)
     if not (folder / "dataset.json").is_file():
         known = ", ".join(list_datasets(store)) or "none"
-        raise NotFoundError(f"dataset {name!r} is not in store {store.root}; known: {known} "
+        raise NotFoundError(f"dataset {name!r} is not in the store at {store.root}; known: {known} "
                             "(add one with `fs datasets add`)")
     info = read_json(folder / "dataset.json")
     try:

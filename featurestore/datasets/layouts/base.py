@@ -162,9 +162,10 @@ class Layout:
                 continue  # nothing to extract: recorded above as a missing file
             rows.append(row)
         if not rows:
-            raise DatasetError(f"layout {self.name}: found no usable items under {self.root} "
-                               f"({self.n_problems} problems, e.g. {self.problems[:2]}); see docs/datasets.md "
-                               f"({self.name}) for the layout it expects")
+            some = "; ".join(f"{p['item']}: {p['reason']}" for p in self.problems[:2])
+            found = f"{self.n_problems} problem(s), e.g. {some}" if self.n_problems else "no files it recognises"
+            raise DatasetError(f"layout {self.name}: found no usable items under {self.root} ({found}); see "
+                               f"docs/datasets.md ({self.name}) for the layout it expects")
         df = pl.from_dicts(rows, infer_schema_length=None)
         df = normalise(df, source=f"layout {self.name} at {self.root}")
         return LayoutResult(df, base, self.report(df))
