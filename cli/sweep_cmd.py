@@ -114,8 +114,11 @@ def _say_exported(exported: dict | None, export_path: str | None) -> None:
 @click.argument("sweep_id", metavar="ID")
 @click.option("--top", default=20, show_default=True, type=int)
 @click.option("--export-best", "export_path", type=click.Path(dir_okay=False),
-              help="Write the best configuration (and its test metrics, computed once) to this JSON file.")
-@click.option("--show-test", is_flag=True, help="Also evaluate the best configuration on the test split, once.")
+              help="Write the best configuration (and its test metrics, computed once) to this JSON file. "
+                   "The test metrics come from training that configuration again (as long as one fit, "
+                   "or K under --cv), as sweeps keep no weights.")
+@click.option("--show-test", is_flag=True, help="Also evaluate the best configuration on the test split, once "
+                                                 "(training it again, as --export-best).")
 @json_option
 @click.pass_context
 def sweep_show_cmd(ctx, sweep_id, top, export_path, show_test, as_json):

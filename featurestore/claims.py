@@ -70,10 +70,11 @@ class Claims:
             self._write()
         return mine, theirs
 
-    def release(self) -> None:
-        """Call after publishing: the rows are now visible, the claims are no longer needed."""
+    def release(self, keep: Iterable[str] = ()) -> None:
+        """Call after publishing: the rows are now visible, the claims are no longer needed (but for
+        `keep`: keys still being worked on, e.g. failures held back and not yet recorded)."""
         with self._guard():
-            self.mine.clear()
+            self.mine = set(keep) & self.mine
             self._write()
 
     def _write(self) -> None:

@@ -69,6 +69,7 @@ class FeatureSet(KeyedSet):
     def stats(self) -> dict:
         with self.segments.reading():  # no segment is deleted between listing and measuring it
             segs = self.segments.segments()
+            rows = len(self.index(refresh=True))  # built once: errors() below reuses it
             errors = self.errors()
             size = sum(s.path.stat().st_size for s in segs)
         return {
@@ -77,7 +78,7 @@ class FeatureSet(KeyedSet):
             "modality": self.modality,
             "dim": self.dim,
             "dtype": self.dtype,
-            "rows": len(self.index(refresh=True)),
+            "rows": rows,
             "errors": len({(e.dataset, e.item_id) for e in errors}),
             "segments": len(segs),
             "bytes": size,

@@ -118,7 +118,10 @@ class KeyedSet:
         """Recorded failures, one per (key, dataset, item id), the newest reason kept. A record whose
         key has a row now (a later run, `--retry-errors` say, computed it) is resolved: left out
         unless `resolved`. Against one dataset's current manifest: `standing_errors`."""
-        latest = {(e.key, e.dataset, e.item_id): e for e in self.segments.errors()}
+        latest: dict = {}
+        for e in self.segments.errors():  # oldest first: a later record of an item replaces the earlier one
+            latest.pop((e.key, e.dataset, e.item_id), None)
+            latest[(e.key, e.dataset, e.item_id)] = e
         if resolved or not latest:
             return list(latest.values())
         keyed = [k for k, _, _ in latest if k]
@@ -129,10 +132,11 @@ class KeyedSet:
         """The failures still standing against `dataset` (a Dataset) as its manifest is now: records of
         its items whose content key is still the one recorded (none, for an unreadable input) and
         has no row. A record of an item since replaced (`datasets add --replace`) or removed is not."""
-        col = f"{self.spec['modality']}_key"
+        mod = self.spec["modality"]
         df = dataset.manifest
-        if col not in df.columns:
+        if f"{mod}_key" not in df.columns:
             return []
-        current = dict(zip(df["item_id"].to_list(), df[col].to_list()))
+        df = df.filter(df[mod].is_not_null())  # an item whose input was removed has nothing to fail
+        current = dict(zip(df["item_id"].to_list(), df[f"{mod}_key"].to_list()))
         return [e for e in self.errors() if e.dataset == dataset.name and e.item_id in current
                 and (current[e.item_id] or "") == e.key]

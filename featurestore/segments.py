@@ -254,8 +254,10 @@ class SegmentSet:
         return np.concatenate(parts) if parts else np.empty(0, KEY_DTYPE)
 
     def errors(self) -> list[ErrorRecord]:
+        """Every segment's error records, oldest segment first (by publication time), so that of two
+        records of one item the later one comes last."""
         with self.reading():
-            return [e for s in self.segments() for e in s.errors()]
+            return [e for s in _by_age(self.segments()) for e in s.errors()]
 
     def writer(self, *, dtypes: Mapping[str, str], shapes: Mapping[str, tuple] | None = None,
                attrs: Mapping | None = None) -> SegmentWriter:
@@ -433,7 +435,7 @@ class SegmentSet:
             dense_names, ragged_names = _array_names(segs)
             dense = {name: self._read(keys, name, None, index)[0] for name in dense_names}
             ragged = {name: self.read_ragged(keys, name, index=index)[0] for name in ragged_names}
-            errors = [e for s in segs for e in s.errors()]
+            errors = [e for s in _by_age(segs) for e in s.errors()]  # the newest record of an item last
         done = set(keys.tolist())
         errors = list({(e.key, e.dataset, e.item_id): e for e in errors
                        if e.key.encode() not in done}.values())
@@ -482,6 +484,16 @@ class SegmentSet:
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
         return removed
+
+
+def _by_age(segs: list[Segment]) -> list[Segment]:
+    """Oldest first, by when each was published (a segment is never rewritten: its mtime is that)."""
+    def age(seg: Segment) -> tuple:
+        try:
+            return (seg.path.stat().st_mtime_ns, seg.path.name)
+        except OSError:  # gone since the listing: its rows are in a merge; order does not matter
+            return (0, seg.path.name)
+    return sorted(segs, key=age)
 
 
 def _segment_image(keys, dense, ragged, errors, attrs) -> bytes:

@@ -357,19 +357,26 @@ def isolate(good: list, whole: Callable[[], Any], single: Callable[[int], Any],
 
 
 class Breaker:
-    """Until the model has computed one row, its failures on items are held back, not recorded. If it
-    fails on each of the first `LIMIT` items it is given (on every one, for a job of 2 to `LIMIT`
-    items), the model is what is broken (its weights, parameters or environment), not the items: the
-    job stops with a BackboneError and nothing recorded against them, so a fixed rerun computes
-    them without `--retry-errors`. Items that fail before the model (a file that does not decode)
-    are theirs and are recorded as always."""
+    """A model that fails on every item is broken (its weights, parameters or environment), not the
+    items. While a model has computed no row here, not in this job nor before it (`worked`: the set
+    holds rows of it), its failures on items are held back, not recorded. If it fails on each of
+    `LIMIT` items in a row, or on every item (2 or more) of a job that ends without a row, and still
+    no row of it has appeared (another job or shard may have computed some meanwhile), the job
+    stops with a BackboneError and nothing is recorded against those items, so a fixed rerun
+    computes them without `--retry-errors`. Once it computes a row, what was held is recorded.
+    Items that fail before the model (a file that does not decode) are theirs: recorded as always.
+    Held keys stay claimed (`keys`). A job killed while holding records nothing: a rerun retries."""
 
     LIMIT = 32
 
-    def __init__(self, model: str, total: int, doing: str):
-        self.model, self.total, self.doing = model, total, doing
-        self.held: list = []  # (item, reason), while nothing has been computed
-        self.holding = True
+    def __init__(self, model: str, doing: str, worked: Callable[[], bool] = lambda: False):
+        self.model, self.doing, self.worked = model, doing, worked
+        self.held: list = []  # (item, reason)
+        self.holding = not worked()
+
+    @property
+    def keys(self) -> list[str]:
+        return [it.key for it, _ in self.held]
 
     def passed(self, computed: int, failed: list) -> list:
         """The model computed `computed` rows of a batch and failed on `failed`: what to record now."""
@@ -380,18 +387,34 @@ class Breaker:
             out, self.held = self.held + failed, []
             return out
         self.held += failed
-        if len(self.held) >= max(2, min(self.LIMIT, self.total)):
-            n, reason = len(self.held), self.held[0][1]
-            raise BackboneError(f"{self.model} failed on each of the first {n} items it was given while "
-                                f"{self.doing} and computed none (first: {reason[:300]}); the model is "
-                                "broken, not the items, so nothing was recorded against them: fix its "
-                                "weights, parameters or environment and run again")
-        return []
+        return self._judge() if len(self.held) >= self.LIMIT else []
 
     def release(self) -> list:
-        """At the end of a job: failures still held (fewer than the limit) are recorded after all."""
+        """At the end of a job: what is still held, to record; or the stop, if that is every item (2 or
+        more) the model was given."""
+        if self.holding and len(self.held) >= 2:
+            return self._judge()
         out, self.held = self.held, []
         return out
+
+    def _judge(self) -> list:
+        out, self.held, self.holding = self.held, [], False
+        if self.worked():  # rows of this model appeared meanwhile: these items are bad, not the model
+            return out
+        raise BackboneError(f"{self.model} failed on all {len(out)} items it was given while {self.doing} and "
+                            f"computed none (first: {out[0][1][:300]}); the model is broken, not the items, so "
+                            "nothing was recorded against them: fix its weights, parameters or environment and "
+                            "run again")
+
+
+def has_rows(segset) -> Callable[[], bool]:
+    """Whether a segment set holds any row (its catalogue's counts: cheap, no index built)."""
+    def check() -> bool:
+        try:
+            return any(e.get("rows", 0) > 0 for e in segset.catalogue()["segments"].values())
+        except FeatureStoreError:  # a damaged catalogue: `fs verify` names it; assume nothing
+            return False
+    return check
 
 
 def _encode_safely(bb: Backbone, good: list, prepared: list) -> tuple[list, np.ndarray | None, list | None, list]:
@@ -504,6 +527,7 @@ class _Output:
 
     def __init__(self, fs: FeatureSet, writer, claims: Claims, result: ExtractResult):
         self.fs, self.writer, self.claims, self.result = fs, writer, claims, result
+        self.breaker: Breaker | None = None  # set by _extract: the failures it holds stay claimed
         self.seen = set(fs.segments.catalogue()["segments"])
         self.done: set[str] = set()
         self._stamp: tuple = ()
@@ -539,7 +563,7 @@ class _Output:
             if path is not None:
                 self.seen.add(path.name)
                 self.result.segments += 1
-            self.claims.release()
+            self.claims.release(keep=self.breaker.keys if self.breaker else ())
             self.last_flush = time.perf_counter()
 
 
@@ -547,7 +571,7 @@ def _extract(bb: Backbone, config: ExtractConfig, todo: list[_Item], out: _Outpu
              progress: Callable[..., Any] | None) -> None:
     bar = progress(total=len(todo), desc=f"extract {config.dataset}/{config.modality}", unit="item") if progress else None
     queue = todo
-    breaker = Breaker(f"backbone {bb.name}", len(todo), f"extracting {config.dataset}")
+    breaker = out.breaker = Breaker(f"backbone {bb.name}", f"extracting {config.dataset}", has_rows(out.fs.segments))
     while queue:
         later = _extract_pass(bb, config, queue, out, bar, breaker)
         if later:  # inputs another live job is computing: wait for its segments (or its death)

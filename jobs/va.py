@@ -42,7 +42,7 @@ from featurestore.va.base import VAScorer
 from featurestore.va.cache import DTYPES, KNOWN, VA, VASet
 from featurestore.va.learned import (CONFIG, METRICS, REGRESSORS, WEIGHTS, FitParams, evaluate, list_models,
                                      models_root)
-from featurestore.jobs.extract import (Breaker, ExtractConfig, _batches, _Item, _raw, check_root, isolate, pending, plan,
+from featurestore.jobs.extract import (Breaker, ExtractConfig, has_rows, _batches, _Item, _raw, check_root, isolate, pending, plan,
                                       stop_error, transient)
 
 __all__ = ["VAConfig", "VAResult", "run", "make_scorer", "FitConfig", "FitResult", "fit"]
@@ -168,7 +168,7 @@ def _feature_set(store: Store, scorer: VAScorer, modality: str) -> tuple[Feature
 def _score_all(scorer: VAScorer, config: VAConfig, todo: list[_Item], features: FeatureSet | None, frames: bool,
                writer, result: VAResult, progress) -> None:
     bar = progress(total=len(todo), desc=f"va {config.dataset}/{config.modality}", unit="item") if progress else None
-    breaker = Breaker(f"VA scorer {scorer.name}", len(todo), f"scoring VA for {config.dataset}")
+    breaker = Breaker(f"VA scorer {scorer.name}", f"scoring VA for {config.dataset}", has_rows(writer.segset))
     for batch in _batches(todo, config.batch_size):
         if features is not None:
             keys = [it.key for it in batch]

@@ -471,7 +471,7 @@ def test_a_backbone_that_fails_on_every_item_stops_the_job_and_records_nothing(s
 
     words_dataset(store, demo_df, n)
     cfg = ExtractConfig(dataset="words", modality="text", backbone="minilm", batch_size=8)
-    with pytest.raises(BackboneError, match=f"failed on each of the first {min(n, 32)} items .* computed none"):
+    with pytest.raises(BackboneError, match=f"failed on all {min(n, 32)} items it was given .* computed none"):
         run(cfg, store, backbone=Broken(minilm, nan=nan))
     (fs,) = list_feature_sets(store)
     assert fs.errors(resolved=True) == [] and len(fs.index(refresh=True).unique_keys()) == 0
@@ -488,7 +488,7 @@ def test_a_broken_backbone_is_one_line_and_exit_code_7_at_the_cli(store, demo_df
     real = ex.backbones.create
     monkeypatch.setattr(ex.backbones, "create", lambda *a, **k: Broken(real(*a, **k)))
     r = fs(store.root, "extract", "--dataset", "words", "--modality", "text", "--backbone", "minilm", code=7)
-    assert "Traceback" not in r.output and "failed on each of the first 5 items" in r.output
+    assert "Traceback" not in r.output and "failed on all 5 items it was given" in r.output
     assert "size mismatch" in r.output
 
 
@@ -509,6 +509,121 @@ def test_a_one_item_job_whose_item_fails_still_records_it(store, demo_df, minilm
     words_dataset(store, demo_df, 1)
     res = run(ExtractConfig(dataset="words", modality="text", backbone="minilm"), store, backbone=Broken(minilm))
     assert (res.computed, res.failed_new, res.failed_total) == (0, 1, 1)
+
+
+class FailsOn:
+    """A real backbone whose forward pass raises for any batch holding one of `texts` (the failure
+    injection only), with a reason that can change between runs."""
+
+    def __init__(self, inner, texts, reason="tokenizer blew up"):
+        self.inner, self.poison, self.reason = inner, {inner.prepare(t) for t in texts}, reason
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode(self, items):
+        if any(it in self.poison for it in items):
+            raise ValueError(self.reason)
+        return self.inner.encode(items)
+
+
+def test_once_a_backbone_has_worked_its_failures_are_the_items_and_are_recorded(store, demo_df, minilm,
+                                                                                 monkeypatch):
+    """Review: a model with rows in the set is never judged broken, in this job or a later one: an
+    incremental run or a --retry-errors run whose only items are bad records them."""
+    from featurestore.jobs.extract import Breaker
+
+    monkeypatch.setattr(Breaker, "LIMIT", 4)
+    words_dataset(store, demo_df, 8)
+    texts = demo_df["text"].to_list()
+    bb = FailsOn(minilm, texts[1:8])  # the first item computes, then 7 failures in a row: more than LIMIT
+    cfg = ExtractConfig(dataset="words", modality="text", backbone="minilm", batch_size=1)
+    res = run(cfg, store, backbone=bb)
+    assert (res.computed, res.failed_new, res.failed_total) == (1, 7, 7)
+    add_dataset(store, "more", demo_df.slice(20, 3), root=None, source="t")  # 3 new items, all bad
+    more = run(dataclasses.replace(cfg, dataset="more"), store, backbone=FailsOn(minilm, texts[20:23]))
+    assert (more.computed, more.failed_new, more.failed_total) == (0, 3, 3)
+    again = run(dataclasses.replace(cfg, retry_errors=True), store, backbone=FailsOn(minilm, texts[1:8]))
+    assert (again.computed, again.failed_new, again.failed_total) == (0, 7, 7)
+
+
+def test_the_newest_reason_of_an_item_is_the_one_kept(store, demo_df, minilm):
+    from featurestore.verify import gc_store
+
+    words_dataset(store, demo_df, 4)
+    text = demo_df["text"][2]
+    cfg = ExtractConfig(dataset="words", modality="text", backbone="minilm", batch_size=1, retry_errors=True)
+    for i in range(5):  # one segment a run: their names (content hashes) sort in no particular order
+        res = run(cfg, store, backbone=FailsOn(minilm, [text], reason=f"reason {i}"))
+        fs = FeatureSet(store, res.fingerprint)
+        (err,) = fs.errors()  # one record per item, not one per run
+        assert err.reason.endswith(f"reason {i}") and len(fs.errors(resolved=True)) == 1
+    gc_store(store, compact=True)
+    (err,) = FeatureSet(store, res.fingerprint).errors()
+    assert err.reason.endswith("reason 4") and len(FeatureSet(store, res.fingerprint).segments.segments()) == 1
+
+
+def test_a_small_job_whose_model_fails_on_every_item_it_is_given_stops(store, tmp_path):
+    """Review: items that fail before the model (a file that does not decode) do not count."""
+    from featurestore.errors import BackboneError
+    from featurestore.backbones import create
+
+    root = _faces(store, tmp_path, n=3)
+    (root / "0.png").write_bytes(b"not an image")  # its key no longer matches: recorded, the item's fault
+    real = create("fer", {}, device="cpu", modality="image")
+    with pytest.raises(BackboneError, match="failed on all 2 items it was given"):
+        run(ExtractConfig(dataset="faces", modality="image", backbone="fer"), store, backbone=Broken(real))
+    (fs,) = list_feature_sets(store)
+    assert [e.item_id for e in fs.errors()] == ["f0"]  # the decode failure only
+
+
+def test_a_breaker_lets_go_when_another_job_computed_rows_meanwhile():
+    from featurestore.errors import BackboneError
+    from featurestore.jobs.extract import Breaker
+
+    class It:
+        def __init__(self, key):
+            self.key = key
+
+    rows = []
+    b = Breaker("backbone m", "extracting d", lambda: bool(rows))
+    assert b.passed(0, [(It("a"), "boom"), (It("b"), "boom")]) == [] and b.keys == ["a", "b"]
+    rows.append(1)  # another shard published a row of the same model
+    assert [it.key for it, _ in b.release()] == ["a", "b"]
+    b = Breaker("backbone m", "extracting d", lambda: False)
+    b.passed(0, [(It("a"), "boom")])
+    b.passed(0, [(It("b"), "boom")])
+    with pytest.raises(BackboneError, match="failed on all 2 items"):
+        b.release()
+    assert Breaker("backbone m", "d", lambda: True).passed(0, [(It("a"), "x")])  # a model with rows: at once
+
+
+def test_held_failures_stay_claimed_when_rows_are_published(tmp_path):
+    from featurestore.claims import Claims
+
+    with Claims(tmp_path) as mine, Claims(tmp_path) as other:
+        nothing = lambda keys: [False] * len(keys)  # noqa: E731
+        assert mine.claim(["a", "b", "c"], nothing) == (["a", "b", "c"], [])
+        mine.release(keep=["b", "z"])  # z was never claimed: not claimed now either
+        assert other.claim(["a", "b", "c", "z"], nothing) == (["a", "c", "z"], ["b"])
+
+
+def test_standing_errors_leave_out_items_of_another_dataset_or_without_the_input(store, demo_df, minilm):
+    df = demo_df.head(5).with_columns(text=pl.when(pl.int_range(pl.len()) == 3).then(pl.lit("   "))
+                                      .otherwise(pl.col("text")))  # item 3: an empty text, recorded with no key
+    add_dataset(store, "words", df, root=None, source="t")
+    add_dataset(store, "same-ids", df, root=None, source="t")  # the same item ids and texts
+    cfg = ExtractConfig(dataset="words", modality="text", backbone="minilm")
+    res = run(cfg, store, backbone=minilm)
+    other = run(dataclasses.replace(cfg, dataset="same-ids"), store, backbone=minilm)
+    assert res.failed_total == other.failed_total == 1
+    fs = FeatureSet(store, res.fingerprint)
+    assert [e.dataset for e in fs.standing_errors(get_dataset(store, "words"))] == ["words"]
+    gone = df.with_columns(text=pl.when(pl.col("text") == "   ").then(None).otherwise(pl.col("text")))
+    add_dataset(store, "words", gone, root=None, source="t", replace=True)  # the item has no text now
+    assert fs.standing_errors(get_dataset(store, "words")) == []
+    assert run(cfg, store, backbone=minilm).failed_total == 0
+    assert [r["failed"] for r in coverage(store, get_dataset(store, "words"))] == [0]
 
 
 def test_fs_errors_lists_the_failed_items_and_counts_their_reasons(store, tmp_path, monkeypatch):
