@@ -131,17 +131,21 @@ def verify_cmd(ctx: click.Context, as_json: bool) -> None:
     moved aside, and temporary files left by killed jobs."""
     store = get_store(ctx)
     problems = verify_store(store)
-    n_sets, n_art, loose = len(feature_sets_on_disk(store)), len(artifact_dirs(store)), unverified(store)
+    n_sets, loose, n_datasets = len(feature_sets_on_disk(store)), unverified(store), len(list_datasets(store))
+    kinds = {"heads": store.heads_dir(), "memories": store.memory_dir(), "adapters": store.adapters_dir(),
+             "va_models": store.root / "va_models"}
+    counts = {k: sum(1 for d in artifact_dirs(store) if d.parent == root) for k, root in kinds.items()}
     if as_json:
-        emit({"ok": not problems, "problems": problems, "feature_sets": n_sets, "heads_and_memories": n_art,
-              "unverified": loose})
+        emit({"ok": not problems, "problems": problems, "datasets": n_datasets, "feature_sets": n_sets, **counts,
+              "heads_and_memories": sum(counts.values()), "unverified": loose})
     else:
         for p in problems:
             click.echo(f"PROBLEM {p['path']}: {p['message']}")
         for path in loose:
             click.echo(f"note: {path} has no checksums.json (saved by an older featurestore); not checked")
-        click.echo(f"{'ok' if not problems else f'{len(problems)} problem(s)'}: "
-                   f"{len(list_datasets(store))} datasets, {n_sets} feature sets, {n_art} heads, memories, adapters and VA models checked")
+        what = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items())
+        click.echo(f"{'ok' if not problems else f'{len(problems)} problem(s)'}: {n_datasets} datasets, {n_sets} "
+                   f"feature sets, {what} checked")
     if problems:
         ctx.exit(IntegrityError.exit_code)
 
