@@ -147,12 +147,32 @@ def _extracted_at(fs: FeatureSet, dataset: str | None) -> float:
         return 0.0
 
 
+def _selection(fs: FeatureSet, dataset: str) -> tuple[int, frozenset]:
+    """(limit, splits) an extraction for `dataset` recorded in `fs` (0 / empty: all)."""
+    try:
+        entry = fs.segments.catalogue().get("datasets", {}).get(dataset) or {}
+    except Exception:  # a damaged catalogue: `fs verify` names it; treat it as everything
+        entry = {}
+    return int(entry.get("limit") or 0), frozenset(entry.get("splits") or ())
+
+
+def _covers(new: FeatureSet, old: FeatureSet, dataset: str) -> bool:
+    """Whether the extraction for `dataset` into `new` selected at least the items the one into `old`
+    did: a `--limit 20` try of other parameters does not supersede a whole extraction."""
+    (new_limit, new_splits), (old_limit, old_splits) = _selection(new, dataset), _selection(old, dataset)
+    splits_ok = not new_splits or (bool(old_splits) and old_splits <= new_splits)
+    limit_ok = new_limit == 0 or (old_limit != 0 and new_limit >= old_limit and new_splits == old_splits)
+    return splits_ok and limit_ok
+
+
 def superseded_by(store: Store, fingerprint: str, dataset: str | None = None) -> str | None:
     """The newest fingerprint of the same backbone and modality extracted for `dataset` after this one.
 
     A fingerprint is superseded only for a dataset: extracting another dataset (or a toy one with
     other parameters) never makes runs on this one stale, and the order is that of the extractions
-    for `dataset` (not of the fingerprints' creation). Without `dataset`, any newer extraction counts.
+    for `dataset` (not of the fingerprints' creation). A newer extraction counts only if it selected
+    at least the items this one did (its `--split`s and `--limit`, `_covers`). Without `dataset`, any
+    newer extraction counts.
     """
     fs = FeatureSet(store, fingerprint)
     if not fs.exists():
@@ -161,7 +181,8 @@ def superseded_by(store: Store, fingerprint: str, dataset: str | None = None) ->
     since = _extracted_at(fs, dataset)
     newer = sorted((_extracted_at(o, dataset), o.fingerprint) for o in list_feature_sets(store)
                    if o.fingerprint != fingerprint and o.backbone == mine["backbone"]
-                   and o.modality == mine["modality"] and (dataset is None or dataset in extracted_for(o)))
+                   and o.modality == mine["modality"] and (dataset is None or dataset in extracted_for(o))
+                   and (dataset is None or _covers(o, fs, dataset)))
     newer = [fp for at, fp in newer if at > since]
     return newer[-1] if newer else None
 

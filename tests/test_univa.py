@@ -5,6 +5,8 @@ MiniLM text features for its first rows (real HDF5 segments, real backbone).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 
@@ -235,8 +237,11 @@ def test_carved_validation_and_runs_staleness(demo_store):
     assert not next(x for x in runs if x["run"] == out["run"])["stale"]
     from featurestore.jobs.extract import ExtractConfig, run
 
-    run(ExtractConfig(dataset="noval", modality="text", backbone="minilm", params={"max_length": 32}, limit=20),
-        demo_store)  # a newer fingerprint of the same backbone supersedes the run's
+    newer = ExtractConfig(dataset="noval", modality="text", backbone="minilm", params={"max_length": 32}, limit=20)
+    run(newer, demo_store)  # a try on 20 items of other parameters supersedes nothing
+    runs = json.loads(fs(demo_store, "runs", "--json").output)["runs"]
+    assert not next(x for x in runs if x["run"] == out["run"])["stale"]
+    run(dataclasses.replace(newer, limit=0), demo_store)  # all of it: it supersedes the run's fingerprint
     runs = json.loads(fs(demo_store, "runs", "--json").output)["runs"]
     assert next(x for x in runs if x["run"] == out["run"])["stale"]
     assert "runs" in json.loads(fs(demo_store, "ls", "--json").output)
