@@ -159,6 +159,10 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
     start = time.perf_counter()
     say = log or (lambda s: None)
     head = make_head(config.method, config.params, config.seed)  # bad --param fails here, before any reading
+    if isinstance(getattr(head, "device", None), str) and config.method != "xgboost":
+        from featurestore.heads._engine import pick_device
+
+        pick_device(head.device)  # -p device=cuda with no GPU: refused before any reading or training
     for need in getattr(head, "requires", ()):
         if not getattr(head, need, None):
             raise ConfigError(f"head {config.method!r} needs a replay {need}: pass --{need} NAME (fs {need} list; "

@@ -359,3 +359,10 @@ def test_threads_sets_torchs_cpu_threads(tmp_path, monkeypatch):
                                  "--dataset", "d", "--features", "minilm", code=2).output
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is there: device=cuda is valid")
+def test_a_head_asked_to_train_on_a_missing_gpu_is_refused_before_any_work(trained):
+    res = invoke(trained, "train-head", "--method", "mlp", "--dataset", "demo", "--features", "text=minilm",
+                 "--target", "label", "-p", "device=cuda", code=2)
+    assert "sees no GPU" in res.output and "training" not in res.output
