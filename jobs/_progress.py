@@ -7,6 +7,7 @@ under `--json` or in tests.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, Callable, Iterator
 
 from featurestore.heads._engine import EpochEnd, on_epoch
@@ -23,7 +24,7 @@ def epoch_progress(progress: Progress | None, desc: str, *, position: int = 0) -
     if progress is None:
         yield
         return
-    state: dict[str, Any] = {"bar": None, "key": None}
+    state: dict[str, Any] = {"bar": None, "key": None, "t0": time.time()}
 
     def listener(e: EpochEnd) -> None:
         key = (e.stage, e.epochs)
@@ -32,7 +33,10 @@ def epoch_progress(progress: Progress | None, desc: str, *, position: int = 0) -
                 state["bar"].close()
             label = f"{desc} {e.stage}".strip()
             state["bar"] = progress(total=e.epochs, desc=label, unit="epoch", leave=False, position=position)
+            if hasattr(state["bar"], "start_t"):  # made at the first epoch's end: its clock starts with the epoch
+                state["bar"].start_t = state["t0"]
             state["key"] = key
+        state["t0"] = time.time()  # where the next training's first epoch begins, if one follows
         bar = state["bar"]
         bar.n = e.epoch
         post = {"loss": f"{e.loss:.4f}"}

@@ -366,3 +366,29 @@ def test_a_head_asked_to_train_on_a_missing_gpu_is_refused_before_any_work(train
     res = invoke(trained, "train-head", "--method", "mlp", "--dataset", "demo", "--features", "text=minilm",
                  "--target", "label", "-p", "device=cuda", code=2)
     assert "sees no GPU" in res.output and "training" not in res.output
+
+
+def test_an_epoch_bar_counts_the_first_epochs_time():
+    """The bar is made when the first epoch ends (only then is the epoch count known); its clock
+    must still start when that epoch began, or the first rate shown is absurd (10,000 epoch/s)."""
+    import io
+    import time
+
+    from tqdm import tqdm
+
+    from featurestore.heads._engine import notify_epoch
+    from featurestore.jobs._progress import epoch_progress
+
+    bars = []
+
+    def factory(**kw):
+        bars.append(tqdm(file=io.StringIO(), mininterval=0, **kw))
+        return bars[-1]
+
+    with epoch_progress(factory, "mlp"):
+        time.sleep(0.3)  # the first epoch
+        notify_epoch(1, 4, 1, 1.0, 0.5)
+        assert bars[0].format_dict["elapsed"] >= 0.3
+        time.sleep(0.2)
+        notify_epoch(1, 2, 1, 1.0, 0.5, stage="stage 2")  # a second training: a new bar, its own first epoch
+        assert 0.2 <= bars[1].format_dict["elapsed"] < 0.5
