@@ -124,3 +124,15 @@ def test_replace_is_explicit(store, demo_df):
     with pytest.raises(DatasetError, match="--replace"):
         add_dataset(store, "d", demo_df.head(5), root=None, source="t")
     assert add_dataset(store, "d", demo_df.head(7), root=None, source="t", replace=True).info["n_items"] == 7
+
+
+def test_a_misspelt_column_is_a_warning_naming_the_column_it_meant(store, tmp_path):
+    from featurestore.datasets import manifest_warnings
+
+    path = tmp_path / "m.csv"
+    path.write_text("id,text,splt,lable,notes\na,hi there,test,joy,x\nb,so sad,train,sad,y\n")
+    ds = add_dataset(store, "t", read_manifest_file(path), root=None, source="t")
+    warned = manifest_warnings(ds.manifest)
+    assert any("'splt'" in w and "did you mean 'split'" in w for w in warned)
+    assert any("'lable'" in w and "did you mean 'label'" in w for w in warned)
+    assert not any("'notes'" in w for w in warned)

@@ -159,6 +159,24 @@ def manifest_warnings(df: pl.DataFrame) -> list[str]:
     elif n:
         out.append(f"{n} of {len(df)} item(s) have no target (no label, labels, valence or arousal, e.g. "
                    f"{some(no_target)}); training leaves them out")
+    out += _misspelt_columns(df)
+    return out
+
+
+def _misspelt_columns(df: pl.DataFrame) -> list[str]:
+    """A column the tool does not read whose name is close to one it does (`splt`, `lable`): likely a
+    typo, whose values are then ignored (splits assigned by hash, items without a target)."""
+    import difflib
+
+    from .manifest import _ALIASES, CANONICAL
+
+    known = sorted({*CANONICAL, *(a for a, t in _ALIASES.items() if t)} - {c for c in CANONICAL if c.endswith("_key")})
+    out = []
+    for col in (c for c in df.columns if c not in CANONICAL):
+        near = difflib.get_close_matches(col.lower(), known, n=1, cutoff=0.75)
+        if near:
+            out.append(f"column {col!r} is not one this tool reads (did you mean {near[0]!r}?); its values are "
+                       "ignored: rename it and add the dataset again with --replace")
     return out
 
 
