@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ConfigError, NotFoundError
-from .keyed import KeyedSet
+from .keyed import KeyedSet, selection_covers, selections_of
 from .segments import Problem
 from .store import Store, now_iso
 
@@ -147,22 +147,20 @@ def _extracted_at(fs: FeatureSet, dataset: str | None) -> float:
         return 0.0
 
 
-def _selection(fs: FeatureSet, dataset: str) -> tuple[int, frozenset]:
-    """(limit, splits) an extraction for `dataset` recorded in `fs` (0 / empty: all)."""
+def _selections(fs: FeatureSet, dataset: str) -> list:
+    """What the extractions for `dataset` into `fs` selected (`keyed.selections_of`)."""
     try:
         entry = fs.segments.catalogue().get("datasets", {}).get(dataset) or {}
     except Exception:  # a damaged catalogue: `fs verify` names it; treat it as everything
         entry = {}
-    return int(entry.get("limit") or 0), frozenset(entry.get("splits") or ())
+    return selections_of(entry)
 
 
 def _covers(new: FeatureSet, old: FeatureSet, dataset: str) -> bool:
-    """Whether the extraction for `dataset` into `new` selected at least the items the one into `old`
+    """Whether the extractions for `dataset` into `new` selected at least the items those into `old`
     did: a `--limit 20` try of other parameters does not supersede a whole extraction."""
-    (new_limit, new_splits), (old_limit, old_splits) = _selection(new, dataset), _selection(old, dataset)
-    splits_ok = not new_splits or (bool(old_splits) and old_splits <= new_splits)
-    limit_ok = new_limit == 0 or (old_limit != 0 and new_limit >= old_limit and new_splits == old_splits)
-    return splits_ok and limit_ok
+    have = _selections(new, dataset)
+    return all(any(selection_covers(a, b) for a in have) for b in _selections(old, dataset))
 
 
 def superseded_by(store: Store, fingerprint: str, dataset: str | None = None) -> str | None:

@@ -20,7 +20,35 @@ from .hashing import canonical_json
 from .segments import ErrorRecord, KeyIndex, SegmentSet
 from .store import Store
 
-__all__ = ["KeyedSet"]
+__all__ = ["KeyedSet", "selections_of", "selection_covers"]
+
+Selection = tuple  # (limit, splits): the first `limit` rows (0: all) of these splits (empty: all)
+
+
+def selections_of(entry: dict) -> list[Selection]:
+    """What an extraction for a dataset selected, as its catalogue entry records it (an entry written
+    before `selections` existed: its `limit` and `splits`)."""
+    if entry.get("selections"):
+        return [(int(lim or 0), tuple(sorted(spl or ()))) for lim, spl in entry["selections"]]
+    return [(int(entry.get("limit") or 0), tuple(sorted(entry.get("splits") or ())))]
+
+
+def selection_covers(a: Selection, b: Selection) -> bool:
+    """Whether selection `a` holds every item selection `b` does, whatever the manifest."""
+    (la, sa), (lb, sb) = a, b
+    splits_ok = not sa or (bool(sb) and set(sb) <= set(sa))
+    limit_ok = la == 0 or (lb != 0 and la >= lb and tuple(sa) == tuple(sb))
+    return splits_ok and limit_ok
+
+
+def _widest(sels: list[Selection]) -> list[Selection]:
+    """The selections no other one covers (of two equal ones, one)."""
+    out: list[Selection] = []
+    for i, a in enumerate(sels):
+        if any(selection_covers(b, a) and (not selection_covers(a, b) or j < i) for j, b in enumerate(sels) if j != i):
+            continue
+        out.append(a)
+    return out
 
 
 class KeyedSet:
@@ -76,17 +104,18 @@ class KeyedSet:
             yield
 
     def record_dataset(self, dataset: str, entry: dict) -> None:
-        """Remember which rows `dataset` needs from this set (checked by `fs verify`); the widest
-        selection of the same manifest wins. `first_at` (epoch seconds, sub-second) keeps when an extraction
-        first completed for `dataset` here: staleness orders fingerprints by it, per dataset."""
+        """Remember which rows `dataset` needs from this set (checked by `fs verify`): `selections`, each
+        `[limit, splits]` (0 / []: all) an extraction of the same manifest ran with, none covered by
+        another (`--limit 3` then `--split train` is two, not "everything"). `first_at` (epoch seconds,
+        sub-second) keeps when an extraction first completed for `dataset` here: staleness orders
+        fingerprints by it, per dataset."""
         with self.segments.update_catalogue() as doc:
             old = doc["datasets"].get(dataset)
             entry = {**entry, "first_at": self._first_at(old, entry)}
+            sels = selections_of(entry)
             if old and old.get("manifest_hash") == entry["manifest_hash"] and old.get("modality") == entry["modality"]:
-                entry = {**entry,
-                         "limit": 0 if not (old.get("limit") and entry["limit"]) else max(old["limit"], entry["limit"]),
-                         "splits": [] if not (old.get("splits") and entry["splits"])
-                         else sorted(set(old["splits"]) | set(entry["splits"]))}
+                sels = selections_of(old) + sels
+            entry["selections"] = [[lim, list(spl)] for lim, spl in _widest(sels)]
             doc["datasets"][dataset] = entry
 
     def _first_at(self, old: dict | None, entry: dict) -> float:

@@ -15,6 +15,7 @@ from ._io import OLD_SUFFIX, TMP_SUFFIX, check_checksums, fsync_dir, read_json, 
 from .datasets import get_dataset, list_datasets
 from .errors import FeatureStoreError, IntegrityError, LockedError
 from .features import FeatureSet, list_feature_sets
+from .keyed import selections_of
 from .hashing import file_digest
 
 __all__ = ["verify_store", "feature_sets_on_disk", "artifact_dirs", "unverified", "stray_temp_files", "gc_store",
@@ -205,8 +206,9 @@ def _missing_rows(store, fs: FeatureSet):
         ds = get_dataset(store, dataset)
         if ds.manifest_hash != need.get("manifest_hash"):
             continue  # replaced since: the new manifest's rows were never promised
-        rows = ds.select(need.get("splits") or (), need.get("limit") or 0)
-        keys = [k for k in rows[f"{fs.modality}_key"].drop_nulls().unique().to_list() if k not in failed]
+        col = f"{fs.modality}_key"
+        wanted = {k for lim, spl in selections_of(need) for k in ds.select(spl, lim)[col].drop_nulls().to_list()}
+        keys = [k for k in sorted(wanted) if k not in failed]
         missing = int((~fs.has(keys)).sum()) if keys else 0
         if missing:
             yield fs.folder, (f"{missing} of the {len(keys)} rows dataset {dataset} needs are missing (a segment "

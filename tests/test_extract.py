@@ -651,3 +651,37 @@ def test_fs_errors_lists_the_failed_items_and_counts_their_reasons(store, tmp_pa
     assert "1 more" in fs(store.root, "errors", fp, "--limit", "2").output
     r = fs(store.root, "errors", "no-such-thing", code=4)
     assert "neither a feature set nor a VA source" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("a, b, covers", [
+    ((0, ()), (20, ("train",)), True), ((100, ("test", "train")), (20, ("train",)), False),
+    ((0, ("train",)), (0, ()), False), ((100, ("train",)), (0, ("train",)), False),
+    ((0, ("test", "train")), (0, ("train",)), True), ((30, ("train",)), (20, ("train",)), True),
+    ((20, ()), (30, ()), False), ((0, ()), (0, ()), True)])
+def test_which_selection_covers_which(a, b, covers):
+    from featurestore.keyed import selection_covers
+
+    assert selection_covers(a, b) is covers
+
+
+def test_two_partial_extractions_into_one_set_are_not_recorded_as_everything(store, demo_df, minilm):
+    """Review: `--limit 3` then `--split train` into one fingerprint was merged into "all items", so
+    that fingerprint superseded a whole extraction, gc removed the whole one, and verify wanted rows
+    nobody had asked for."""
+    from featurestore.features import superseded_by
+    from featurestore.jobs.refresh import gc_fingerprints
+    from featurestore.verify import verify_store
+
+    words_dataset(store, demo_df, 12)
+    whole = run(ExtractConfig(dataset="words", modality="text", backbone="minilm"), store, backbone=minilm)
+    part = ExtractConfig(dataset="words", modality="text", backbone="minilm", params={"max_length": 32}, limit=3)
+    fp = run(part, store).fingerprint
+    run(dataclasses.replace(part, limit=0, splits=("train",)), store)
+    entry = FeatureSet(store, fp).segments.catalogue()["datasets"]["words"]
+    assert entry["selections"] == [[3, []], [0, ["train"]]]  # neither covers the other: both kept
+    assert superseded_by(store, whole.fingerprint, "words") is None
+    assert gc_fingerprints(store, 1)["removed"] == [] and FeatureSet(store, whole.fingerprint).exists()
+    assert verify_store(store) == []
+    run(dataclasses.replace(part, limit=0), store)  # now all of it: the whole one is superseded
+    assert superseded_by(store, whole.fingerprint, "words") == fp
+    assert [s for s in FeatureSet(store, fp).segments.catalogue()["datasets"]["words"]["selections"]] == [[0, []]]
