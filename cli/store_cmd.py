@@ -246,11 +246,13 @@ def errors_cmd(ctx: click.Context, name: str, dataset: str | None, resolved: boo
     try:
         rows = resolve_features(store, name, dataset=ds)
     except NotFoundError:
+        if any(f.backbone == name for f in list_feature_sets(store)):
+            raise  # a backbone's feature sets, none right for --dataset: that error says which
         try:
             rows = resolve_va(store, name)
         except NotFoundError:
             raise NotFoundError(f"{name!r} is neither a feature set nor a VA source in {store.root}; "
-                                "see `fs ls` and `fs va ls`") from None
+                                "see `fs ls` and `fs va list`") from None
     if ds is not None and resolved:
         raise click.UsageError("--resolved lists every record; it cannot be combined with --dataset")
     records = rows.standing_errors(ds) if ds is not None else rows.errors(resolved=resolved)
@@ -275,12 +277,14 @@ def errors_cmd(ctx: click.Context, name: str, dataset: str | None, resolved: boo
 
 
 def _reason_kind(reason: str) -> str:
-    """A reason without what names one item, so that like failures count together: paths, quoted
-    values and numbers are replaced by placeholders, and the rest cut at 100 characters."""
+    """A reason without what names one item, so that like failures count together: quoted values,
+    anything with a slash (a path), long hex strings (keys) and numbers are replaced by placeholders,
+    and the rest cut at 100 characters."""
     import re
 
-    kind = re.sub(r"(?<![\w.])/[^\s:'\"]+", "<path>", reason)
-    kind = re.sub(r"'[^']*'|\"[^\"]*\"", "<value>", kind)
+    kind = re.sub(r"(?<!\w)'[^']*'(?!\w)|(?<!\w)\"[^\"]*\"(?!\w)", "<value>", reason)
+    kind = re.sub(r"[^\s:'\"(),]*/[^\s:'\"(),]*", "<path>", kind)
+    kind = re.sub(r"\b[0-9a-fA-F]{16,}\b", "<key>", kind)
     kind = re.sub(r"\d+(\.\d+)?", "N", kind)
     return kind if len(kind) <= 100 else kind[:97] + "..."
 

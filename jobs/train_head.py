@@ -116,6 +116,13 @@ def run_folder(store: Store, run_id: str) -> Path:
     `RUN/seed-<s>` for one seed of a `--seeds` run."""
     name, sep, fold = run_id.partition("/")
     folder = store.heads_dir() / check_name(name, "run")
+    seed, slash, inner = fold.partition("/")
+    if slash and re.fullmatch(r"seed-[0-9]+", seed):  # RUN/seed-S/fold-K: a fold of one seed of --seeds --cv
+        sub = folder / seed
+        if sub not in _seed_dirs(folder) or not _is_cv(sub):
+            raise NotFoundError(f"run {run_id!r}: {name}/{seed} is not a cross-validated seed of a --seeds run "
+                                "(fs runs --folds)")
+        folder, name, fold = sub, f"{name}/{seed}", inner
     if sep:
         sub = folder / check_name(fold, "fold")
         is_fold = fold.startswith("fold-") and (sub / "config.json").is_file()

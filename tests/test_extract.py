@@ -634,23 +634,39 @@ def test_fs_errors_lists_the_failed_items_and_counts_their_reasons(store, tmp_pa
 
     root = _faces(store, tmp_path)
     (root / "1.png").unlink()  # deleted since `datasets add`
-    (root / "3.png").unlink()
-    failing_reads(monkeypatch, {"4.png": errno.EACCES})
+    failing_reads(monkeypatch, {"3.png": errno.EACCES, "4.png": errno.EACCES})
     r = fs(store.root, "extract", "--dataset", "faces", "--modality", "image", "--backbone", "fer", code=10)
     fp = FeatureSet(store, list_feature_sets(store)[0].fingerprint).fingerprint
     assert f"reasons: fs errors {fp} --dataset faces" in r.output
     out = fs(store.root, "errors", "fer", "--dataset", "faces").output  # a backbone name works as --features does
     assert f"{fp}: 3 failed item(s) of faces" in out
     lines = out.splitlines()
-    assert [line.split(None, 1) for line in lines[3:5]] == [
-        ["2", "cannot read file <path>: No such file or directory"], ["1", "cannot read file <path>: Permission denied"]]
+    assert [line.split(None, 1) for line in lines[3:5]] == [  # the most frequent reason first
+        ["2", "cannot read file <path>: Permission denied"], ["1", "cannot read file <path>: No such file or directory"]]
     listed = [line.split()[1] for line in lines if line.startswith("faces ")]
     assert listed == ["f1", "f3", "f4"]
     data = json.loads(fs(store.root, "errors", fp, "--json").output)
     assert data["n"] == 3 and {e["item_id"] for e in data["errors"]} == {"f1", "f3", "f4"}
     assert "1 more" in fs(store.root, "errors", fp, "--limit", "2").output
     r = fs(store.root, "errors", "no-such-thing", code=4)
-    assert "neither a feature set nor a VA source" in r.output and "Traceback" not in r.output
+    assert "neither a feature set nor a VA source" in r.output and "fs va list" in r.output
+    # another dataset of the same files: --dataset lists only its own failures
+    monkeypatch.undo()
+    add_dataset(store, "faces2", read_manifest_file(root / "m.csv"), root=root, source="t")
+    fs(store.root, "extract", "--dataset", "faces2", "--modality", "image", "--backbone", "fer", code=10)
+    assert "3 failed item(s) of faces2" in fs(store.root, "errors", fp, "--dataset", "faces2").output  # bad content met again
+    assert ": 6 failed item(s)\n" in fs(store.root, "errors", fp).output
+
+
+@pytest.mark.parametrize("reason, kind", [
+    ("text of item it's fine failed: don't", "text of item it's fine failed: don't"),
+    ("missing file: clips/happy.wav", "missing file: <path>"),
+    ("key 386dcf0094dd5b74dfa1194c237fdf82 is bad", "key <key> is bad"),
+    ("decoder said 'bad header' at byte 12", "decoder said <value> at byte N")])
+def test_like_failures_count_together(reason, kind):
+    from featurestore.cli.store_cmd import _reason_kind
+
+    assert _reason_kind(reason) == kind
 
 
 @pytest.mark.parametrize("a, b, covers", [

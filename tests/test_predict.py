@@ -220,3 +220,19 @@ def test_predict_and_eval_take_a_seed_a_fold_or_a_unique_prefix(trained):
     np.testing.assert_allclose([got[c] for c in head.meta_["classes"]], want, atol=1e-4)
     # fs eval: a unique prefix as fs predict takes it
     assert "seeded/seed-0" in fs(root, "eval", "seede/seed-0", "--dataset", "words").output
+
+
+def test_a_fold_of_one_seed_of_a_seeds_cv_run_and_an_exact_name_that_prefixes_another(trained):
+    root, _, _ = trained
+    common = ("--method", "linear", "--dataset", "words", "--features", "text=minilm", "--target", "label",
+              "-p", "epochs=2")
+    fs(root, "train-head", *common, "--seeds", "2", "--cv", "3", "--run-id", "sc")
+    fs(root, "train-head", *common, "--run-id", "sc2")
+    res = fs(root, "predict", "sc/seed-0", "--text", "a sunny day", code=2)
+    assert "sc/seed-0/fold-1" in res.output  # what it suggests works:
+    doc = json.loads(fs(root, "predict", "sc/seed-0/fold-1", "--text", "a sunny day", "--json").output)
+    assert doc["results"][0]["prediction"] in ("positive", "negative", "neutral")
+    assert "sc/seed-1/fold-2" in fs(root, "eval", "sc/seed-1/fold-2", "--dataset", "words").output
+    # `sc` is a run and a prefix of `sc2`: the exact name wins
+    assert "holds one run per seed" in fs(root, "predict", "sc", "--text", "x", code=2).output
+    assert fs(root, "predict", "sc2", "--text", "x").output.startswith("run sc2 ")

@@ -196,3 +196,31 @@ def test_compact_refuses_a_merge_whose_values_differ_from_the_sources(tmp_path, 
     assert present.all()
     np.testing.assert_array_equal(out, a)
     assert segset.verify() == []
+
+
+def test_the_writer_tag_tells_pid_namespaces_and_machines_apart(monkeypatch):
+    import os
+    import socket
+
+    import featurestore._io as io_
+
+    def tag() -> str:
+        monkeypatch.setattr(io_, "_TAG", [])
+        return io_.writer_tag()
+
+    here = tag()
+    real_stat = os.stat
+
+    def other_namespace(path, *a, **k):
+        st = real_stat(path, *a, **k)
+        if str(path) == "/proc/self/ns/pid":
+            return os.stat_result((st.st_mode, st.st_ino + 1, *tuple(st)[2:]))
+        return st
+
+    monkeypatch.setattr(os, "stat", other_namespace)
+    in_a_container = tag()
+    monkeypatch.setattr(os, "stat", real_stat)
+    monkeypatch.setattr(socket, "gethostname", lambda: "another-node")
+    elsewhere = tag()
+    assert len({here, in_a_container, elsewhere}) == 3
+    monkeypatch.setattr(io_, "_TAG", [])
