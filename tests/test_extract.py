@@ -701,3 +701,17 @@ def test_two_partial_extractions_into_one_set_are_not_recorded_as_everything(sto
     run(dataclasses.replace(part, limit=0), store)  # now all of it: the whole one is superseded
     assert superseded_by(store, whole.fingerprint, "words") == fp
     assert [s for s in FeatureSet(store, fp).segments.catalogue()["datasets"]["words"]["selections"]] == [[0, []]]
+
+
+def test_train_head_on_a_corrupt_segment_stops_with_one_line(store, demo_df, minilm):
+    from _cli import fs
+
+    words_dataset(store, demo_df, 60)
+    res = run(ExtractConfig(dataset="words", modality="text", backbone="minilm"), store, backbone=minilm)
+    (seg,) = FeatureSet(store, res.fingerprint).segments.segments()
+    data = bytearray(seg.path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    seg.path.write_bytes(bytes(data))
+    r = fs(store.root, "train-head", "--method", "linear", "--dataset", "words", "--features", "text=minilm",
+           "--target", "label", "-p", "epochs=1", code=8)
+    assert "is corrupt" in r.output and "Traceback" not in r.output and "saved run" not in r.output

@@ -147,8 +147,8 @@ def test_compact_refuses_a_corrupt_source_and_merges_nothing(tmp_path):
     a = np.linspace(-1, 1, 30 * 4, dtype=np.float32).reshape(30, 4)
     paths = [segset.write(k[lo:lo + 10], {"pooled": a[lo:lo + 10]}) for lo in range(0, 30, 10)]
     _flip_array_byte(paths[1])
-    out, _ = segset.read(k, "pooled")
-    assert not np.array_equal(out, a)  # readers do see the flipped value
+    with pytest.raises(IntegrityError, match="is corrupt"):  # readers refuse it too
+        segset.read(k, "pooled")
     before = {p.name: p.read_bytes() for p in tmp_path.glob("seg-*.h5")}
     with pytest.raises(IntegrityError, match=f"nothing merged: segment {paths[1].name} is corrupt") as err:
         segset.compact()
@@ -224,3 +224,20 @@ def test_the_writer_tag_tells_pid_namespaces_and_machines_apart(monkeypatch):
     elsewhere = tag()
     assert len({here, in_a_container, elsewhere}) == 3
     monkeypatch.setattr(io_, "_TAG", [])
+
+
+def test_a_flipped_bit_is_caught_by_the_first_keyed_read_not_trained_on(tmp_path):
+    segset = SegmentSet(tmp_path)
+    a = np.arange(40, dtype=np.float32).reshape(10, 4)
+    segset.write(keys(10), {"pooled": a})
+    out, present = segset.read(keys(10), "pooled")  # whole: read, and remembered as checked
+    np.testing.assert_array_equal(out, a)
+    (seg,) = segset.segments()
+    data = bytearray(seg.path.read_bytes())
+    at = data.find(a.tobytes())
+    data[at + 17] ^= 0x01  # one bit of one value
+    seg.path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="is corrupt: its bytes hash to .* nothing was read"):
+        segset.read(keys(3), "pooled")
+    with pytest.raises(IntegrityError, match="is corrupt"):
+        segset.read_ragged(keys(3), "pooled")
