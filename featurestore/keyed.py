@@ -147,10 +147,8 @@ class KeyedSet:
         """Recorded failures, one per (key, dataset, item id), the newest reason kept. A record whose
         key has a row now (a later run, `--retry-errors` say, computed it) is resolved: left out
         unless `resolved`. Against one dataset's current manifest: `standing_errors`."""
-        latest: dict = {}
-        for e in self.segments.errors():  # oldest first: a later record of an item replaces the earlier one
-            latest.pop((e.key, e.dataset, e.item_id), None)
-            latest[(e.key, e.dataset, e.item_id)] = e
+        # oldest first, so a later record of an item replaces the earlier one
+        latest = {(e.key, e.dataset, e.item_id): e for e in self.segments.errors()}
         if resolved or not latest:
             return list(latest.values())
         keyed = [k for k, _, _ in latest if k]

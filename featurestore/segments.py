@@ -304,7 +304,7 @@ class SegmentSet:
         """
         with self.reading():
             index = self._current(index)
-            _check_once(index.segments)
+            _check_once(index)
             return self._read(keys, name, dtype, index)
 
     def _read(self, keys, name: str, dtype, index: "KeyIndex") -> tuple[np.ndarray, np.ndarray]:
@@ -362,7 +362,7 @@ class SegmentSet:
         """Variable-length rows of `name` for `keys`; None where absent."""
         with self.reading():
             index = self._current(index)
-            _check_once(index.segments)
+            _check_once(index)
             want = _as_keys(keys)
             seg_of, row_of, present = index.lookup(want)
             out: list[np.ndarray | None] = [None] * len(want)
@@ -492,12 +492,15 @@ class SegmentSet:
 _CHECKED: set = set()  # (path, inode, size, mtime) of the segments this process has hashed and found whole
 
 
-def _check_once(segs: list[Segment]) -> None:
+def _check_once(index: "KeyIndex") -> None:
     """Before rows are read by key (what training, evaluation and VA scoring read through), each
     segment's bytes are hashed once per process and compared with its name, so a flipped bit fails
     here, one line, instead of training on it. `scan` (the bulk path, benchmarked against np.load) is
-    left to `fs verify`."""
-    for seg in segs:
+    left to `fs verify`. An index whose segments were all checked is not looked at again (a job
+    reading batch after batch stats nothing)."""
+    if index.checked:
+        return
+    for seg in index.segments:
         try:
             st = seg.path.stat()
         except FileNotFoundError:  # retired since the listing: the read itself says so
@@ -511,6 +514,7 @@ def _check_once(segs: list[Segment]) -> None:
                                  f"{seg.digest}; nothing was read from it. Run `fs verify`, delete it and re-run "
                                  "`fs extract` to recompute its rows")
         _CHECKED.add(ident)
+    index.checked = True
 
 
 def _by_age(segs: list[Segment]) -> list[Segment]:
@@ -720,6 +724,7 @@ class KeyIndex:
         counts = np.bincount(seg_ids, minlength=len(segments)) if len(seg_ids) else np.zeros(len(segments), int)
         self.seg_starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self.total_rows = int(len(keys))
+        self.checked = False  # its segments' checksums, by `_check_once`
 
     @classmethod
     def build(cls, segments: list[Segment]) -> "KeyIndex":

@@ -42,8 +42,8 @@ from featurestore.va.base import VAScorer
 from featurestore.va.cache import DTYPES, KNOWN, VA, VASet
 from featurestore.va.learned import (CONFIG, METRICS, REGRESSORS, WEIGHTS, FitParams, evaluate, list_models,
                                      models_root)
-from featurestore.jobs.extract import (Breaker, ExtractConfig, has_rows, _batches, _Item, _raw, check_root, isolate, pending, plan,
-                                      stop_error, transient)
+from featurestore.jobs.extract import (Breaker, ExtractConfig, _batches, _Item, _raw, check_root, has_rows, isolate,
+                                      pending, plan, stop_error, transient)
 
 __all__ = ["VAConfig", "VAResult", "run", "make_scorer", "FitConfig", "FitResult", "fit"]
 
