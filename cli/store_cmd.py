@@ -32,14 +32,15 @@ def _dataset_rows(store) -> list[dict]:
                      "splits": ",".join(f"{k}:{v}" for k, v in info["splits"].items()),
                      "modalities": ",".join(m for m, n in info["modalities"].items() if n),
                      # one column per --target name, so single labels, multi-labels and VA cannot be confused
-                     "label": _classes(targets.get("label"), "single"),
-                     "labels": _classes(targets.get("labels"), "multi"),
+                     "label": _classes(targets.get("label")),
+                     "labels": _classes(targets.get("labels")),
                      "va": ",".join(d for d in ("valence", "arousal") if targets.get("va", {}).get(d)) or None})
     return rows
 
 
-def _classes(target: dict | None, what: str) -> str | None:
-    return f"{len(target['classes'])} classes ({what})" if target else None
+def _classes(target: dict | None) -> str | None:
+    """`3 classes (single-label)`, `2 classes (binary)`, `8 classes (multi-label)`: the words of `datasets add`."""
+    return f"{len(target['classes'])} classes ({target['kind']})" if target else None
 
 
 def _feature_rows(store) -> list[dict]:
@@ -277,12 +278,14 @@ def errors_cmd(ctx: click.Context, name: str, dataset: str | None, resolved: boo
 
 
 def _reason_kind(reason: str) -> str:
-    """A reason without what names one item, so that like failures count together: quoted values,
+    """A reason without what names one item, so that like failures count together: quoted values
+    (`<path>` when they hold a slash: this tool quotes the paths it names, spaces and all),
     anything with a slash (a path), long hex strings (keys) and numbers are replaced by placeholders,
     and the rest cut at 100 characters."""
     import re
 
-    kind = re.sub(r"(?<!\w)'[^']*'(?!\w)|(?<!\w)\"[^\"]*\"(?!\w)", "<value>", reason)
+    kind = re.sub(r"(?<!\w)'[^']*'(?!\w)|(?<!\w)\"[^\"]*\"(?!\w)",
+                  lambda m: "<path>" if "/" in m.group() else "<value>", reason)  # a quoted path may hold spaces
     kind = re.sub(r"[^\s:'\"(),]*/[^\s:'\"(),]*", "<path>", kind)
     kind = re.sub(r"\b[0-9a-fA-F]{16,}\b", "<key>", kind)
     kind = re.sub(r"\d+(\.\d+)?", "N", kind)

@@ -2,7 +2,7 @@
 
 ```
 <root>/store.json                     format version, creation info
-<root>/datasets/<name>/               manifest.parquet + dataset.json
+<root>/datasets/<name>/               dataset.json + the manifest.<hash>.parquet it names
 <root>/features/<fingerprint>/        spec.json + immutable seg-*.h5 segments
 <root>/heads/<run>/  memory/<name>/  adapters/<hash>/  sweeps/<id>/
 ```

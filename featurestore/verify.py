@@ -12,14 +12,15 @@ import time
 from pathlib import Path
 
 from ._io import OLD_SUFFIX, TMP_SUFFIX, check_checksums, fsync_dir, read_json, swapped_out_target
-from .datasets import get_dataset, list_datasets
+from .datasets import (dataset_lock, get_dataset, info_digest, list_datasets, manifest_name,
+                       stale_manifests)
 from .errors import FeatureStoreError, IntegrityError, LockedError
 from .features import FeatureSet, list_feature_sets
 from .keyed import selections_of
 from .hashing import file_digest
 
 __all__ = ["verify_store", "feature_sets_on_disk", "artifact_dirs", "unverified", "stray_temp_files", "gc_store",
-           "gc_va", "TEMP_GRACE_S", "swapped_out", "restore_swapped_out"]
+           "gc_va", "gc_datasets", "TEMP_GRACE_S", "swapped_out", "restore_swapped_out"]
 
 TEMP_GRACE_S = 600  # temp files outside feature sets younger than this may belong to a running job
 
@@ -59,14 +60,20 @@ def _one_line(exc: Exception) -> str:
 
 def _verify_dataset(store, name):
     folder = store.dataset_dir(name)
-    ds = get_dataset(store, name, check=False)  # the mismatch is reported below, with both hashes
-    actual = file_digest(folder / "manifest.parquet")
+    ds = get_dataset(store, name, check=False)  # the mismatches are reported below, with both hashes
+    if "info_sha256" in ds.info and info_digest(ds.info) != ds.info["info_sha256"]:
+        yield folder / "dataset.json", "does not match its recorded info_sha256 (damaged or edited by hand)"
+    path = folder / manifest_name(ds.info)
+    actual = file_digest(path)
     if actual != ds.manifest_hash:
-        yield folder / "manifest.parquet", f"manifest hash {actual} != recorded {ds.manifest_hash}"
+        yield path, f"manifest hash {actual} != recorded {ds.manifest_hash}"
     if ds.info.get("n_items") != len(ds.manifest):
         yield folder / "dataset.json", f"says {ds.info.get('n_items')} items, the manifest has {len(ds.manifest)}"
-    for message in check_checksums(folder) or []:
-        yield folder, message
+    if "info_sha256" not in ds.info:  # a legacy dataset: its dataset.json is covered by checksums.json
+        for message in check_checksums(folder) or []:
+            yield folder, message
+    for stale in stale_manifests(folder, ds.info):
+        yield stale, f"not the manifest dataset.json names: left by a killed `fs datasets add`; `fs gc` removes it"
 
 
 def _unlisted_datasets(store):
@@ -76,10 +83,31 @@ def _unlisted_datasets(store):
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if root.is_dir() else []:
         if not (folder / "dataset.json").exists() and \
-                any((folder / n).exists() for n in ("manifest.parquet", "checksums.json")):
+                (stale_manifests(folder, None) or (folder / "checksums.json").exists()):
             yield folder / "dataset.json", (f"dataset.json is missing, so dataset {folder.name} is not listed or "
-                                            "checked; restore it from a backup, or re-add the dataset with "
-                                            f"`fs datasets add {folder.name} ... --replace`")
+                                            "checked (lost, or its first `fs datasets add` was killed before "
+                                            "publishing it); restore it from a backup, or add the dataset again "
+                                            f"with `fs datasets add {folder.name} ...`")
+
+
+def gc_datasets(store, *, dry_run: bool = False) -> list[str]:
+    """Remove the manifests no `dataset.json` names (see `stale_manifests`), each dataset under its lock."""
+    removed = []
+    root = store.datasets_dir()
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if root.is_dir() else []:
+        try:
+            with dataset_lock(store, folder.name):
+                if not (folder / "dataset.json").exists():
+                    continue  # lost, or a first add killed: verify reports it; only the user's next add tidies
+                for stale in stale_manifests(folder, read_json(folder / "dataset.json")):
+                    removed.append(str(stale))
+                    if not dry_run:
+                        with contextlib.suppress(FileNotFoundError):
+                            stale.unlink()
+        except (FeatureStoreError, OSError):  # a damaged dataset.json: verify reports it; nothing is removed
+            continue
+    return removed
 
 
 def _spec_less_feature_sets(store):
@@ -343,6 +371,7 @@ def gc_store(store, *, compact: bool = False, dry_run: bool = False) -> dict:
                           for old, target in restore_swapped_out(store, dry_run=dry_run)]
     _tidy(list_feature_sets(store), compact=compact, dry_run=dry_run, name_of=lambda fs: fs.fingerprint,
           attrs_of=lambda fs: {"fingerprint": fs.fingerprint, "compacted": True}, report=report)
+    report["removed_temp_files"] += gc_datasets(store, dry_run=dry_run)
     old = stray_temp_files(store, older_than=TEMP_GRACE_S)
     report["removed_temp_files"] += [str(t) for t in old]
     report["kept_recent_temp_files"] = [str(t) for t in stray_temp_files(store) if t not in old]

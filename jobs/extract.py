@@ -31,7 +31,7 @@ import numpy as np
 
 from featurestore import backbones, spec_cache
 from featurestore._io import disk_full
-from featurestore.backbones.base import MODALITIES, Backbone, fingerprint_of
+from featurestore.backbones.base import MODALITIES, Backbone, fingerprint_of, resolve_device
 from featurestore.claims import Claims
 from featurestore.config import field
 from featurestore.datasets import get_dataset
@@ -215,7 +215,7 @@ def _read_error(exc: OSError, item: _Item) -> FeatureStoreError:
             and not _root_there(item.root):
         return root_missing(item.root)
     if code in _PATH_ERRNOS or code in _ITEM_ERRNOS:
-        return BadItemError(f"cannot read file {item.source}: {exc.strerror}")
+        return BadItemError(f"cannot read file '{item.source}': {exc.strerror}")
     name = errno.errorcode.get(code, str(code)) if code is not None else type(exc).__name__
     return InputReadError(f"cannot read {item.source}: {exc.strerror or exc} ({name}); that is the disk or mount "
                           "failing, not the item, so nothing was recorded against it and rows computed so far are "
@@ -230,7 +230,7 @@ def _raw(modality: str, item: _Item) -> bytes | str:
     except OSError as exc:
         raise _read_error(exc, item) from None
     if content_key(modality, data) != item.key:
-        raise BadItemError(f"file {item.source} changed since the dataset was added; "
+        raise BadItemError(f"file '{item.source}' changed since the dataset was added; "
                            "re-add it with `fs datasets add --replace`")
     return data
 
@@ -437,6 +437,8 @@ def run(config: ExtractConfig, store: Store, *, backbone: Backbone | None = None
         progress: Callable[..., Any] | None = None, log: Callable[[str], None] = lambda s: None) -> ExtractResult:
     """Extract `config.dataset`'s `config.modality` inputs with `config.backbone` into `store`."""
     t0 = time.perf_counter()
+    if config.device.startswith("cuda") and backbone is None:  # asked for a GPU: checked even on a cache hit
+        resolve_device(config.device)
     if config.params.get("adapter") and backbone is None:  # a stored adapter by name or hash, or a folder
         from featurestore.adapters import resolve_adapter
 

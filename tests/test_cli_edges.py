@@ -392,3 +392,12 @@ def test_an_epoch_bar_counts_the_first_epochs_time():
         time.sleep(0.2)
         notify_epoch(1, 2, 1, 1.0, 0.5, stage="stage 2")  # a second training: a new bar, its own first epoch
         assert 0.2 <= bars[1].format_dict["elapsed"] < 0.5
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is there: --device cuda is valid")
+def test_extract_asked_for_a_missing_gpu_is_refused_even_on_a_cache_hit(trained):
+    assert "cache hit" in invoke(trained, "extract", "--dataset", "other", "--modality", "text", "--backbone",
+                                 "minilm").output
+    res = invoke(trained, "extract", "--dataset", "other", "--modality", "text", "--backbone", "minilm",
+                 "--device", "cuda", code=2)
+    assert "no CUDA device" in res.output and "cache hit" not in res.output

@@ -661,6 +661,7 @@ def test_fs_errors_lists_the_failed_items_and_counts_their_reasons(store, tmp_pa
 @pytest.mark.parametrize("reason, kind", [
     ("text of item it's fine failed: don't", "text of item it's fine failed: don't"),
     ("missing file: clips/happy.wav", "missing file: <path>"),
+    ("cannot read file '/data/my clips/a b.wav': Permission denied", "cannot read file <path>: Permission denied"),
     ("key 386dcf0094dd5b74dfa1194c237fdf82 is bad", "key <key> is bad"),
     ("decoder said 'bad header' at byte 12", "decoder said <value> at byte N")])
 def test_like_failures_count_together(reason, kind):

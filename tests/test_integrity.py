@@ -166,7 +166,7 @@ def test_a_flipped_byte_anywhere_is_exit_8(trained, target):
     store = trained
     (fs,) = list_feature_sets(store)
     path = {"segment": lambda: fs.segments.segments()[0].path, "catalogue": lambda: fs.segments.catalogue_path,
-            "spec": lambda: fs.spec_path, "manifest": lambda: store.dataset_dir("words") / "manifest.parquet",
+            "spec": lambda: fs.spec_path, "manifest": lambda: store.dataset_dir("words") / get_dataset(store, "words").info["manifest_file"],
             "dataset.json": lambda: store.dataset_dir("words") / "dataset.json",
             "head weights": lambda: store.heads_dir() / "r1" / "model.safetensors",
             "head config": lambda: store.heads_dir() / "r1" / "config.json",
@@ -385,7 +385,8 @@ _DAMAGE = {  # what is damaged, how, and a command a user would run next
     "segment header": (lambda s: list_feature_sets(s)[0].segments.segments()[0].path, _flip_header, ["ls"]),
     "truncated segment": (lambda s: list_feature_sets(s)[0].segments.segments()[0].path, _truncate,
                           ["eval", "r1", "--dataset", "words"]),
-    "manifest parquet": (lambda s: s.dataset_dir("words") / "manifest.parquet", _truncate, ["ls"]),
+    "manifest parquet": (lambda s: s.dataset_dir("words") / get_dataset(s, "words").info["manifest_file"], _truncate,
+                         ["ls"]),
     "store.json not utf-8": (lambda s: s.meta_path, _not_utf8, ["ls"]),
     "store.json broken": (lambda s: s.meta_path, _broken_json, ["ls"]),
     "dataset.json": (lambda s: s.dataset_dir("words") / "dataset.json", _not_utf8, ["ls"]),
@@ -745,36 +746,161 @@ def test_a_feature_set_named_by_a_memory_must_exist(store):
     assert all("used by memory m2 is missing" in line for line in lines)
 
 
-def test_a_manifest_replaced_without_its_dataset_json_is_refused_by_readers(store, tmp_path, monkeypatch):
-    """`datasets add --replace` publishes manifest.parquet, then dataset.json: a kill between the two
-    (here: the dataset.json write fails) leaves the new manifest under the old counts and hash. Readers
-    refuse that pair with one line instead of using it; re-running the add repairs it."""
+@pytest.mark.parametrize("at", ["manifest", "dataset.json", "cleanup"])
+def test_a_kill_anywhere_in_datasets_add_replace_leaves_the_old_or_the_new_dataset_whole(store, tmp_path,
+                                                                                         monkeypatch, at):
+    """`datasets add --replace` publishes the manifest under its own name, then `dataset.json` (the one
+    commit point), then removes the old manifest. A kill at each step (here: the step raises) leaves
+    the old dataset (before the commit) or the new one (after), readable and verified; the manifest
+    nobody names is reported by verify and removed by gc, never the named one."""
+    from featurestore import datasets as D
+
+    add_dataset(store, "words", read_manifest_file(_jsonl(tmp_path / "w6.jsonl", 6)), root=None, source="t")
+    folder = store.dataset_dir("words")
+    real_publish, real_json, real_unlink = D.publish, D.write_json_atomic, type(folder).unlink
+
+    def publish(tmp, target):
+        if at == "manifest":
+            raise KeyboardInterrupt  # the process dies with the new manifest not yet in place
+        return real_publish(tmp, target)
+
+    def write_json(path, obj):
+        if at == "dataset.json" and path.name == "dataset.json":
+            raise KeyboardInterrupt
+        return real_json(path, obj)
+
+    def unlink(path, *a, **k):
+        if at == "cleanup" and path.name.startswith("manifest."):
+            raise KeyboardInterrupt
+        return real_unlink(path, *a, **k)
+    monkeypatch.setattr(D, "publish", publish)
+    monkeypatch.setattr(D, "write_json_atomic", write_json)
+    monkeypatch.setattr(type(folder), "unlink", unlink)
+    with pytest.raises(KeyboardInterrupt):
+        add_dataset(store, "words", read_manifest_file(_jsonl(tmp_path / "w3.jsonl", 3)), root=None, source="t",
+                    replace=True)
+    monkeypatch.undo()
+    expected = 3 if at == "cleanup" else 6
+    ds = D.get_dataset(store, "words")
+    assert len(ds.manifest) == expected and ds.info["n_items"] == expected
+    assert fs_cli(store, "datasets", "show", "words").exit_code == 0
+    files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    res = fs_cli(store, "verify", "--json")
+    if at == "manifest":  # nothing new reached its final name: only the killed job's temp file is reported
+        assert res.exit_code == 8 and len(files) == 2, (files, res.output)
+        (problem,) = json.loads(res.output)["problems"]
+        assert problem["message"].startswith("temporary file left by a killed")
+        return
+    assert res.exit_code == 8 and len(files) == 3, (files, res.output)
+    (problem,) = json.loads(res.output)["problems"]
+    assert "killed `fs datasets add`" in problem["message"]
+    assert problem["path"] != str(folder / ds.info["manifest_file"])
+    assert fs_cli(store, "gc").exit_code == 0
+    assert fs_cli(store, "verify").exit_code == 0 and len(D.get_dataset(store, "words").manifest) == expected
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted(
+        ["dataset.json", ds.info["manifest_file"]])
+
+
+def test_a_legacy_dataset_reads_verifies_and_is_converted_by_a_replace(store, tmp_path):
+    """A dataset written before `manifest_file` (`manifest.parquet` + `checksums.json`) still loads and
+    verifies (a changed dataset.json is caught by checksums.json); `add --replace` moves it to the new
+    layout and removes both old files."""
+    from featurestore import datasets as D
+    from featurestore._io import write_checksums
+
+    df = read_manifest_file(_jsonl(tmp_path / "w.jsonl", 5))
+    add_dataset(store, "words", df, root=None, source="t")
+    folder = store.dataset_dir("words")
+    info = json.loads((folder / "dataset.json").read_text())
+    (folder / info["manifest_file"]).rename(folder / "manifest.parquet")
+    legacy = {k: v for k, v in info.items() if k not in ("manifest_file", "info_sha256")}
+    (folder / "dataset.json").write_text(json.dumps(legacy))
+    write_checksums(folder, ["manifest.parquet", "dataset.json"])
+    assert len(D.get_dataset(store, "words").manifest) == 5 and fs_cli(store, "verify").exit_code == 0
+    with pytest.raises(D.DatasetError, match="already exists"):
+        add_dataset(store, "words", df, root=None, source="t")
+    (folder / "dataset.json").write_text(json.dumps({**legacy, "source": "edited"}))
+    assert fs_cli(store, "verify").exit_code == 8
+    add_dataset(store, "words", df.head(4), root=None, source="t", replace=True)
+    assert not (folder / "manifest.parquet").exists() and not (folder / "checksums.json").exists()
+    assert len(D.get_dataset(store, "words").manifest) == 4 and fs_cli(store, "verify").exit_code == 0
+
+
+def test_an_edited_dataset_json_is_refused_by_readers_and_verify(store, tmp_path):
     from featurestore import datasets as D
     from featurestore.errors import IntegrityError
 
-    import json
+    add_dataset(store, "words", read_manifest_file(_jsonl(tmp_path / "w.jsonl", 5)), root=None, source="t")
+    path = store.dataset_dir("words") / "dataset.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "n_items": 4}))
+    with pytest.raises(IntegrityError, match="info_sha256"):
+        D.get_dataset(store, "words")
+    res = fs_cli(store, "verify", "--json")
+    assert res.exit_code == 8 and any("info_sha256" in p["message"] for p in json.loads(res.output)["problems"])
 
-    def manifest(n):
-        path = tmp_path / f"words{n}.jsonl"
-        path.write_text("".join(json.dumps({"id": f"w{i}", "text": f"word {i}", "split": "train"}) + "\n"
-                                for i in range(n)))
-        return read_manifest_file(path)
-    add_dataset(store, "words", manifest(6), root=None, source="t")
+
+def _jsonl(path, n):
+    path.write_text("".join(json.dumps({"id": f"w{i}", "text": f"word {i}", "split": "train"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+_ADD_LOOP = """
+import json, sys
+from featurestore.store import open_store
+from featurestore.datasets import add_dataset, read_manifest_file
+store = open_store(sys.argv[1])
+for _ in range(int(sys.argv[3])):
+    add_dataset(store, "words", read_manifest_file(sys.argv[2]), root=None, source=sys.argv[2], replace=True)
+"""
+_READ_LOOP = """
+import sys, time
+from featurestore.store import open_store
+from featurestore.datasets import get_dataset
+store = open_store(sys.argv[1]); sizes = set()
+deadline = time.time() + float(sys.argv[2])
+while time.time() < deadline:
+    ds = get_dataset(store, "words")  # raises (exit 1) on a mismatched or missing manifest
+    assert len(ds.manifest) == ds.info["n_items"], (len(ds.manifest), ds.info["n_items"])
+    sizes.add(len(ds.manifest))
+print(sorted(sizes))
+"""
+
+
+def test_concurrent_replaces_and_readers_always_see_one_whole_dataset(store, tmp_path):
+    """Three processes replace one dataset with different manifests, over and over, while a fourth
+    reads it: every read is one whole manifest with its own dataset.json, and the end state verifies."""
+    add_dataset(store, "words", read_manifest_file(_jsonl(tmp_path / "w4.jsonl", 4)), root=None, source="t")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    writers = [subprocess.Popen([sys.executable, "-c", _ADD_LOOP, str(store.root), str(_jsonl(tmp_path / f"w{n}.jsonl", n)),
+                                 "15"], env=env) for n in (3, 5, 7)]
+    reader = subprocess.run([sys.executable, "-c", _READ_LOOP, str(store.root), "12"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert [w.wait(timeout=300) for w in writers] == [0, 0, 0]
+    assert reader.returncode == 0, reader.stderr[-2000:]
+    assert len(json.loads(reader.stdout)) >= 2  # it did see replacements happen
+    assert fs_cli(store, "verify").exit_code == 0
+    folder = store.dataset_dir("words")
+    assert len([p for p in folder.glob("manifest*.parquet")]) == 1
+
+
+def test_a_first_add_killed_before_its_dataset_json_leaves_no_dataset_and_can_be_run_again(store, tmp_path,
+                                                                                          monkeypatch):
+    from featurestore import datasets as D
+
+    df = read_manifest_file(_jsonl(tmp_path / "w.jsonl", 5))
     real = D.write_json_atomic
 
     def killed(path, obj):
-        if path.name == "dataset.json":
-            raise KeyboardInterrupt  # the process dies here
-        return real(path, obj)
+        raise KeyboardInterrupt
     monkeypatch.setattr(D, "write_json_atomic", killed)
     with pytest.raises(KeyboardInterrupt):
-        add_dataset(store, "words", manifest(3), root=None, source="t", replace=True)
+        add_dataset(store, "words", df, root=None, source="t")
     monkeypatch.setattr(D, "write_json_atomic", real)
-    with pytest.raises(IntegrityError, match="not the one dataset.json records"):
-        D.get_dataset(store, "words")
-    res = fs_cli(store, "datasets", "show", "words")
-    assert res.exit_code == IntegrityError.exit_code and "Traceback" not in res.output
-    assert [line for line in res.output.splitlines() if line.startswith("error:")]
-    assert fs_cli(store, "verify").exit_code == 8  # verify names both hashes
-    add_dataset(store, "words", manifest(3), root=None, source="t", replace=True)
-    assert len(D.get_dataset(store, "words").manifest) == 3 and fs_cli(store, "verify").exit_code == 0
+    assert D.list_datasets(store) == []
+    res = fs_cli(store, "verify", "--json")
+    (problem,) = json.loads(res.output)["problems"]
+    assert res.exit_code == 8 and "dataset.json is missing" in problem["message"]
+    assert fs_cli(store, "gc").exit_code == 0 and list(store.dataset_dir("words").glob("manifest.*"))  # kept
+    add_dataset(store, "words", df, root=None, source="t")  # no --replace needed: nothing was registered
+    assert fs_cli(store, "verify").exit_code == 0 and len(D.get_dataset(store, "words").manifest) == 5

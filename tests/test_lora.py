@@ -22,7 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from featurestore.datasets import add_dataset  # noqa: E402
+from featurestore.datasets import add_dataset, get_dataset  # noqa: E402
 from featurestore.datasets.manifest import normalise  # noqa: E402
 from featurestore.errors import BackboneError, ConfigError, DatasetError, LockedError, NotFoundError  # noqa: E402
 from featurestore.store import open_store  # noqa: E402
@@ -97,7 +97,7 @@ def test_lora_training_equals_a_bare_peft_loop(store, bert):
     assert meta["settings"]["r"] == 6 and meta["settings"]["alpha"] == 36 and meta["settings"]["dropout"] == 0.2
 
     # the bare loop: same seed, same batches, same losses
-    df = pl.read_parquet(store.dataset_dir("toy") / "manifest.parquet").filter(pl.col("split") == "train")
+    df = get_dataset(store, "toy").manifest.filter(pl.col("split") == "train")
     texts, labels = df["text"].to_list(), df["label"].to_list()
     classes = sorted(set(labels))
     y = torch.tensor([classes.index(v) for v in labels])

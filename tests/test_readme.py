@@ -1,6 +1,7 @@
 """The README's Python API snippet runs as written in an empty folder (a fresh store, the packaged MiniLM)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -29,4 +30,5 @@ def test_readme_python_snippet_runs_in_a_fresh_folder(tmp_path):
     run_id, f1 = lines[1].split()
     assert (tmp_path / "store" / "heads" / run_id / "model.safetensors").is_file() and 0 <= float(f1) <= 1
     assert lines[2] in ("positive", "negative", "neutral")
-    assert (tmp_path / "store" / "datasets" / "demo" / "manifest.parquet").is_file()
+    info = json.loads((tmp_path / "store" / "datasets" / "demo" / "dataset.json").read_text())
+    assert (tmp_path / "store" / "datasets" / "demo" / info["manifest_file"]).is_file()

@@ -79,11 +79,11 @@ def test_training_says_how_many_items_had_no_target(root):
 
 def test_ls_and_show_tell_the_targets_apart(root):
     rows = {r["dataset"]: r for r in json.loads(fs(root, "ls", "--json").output)["datasets"]}
-    assert rows["every"]["label"] == "3 classes (single)" and rows["every"]["labels"] == "8 classes (multi)"
+    assert rows["every"]["label"] == "3 classes (single-label)" and rows["every"]["labels"] == "8 classes (multi-label)"
     assert rows["every"]["va"] == "valence"
-    assert rows["multi"]["label"] is None and rows["multi"]["labels"] == "3 classes (multi)" and rows["multi"]["va"] is None
+    assert rows["multi"]["label"] is None and rows["multi"]["labels"] == "3 classes (multi-label)" and rows["multi"]["va"] is None
     text = fs(root, "ls").output
-    assert "3 classes (single)" in text and "8 classes (multi)" in text
+    assert "3 classes (single-label)" in text and "8 classes (multi-label)" in text
     show = fs(root, "datasets", "show", "every", "--head", "3").output
     manifest = pl.read_csv(root.parent / "every.csv")
     for word in manifest["text"].head(3):
@@ -119,3 +119,15 @@ def test_add_reports_bad_manifests(tmp_path):
     info = json.loads(fs(root, "datasets", "add", "f", "--manifest", str(tmp_path / "files.csv"), "--replace",
                          "--json").output)
     assert len(info["warnings"]) == 2
+
+
+def test_add_list_and_ls_use_the_same_words_for_a_binary_target(tmp_path):
+    path = tmp_path / "two.jsonl"
+    path.write_text("".join(json.dumps({"id": f"w{i}", "text": f"word {i}", "label": "pos" if i % 2 else "neg"}) + "\n"
+                            for i in range(6)))
+    root = tmp_path / "store"
+    added = fs(root, "datasets", "add", "two", "--manifest", str(path)).output
+    assert "label: binary, 2 classes" in added
+    listed = json.loads(fs(root, "datasets", "list", "--json").output)
+    assert [r["label"] for r in listed] == ["2 classes (binary)"]
+    assert "2 classes (binary)" in fs(root, "ls").output

@@ -277,20 +277,24 @@ def test_cli_extract_video_and_show_video_params(tmp_path, clip_vision):
 
 def test_datasets_registered_before_video_existed_still_load(store, tmp_path, demo_df):
     """A manifest written without video columns reads as having no video inputs."""
+    import json
+
     import polars as pl
 
+    from featurestore._io import write_checksums
     from featurestore.datasets import get_dataset
+    from featurestore.hashing import file_digest
     from featurestore.va.cache import split_va
 
     ds = add_dataset(store, "old", demo_df.head(20), root=None, source="test")
-    path = store.dataset_dir("old") / "manifest.parquet"
-    pl.read_parquet(path).drop(["video", "video_key"]).write_parquet(path)
-    import json
-
-    from featurestore.hashing import file_digest
-
-    info_path = store.dataset_dir("old") / "dataset.json"  # as it was written then: the hash of that manifest
-    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "manifest_hash": file_digest(path)}))
+    folder = store.dataset_dir("old")  # as written then: manifest.parquet, no video columns, checksums.json
+    info = json.loads((folder / "dataset.json").read_text())
+    path = folder / "manifest.parquet"
+    pl.read_parquet(folder / info["manifest_file"]).drop(["video", "video_key"]).write_parquet(path)
+    (folder / info["manifest_file"]).unlink()
+    legacy = {k: v for k, v in info.items() if k not in ("manifest_file", "info_sha256")}
+    (folder / "dataset.json").write_text(json.dumps({**legacy, "manifest_hash": file_digest(path)}))
+    write_checksums(folder, ["manifest.parquet", "dataset.json"])
     old = get_dataset(store, "old")
     assert old.manifest["video_key"].null_count() == 20 and old.modalities == ds.modalities
     assert split_va(store, old.manifest, True) == ({}, {})

@@ -1,15 +1,17 @@
 """Datasets in the store: a manifest (parquet) plus a small JSON of facts about it."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 from pathlib import Path
 from typing import Callable
 
 import polars as pl
 
-from .._io import cleaned_on_failure, publish, read_json, tmp_path, write_checksums, write_json_atomic
+from .._io import CHECKSUMS, cleaned_on_failure, file_lock, publish, read_json, tmp_path, write_json_atomic
 from ..backbones.base import MODALITIES
 from ..errors import ConfigError, DatasetError, IntegrityError, NotFoundError
 from ..hashing import file_digest
@@ -18,7 +20,8 @@ from .adapters import read_folder, read_manifest_file
 from .demo import build_demo
 from .manifest import FILE_MODALITIES, add_content_keys, resolve_paths
 
-__all__ = ["Dataset", "TARGET_NAMES", "describe_targets", "manifest_warnings", "add_dataset", "get_dataset", "list_datasets", "read_manifest_file", "read_folder",
+__all__ = ["Dataset", "TARGET_NAMES", "manifest_name", "info_digest", "is_registered", "stale_manifests",
+           "dataset_lock", "LEGACY_MANIFEST", "describe_targets", "manifest_warnings", "add_dataset", "get_dataset", "list_datasets", "read_manifest_file", "read_folder",
            "build_demo", "BUILTINS"]
 
 BUILTINS: dict[str, Callable[[], pl.DataFrame]] = {"demo": build_demo}
@@ -180,60 +183,127 @@ def _misspelt_columns(df: pl.DataFrame) -> list[str]:
     return out
 
 
+LEGACY_MANIFEST = "manifest.parquet"  # stores before the self-checking dataset.json: + checksums.json
+
+
+def manifest_name(info: dict) -> str:
+    """The manifest file `dataset.json` names (`manifest.<hash>.parquet`; a legacy store's
+    `manifest.parquet`)."""
+    return info.get("manifest_file") or LEGACY_MANIFEST
+
+
+def info_digest(info: dict) -> str:
+    """SHA-256 of `dataset.json`'s fields other than `info_sha256`, canonically serialised: the file
+    checks itself, so it is the single commit point of a dataset (no separate checksums file)."""
+    body = {k: v for k, v in json.loads(json.dumps(info, default=str)).items() if k != "info_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def is_registered(folder: Path) -> bool:
+    """A dataset is there once its `dataset.json` is (a legacy store's `manifest.parquet` counts too)."""
+    return (folder / "dataset.json").exists() or (folder / LEGACY_MANIFEST).exists()
+
+
+def stale_manifests(folder: Path, info: dict | None) -> list[Path]:
+    """Manifest files in `folder` that its `dataset.json` does not name: left by an `add` killed before
+    it published `dataset.json`, or by one killed before it removed the manifest it replaced."""
+    keep = manifest_name(info) if info is not None else None
+    return sorted(p for p in folder.glob("manifest*.parquet") if p.name != keep)
+
+
+def dataset_lock(store: Store, name: str):
+    """Held by `datasets add` for the whole registration: two adds of one name run one after the other."""
+    return file_lock(store.dataset_dir(name) / ".lock", f"dataset {name!r}", wait=True)
+
+
 def add_dataset(store: Store, name: str, df: pl.DataFrame, *, root: str | Path | None, source: str,
                 replace: bool = False, allow_outside_root: bool = False,
                 progress: Callable | None = None, extra_info: dict | None = None) -> Dataset:
     """Register a normalised manifest under `name`: resolve paths, hash contents, publish.
-    `extra_info` is added to `dataset.json` (a layout adapter's report)."""
+    `extra_info` is added to `dataset.json` (a layout adapter's report).
+
+    Publishing is one atomic step: the manifest goes to its own content-named file
+    (`manifest.<hash>.parquet`), then `dataset.json`, which names it, records its SHA-256 and checks
+    itself (`info_sha256`), replaces the old one by rename. A kill at any moment leaves the old
+    dataset or the new one, whole; the manifest it left unnamed is removed by the next add or `fs gc`."""
     folder = store.dataset_dir(check_name(name, "dataset"))
-    if (folder / "manifest.parquet").exists() and not replace:
-        raise DatasetError(f"dataset {name!r} already exists in {store.root}; pass --replace to overwrite "
-                           "its manifest (cached features are kept: they are keyed by content)")
+    _refuse_existing(store, name, folder, replace)
     if root is not None:
         df = resolve_paths(df, Path(root), allow_outside_root=allow_outside_root, source=source)
     elif any(df[m].null_count() < len(df) for m in FILE_MODALITIES):
         raise DatasetError(f"{source}: has file paths but no dataset root; pass --root DIR")
     df = add_content_keys(df, progress)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "manifest.parquet"
-    tmp = tmp_path(target)
-    with cleaned_on_failure(tmp, target):
-        df.write_parquet(tmp, statistics=False)
-    publish(tmp, target)
-    info = {"name": name, "source": source, "root": str(Path(root).resolve()) if root else None,
-            "created_at": now_iso(), "manifest_hash": file_digest(target), **_facts(df),
-            "warnings": manifest_warnings(df), **(extra_info or {})}
-    write_json_atomic(folder / "dataset.json", info)
-    write_checksums(folder, ["manifest.parquet", "dataset.json"])  # a flipped byte in either is found by verify
+    with dataset_lock(store, name):
+        _refuse_existing(store, name, folder, replace)  # another add may have registered it meanwhile
+        tmp = tmp_path(folder / LEGACY_MANIFEST)
+        with cleaned_on_failure(tmp, folder / LEGACY_MANIFEST):
+            df.write_parquet(tmp, statistics=False)
+            digest = file_digest(tmp)
+        target = folder / f"manifest.{digest[:16]}.parquet"
+        publish(tmp, target)
+        info = {"name": name, "source": source, "root": str(Path(root).resolve()) if root else None,
+                "created_at": now_iso(), "manifest_file": target.name, "manifest_hash": digest, **_facts(df),
+                "warnings": manifest_warnings(df), **(extra_info or {})}
+        info["info_sha256"] = info_digest(info)
+        write_json_atomic(folder / "dataset.json", info)  # the commit point
+        for old in stale_manifests(folder, info) + [folder / CHECKSUMS]:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
     return Dataset(name, info, df)
 
 
+def _refuse_existing(store: Store, name: str, folder: Path, replace: bool) -> None:
+    if is_registered(folder) and not replace:
+        raise DatasetError(f"dataset {name!r} already exists in {store.root}; pass --replace to overwrite "
+                           "its manifest (cached features are kept: they are keyed by content)")
+
+
 def get_dataset(store: Store, name: str, *, check: bool = True) -> Dataset:
-    """The registered dataset. With `check`, the manifest must be the one `dataset.json` records (its
-    SHA-256): `datasets add --replace` publishes the manifest before `dataset.json`, so a kill between
-    the two would otherwise pair a new manifest with the old counts, splits and hash."""
+    """The registered dataset. With `check`, `dataset.json` must match its own `info_sha256` and the
+    manifest the SHA-256 it records (a legacy store's `dataset.json`, written before `info_sha256`,
+    is checked by `fs verify` against its `checksums.json`)."""
     folder = store.dataset_dir(name)
     if not (folder / "dataset.json").is_file():
         known = ", ".join(list_datasets(store)) or "none"
         raise NotFoundError(f"dataset {name!r} is not in the store at {store.root}; known: {known} "
                             "(add one with `fs datasets add`)")
-    info = read_json(folder / "dataset.json")
+    info, data = _read_pair(folder)
+    if check and "info_sha256" in info and info_digest(info) != info["info_sha256"]:
+        raise IntegrityError(f"{folder / 'dataset.json'} does not match its recorded info_sha256 (damaged or edited "
+                             f"by hand); re-add the dataset with `fs datasets add {name} ... --replace`")
+    path = folder / manifest_name(info)
     try:
-        data = (folder / "manifest.parquet").read_bytes()
+        if data is None:
+            raise FileNotFoundError(path)
         manifest = pl.read_parquet(io.BytesIO(data))
     except (OSError, pl.exceptions.PolarsError) as exc:
-        raise IntegrityError(f"{folder / 'manifest.parquet'} is damaged or missing ({type(exc).__name__}); "
+        raise IntegrityError(f"{path} is damaged or missing ({type(exc).__name__}); "
                              f"re-add the dataset with `fs datasets add {name} ... --replace`") from None
     recorded = info.get("manifest_hash")
     if check and recorded and hashlib.sha256(data).hexdigest()[:len(recorded)] != recorded:
-        raise IntegrityError(f"dataset {name!r}: manifest.parquet is not the one dataset.json records (manifest hash "
-                             f"!= {recorded}; an interrupted `fs datasets add --replace`?): run that "
-                             "`fs datasets add ... --replace` again")
+        raise IntegrityError(f"dataset {name!r}: {path.name} is not the one dataset.json records (manifest hash "
+                             f"!= {recorded}; damaged, or an interrupted `fs datasets add --replace` of an older "
+                             "version of this tool?): run that `fs datasets add ... --replace` again")
     missing = [m for m in MODALITIES if m not in manifest.columns]
     if missing:  # registered before a modality existed (video): it has no such inputs
         manifest = manifest.with_columns([pl.lit(None, dtype=pl.String).alias(c)
                                           for m in missing for c in (m, f"{m}_key")])
     return Dataset(name, info, manifest)
+
+
+def _read_pair(folder: Path) -> tuple[dict, bytes | None]:
+    """`dataset.json` and the bytes of the manifest it names (None if that file is missing). A
+    concurrent `add --replace` removes the manifest it replaced right after publishing its
+    `dataset.json`: a reader that lost that race reads `dataset.json` again."""
+    for _ in range(5):
+        info = read_json(folder / "dataset.json")
+        try:
+            return info, (folder / manifest_name(info)).read_bytes()
+        except FileNotFoundError:
+            if read_json(folder / "dataset.json").get("manifest_file") == info.get("manifest_file"):
+                return info, None  # not a replacement: the manifest is gone
+    return info, None
 
 
 def list_datasets(store: Store) -> list[str]:

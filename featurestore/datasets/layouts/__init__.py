@@ -50,10 +50,10 @@ def read_layout(layout: str, root: str | Path, *, options: dict | None = None,
 def add_layout_dataset(store: Store, name: str, layout: str, root: str | Path, *, options: dict | None = None,
                        replace: bool = False, allow_outside_root: bool = False, progress: Callable | None = None):
     """Register dataset `name` from a layout; the report goes into `dataset.json` under `layout`."""
-    from .. import add_dataset
+    from .. import add_dataset, is_registered
 
     folder = store.dataset_dir(check_name(name, "dataset"))
-    if (folder / "manifest.parquet").exists() and not replace:  # before any file is materialised
+    if is_registered(folder) and not replace:  # before any file is materialised
         raise DatasetError(f"dataset {name!r} already exists in {store.root}; pass --replace to overwrite "
                            "its manifest (cached features are kept: they are keyed by content)")
     result = read_layout(layout, root, options=options, workdir=folder, progress=progress)
