@@ -324,3 +324,28 @@ def test_learned_scorer_fitted_on_faces_scores_video_frames(store, tmp_path):
     assert np.abs(want).max() < 1  # nothing clipped, so the identity holds exactly
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert va.create("learned", {"model": "affect-va"}, store=store).source("image") != res.source
+
+
+@pytest.mark.parametrize("n, d", [(40, 60), (40, 384), (200, 30), (60, 200), (30, 5)])
+def test_ridge_chooses_the_alpha_of_exact_leave_one_out(n, d):
+    """The learned ridge's alpha is the grid value with the least leave-one-out error: the same one
+    scikit-learn's RidgeCV picks (its efficient LOO), and, on the smallest case, the one a brute-force
+    refit per held-out item picks. Includes n <= d, where a leverage without the intercept's 1/n
+    made the smallest alpha win every time."""
+    from sklearn.linear_model import Ridge as SkRidge, RidgeCV
+
+    from featurestore.va.learned import _ALPHAS, FitParams, Ridge
+
+    rng = np.random.default_rng(n * 1000 + d)
+    x = rng.normal(size=(n, d)) * rng.uniform(0.1, 5, d)
+    w = rng.normal(size=d) * (rng.random(d) < 0.3)
+    y = np.c_[x @ w / np.sqrt(d) + rng.normal(0, 1.0, n), np.full(n, np.nan)]
+    ours = Ridge(FitParams()).fit(x, y)
+    xs = (x - x.mean(0)) / x.std(0)
+    assert ours.alpha_[0] == pytest.approx(RidgeCV(alphas=_ALPHAS).fit(xs, y[:, 0]).alpha_)
+    reference = SkRidge(alpha=ours.alpha_[0]).fit(xs, y[:, 0])
+    np.testing.assert_allclose(ours.coef_[:, 0], reference.coef_, atol=1e-8)
+    if n * d <= 200 * 30:
+        errors = [np.mean([(SkRidge(alpha=a).fit(np.delete(xs, i, 0), np.delete(y[:, 0], i))
+                            .predict(xs[i:i + 1])[0] - y[i, 0]) ** 2 for i in range(n)]) for a in _ALPHAS]
+        assert ours.alpha_[0] == pytest.approx(_ALPHAS[int(np.argmin(errors))])

@@ -131,13 +131,17 @@ class Ridge:
 
     @staticmethod
     def _loo_alpha(xv: np.ndarray, s2: np.ndarray, xty: np.ndarray, y: np.ndarray) -> float:
-        """The grid alpha with the least leave-one-out error: e_i = r_i / (1 - h_ii)."""
+        """The grid alpha with the least leave-one-out error: e_i = r_i / (1 - h_ii), where the hat matrix
+        of ridge with an unpenalised intercept is 11'/n + Xc (Xc'Xc + alpha I)^-1 Xc' (so h_ii carries
+        the intercept's 1/n: without it, with no more items than dimensions every e_i was near 0 and
+        the smallest alpha always won)."""
         best, best_err = _ALPHAS[0], np.inf
         xv2 = xv ** 2
+        n = len(y)
         for alpha in _ALPHAS:
             inv = 1.0 / (s2 + alpha)
             resid = y - xv @ (inv * xty)
-            lev = np.minimum(xv2 @ inv, 1 - 1e-9)
+            lev = np.minimum(1.0 / n + xv2 @ inv, 1 - 1e-9)
             err = np.mean((resid / (1 - lev)) ** 2)
             if err < best_err:
                 best, best_err = alpha, err
