@@ -374,3 +374,51 @@ def test_sweep_limit_must_be_at_least_one(tmp_path):
     res = fs(tmp_path / "store", "sweep", "--method", "mlp", "--dataset", "d", "--features", "text=minilm",
              "--grid", "lr=1e-3", "--limit", "0", code=2)
     assert "--limit" in res.output and "Traceback" not in res.output
+
+
+def test_random_draws_follow_their_distributions():
+    """A `log` range is log-uniform (median at the geometric mean, not the midpoint), and an int
+    range rounds, so its end values are drawn half as often as the inner ones (1: u < 0.25)."""
+    space = {"lr": {"low": 1e-4, "high": 1e-2, "log": True, "type": "float"},
+             "wd": {"low": 0.0, "high": 1.0, "type": "float"}, "layers": {"low": 1, "high": 3, "type": "int"}}
+    draws = sweep_job.sample_random(space, 4000, 3)
+    lr = np.array([c["lr"] for c in draws])
+    assert np.median(lr) == pytest.approx(1e-3, rel=0.1)  # uniform would give about 5e-3
+    assert np.mean(np.log10(lr) < -3.5) == pytest.approx(0.25, abs=0.03)
+    assert np.median([c["wd"] for c in draws]) == pytest.approx(0.5, abs=0.03)
+    layers = np.array([c["layers"] for c in draws])
+    assert [np.mean(layers == k) for k in (1, 2, 3)] == pytest.approx([0.25, 0.5, 0.25], abs=0.03)
+
+
+def test_a_nan_validation_score_ranks_last_and_is_never_exported():
+    """A diverged configuration (constant predictions: Pearson r is NaN) must not top the leaderboard."""
+    from featurestore.heads import metrics
+    from featurestore.jobs.sweep.results import export_best, leaderboard
+
+    y = np.random.default_rng(0).uniform(-1, 1, (50, 2))
+    assert np.isnan(metrics.va(y, np.zeros((50, 2)))["r"])
+    table = pl.DataFrame({"trial": [0, 1, 2, 3], "lr": [1e-4, 1.0, 1e-3, 2.0],
+                          "val_r": [0.41, float("nan"), 0.63, None],
+                          "params": ['{"lr": 0.0001}', '{"lr": 1.0}', '{"lr": 0.001}', '{"lr": 2.0}'],
+                          "epochs": [5] * 4, "seconds": [1.0] * 4})
+    definition = {"metric": "r", "swept": ["lr"], "id": "x", "seed": 0, "features": {"text": "minilm"},
+                  "method": "mlp", "dataset": "d", "target": "va", "val_fraction": 0.1, "fingerprints": {}}
+    assert [r["trial"] for r in leaderboard(table, definition, 4)][:2] == [2, 0]
+    assert export_best(definition, table)["params"]["lr"] == 1e-3
+
+
+def test_optuna_minimises_a_lower_is_better_metric(demo_store, tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    (tmp_path / "s.json").write_text(json.dumps({"lr": {"low": 1e-3, "high": 3e-1, "log": True}}))
+    out = json.loads(fs(demo_store, "sweep", "--method", "linear", "--dataset", "demo", "--features", "text=minilm",
+                        "--target", "labels", "--metric", "hamming_loss", "--optuna", "3", "--space",
+                        str(tmp_path / "s.json"), "-p", "epochs=2", "--json").output)
+    folder = demo_store.sweeps_dir() / out["sweep"]
+    study = optuna.load_study(study_name=out["sweep"],
+                              storage=JournalStorage(JournalFileBackend(str(folder / "optuna.journal"))))
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    values = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert study.best_value == min(values)

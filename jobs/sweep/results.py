@@ -58,7 +58,12 @@ def rank(table, definition: dict):
     col = f"val_{definition['metric']}"
     if not table.height or col not in table.columns:
         return table
-    return table.sort(col, descending=definition["metric"] not in LOWER_IS_BETTER, nulls_last=True)
+    import polars as pl
+
+    # NaN (a Pearson r of constant predictions: a diverged configuration) sorts as the largest float
+    # in polars, so it would rank first under `descending`; it ranks last, with the nulls
+    return table.sort(pl.col(col).fill_nan(None), descending=definition["metric"] not in LOWER_IS_BETTER,
+                      nulls_last=True)
 
 
 def leaderboard(table, definition: dict, top: int = 10) -> list[dict]:
