@@ -19,6 +19,8 @@ def _multi(seed, n=60, c=5):
     pred[:, -1] = 0  # one column never predicted
     y[:3] = 0
     pred[:2] = 0  # empty unions
+    y[:, 1] = 0
+    pred[:, 1] = 0  # one column never true and never predicted: F1 0 in the macro mean, as sklearn counts it
     return y, pred
 
 
@@ -84,6 +86,10 @@ def test_va_pearson_and_ccc(seed):
     assert got["valence_ccc"] == pytest.approx(ccc, abs=1e-9)
     assert metrics.ccc(t, t) == pytest.approx(1.0)
     assert got["r"] == pytest.approx((got["valence_r"] + got["arousal_r"]) / 2)
+    x, t = pred[ok, 1], y[ok, 1]  # arousal: the rows with a truth only
+    ccc = 2 * np.cov(x, t, bias=True)[0, 1] / (x.var() + t.var() + (x.mean() - t.mean()) ** 2)
+    assert got["arousal_ccc"] == pytest.approx(ccc, abs=1e-9)
+    assert got["ccc"] == pytest.approx((got["valence_ccc"] + ccc) / 2, abs=1e-9)
 
 
 def test_va_with_an_unlabelled_dimension_is_nan_not_an_error():
@@ -98,3 +104,11 @@ def test_primary_per_kind():
     ys = np.array([0, 1, 1, 2])
     assert metrics.primary(Targets("single", ys, list("abc")), ys) == 1.0
     assert metrics.PRIMARY["single"] == "uar"
+    rng = np.random.default_rng(1)
+    yb, pb = np.array([1, 1, 1, 0, 0, 0, 0, 0]), np.array([1, 0, 0, 0, 0, 0, 0, 1])  # accuracy 0.625, F1 0.4
+    assert metrics.primary(Targets("binary", yb, ["neg", "pos"]), pb) == pytest.approx(sk.accuracy_score(yb, pb))
+    yv = rng.uniform(-1, 1, (30, 2))
+    pv = 0.5 * yv + rng.normal(0, 0.2, (30, 2))
+    by_hand = [2 * np.cov(pv[:, d], yv[:, d], bias=True)[0, 1]
+               / (pv[:, d].var() + yv[:, d].var() + (pv[:, d].mean() - yv[:, d].mean()) ** 2) for d in (0, 1)]
+    assert metrics.primary(Targets("va", yv, []), pv) == pytest.approx(np.mean(by_hand), abs=1e-9)
