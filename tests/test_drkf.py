@@ -347,3 +347,28 @@ def test_empty_inputs_a_modality_no_training_item_has_and_nan_steps():
     bad[3][0, 1] = np.nan
     with pytest.raises(ConfigError, match="text sequence of item 3 holds NaN"):
         heads.create("drkf", **params).fit(Features(dict(X.pooled), dict(X.masks), sequences={"text": bad}), y)
+
+
+def test_each_modality_carries_its_own_segment_embedding():
+    """The fusion encoder reads each modality's projected tokens plus that modality's own segment row
+    (`segment[k]` for the k-th modality; the last row is CLS/SEP's): the two must differ."""
+    net, _ = _net()
+    batch = _batch()
+    x = {m: batch[f"x.{m}"] for m in net.mods}
+    with torch.no_grad():
+        toks = net.tokens(x, x)
+        for k, m in enumerate(net.mods):
+            torch.testing.assert_close(toks[m] - net.inp[m](x[m]), net.segment[k].expand_as(toks[m]),
+                                       atol=1e-6, rtol=1e-5)
+    assert not torch.equal(net.segment[0], net.segment[1])
+
+
+def test_standardisation_statistics_are_those_of_the_real_training_steps():
+    """z-scoring uses the mean and (population) std of the training sequences' real steps, padding
+    excluded: numpy over the ragged sequences concatenated by hand."""
+    X, y = _sequence_data()
+    head = heads.create("drkf", epochs=1, batch_size=16, hidden=16, heads=2, proj=8, ae_width=8, ae_blocks=2)
+    head.fit(X, y)
+    steps = np.concatenate(X.sequences["text"])
+    np.testing.assert_allclose(head.norm_["text.mean"], steps.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(head.norm_["text.std"], steps.std(0) + 1e-6, rtol=1e-5, atol=1e-6)

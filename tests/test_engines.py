@@ -248,3 +248,36 @@ def test_vmapped_training_runs_attention_with_the_math_kernel_on_cuda():
     with _math_attention("cuda"):
         out = step(params, torch.randn(5, 7, 16))
     assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])  # one dropout mask for every config
+
+
+def test_stacked_forward_equals_each_configurations_own_network_with_inverted_dropout():
+    """`_Stack.forward` of an mlp with two hidden layers, C=2 different configurations, against the
+    network written out per configuration with torch's modules: GELU after every hidden layer, and
+    dropout as torch's inverted dropout (keep where U < keep, scale by 1/keep) with the same U."""
+    from featurestore.heads._stacked import _Stack
+
+    torch.manual_seed(0)
+    D, H, K, B = 6, 5, 3, 4
+    nets = [torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.GELU(), torch.nn.Linear(H, H), torch.nn.GELU(),
+                                torch.nn.Linear(H, K)) for _ in range(2)]
+    lins = [[m for m in net if isinstance(m, torch.nn.Linear)] for net in nets]
+    stack = _Stack([(lin.weight, lin.bias) for lin in lins[0]], 2, "cpu")
+    with torch.no_grad():  # configuration 1 gets the second network's weights
+        for i, lin in enumerate(lins[1]):
+            W, b = stack.params[i]
+            (W[:, 1] if i == 0 else W[1]).copy_(lin.weight.t())
+            b[1].copy_(lin.bias)
+    x = torch.randn(B, D)
+    with torch.no_grad():
+        out = stack.forward(x)
+        for c in range(2):
+            torch.testing.assert_close(out[c], nets[c](x), rtol=1e-5, atol=1e-6)
+        keep = torch.tensor([0.7, 0.9])
+        us = [torch.rand(B, H), torch.rand(B, H)]
+        queue = list(us)
+        out = stack.forward(x, keep=keep, draws=lambda shape: queue.pop(0))
+        for c in range(2):
+            k = float(keep[c])
+            h = torch.nn.functional.gelu(lins[c][0](x)) * (us[0] < k).float() / k
+            h = torch.nn.functional.gelu(lins[c][1](h)) * (us[1] < k).float() / k
+            torch.testing.assert_close(out[c], lins[c][2](h), rtol=1e-5, atol=1e-6)
