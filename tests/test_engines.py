@@ -281,3 +281,26 @@ def test_stacked_forward_equals_each_configurations_own_network_with_inverted_dr
             h = torch.nn.functional.gelu(lins[c][0](x)) * (us[0] < k).float() / k
             h = torch.nn.functional.gelu(lins[c][1](h)) * (us[1] < k).float() / k
             torch.testing.assert_close(out[c], lins[c][2](h), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["single", "binary", "multi", "va"])
+def test_task_loss_is_torchs_loss_per_configuration(kind):
+    """task_loss against torch's own loss modules, each configuration of a `[C, B, K]` stack alone:
+    CrossEntropyLoss, BCEWithLogitsLoss, and for VA the MSE over the known values only."""
+    g = torch.Generator().manual_seed(0)
+    C, B, K = 3, 7, (2 if kind in ("binary", "va") else 4)
+    out = torch.randn(C, B, K, generator=g)
+    if kind in ("single", "binary"):
+        y = torch.randint(0, K, (B,), generator=g)
+        ref = [torch.nn.CrossEntropyLoss()(out[c], y) for c in range(C)]
+    elif kind == "multi":
+        y = (torch.rand(B, K, generator=g) < 0.4).float()
+        ref = [torch.nn.BCEWithLogitsLoss()(out[c], y) for c in range(C)]
+    else:
+        y = torch.rand(B, K, generator=g) * 2 - 1
+        y[1, 0] = y[4, 1] = float("nan")
+        known = ~y.isnan()
+        ref = [torch.nn.MSELoss()(out[c][known], y[known]) for c in range(C)]
+    got = task_loss(out, y, kind)
+    torch.testing.assert_close(got, torch.stack(ref), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(task_loss(out[1], y, kind), ref[1], rtol=1e-6, atol=1e-7)
