@@ -99,18 +99,19 @@ class FsGroup(click.Group):
         except BrokenPipeError:  # `fs ... | head`: the reader has gone, having read what it wanted
             _silence_stdout()
             ctx.exit(SIGPIPE_EXIT)
-        except OSError as exc:  # a full disk met outside the writers that name their file themselves
+        except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into a line
             from featurestore._io import disk_full
 
+            # a full disk met outside the writers that name their file themselves: an OSError, or one a
+            # library wrapped (safetensors' SafetensorError, h5py's, faiss's RuntimeError) with errno 28
             if not disk_full(exc):
                 self._unexpected(ctx, exc)
             if _debug(ctx):
                 traceback.print_exc()
-            click.echo(f"error: disk full writing {exc.filename or ctx.find_root().obj['store_root']}: free some "
-                       "space and re-run; `fs gc` removes leftover temp files", err=True)
+            where = getattr(exc, "filename", None) or ctx.find_root().obj["store_root"]
+            click.echo(f"error: disk full writing {where}: free some space and re-run; `fs gc` removes leftover "
+                       "temp files", err=True)
             ctx.exit(DiskFullError.exit_code)
-        except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into a line
-            self._unexpected(ctx, exc)
 
     @staticmethod
     def _unexpected(ctx: click.Context, exc: Exception):

@@ -235,8 +235,8 @@ def errors_cmd(ctx: click.Context, name: str, dataset: str | None, resolved: boo
                as_json: bool) -> None:
     """The items that failed in a feature set or a VA source, and why.
 
-    NAME is a fingerprint or a backbone name (as `--features` takes it), or a VA source or scorer
-    name. Prints the count of each reason, then the items (`--json`: all of them, as records
+    NAME is a fingerprint, a backbone name, or MODALITY=NAME (as `--features` takes them), or a VA
+    source or scorer name. Prints the count of each reason, then the items (`--json`: all of them, as records
     with key, dataset, item_id and reason). `fs extract --retry-errors` and `fs va score
     --retry-errors` try them again."""
     from featurestore.features import resolve_features
@@ -244,10 +244,11 @@ def errors_cmd(ctx: click.Context, name: str, dataset: str | None, resolved: boo
 
     store = get_store(ctx)
     ds = get_dataset(store, dataset) if dataset is not None else None
+    modality, _, ref = name.rpartition("=")  # MODALITY=NAME, as --features takes it
     try:
-        rows = resolve_features(store, name, dataset=ds)
+        rows = resolve_features(store, ref, modality=modality or None, dataset=ds)
     except NotFoundError:
-        if any(f.backbone == name for f in list_feature_sets(store)):
+        if any(f.backbone == ref for f in list_feature_sets(store)):
             raise  # a backbone's feature sets, none right for --dataset: that error says which
         try:
             rows = resolve_va(store, name)

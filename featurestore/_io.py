@@ -21,7 +21,7 @@ from .errors import DiskFullError, IntegrityError, LockedError
 
 __all__ = ["TMP_SUFFIX", "tmp_path", "publish", "write_json_atomic", "write_bytes_atomic", "read_json",
            "file_lock", "json_safe", "disk_full", "raise_if_disk_full", "CHECKSUMS", "write_checksums",
-           "check_checksums", "sha256_file", "try_lock", "cleaned_on_failure", "writer_alive", "fsync_dir",
+           "check_checksums", "require_intact", "regular_file_bytes", "NotRegularFile", "sha256_file", "try_lock", "cleaned_on_failure", "writer_alive", "fsync_dir",
            "fsync_tree", "exchange", "publish_folder", "OLD_SUFFIX", "swapped_out_target", "writer_tag"]
 
 TMP_SUFFIX = ".tmp"
@@ -302,10 +302,38 @@ def check_checksums(folder: Path) -> list[str] | None:
     return problems
 
 
+class NotRegularFile(OSError):
+    """A path that names a FIFO, socket or device: reading it could block forever or never end."""
+
+    def __init__(self, path) -> None:
+        super().__init__(errno.EINVAL, "not a regular file (a FIFO, socket or device)", str(path))
+
+
+def regular_file_bytes(path) -> bytes:
+    """The bytes of the regular file at `path` (symlinks followed); NotRegularFile for anything else,
+    before any read (a FIFO would block the job forever)."""
+    import stat
+
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise NotRegularFile(path)
+    return Path(path).read_bytes()
+
+
+def require_intact(folder: Path, fix: str) -> None:
+    """Before a saved artifact (a run, a memory, a fitted VA model) is loaded: its files must match its
+    `checksums.json`, or one IntegrityError names them, since a flipped bit in weights or an index still
+    loads and would give wrong answers without a word. A folder without checksums is not checked."""
+    problems = check_checksums(folder)
+    if problems:
+        raise IntegrityError(f"{folder} is damaged ({'; '.join(problems)}); {fix}")
+
+
 @contextlib.contextmanager
-def file_lock(path: Path, what: str, *, shared: bool = False, wait: bool = False) -> Iterator[None]:
+def file_lock(path: Path, what: str, *, shared: bool = False, wait: bool = False,
+              wait_option: bool = False) -> Iterator[None]:
     """An advisory lock (exclusive, or shared with other shared holders), released by the kernel
-    if the holder is killed. `wait` blocks until it is free instead of raising LockedError."""
+    if the holder is killed. `wait` blocks until it is free instead of raising LockedError, whose
+    message offers `--wait` only where the command has it (`wait_option`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a+")
     try:
@@ -313,9 +341,8 @@ def file_lock(path: Path, what: str, *, shared: bool = False, wait: bool = False
         try:
             fcntl.flock(fh.fileno(), mode | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise LockedError(
-                f"{what} is locked by another process ({path}); wait for it to finish, or pass --wait"
-            ) from None
+            then = ", or pass --wait" if wait_option else " and run this again"
+            raise LockedError(f"{what} is locked by another process ({path}); wait for it to finish{then}") from None
         yield
     finally:
         fh.close()

@@ -222,9 +222,9 @@ def resolve_features(store: Store, ref: str, *, modality: str | None = None, dat
     if dataset is None:
         if len(candidates) == 1:
             return candidates[0]
-        raise ConfigError(f"{what} names {len(candidates)} fingerprints ({', '.join(f.fingerprint for f in candidates)});"
-                          " pass the full fingerprint, e.g. --features "
-                          f"{candidates[0].modality}={candidates[-1].fingerprint}")
+        raise ConfigError(f"{what} names {len(candidates)} fingerprints: "
+                          f"{', '.join(f'{f.modality}={f.fingerprint}' for f in candidates)}; pass the one you mean "
+                          f"(its fingerprint, or MODALITY={ref} where the modalities differ)")
     if len(candidates) == 1:  # one fingerprint of that name: whether it covers the dataset shows on reading
         return candidates[0]
     if isinstance(dataset, str):

@@ -97,10 +97,12 @@ class KeyedSet:
         write_json_atomic(self.spec_path, {**spec, **self._stamp()})
 
     @contextlib.contextmanager
-    def lock(self, *, shared: bool = False, wait: bool = False) -> Iterator[None]:
+    def lock(self, *, shared: bool = False, wait: bool = False, wait_option: bool = False) -> Iterator[None]:
         """The writer lock: extraction jobs share it (each publishes its own segments),
-        compaction and single-writer jobs hold it alone. `wait` blocks instead of failing."""
-        with file_lock(self.folder / ".lock", f"{self.what} {self.name}", shared=shared, wait=wait):
+        compaction and single-writer jobs hold it alone. `wait` blocks instead of failing;
+        `wait_option`: the command has `--wait` (its refusal says so)."""
+        with file_lock(self.folder / ".lock", f"{self.what} {self.name}", shared=shared, wait=wait,
+                       wait_option=wait_option):
             yield
 
     def record_dataset(self, dataset: str, entry: dict) -> None:

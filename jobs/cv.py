@@ -118,6 +118,7 @@ class CVSet:
     manifest_hash: str
     folds: np.ndarray  # the manifest's official fold per item (None where it has none)
     target: str = ""  # the target trained on, after the dataset's default was applied
+    no_features: dict = dataclasses.field(default_factory=dict)  # per split: items with a target, no cached row
 
 
 def load_cv_set(store: Store, dataset: str, features, *, target: str, sequences: bool, va: bool) -> CVSet:
@@ -131,10 +132,11 @@ def load_cv_set(store: Store, dataset: str, features, *, target: str, sequences:
     splits = [s for s, count in sorted(ds.splits().items()) if count]
     raw = {s: _load(store, ds, s, features, sequences=sequences, va=va) for s in splits}
     label_va, _ = _label_va(ds, target, classes, raw[splits[0]])
-    Xs, ys, groups, ids, names, folds = [], [], [], [], [], []
+    Xs, ys, groups, ids, names, folds, no_features = [], [], [], [], [], [], {}
     for s in splits:
         try:
-            X, y, keep, _, _ = usable(raw[s], target, classes, sequences=sequences, va=va, label_va=label_va)
+            X, y, keep, _, no_features[s] = usable(raw[s], target, classes, sequences=sequences, va=va,
+                                                   label_va=label_va)
         except DatasetError:  # a split with no target or no cached features adds nothing
             continue
         Xs.append(X), ys.append(y), groups.append(raw[s].groups[keep])
@@ -147,7 +149,7 @@ def load_cv_set(store: Store, dataset: str, features, *, target: str, sequences:
     y = Targets(target_kind(target, classes), np.concatenate([t.y for t in ys]), classes, label_va)
     first = raw[splits[0]]
     return CVSet(_concat(Xs), y, np.concatenate(groups), classes, np.concatenate(ids), np.concatenate(names),
-                 dict(first.fingerprints), ds.manifest_hash, np.concatenate(folds), target)
+                 dict(first.fingerprints), ds.manifest_hash, np.concatenate(folds), target, no_features)
 
 
 def load_all(store: Store, dataset: str, features, *, target: str, sequences: bool, va: bool, with_folds: bool = False):
@@ -189,7 +191,7 @@ def run_cv(config, store: Store, *, log: Callable[[str], None] | None = None, in
     (into run folder `into` when given: a seed of a `--seeds` run, published with its parent).
     `progress`: a bar per fold's training (`desc` prefixes its label)."""
     from ._progress import epoch_progress
-    from .train_head import TrainResult, _new_run_id, make_head
+    from .train_head import TrainResult, _new_run_id, coverage_warnings, make_head
 
     start = time.perf_counter()
     say = log or (lambda s: None)
@@ -201,6 +203,9 @@ def run_cv(config, store: Store, *, log: Callable[[str], None] | None = None, in
     cs = load_cv_set(store, config.dataset, fingerprints, target=target,
                      sequences=probe.uses_sequences and getattr(probe, "sequences", True), va=probe.uses_va)
     X, y, classes = cs.X, cs.y, cs.classes
+    warned = coverage_warnings(cs, config.dataset)
+    for message in warned:
+        say(message)
     if y.kind not in probe.supports:
         raise ConfigError(f"head {config.method!r} does not train {y.kind!r} targets (--target {target}); "
                           f"it supports {sorted(probe.supports)}")
@@ -251,7 +256,7 @@ def run_cv(config, store: Store, *, log: Callable[[str], None] | None = None, in
         raise
     say(f"saved cross-validation run {run_id} to {final}")
     result = TrainResult(run_id, final, config.method, config.dataset, y.kind, mean, mean.get("val_primary"),
-                         time.perf_counter() - start, lineage)
+                         time.perf_counter() - start, lineage, warned)
     result.folds, result.std = per_fold, std
     return result
 
@@ -379,6 +384,7 @@ class CVPrepared:
     manifest_hash: str
     splits: dict
     target: str = ""  # the target trained on, after the dataset's default was applied
+    no_features: dict = dataclasses.field(default_factory=dict)  # per split: items with a target, no cached row
 
 
 def prepare_cv(store: Store, dataset: str, features, *, cv: str | int, target: str, val_fraction: float, seed: int,
@@ -391,7 +397,7 @@ def prepare_cv(store: Store, dataset: str, features, *, cv: str | int, target: s
                       "held_out": f["held_out"],
                       **{part: (cs.X.take(f[part]), cs.y.take(f[part])) for part in ("train", "val", "held")}})
     return CVPrepared(cs.y.kind, cs.classes, str(parse_cv(cv)), folds, cs.fingerprints, cs.manifest_hash,
-                      {"val": folds[0]["val"]}, cs.target)
+                      {"val": folds[0]["val"]}, cs.target, cs.no_features)
 
 
 def _fit_configs(cls, configs: list[dict], train, val, say) -> list:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from featurestore import backbones, spec_cache
-from featurestore._io import disk_full
+from featurestore._io import NotRegularFile, disk_full, regular_file_bytes
 from featurestore.backbones.base import MODALITIES, Backbone, fingerprint_of, resolve_device
 from featurestore.claims import Claims
 from featurestore.config import field
@@ -158,18 +158,28 @@ def pending(rows, items: Sequence["_Item"], unreadable: Sequence[ErrorRecord], d
 
 
 def _unreadable_reason(modality: str, source: str) -> str:
+    """Why an item that had no content key when the dataset was added cannot be read (as it is now)."""
+    import stat
+
     if modality == "text":
         return "empty text"
-    path = Path(source)
-    if not path.exists():
-        return f"missing file: {source}"
-    return f"cannot read file: {source}"
+    try:
+        if not stat.S_ISREG(os.stat(source).st_mode):
+            return f"'{source}' is not a regular file (a FIFO, socket or device): list regular files only"
+        os.close(os.open(source, os.O_RDONLY))
+    except FileNotFoundError:
+        return f"missing file: '{source}'"
+    except OSError as exc:
+        return f"cannot read file '{source}': {exc.strerror}"
+    return (f"file '{source}' could not be read when the dataset was added; it reads now: "
+            "add the dataset again (`fs datasets add --replace`)")
 
 
 # Read errors that are the item's own fault: recorded against it. Any other OSError (EIO, ESTALE,
 # ETIMEDOUT, EMFILE, ENFILE, ENOMEM, ...) is about the disk or the mount: the job stops, a rerun retries.
 _ITEM_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
-_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR})  # ... if the dataset root is there
+_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP,  # ... if the dataset root is there
+                          errno.ENAMETOOLONG})
 # OSErrors that are never about one item, wherever they come from (a decoder, a temp file).
 _TRANSIENT_ERRNOS = frozenset(getattr(errno, n) for n in (
     "EIO", "ESTALE", "ETIMEDOUT", "EMFILE", "ENFILE", "ENOMEM", "EAGAIN", "EINTR", "ENOLINK", "ECOMM",
@@ -210,6 +220,8 @@ def root_missing(root: str, dataset: str = "") -> InputReadError:
 def _read_error(exc: OSError, item: _Item) -> FeatureStoreError:
     """A file that could not be read: the item's fault (BadItemError, recorded) or the storage's
     (InputReadError, transient: the job stops and a rerun retries the item)."""
+    if isinstance(exc, NotRegularFile):
+        return BadItemError(f"'{item.source}' is {exc.strerror}: list regular files only")
     code = exc.errno
     if code in _PATH_ERRNOS and item.root and Path(item.source).is_relative_to(item.root) \
             and not _root_there(item.root):
@@ -226,7 +238,7 @@ def _raw(modality: str, item: _Item) -> bytes | str:
     if modality == "text":
         return item.source
     try:
-        data = Path(item.source).read_bytes()
+        data = regular_file_bytes(item.source)
     except OSError as exc:
         raise _read_error(exc, item) from None
     if content_key(modality, data) != item.key:
@@ -454,7 +466,7 @@ def run(config: ExtractConfig, store: Store, *, backbone: Backbone | None = None
     remembered = spec_cache.lookup(store, bb)
     if remembered is not None:
         fs = FeatureSet(store, fingerprint_of(bb.name, remembered))
-        with fs.lock(shared=True, wait=config.wait):  # a compaction in progress is found before any model load
+        with fs.lock(shared=True, wait=config.wait, wait_option=True):  # a compaction in progress is found before any model load
             if fs.exists() and not pending(fs, job.items, job.unreadable, config.dataset,
                                            retry_errors=config.retry_errors).todo:
                 return job.extract(fs, remembered)  # nothing to compute: no model needed
@@ -466,7 +478,7 @@ def run(config: ExtractConfig, store: Store, *, backbone: Backbone | None = None
     spec = bb.spec()
     spec_cache.remember(store, bb, spec)
     fs = FeatureSet(store, fingerprint_of(bb.name, spec))
-    with fs.lock(shared=True, wait=config.wait):
+    with fs.lock(shared=True, wait=config.wait, wait_option=True):
         return job.extract(fs, spec)
 
 
@@ -490,6 +502,10 @@ class _Job:
         fs.ensure_spec(spec)
         fs.segments.remove_temp_files(dead_only=True)  # what killed jobs left half-written
         fs.segments.adopt_orphans()  # segments of a job killed between publishing and registering
+        # Segments named before `pending` reads: what `pending` accounted for is at least these, and any
+        # segment another job publishes later is read by `_Output.published` before its keys are claimed.
+        # (Taken after `pending`, a segment published in between was in neither: its keys computed twice.)
+        self.accounted = set(fs.segments.catalogue()["segments"])
         work = pending(fs, self.items, self.unreadable, config.dataset, retry_errors=config.retry_errors)
         result.cached, todo = work.cached, work.todo
         check_root(todo, config.dataset)  # an unmounted disk: stop before recording anything against items
@@ -521,16 +537,18 @@ class _Job:
     def compute(self, fs: FeatureSet, todo: list, writer, result: ExtractResult) -> None:
         """Encode `todo` into `fs` in this process (`--engine ray` overrides this: jobs/ray_extract.py)."""
         with Claims(fs.folder) as claims:
-            _extract(self.bb, self.config, todo, _Output(fs, writer, claims, result), self.progress)
+            _extract(self.bb, self.config, todo, _Output(fs, writer, claims, result, self.accounted), self.progress)
 
 
 class _Output:
     """Where computed rows go: the writer, the claims of this job, and what others have published."""
 
-    def __init__(self, fs: FeatureSet, writer, claims: Claims, result: ExtractResult):
+    def __init__(self, fs: FeatureSet, writer, claims: Claims, result: ExtractResult, accounted: set | None = None):
+        """`accounted`: the segments whose rows the job's `pending` already excluded (taken before it
+        read); any other segment is read here before its keys are claimed."""
         self.fs, self.writer, self.claims, self.result = fs, writer, claims, result
         self.breaker: Breaker | None = None  # set by _extract: the failures it holds stay claimed
-        self.seen = set(fs.segments.catalogue()["segments"])
+        self.seen = set(accounted) if accounted is not None else set(fs.segments.catalogue()["segments"])
         self.done: set[str] = set()
         self._stamp: tuple = ()
         self.last_flush = time.perf_counter()

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from featurestore import backbones
-from featurestore._io import read_json
+from featurestore._io import read_json, regular_file_bytes
 from featurestore.backbones.base import MODALITIES, fingerprint_of
 from featurestore.errors import BadItemError, ConfigError, FeatureStoreError, IntegrityError, NotFoundError
 from featurestore.features import FeatureSet
@@ -80,7 +80,7 @@ def _source(modality: str, value: Any) -> bytes | str:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     try:
-        return Path(value).read_bytes()
+        return regular_file_bytes(value)
     except OSError as exc:
         raise NotFoundError(f"cannot read {modality} file {str(value)!r}: {exc.strerror}") from None
 

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from featurestore._io import regular_file_bytes
 from featurestore import backbones
 from featurestore.backbones.base import fingerprint_of
 from featurestore.config import field
@@ -110,7 +111,7 @@ class Querier:
 
     def file(self, modality: str, path: str | Path) -> dict:
         try:
-            data = Path(path).read_bytes()
+            data = regular_file_bytes(path)
         except OSError as exc:
             raise NotFoundError(f"cannot read {modality} file {str(path)!r}: {exc.strerror}") from None
         return self.raw(modality, data)

@@ -69,7 +69,7 @@ def run(config: ExtractConfig, store: Store, options: RayOptions = RayOptions(),
             spec_cache.remember(store, bb, spec)
         fs = FeatureSet(store, fingerprint_of(bb.name, spec))
         try:
-            with fs.lock(shared=True, wait=config.wait):
+            with fs.lock(shared=True, wait=config.wait, wait_option=True):
                 result = job.extract(fs, spec)
             break
         except FingerprintMismatch:

@@ -24,7 +24,7 @@ import numpy as np
 
 import featurestore.heads as heads
 from featurestore import __version__
-from featurestore._io import check_checksums, json_safe, publish_folder, read_json, write_checksums, write_json_atomic
+from featurestore._io import check_checksums, json_safe, require_intact, publish_folder, read_json, write_checksums, write_json_atomic
 from featurestore.config import field
 from featurestore.errors import ConfigError, FeatureStoreError, IntegrityError, NotFoundError
 from featurestore.features import superseded_by
@@ -181,7 +181,7 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
     if data.kind not in head.supports:
         raise ConfigError(f"head {config.method!r} does not train {data.kind!r} targets (--target "
                           f"{data.target}); it supports {sorted(head.supports)}")
-    warned = coverage_warnings(data, config)
+    warned = coverage_warnings(data, config.dataset)
     for message in warned:
         say(message)
     dropped = dropped_message(data, config.dataset)
@@ -222,7 +222,7 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
 
 def dropped_message(data, dataset: str) -> str:
     """One line saying how many items were left out for lack of a `data.target` target, per split ('' if none)."""
-    if not any(data.dropped.values()):
+    if not any(getattr(data, "dropped", {}).values()):
         return ""
     per = ", ".join(f"{n} of {s}" for s, n in data.dropped.items() if n)
     what = {"label": "label", "labels": "multi-labels", "va": "valence or arousal"}.get(data.target, data.target)
@@ -230,20 +230,23 @@ def dropped_message(data, dataset: str) -> str:
             f"were left out ({per})")
 
 
-def coverage_warnings(data, config: TrainHeadConfig) -> list[str]:
+def coverage_warnings(data, dataset: str) -> list[str]:
     """One line per split where cached features cover fewer items than the split has: training on
     what is left would be silent otherwise (a deleted segment, an extraction with --limit)."""
     out = []
-    for split, missing in data.no_features.items():
+    for split, missing in getattr(data, "no_features", {}).items():
         if missing:
-            have = len(data.splits[split][1]) if split in data.splits else "?"
-            out.append(f"warning: {missing} item(s) of split {split!r} of {config.dataset!r} have no cached features "
-                       f"({have} used); `fs verify` checks the store, `fs extract --dataset {config.dataset}` fills gaps")
+            splits = getattr(data, "splits", {})
+            used = f" ({len(splits[split][1])} used)" if split in splits else ""
+            out.append(f"warning: {missing} item(s) of split {split!r} of {dataset!r} have no cached features"
+                       f"{used}; `fs verify` checks the store, `fs extract --dataset {dataset}` fills gaps")
     return out
 
 
 def load_head(folder: Path, loader=None) -> heads.Head:
-    """A saved head, or one IntegrityError naming the folder when its files are damaged."""
+    """A saved head, or one IntegrityError naming the folder when its files are damaged (checked against
+    its checksums.json first: damaged weights can still load)."""
+    require_intact(folder, "run `fs verify`, then train it again")
     try:
         return (loader or heads.Head.load)(folder)
     except FeatureStoreError:

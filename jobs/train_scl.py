@@ -119,9 +119,18 @@ def _accuracy(head: SCL, s: SplitData, classes: list[str]) -> dict[str, float]:
     return out
 
 
+def _refuse_existing(store: Store, name: str, replace: bool):
+    folder = store.heads_dir() / check_name(name, "run")
+    if folder.exists() and not replace:
+        raise ConfigError(f"run {name!r} already exists in {store.heads_dir()}; pass --replace or another --run")
+    return folder
+
+
 def run(config: TrainSCLConfig, store: Store, *, log: Callable[[str], None] = lambda s: None,
         progress: Callable[..., Any] | None = None) -> TrainSCLResult:
     t0 = time.perf_counter()
+    if config.run:  # a named run that exists is refused before any training (the default name needs the weights)
+        _refuse_existing(store, config.run, config.replace)
     entries = parse_data(config.data, store)
     train = [load_split(store, ds, config.split, refs) for ds, refs in entries]
     fps = _fingerprints(train)
@@ -145,9 +154,7 @@ def run(config: TrainSCLConfig, store: Store, *, log: Callable[[str], None] = la
         head.fit(X, y, eval_set=eval_set)
     h = head.encoder_hash()
     name = config.run or f"scl-{h[:8]}"
-    folder = store.heads_dir() / check_name(name, "run")
-    if folder.exists() and not config.replace:
-        raise ConfigError(f"run {name!r} already exists in {store.heads_dir()}; pass --replace or another --run")
+    folder = _refuse_existing(store, name, config.replace)
     metrics: dict[str, Any] = {"train": {s.dataset: _accuracy(head, s, classes) for s in train}, "val": {}}
     for val in vals:
         metrics["val"][val.dataset] = _accuracy(head, val, classes)

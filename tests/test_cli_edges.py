@@ -401,3 +401,35 @@ def test_extract_asked_for_a_missing_gpu_is_refused_even_on_a_cache_hit(trained)
     res = invoke(trained, "extract", "--dataset", "other", "--modality", "text", "--backbone", "minilm",
                  "--device", "cuda", code=2)
     assert "no CUDA device" in res.output and "cache hit" not in res.output
+
+
+def test_scl_train_refuses_an_existing_run_name_before_training(trained, monkeypatch):
+    from featurestore.heads import scl
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before checking the run name")
+    monkeypatch.setattr(scl.SCL, "fit", no_training)
+    res = invoke(trained, "scl", "train", "--data", "demo:text=minilm", "--run", "lin", code=2)
+    assert "run 'lin' already exists" in res.output and "--replace" in res.output
+
+
+def test_fs_errors_takes_modality_equals_name_as_features_does(trained):
+    plain = invoke(trained, "errors", "minilm", "--dataset", "other").output
+    assert invoke(trained, "errors", "text=minilm", "--dataset", "other").output == plain
+    res = invoke(trained, "errors", "image=minilm", code=2)
+    assert "has only text features" in res.output
+
+
+def test_a_full_disk_wrapped_by_a_library_is_exit_11_not_an_unexpected_error(trained, monkeypatch):
+    """safetensors reports ENOSPC as its own SafetensorError (not an OSError): still exit 11, one line."""
+    from safetensors import SafetensorError
+
+    from featurestore.jobs import train_head
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+    monkeypatch.setattr(train_head, "_publish_run", full)
+    res = invoke(trained, "train-head", "--method", "linear", "--dataset", "demo", "--features", "text=minilm",
+                 "--target", "label", "-p", "epochs=1", code=11)
+    assert "disk full writing" in res.output and "Traceback" not in res.output

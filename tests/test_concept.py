@@ -328,6 +328,54 @@ def test_query_by_raw_text_id_and_batch(trained, tmp_path):
     assert "not JSON" in out[1]["error"] and "no-such-item" in out[2]["error"] and "/nope.png" in out[3]["error"]
 
 
+def test_query_probabilities_are_the_scl_classifiers_softmax_by_class_name(trained):
+    from featurestore.datasets import get_dataset
+    from featurestore.jobs.query import Querier
+
+    store, result, _, _ = trained
+    q = Querier(store, "m1", k=2, device="cpu")
+    state = q.head._state()  # the classifier's weights, applied below by hand
+    W, b = state["fine.weight"].astype(np.float64), state["fine.bias"].astype(np.float64)
+    names = list(q.head.meta_["classes"])  # the classifier's output order
+    words = get_dataset(store, "words").manifest
+    text_classes = set(words.filter(pl.col("split") == "train")["label"])  # a text query: only the text labels compete
+    assert text_classes == {"positive", "negative", "neutral"} and len(names) == len(W) > len(text_classes)
+    scl = load_split(store, "words", "test", {"text": result.derived["text"]})
+    src = load_split(store, "words", "test", {"text": "minilm"})
+    assert list(scl.item_ids) == list(src.item_ids)
+    for n in range(len(scl)):  # every test word (this small run's text classifier mostly says "positive")
+        emo = scl.features["text"][n].astype(np.float64)
+        logits = {c: emo @ W[i] + b[i] for i, c in enumerate(names) if c in text_classes}
+        top = max(logits.values())
+        z = sum(np.exp(v - top) for v in logits.values())
+        want = {c: (np.exp(logits[c] - top) / z if c in logits else 0.0) for c in names}
+        ans = q.features("text", scl.features["text"][n], fingerprint=result.derived["text"])
+        got = {e["emotion"]: e["probability"] for e in ans["emotions"]}
+        assert set(text_classes) <= set(got)
+        for c, p in got.items():
+            assert p == pytest.approx(want[c], abs=2e-4), (n, c)
+        # from the backbone features: the most probable class is the one the head predicts
+        one = q.features("text", src.features["text"][n], fingerprint=src.fingerprints["text"])
+        best = max(one["emotions"], key=lambda e: e["probability"])["emotion"]
+        X = Features({"text": src.features["text"][n:n + 1]}, {"text": np.ones(1, bool)})
+        assert best == names[int(q.head.predict(X)[0])], n
+
+
+def test_a_batch_line_with_two_inputs_is_refused_with_one_message():
+    from featurestore.errors import ConfigError
+    from featurestore.jobs.query import _parse_line
+
+    msg = r"each line needs exactly one of \['text', 'image', 'audio', 'id'\] with a string value"
+    for line in ('{"text": "a happy day", "id": "words:w1"}', '{"image": "a.png", "audio": "a.wav"}',
+                 '{"text": "x", "image": "a.png", "audio": "a.wav", "id": "d:i"}', '{}', '{"label": "x"}',
+                 '{"text": 3}', '["text", "x"]'):
+        with pytest.raises(ConfigError, match=msg) as err:
+            _parse_line(line)
+        assert str(err.value).count("each line needs") == 1 and line[:40] in str(err.value), line
+    assert _parse_line('{"text": "a happy day", "note": "extra keys are not inputs"}') == ("text", "a happy day")
+    assert _parse_line('{"id": "words:w1"}') == ("id", "words:w1")
+
+
 def test_cli_memory_list_info_and_query_json(trained, tmp_path):
     from featurestore.cli import cli
 

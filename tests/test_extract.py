@@ -716,3 +716,39 @@ def test_train_head_on_a_corrupt_segment_stops_with_one_line(store, demo_df, min
     r = fs(store.root, "train-head", "--method", "linear", "--dataset", "words", "--features", "text=minilm",
            "--target", "label", "-p", "epochs=1", code=8)
     assert "is corrupt" in r.output and "Traceback" not in r.output and "saved run" not in r.output
+
+
+def test_a_fifo_and_a_symlink_loop_are_bad_items_not_a_hang_or_a_stop(store, tmp_path):
+    """A FIFO in place of an image would block a read forever, and a symlink loop (ELOOP) stopped
+    every run as a failing disk; both are the item's fault: recorded with their reason, the job goes on."""
+    import os
+
+    from _cli import fs
+
+    root = _faces(store, tmp_path)
+    (root / "2.png").unlink()
+    os.mkfifo(root / "2.png")
+    (root / "4.png").unlink()
+    (root / "4.png").symlink_to("4.png")
+    fs(store.root, "extract", "--dataset", "faces", "--modality", "image", "--backbone", "fer", code=10)
+    (fset,) = list_feature_sets(store)
+    reasons = {e.item_id: e.reason for e in fset.errors()}
+    assert set(reasons) == {"f2", "f4"}
+    assert "not a regular file" in reasons["f2"] and "Too many levels of symbolic links" in reasons["f4"]
+    assert fset.stats()["rows"] == 4
+
+
+def test_datasets_add_does_not_read_a_fifo(store, tmp_path):
+    import os
+
+    from _cli import fs
+
+    root = tmp_path / "pipes"
+    root.mkdir()
+    (root / "a.png").write_bytes(_png((1, 2, 3)))
+    os.mkfifo(root / "b.png")
+    (root / "m.csv").write_text("id,image\nfa,a.png\nfb,b.png\n")
+    fs(store.root, "datasets", "add", "pipes", "--manifest", str(root / "m.csv"))
+    fs(store.root, "extract", "--dataset", "pipes", "--modality", "image", "--backbone", "fer", code=10)
+    (fset,) = list_feature_sets(store)
+    assert [e.item_id for e in fset.errors()] == ["fb"] and "not a regular file" in fset.errors()[0].reason

@@ -904,3 +904,76 @@ def test_a_first_add_killed_before_its_dataset_json_leaves_no_dataset_and_can_be
     assert fs_cli(store, "gc").exit_code == 0 and list(store.dataset_dir("words").glob("manifest.*"))  # kept
     add_dataset(store, "words", df, root=None, source="t")  # no --replace needed: nothing was registered
     assert fs_cli(store, "verify").exit_code == 0 and len(D.get_dataset(store, "words").manifest) == 5
+
+
+def test_a_lock_refusal_offers_wait_only_where_the_command_has_it(tmp_path):
+    from featurestore._io import file_lock
+    from featurestore.errors import LockedError
+
+    with file_lock(tmp_path / ".lock", "sweep s1"):
+        with pytest.raises(LockedError) as plain:
+            with file_lock(tmp_path / ".lock", "sweep s1"):
+                pass
+        with pytest.raises(LockedError) as offered:
+            with file_lock(tmp_path / ".lock", "feature set f", shared=True, wait_option=True):
+                pass
+    assert "--wait" not in str(plain.value) and "run this again" in str(plain.value)
+    assert str(offered.value).endswith("or pass --wait")
+
+
+def _flip_last(path, back=8):
+    data = bytearray(path.read_bytes())
+    data[len(data) - back] ^= 0x40  # inside the numbers, past every header: the file still loads
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_weights_that_still_load_are_refused_by_every_reader(trained):
+    """A bit flipped in a run's weights, a memory's index or a VA model's weights leaves a file that
+    loads; readers check the folder's checksums.json first, so eval, predict, a memory and a VA
+    model refuse with one line (exit 8) instead of answering from damaged numbers."""
+    from featurestore.errors import IntegrityError
+    from featurestore.jobs.va import make_scorer
+    from featurestore.memory import open_memory
+
+    store = trained
+    _flip_last(store.heads_dir() / "r1" / "model.safetensors")
+    for args in (["eval", "r1", "--dataset", "words"], ["predict", "r1", "--text", "a lovely day"]):
+        res = fs_cli(store, *args)
+        assert res.exit_code == 8 and "model.safetensors does not match its recorded SHA-256" in res.output, res.output
+        assert "Traceback" not in res.output
+    _flip_last(store.memory_dir() / "m1" / "index.faiss")
+    with pytest.raises(IntegrityError, match="index.faiss does not match"):
+        open_memory(store, "m1")
+    _flip_last(store.root / "va_models" / "v1" / "model.safetensors")
+    with pytest.raises(IntegrityError, match="model.safetensors does not match"):
+        make_scorer(store, "v1", {}).load()
+
+
+def test_a_segment_published_while_a_job_plans_is_not_computed_again(store, demo_df, minilm, monkeypatch):
+    """Another job publishes rows for some of this job's inputs just after this job's `pending` has
+    read the set: this job must still see them (it reads every segment it did not account for
+    before claiming) and compute each input once; the set ends with no key twice."""
+    import numpy as np
+
+    from featurestore.jobs import extract as E
+
+    add_dataset(store, "d", demo_df.head(40), root=None, source="t")
+    run(ExtractConfig(dataset="d", modality="text", backbone="minilm", limit=5), store, backbone=minilm)
+    (fs,) = list_feature_sets(store)
+    real = E.pending
+    published = []  # every call (the spec-cache check, then the job's own) ends with another job publishing
+
+    def pending_then_another_job_publishes(rows, items, *a, **k):
+        work = real(rows, items, *a, **k)
+        keys = [it.key for it in work.todo[:10]]
+        published.extend(keys)
+        fs.segments.write(keys, {"pooled": np.ones((len(keys), fs.dim), fs.dtype)})
+        return work
+    monkeypatch.setattr(E, "pending", pending_then_another_job_publishes)
+    res = run(ExtractConfig(dataset="d", modality="text", backbone="minilm"), store, backbone=minilm)
+    monkeypatch.setattr(E, "pending", real)
+    unique = len(set(get_dataset(store, "d").manifest["text_key"].drop_nulls()))
+    assert len(published) == len(set(published)) == 20
+    assert res.computed == unique - 5 - 20  # before the fix: the last 10 were computed again
+    assert fs.stats()["rows"] == unique
+    assert fs_cli(store, "verify").exit_code == 0

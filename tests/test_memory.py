@@ -84,6 +84,60 @@ def test_add_remove_save_load_round_trip(tmp_path):
     assert again.meta["extra"].drop_nulls().len() == 98
 
 
+def test_raw_vectors_come_back_as_added_after_unsorted_adds_and_a_remove_and_re_add():
+    rng = np.random.default_rng(11)
+    ids = np.array([907, 12, 455, 3, 78, 600, 41])  # neither sorted nor positions
+    x = rng.normal(size=(len(ids), 6)) * rng.uniform(0.2, 40, (len(ids), 1))  # a different norm per row
+    mem = Memory(6)
+    mem.add(ids[:4], x[:4], {})
+    mem.add(ids[4:], x[4:], {})
+    assert mem.remove([12]) == 1
+    mem.add([12], x[1:2], {})  # re-added: now the last metadata row
+    ask = np.array([12, 600, 3, 907, 41, 455, 78])  # any order, not the stored one
+    want = x[[list(ids).index(i) for i in ask]]
+    np.testing.assert_allclose(mem.vectors(ask, raw=True), want, rtol=1e-5, atol=1e-5)
+    unit = want / np.linalg.norm(want, axis=1, keepdims=True)
+    np.testing.assert_allclose(mem.vectors(ask), unit, atol=1e-6)  # stored normalised
+
+
+def test_search_scores_are_cosines_for_queries_of_any_norm():
+    rng = np.random.default_rng(12)
+    base = rng.normal(size=(30, 8)) * rng.uniform(0.1, 20, (30, 1))
+    queries = rng.normal(size=(5, 8)) * np.array([[0.01], [0.5], [1.0], [7.0], [300.0]])
+    mem = Memory(8)
+    mem.add(np.arange(100, 130), base, {})
+    scores, found = mem.search(queries, 30)  # every row: the whole cosine table, sorted
+    cos = (queries @ base.T) / np.linalg.norm(queries, axis=1)[:, None] / np.linalg.norm(base, axis=1)[None]
+    np.testing.assert_allclose(scores, np.take_along_axis(cos, found - 100, 1), atol=1e-5)
+    np.testing.assert_allclose(scores, -np.sort(-cos, axis=1), atol=1e-5)
+    assert (np.abs(scores) <= 1 + 1e-5).all()
+    # a single 1-d query of norm 50: the same cosines as its unit version
+    s1, f1 = mem.search(queries[4], 3)
+    np.testing.assert_array_equal(f1, found[4:5, :3])
+    np.testing.assert_allclose(s1, scores[4:5, :3], atol=1e-5)
+
+
+@pytest.mark.parametrize("one_call", [True, False])
+def test_exact_max_vectors_stay_flat_and_one_more_switches_to_ivf(one_call):
+    # MemoryConfig.exact_max: "exact (flat) search up to this many vectors; IVF above it"
+    n = 40
+    x = clustered(n + 1, dim=8, clusters=4, seed=13)
+    mem = Memory(8, MemoryConfig(exact_max=n))
+    if one_call:
+        mem.add(np.arange(n), x[:n], {})
+    else:
+        mem.add(np.arange(n - 1), x[:n - 1], {})
+        mem.add([n - 1], x[n - 1:n], {})
+    assert len(mem) == n and mem.kind == "flat" and mem.recall is None
+    mem.add([n], x[n:], {})
+    assert len(mem) == n + 1 and mem.kind == "ivf" and mem.recall is not None
+    np.testing.assert_allclose(mem.vectors(np.arange(n + 1)), x, atol=1e-6)
+    # the same n + 1 vectors in one add: IVF from the start
+    direct = Memory(8, MemoryConfig(exact_max=n))
+    direct.add(np.arange(n + 1), x, {})
+    assert direct.kind == "ivf"
+
+
 @pytest.mark.parametrize("min_pool", [1, 8, 30])
 def test_pools_are_top_p_of_correct_rows_with_a_floor_per_modality_and_class(min_pool):
     rng = np.random.default_rng(5)

@@ -422,3 +422,28 @@ def test_optuna_minimises_a_lower_is_better_metric(demo_store, tmp_path):
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
     values = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert study.best_value == min(values)
+
+
+def test_a_sweep_on_partly_extracted_features_warns_and_is_a_new_sweep_once_the_rest_is_there(tmp_path):
+    """As train-head does, a sweep says how many items have no cached features; and the results of
+    a sweep trained on part of a dataset are not reused once the rest is extracted."""
+    from _cli import fs as fs_ok
+
+    words = ["good", "bad", "happy", "sad", "calm", "angry", "joy", "fear", "love", "hate"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"id": f"w{i}", "text": f"{words[i % 10]} {i}", "label": "pos" if i % 2 else
+                                        "neg", "split": ["train", "train", "val", "test"][i % 4]}) + "\n"
+                            for i in range(48)))
+    root = tmp_path / "store"
+    fs_ok(root, "datasets", "add", "d", "--manifest", str(path))
+    fs_ok(root, "extract", "--dataset", "d", "--modality", "text", "--backbone", "minilm", "--limit", "36")
+    args = ["sweep", "--method", "linear", "--dataset", "d", "--features", "minilm", "--target", "label",
+            "--grid", "lr=1e-3,1e-2", "-p", "epochs=2", "--json"]
+    first = json.loads(fs_ok(root, *args).output)
+    assert first["warnings"] and all("have no cached features" in w for w in first["warnings"])
+    assert sum(int(w.split()[1]) for w in first["warnings"]) == 12
+    fs_ok(root, "extract", "--dataset", "d", "--modality", "text", "--backbone", "minilm")
+    second = json.loads(fs_ok(root, *args).output)
+    assert second["warnings"] == [] and second["sweep"] != first["sweep"] and second["trained_now"] == 2
+    again = json.loads(fs_ok(root, *args).output)
+    assert again["sweep"] == second["sweep"] and again["trained_now"] == 0

@@ -124,6 +124,66 @@ def test_user_lexicon_on_declared_scales(tmp_path):
     assert lex.source("text") != w.source("text") != va.create("lexicon").source("text")
 
 
+def _vader_word_valence(text: str) -> float:
+    """vaderSentiment's own valence (on -4..4) of the last word of `text`, boosters and negators applied."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer, SentiText
+
+    senti = SentiText(text)
+    words = senti.words_and_emoticons
+    return SentimentIntensityAnalyzer().sentiment_valence(0, senti, words[-1], len(words) - 1, [])[-1]
+
+
+def test_lexicon_booster_weight_falls_with_distance_as_vader_scales_it(vader):
+    # VADER: B_INCR = 0.293 on -4..4, times 1, 0.95, 0.9 at 1, 2, 3 words before; "good" is 1.9 on -4..4.
+    # "movie" and "day" are in no lexicon and are not modifiers, so they only push "very" further away.
+    b = 0.293
+    exact = va.create("lexicon", {"booster": b / 4}).load()  # VADER's booster, mapped to [-1, 1]
+    v = lambda scorer, text: scorer.score_text(text)[0]  # noqa: E731
+    for text, weight in (("very good", 1.0), ("very movie good", 0.95), ("very movie day good", 0.9)):
+        assert v(exact, text) == pytest.approx((1.9 + weight * b) / 4, abs=1e-12), text
+        assert v(exact, text) == pytest.approx(_vader_word_valence(text) / 4, abs=1e-12), text  # vaderSentiment
+        assert v(vader, text) == pytest.approx(1.9 / 4 + weight * 0.073, abs=1e-12), text  # default booster 0.073
+    assert v(exact, "very movie day extra good") == pytest.approx(1.9 / 4)  # 4 words away: no effect
+    # negative words are pushed away from 0 the same way: "bad" is -2.5
+    assert v(exact, "very movie bad") == pytest.approx(-(2.5 + 0.95 * b) / 4, abs=1e-12)
+    # each modifier weighs by its own distance: "very" nearest (+b), "slightly" next (-0.95 b)
+    assert v(exact, "slightly very good") == pytest.approx((1.9 + b - 0.95 * b) / 4, abs=1e-12)
+    assert v(exact, "very slightly good") == pytest.approx((1.9 - b + 0.95 * b) / 4, abs=1e-12)
+
+
+def test_lexicon_dampener_moves_a_value_towards_0_and_never_past_it(vader, tmp_path):
+    # VADER's ratings: "aboard" 0.1, "amorphous" -0.2 (on -4..4); a dampener takes 0.073 (x0.95, x0.9) off |v|
+    v = lambda text: vader.score_text(text)[0]  # noqa: E731
+    assert v("aboard") == pytest.approx(0.1 / 4) and v("amorphous") == pytest.approx(-0.2 / 4)
+    for text in ("slightly aboard", "barely amorphous", "slightly movie aboard", "barely movie day amorphous"):
+        assert v(text) == 0.0, text  # |v| < the step: stops at 0 (VADER itself would cross to the other sign)
+    assert v("slightly good") == pytest.approx(1.9 / 4 - 0.073, abs=1e-12)
+    assert v("barely bad") == pytest.approx(-(2.5 / 4 - 0.073), abs=1e-12)
+    # arousal too: a user lexicon on 0..1 -> [-1, 1]; "meh" valence 0.52 -> 0.04, arousal 0.49 -> -0.02
+    lex_file = tmp_path / "l.tsv"
+    lex_file.write_text("word\tvalence\tarousal\nmeh\t0.52\t0.49\nyay\t0.9\t0.8\n")
+    lex = va.create("lexicon", {"lexicon": str(lex_file), "scale": "0..1"}).load()
+    assert lex.score_text("meh") == pytest.approx((0.04, -0.02))
+    assert lex.score_text("slightly meh") == (0.0, 0.0)
+    assert lex.score_text("slightly yay") == pytest.approx((0.8 - 0.073, 0.6 - 0.073), abs=1e-12)
+
+
+def test_lexicon_each_negator_in_the_window_multiplies_again(vader, tmp_path):
+    # VADER multiplies by N_SCALAR = -0.74 once per negator among the 3 preceding words: two negators
+    # give (-0.74)^2 = +0.5476 ("not never good" is mildly positive), three give (-0.74)^3
+    v = lambda text: vader.score_text(text)[0]  # noqa: E731
+    assert v("not never good") == pytest.approx(0.74 ** 2 * 1.9 / 4, abs=1e-12)
+    assert v("not never good") == pytest.approx(_vader_word_valence("not never good") / 4, abs=1e-12)
+    assert v("never not bad") == pytest.approx(0.74 ** 2 * -2.5 / 4, abs=1e-12)
+    assert v("not never nothing good") == pytest.approx(-(0.74 ** 3) * 1.9 / 4, abs=1e-12)
+    # arousal: x0.74 per negator, never flipped
+    lex_file = tmp_path / "l.tsv"
+    lex_file.write_text("word\tvalence\tarousal\nyay\t0.9\t0.8\n")  # -> (0.8, 0.6)
+    lex = va.create("lexicon", {"lexicon": str(lex_file), "scale": "0..1"}).load()
+    assert lex.score_text("not never yay") == pytest.approx((0.74 ** 2 * 0.8, 0.74 ** 2 * 0.6), abs=1e-12)
+    assert lex.score_text("not yay") == pytest.approx((-0.74 * 0.8, 0.74 * 0.6), abs=1e-12)
+
+
 def test_lexicon_outside_its_scale_is_refused_with_rows_named(tmp_path):
     bad = tmp_path / "bad.tsv"
     bad.write_text("word\tvalence\tarousal\nfine\t0.5\t0.5\nwild\t1.7\t0.2\nodd\t0.3\tlots\nlow\t-0.1\t0.9\n")
@@ -585,6 +645,22 @@ def test_dataset_label_va(store):
     table = dataset_label_va(ds)  # classes sorted: calm (class means), joy (NRC-VAD "happy")
     np.testing.assert_allclose(table[0], [0.3, -0.6])
     np.testing.assert_allclose(table[1], default_table()["happy"])
+
+
+def test_default_label_table_is_nrc_vad_min_max_normalised_per_column():
+    # NRC-VAD (0..1): valence runs from 0.052 (disgust) to 1.000 (happy), arousal from 0.333 (sad)
+    # to 0.875 (surprise); each column is mapped on its own range: 2 (x - lo) / (hi - lo) - 1
+    val = lambda x: 2 * (x - 0.052) / (1.000 - 0.052) - 1  # noqa: E731
+    aro = lambda x: 2 * (x - 0.333) / (0.875 - 0.333) - 1  # noqa: E731
+    want = {"happy": (1.0, aro(0.735)), "sad": (val(0.225), -1.0), "anger": (val(0.167), aro(0.865)),
+            "surprise": (val(0.875), 1.0), "disgust": (-1.0, aro(0.775)), "fear": (val(0.073), aro(0.840)),
+            "neutral": (val(0.5), aro(0.5))}
+    table = default_table()
+    assert set(table) == set(want)
+    for name, (v, a) in want.items():
+        assert table[name] == pytest.approx((v, a), abs=1e-12), name
+    assert table["happy"][1] == pytest.approx(0.48339483, abs=1e-8)  # 2 * 0.402 / 0.542 - 1
+    assert table["neutral"] == pytest.approx((-0.05485232, -0.38376384), abs=1e-8)
 
 
 # ---- CLI -------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Iterable
 
 import polars as pl
 
+from .._io import regular_file_bytes
 from ..backbones.base import MODALITIES
 from ..errors import DatasetError
 from ..hashing import content_key
@@ -165,8 +166,8 @@ def _file_key(modality: str, path: str | None) -> str | None:
     if path is None:
         return None
     try:
-        return content_key(modality, Path(path).read_bytes())
-    except OSError:
+        return content_key(modality, regular_file_bytes(path))
+    except OSError:  # NotRegularFile too: a FIFO is never read
         return None  # recorded as a bad item ("cannot read file") at extraction
 
 

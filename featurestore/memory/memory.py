@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from .._io import publish_folder, raise_if_disk_full, read_json, write_checksums, write_json_atomic
+from .._io import publish_folder, raise_if_disk_full, read_json, require_intact, write_checksums, write_json_atomic
 from ..config import field, from_dict, to_dict
 from ..errors import ConfigError, IntegrityError, NotFoundError
 from ..store import now_iso
@@ -204,6 +204,7 @@ class Memory:
         folder = Path(folder)
         if not (folder / SPEC_FILE).is_file():
             raise NotFoundError(f"no memory at {folder} (fs memory list; build one with fs memory build)")
+        require_intact(folder, "rebuild the memory with `fs memory build ... --replace`")
         spec = read_json(folder / SPEC_FILE)
         info = spec.pop("index")
         config = from_dict(MemoryConfig, info["config"], what=str(folder / SPEC_FILE))

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .._io import read_json
+from .._io import read_json, require_intact
 from ..config import field
 from ..errors import ConfigError, NotFoundError
 from ..hashing import file_digest
@@ -362,6 +362,7 @@ class LearnedScorer(VAScorer):
 
         from ..config import from_dict
 
+        require_intact(self.folder, f"fit it again with `fs va fit ... --out {self.info['name']} --replace`")
         params = from_dict(FitParams, self.info["params"], what=f"VA model {self.info['name']}")
         self.regressor = REGRESSORS[params.kind](params).load_tensors(load_file(self.folder / WEIGHTS))
 

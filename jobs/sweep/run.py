@@ -76,6 +76,7 @@ class SweepResult:
     trained_now: int
     reused: int
     seconds: float
+    warnings: list = dataclasses.field(default_factory=list)
 
     @property
     def metric(self) -> str:
@@ -90,7 +91,7 @@ class SweepResult:
                        "dataset": self.definition["dataset"], "mode": self.definition["mode"],
                        "metric": self.metric, "kind": self.definition["kind"], "n_configs": self.table.height,
                        "trained_now": self.trained_now, "reused": self.reused, "seconds": round(self.seconds, 3),
-                       "best": board[0] if board else None, "leaderboard": board})
+                       "best": board[0] if board else None, "leaderboard": board, "warnings": self.warnings})
 
 
 def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None = None,
@@ -146,7 +147,15 @@ def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None 
                   "eval_split": config.eval_split, "metric": metric}
     if config.cv:
         definition.update(cv=data.cv, eval_split="held-out folds")
+    from ..train_head import coverage_warnings, dropped_message
+
+    warned = [m for m in coverage_warnings(data, config.dataset) + [dropped_message(data, config.dataset)] if m]
+    for message in warned:
+        say(message)
     ident = {k: v for k, v in definition.items() if k not in ("kind", "metric")}
+    partial = {s: n for s, n in sorted(getattr(data, "no_features", {}).items()) if n}
+    if partial:  # trained on part of the dataset: once the rest is extracted, the same command is a new sweep
+        definition["missing_features"] = ident["missing_features"] = partial
     sweep_id = f"{config.method}-{config.dataset}-{digest(ident)}"[:128]
     folder = store.sweeps_dir() / sweep_id
     definition = {**definition, "id": sweep_id, "features": refs, "swept": sorted(swept)}
@@ -178,7 +187,7 @@ def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None 
             write_table(table, folder / "results.parquet")
             plot_sweep(folder, table, definition)
     return SweepResult(sweep_id, folder, definition, table, runner.trained, runner.reused,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, warned)
 
 
 def _metric_names(data) -> list[str]:
