@@ -22,7 +22,7 @@ from .errors import DiskFullError, IntegrityError, LockedError
 __all__ = ["TMP_SUFFIX", "tmp_path", "publish", "write_json_atomic", "write_bytes_atomic", "read_json",
            "file_lock", "json_safe", "disk_full", "raise_if_disk_full", "CHECKSUMS", "write_checksums",
            "check_checksums", "require_intact", "regular_file_bytes", "NotRegularFile", "sha256_file", "try_lock", "cleaned_on_failure", "writer_alive", "fsync_dir",
-           "fsync_tree", "exchange", "publish_folder", "OLD_SUFFIX", "swapped_out_target", "writer_tag"]
+           "fsync_tree", "exchange", "publish_folder", "OLD_SUFFIX", "swapped_out_target", "writer_tag", "writer_running_here"]
 
 TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"  # `.X.<id>.old`: the previous X, moved aside while a new X is published
@@ -70,6 +70,15 @@ def writer_alive(tmp: Path) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def writer_running_here(tmp: Path) -> bool:
+    """Whether temp file `tmp` was named by a process of this machine and pid namespace that is still
+    running (a job at work: its file is not a leftover). Unknown writers count as not running."""
+    parts = tmp.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1].split("-")
+    if not parts[0].isdigit() or (len(parts) >= 3 and parts[2] != writer_tag()):
+        return False
+    return writer_alive(tmp)
 
 
 def disk_full(exc: BaseException) -> bool:

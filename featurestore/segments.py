@@ -35,7 +35,7 @@ import numpy as np
 
 from . import __version__
 from ._io import (TMP_SUFFIX, cleaned_on_failure, file_lock, publish, read_json, sha256_file, tmp_path, try_lock,
-                  write_json_atomic, writer_alive)
+                  write_json_atomic, writer_alive, writer_running_here)
 from .errors import FeatureStoreError, IntegrityError
 from .hashing import KEY_BYTES, canonical_json
 
@@ -276,12 +276,22 @@ class SegmentSet:
         with cleaned_on_failure(tmp, final):
             tmp.write_bytes(image)
         # Rename and register under the catalogue lock: a compaction deleting a retired segment of
-        # the same name (the same bytes published again) cannot slip in between.
-        with self.update_catalogue() as doc:
+        # the same name (the same bytes published again) cannot slip in between. If the catalogue
+        # cannot be rewritten (a full disk), the segment is withdrawn again under the same lock, so a
+        # failed write leaves no unregistered copy behind (a compaction's would be a whole extra set).
+        with file_lock(self.folder / ".catalogue.lock", f"catalogue of {self.folder}", wait=True):
+            doc = self.catalogue()
+            new_file = not final.exists()
             publish(tmp, final)
             doc["segments"][final.name] = {"rows": len(keys), "errors": len(errors), "sha256": digest}
             if final.name in doc["retired"]:  # the same bytes published again: live, not retired
                 doc["retired"].remove(final.name)
+            try:
+                write_json_atomic(self.catalogue_path, {**doc, _CATALOGUE_DIGEST: _catalogue_digest(doc)})
+            except BaseException:
+                if new_file:
+                    final.unlink(missing_ok=True)
+                raise
         return final
 
     # ---- reading -------------------------------------------------------------------
@@ -394,12 +404,11 @@ class SegmentSet:
     def verify(self, *, expect: Mapping[str, tuple] | None = None) -> list[Problem]:
         """Checksums, catalogue, shapes, alignment, finiteness and duplicates of every segment."""
         try:
-            catalogue = self.catalogue()
+            catalogue, on_disk = self._snapshot()
         except FeatureStoreError as exc:
             return [Problem(str(self.catalogue_path), f"{exc}")]
         problems: list[Problem] = []
         seen: dict[bytes, str] = {}
-        on_disk = {p.name for p in self._files()}
         if on_disk and not self.catalogue_path.is_file():
             return [Problem(str(self.catalogue_path), f"no {CATALOGUE} (segments written before catalogues "
                                                       "existed); `fs gc` builds it from the segments")]
@@ -409,15 +418,27 @@ class SegmentSet:
                                         f"{CATALOGUE} but missing: it was deleted, and its rows are lost; re-run "
                                         "`fs extract` for the datasets that need them"))
         retired = set(catalogue["retired"])
-        for seg in self.segments():
+        for seg in [Segment(self.folder / name) for name in sorted(on_disk - retired)]:
             entry = catalogue["segments"].get(seg.path.name)
             problems.extend(_verify_segment(seg, expect or {}, seen, entry))
         for tmp in self.temp_files():
+            if writer_running_here(tmp):  # a running job's segment in the making: not a leftover
+                continue
             problems.append(Problem(str(tmp), "unpublished temporary file (left by a killed job; `fs gc` removes it)"))
         for name in sorted(retired & on_disk):
             problems.append(Problem(str(self.folder / name), "segment merged by a compaction but not yet deleted "
                                     "(a reader was busy); `fs gc` deletes it"))
         return problems
+
+    def _snapshot(self) -> tuple[dict, set[str]]:
+        """The catalogue and the segment files on disk, read together under the catalogue lock: a writer
+        renames its segment into place and registers it under that lock, so a segment seen between the
+        two is never taken for an unregistered one (a read-only store is read without the lock)."""
+        with contextlib.ExitStack() as stack:
+            with contextlib.suppress(OSError):
+                stack.enter_context(file_lock(self.folder / ".catalogue.lock", f"catalogue of {self.folder}",
+                                              wait=True))
+            return self.catalogue(), {p.name for p in self._files()}
 
     def compact(self, *, attrs: Mapping | None = None) -> tuple[int, Path | None]:
         """Merge all segments into one, check it, and only then retire and delete the old ones.

@@ -977,3 +977,55 @@ def test_a_segment_published_while_a_job_plans_is_not_computed_again(store, demo
     assert res.computed == unique - 5 - 20  # before the fix: the last 10 were computed again
     assert fs.stats()["rows"] == unique
     assert fs_cli(store, "verify").exit_code == 0
+
+
+def test_a_full_disk_registering_a_merged_segment_withdraws_it(trained, monkeypatch):
+    """`gc --compact` publishes the merged segment, then rewrites catalogue.json; a full disk at that
+    rewrite used to leave the merged copy on disk unregistered (a whole extra copy of the set, and
+    verify failing). Now it is withdrawn under the same lock: exit 11, the store as it was."""
+    from featurestore import segments as S
+    from featurestore.errors import DiskFullError
+
+    (fs,) = list_feature_sets(trained)
+    before = sorted(p.name for p in fs.folder.glob("seg-*.h5"))
+    rows = fs.stats()["rows"]
+    real = S.write_json_atomic
+
+    def full(path, obj):
+        if path.name == "catalogue.json":
+            raise DiskFullError(f"disk full writing {path}")
+        return real(path, obj)
+    monkeypatch.setattr(S, "write_json_atomic", full)
+    assert fs_cli(trained, "gc", "--compact").exit_code == 11
+    monkeypatch.undo()
+    assert sorted(p.name for p in fs.folder.glob("seg-*.h5")) == before and len(before) == 4
+    assert fs.stats()["rows"] == rows and fs_cli(trained, "verify").exit_code == 0
+    assert fs_cli(trained, "gc", "--compact").exit_code == 0 and len(list(fs.folder.glob("seg-*.h5"))) == 1
+
+
+_PUBLISHER = _SETUP + """
+for n in range(int(sys.argv[2])):
+    lo = (n * 10) % len(keys)
+    fs.segments.write(keys[lo:lo + 10], {"pooled": np.concatenate([value(i) for i in range(lo, lo + 10)])})
+open(sys.argv[3], "w").close()
+"""
+
+
+def test_verify_during_an_extraction_reports_nothing(store):
+    """A writer renames its segment into place, then registers it; verify reads the catalogue and the
+    folder together under the catalogue lock, so it never reports the segment between the two."""
+    from featurestore.datasets.manifest import normalise
+
+    df = pl.DataFrame({"item_id": [f"i{i}" for i in range(200)], "text": [f"text {i}" for i in range(200)],
+                       "split": ["train"] * 200})
+    add_dataset(store, "d", normalise(df, source="t"), root=None, source="t")
+    fs = FeatureSet(store, "bench-0000000000000000")
+    fs.ensure_spec({"backbone": "bench", "modality": "text", "dim": 8, "config": {"dtype": "float32"}})
+    done = store.root / "writer-done"
+    writer = _py(_PUBLISHER, store.root, 300, done)
+    problems, checks = [], 0
+    while not done.exists() and writer.poll() is None:
+        problems += [p.message for p in fs.segments.verify()]
+        checks += 1
+    assert writer.wait(timeout=120) == 0, writer.stderr.read()[-2000:]
+    assert checks >= 3 and problems == [], (checks, problems[:3])
