@@ -93,7 +93,10 @@ def find_adapter(store: Store, ref: str) -> dict:
     if named:
         return named[-1]
     known = ", ".join(sorted({f"{a.get('name')} ({a['hash']})" for a in adapters})) or "none"
-    raise NotFoundError(f"adapter {ref!r} is neither a folder nor a stored adapter; stored: {known} (fs lora list)")
+    short = " (a hash prefix needs 8 or more characters)" if len(ref) < 8 and any(
+        a["hash"].startswith(ref) for a in adapters) else ""
+    raise NotFoundError(f"adapter {ref!r} is neither a folder nor a stored adapter{short}; stored: {known} "
+                        "(fs lora list)")
 
 
 def resolve_adapter(store: Store, ref: str) -> str:

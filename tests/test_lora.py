@@ -369,3 +369,15 @@ def test_default_target_modules_exist_in_each_architecture():
         assert len(targets) == 2, name
     with pytest.raises(ConfigError, match="no default LoRA target modules for model type 'vit'.*linear modules: .*q_proj"):
         default_targets(tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, **small)))
+
+
+def test_a_short_adapter_hash_prefix_is_refused_with_the_minimum_length(tmp_path):
+    from featurestore.adapters import find_adapter
+
+    store = open_store(tmp_path / "s", create=True)
+    folder = store.adapters_dir() / ("ab" * 32)
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"name": "toy", "created_at": "2026-01-01T00:00:00"}))
+    assert find_adapter(store, "abababab")["hash"] == "ab" * 32
+    with pytest.raises(NotFoundError, match="8 or more characters"):
+        find_adapter(store, "abab")

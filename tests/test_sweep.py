@@ -221,6 +221,9 @@ def test_random_and_optuna_sweeps_resume(demo_store, tmp_path):
     assert (folder / "optuna.journal").is_file()
     opt2 = json.loads(fs(demo_store, *args, "--optuna", "5").output)
     assert opt2["sweep"] == opt["sweep"] and opt2["n_configs"] >= 5
+    assert opt2["trained_now"] == 2 and opt2["reused"] >= 3  # the study's 3 finished trials are not rerun
+    opt3 = json.loads(fs(demo_store, *args, "--optuna", "5").output)
+    assert opt3["trained_now"] == 0 and opt3["reused"] == 5
     import optuna
 
     from optuna.storages import JournalStorage

@@ -342,6 +342,9 @@ def _run_optuna(runner: _Runner, config: SweepConfig, space: dict, fixed: dict, 
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(t.number, state=TrialState.FAIL)
     complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    runner.reused += complete  # finished trials of an earlier session: the study holds them, nothing reruns
+    if complete:
+        runner.say(f"{complete} trial(s) already finished, not rerun")
     runner.total = max(0, min(config.optuna - complete, runner.budget()))
     while True:
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
