@@ -537,19 +537,22 @@ class _Job:
     def compute(self, fs: FeatureSet, todo: list, writer, result: ExtractResult) -> None:
         """Encode `todo` into `fs` in this process (`--engine ray` overrides this: jobs/ray_extract.py)."""
         with Claims(fs.folder) as claims:
-            _extract(self.bb, self.config, todo, _Output(fs, writer, claims, result, self.accounted), self.progress)
+            _extract(self.bb, self.config, todo, _Output(fs, writer, claims, result, set(self.accounted)),
+                     self.progress)
 
 
 class _Output:
     """Where computed rows go: the writer, the claims of this job, and what others have published."""
 
-    def __init__(self, fs: FeatureSet, writer, claims: Claims, result: ExtractResult, accounted: set | None = None):
+    def __init__(self, fs: FeatureSet, writer, claims: Claims, result: ExtractResult, accounted: set | None = None,
+                 done: set | None = None):
         """`accounted`: the segments whose rows the job's `pending` already excluded (taken before it
-        read); any other segment is read here before its keys are claimed."""
+        read); any other segment is read here before its keys are claimed. A Ray actor passes the same
+        `accounted` and `done` sets for shard after shard (updated in place), so each segment is read once."""
         self.fs, self.writer, self.claims, self.result = fs, writer, claims, result
         self.breaker: Breaker | None = None  # set by _extract: the failures it holds stay claimed
-        self.seen = set(accounted) if accounted is not None else set(fs.segments.catalogue()["segments"])
-        self.done: set[str] = set()
+        self.seen = accounted if accounted is not None else set(fs.segments.catalogue()["segments"])
+        self.done: set[str] = done if done is not None else set()
         self._stamp: tuple = ()
         self.last_flush = time.perf_counter()
 

@@ -156,14 +156,19 @@ class _RayJob(_Job):
             max_restarts=0,  # a dead actor stops the run, as a crash stops a local job: rerun resumes
             fn_constructor_kwargs={"root": str(self.store.root.resolve()), "fingerprint": fs.fingerprint,
                                    "config": self.config, "device": device,
-                                   "threads": max(1, int(opts.cpus_per_worker))})
+                                   "threads": max(1, int(opts.cpus_per_worker)),
+                                   "accounted": sorted(getattr(self, "accounted", ()))})
 
 
 class _Encoder:
     """One Ray actor: loads the model once, then encodes and publishes shard after shard."""
 
-    def __init__(self, root: str, fingerprint: str, config: ExtractConfig, device: str, threads: int):
+    def __init__(self, root: str, fingerprint: str, config: ExtractConfig, device: str, threads: int,
+                 accounted: list | None = None):
         self.config = config
+        # the segments the driver's plan accounted for: any other one (another job's, published since)
+        # is read before this actor claims its keys, and each only once over all its shards
+        self.accounted, self.done = set(accounted or ()), set()
         self.bb: Backbone = backbones.create(config.backbone, config.params, device=device,
                                              modality=config.modality).load()
         if self.bb.device == "cpu":
@@ -203,7 +208,7 @@ class _Encoder:
                                     attrs={"fingerprint": fs.fingerprint, "backbone": self.bb.name})
         try:
             with Claims(fs.folder) as claims:
-                out = _Output(fs, writer, claims, res)
+                out = _Output(fs, writer, claims, res, self.accounted, self.done)
                 _extract(self.bb, config, items, out, None)
                 out.maybe_flush(config, force=True)
         except BaseException as exc:

@@ -71,7 +71,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     """A recipe from a .json or .toml file; unknown keys and missing fields are errors naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise NotFoundError(f"recipe {str(path)!r} does not exist; write one (docs/lora.md, "`fs refresh RECIPE`: the periodic job")")
+        raise NotFoundError(f"recipe {str(path)!r} does not exist; write one (docs/lora.md, "
+                            "'`fs refresh RECIPE`: the periodic job')")
     try:
         if path.suffix.lower() == ".toml":
             import tomllib
