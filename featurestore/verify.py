@@ -73,7 +73,7 @@ def _verify_dataset(store, name):
         for message in check_checksums(folder) or []:
             yield folder, message
     for stale in stale_manifests(folder, ds.info):
-        yield stale, f"not the manifest dataset.json names: left by a killed `fs datasets add`; `fs gc` removes it"
+        yield stale, "not the manifest dataset.json names: left by a killed `fs datasets add`; `fs gc` removes it"
 
 
 def _unlisted_datasets(store):
