@@ -323,7 +323,10 @@ def regular_file_bytes(path) -> bytes:
     before any read (a FIFO would block the job forever)."""
     import stat
 
-    if not stat.S_ISREG(os.stat(path).st_mode):
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not stat.S_ISREG(mode):
         raise NotRegularFile(path)
     return Path(path).read_bytes()
 
@@ -332,9 +335,36 @@ def require_intact(folder: Path, fix: str) -> None:
     """Before a saved artifact (a run, a memory, a fitted VA model) is loaded: its files must match its
     `checksums.json`, or one IntegrityError names them, since a flipped bit in weights or an index still
     loads and would give wrong answers without a word. A folder without checksums is not checked."""
+    folder = Path(folder)
     problems = check_checksums(folder)
+    if problems is None:  # a part of a bigger run (`fold-K/`, `seed-S/fold-K/`): the run's checksums.json
+        problems = _checked_by_an_ancestor(folder)
     if problems:
         raise IntegrityError(f"{folder} is damaged ({'; '.join(problems)}); {fix}")
+
+
+def _checked_by_an_ancestor(folder: Path, levels: int = 3) -> list[str]:
+    """Problems with the files under `folder` that the nearest enclosing `checksums.json` (up to
+    `levels` folders up) lists, as `<relative path>/<name>`; none where no ancestor has one."""
+    for up in range(1, levels + 1):
+        root = folder.parents[up - 1]
+        if (root / CHECKSUMS).is_file():
+            prefix = folder.relative_to(root).as_posix() + "/"
+            try:
+                recorded = read_json(root / CHECKSUMS)["sha256"]
+            except (IntegrityError, KeyError, TypeError) as exc:
+                return [f"{root / CHECKSUMS} is damaged ({exc})"]
+            problems = []
+            for name, digest in sorted(recorded.items()):
+                if not name.startswith(prefix):
+                    continue
+                path = root / name
+                if not path.is_file():
+                    problems.append(f"{name} is missing")
+                elif sha256_file(path) != digest:
+                    problems.append(f"{name} does not match its recorded SHA-256 (damaged or replaced)")
+            return problems
+    return []
 
 
 @contextlib.contextmanager

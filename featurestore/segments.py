@@ -289,8 +289,11 @@ class SegmentSet:
             try:
                 write_json_atomic(self.catalogue_path, {**doc, _CATALOGUE_DIGEST: _catalogue_digest(doc)})
             except BaseException:
-                if new_file:
-                    final.unlink(missing_ok=True)
+                # withdrawn only if the catalogue on disk does not name it (the rewrite may have landed
+                # and only the folder's fsync after it failed)
+                with contextlib.suppress(Exception):
+                    if new_file and final.name not in self.catalogue()["segments"]:
+                        final.unlink(missing_ok=True)
                 raise
         return final
 

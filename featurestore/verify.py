@@ -58,7 +58,22 @@ def _one_line(exc: Exception) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
+@contextlib.contextmanager
+def _add_finished(store, name: str):
+    """Hold dataset `name`'s lock (what `datasets add` holds from its manifest to its dataset.json), so
+    verify never looks between the two; a read-only store is looked at without it."""
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(OSError, FeatureStoreError):  # read-only, or a folder no add could name
+            stack.enter_context(dataset_lock(store, name))
+        yield
+
+
 def _verify_dataset(store, name):
+    with _add_finished(store, name):
+        return list(_dataset_problems(store, name))
+
+
+def _dataset_problems(store, name):
     folder = store.dataset_dir(name)
     ds = get_dataset(store, name, check=False)  # the mismatches are reported below, with both hashes
     if "info_sha256" in ds.info and info_digest(ds.info) != ds.info["info_sha256"]:
@@ -82,8 +97,12 @@ def _unlisted_datasets(store):
     root = store.datasets_dir()
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if root.is_dir() else []:
-        if not (folder / "dataset.json").exists() and \
-                (stale_manifests(folder, None) or (folder / "checksums.json").exists()):
+        if (folder / "dataset.json").exists():
+            continue
+        with _add_finished(store, folder.name):  # a first add between its manifest and its dataset.json
+            unlisted = not (folder / "dataset.json").exists() and \
+                bool(stale_manifests(folder, None) or (folder / "checksums.json").exists())
+        if unlisted:
             yield folder / "dataset.json", (f"dataset.json is missing, so dataset {folder.name} is not listed or "
                                             "checked (lost, or its first `fs datasets add` was killed before "
                                             "publishing it); restore it from a backup, or add the dataset again "

@@ -203,13 +203,13 @@ def run_cv(config, store: Store, *, log: Callable[[str], None] | None = None, in
     cs = load_cv_set(store, config.dataset, fingerprints, target=target,
                      sequences=probe.uses_sequences and getattr(probe, "sequences", True), va=probe.uses_va)
     X, y, classes = cs.X, cs.y, cs.classes
-    warned = coverage_warnings(cs, config.dataset)
-    for message in warned:
-        say(message)
     if y.kind not in probe.supports:
         raise ConfigError(f"head {config.method!r} does not train {y.kind!r} targets (--target {target}); "
                           f"it supports {sorted(probe.supports)}")
     folds = fold_rows(cs, config.cv, seed=config.seed, val_fraction=config.val_fraction)
+    warned = coverage_warnings(cs, config.dataset)  # once the folds are sound: a refused run says one line
+    for message in warned:
+        say(message)
     cv_kind = parse_cv(config.cv)
     run_id = config.run_id or _new_run_id(config.method, config.dataset)
     final = into or store.heads_dir() / check_name(run_id, "run")

@@ -164,7 +164,10 @@ def _unreadable_reason(modality: str, source: str) -> str:
     if modality == "text":
         return "empty text"
     try:
-        if not stat.S_ISREG(os.stat(source).st_mode):
+        mode = os.stat(source).st_mode
+        if stat.S_ISDIR(mode):
+            return f"cannot read file '{source}': {os.strerror(errno.EISDIR)}"
+        if not stat.S_ISREG(mode):
             return f"'{source}' is not a regular file (a FIFO, socket or device): list regular files only"
         os.close(os.open(source, os.O_RDONLY))
     except FileNotFoundError:

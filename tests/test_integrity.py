@@ -1029,3 +1029,154 @@ def test_verify_during_an_extraction_reports_nothing(store):
         checks += 1
     assert writer.wait(timeout=120) == 0, writer.stderr.read()[-2000:]
     assert checks >= 3 and problems == [], (checks, problems[:3])
+
+
+def test_damaged_fold_weights_of_a_cv_run_are_refused(trained):
+    """A `--cv` run has one checksums.json at its root covering `fold-K/` files; reading a fold checks
+    its entries there (eval of the cv run, predict RUN/fold-K)."""
+    res = fs_cli(trained, "train-head", "--method", "linear", "--dataset", "words", "--features", "text=minilm",
+                 "--target", "label", "--cv", "3", "--run-id", "cvr", "-p", "epochs=2")
+    assert res.exit_code == 0, res.output
+    assert fs_cli(trained, "predict", "cvr/fold-0", "--text", "a lovely day").exit_code == 0
+    _flip_last(trained.heads_dir() / "cvr" / "fold-0" / "model.safetensors")
+    for args in (["eval", "cvr", "--dataset", "words"], ["predict", "cvr/fold-0", "--text", "a lovely day"]):
+        res = fs_cli(trained, *args)
+        assert res.exit_code == 8 and "fold-0/model.safetensors does not match" in res.output, res.output
+
+
+def test_a_failed_fsync_after_the_catalogue_landed_keeps_the_segment(store, monkeypatch):
+    """If the catalogue rewrite itself landed and only the folder's fsync after it failed, the segment
+    is registered: it must stay on disk (withdrawing it would lose registered rows)."""
+    import errno
+
+    from featurestore import _io
+    from featurestore.segments import SegmentSet
+
+    segset = SegmentSet(store.root / "set")
+    segset.write(["a" * 32], {"pooled": np.zeros((1, 2), np.float32)})
+    real = _io._fsync_dir
+
+    calls = []
+
+    def failing(folder):  # the segment's own publish passes; the catalogue's publish fails after its rename
+        calls.append(folder)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error", str(folder))
+        return real(folder)
+    monkeypatch.setattr(_io, "_fsync_dir", failing)
+    with pytest.raises(OSError):
+        segset.write(["b" * 32], {"pooled": np.ones((1, 2), np.float32)})
+    monkeypatch.setattr(_io, "_fsync_dir", real)
+    listed = set(segset.catalogue()["segments"])
+    assert len(listed) == 2 and {p.name for p in segset.folder.glob("seg-*.h5")} == listed
+    assert segset.verify() == []
+
+
+def test_gc_dry_run_lists_a_stale_manifest_and_keeps_it(store, tmp_path, monkeypatch):
+    from featurestore import datasets as D
+
+    add_dataset(store, "words", read_manifest_file(_jsonl(tmp_path / "w6.jsonl", 6)), root=None, source="t")
+    folder = store.dataset_dir("words")
+    real_unlink = type(folder).unlink
+
+    def unlink(path, *a, **k):
+        if path.name.startswith("manifest."):
+            raise KeyboardInterrupt
+        return real_unlink(path, *a, **k)
+    monkeypatch.setattr(type(folder), "unlink", unlink)
+    with pytest.raises(KeyboardInterrupt):
+        add_dataset(store, "words", read_manifest_file(_jsonl(tmp_path / "w3.jsonl", 3)), root=None, source="t",
+                    replace=True)
+    monkeypatch.undo()
+    (stale,) = D.stale_manifests(folder, D.get_dataset(store, "words").info)
+    res = fs_cli(store, "gc", "--dry-run", "--json")
+    assert res.exit_code == 0 and str(stale) in json.loads(res.output)["removed_temp_files"]
+    assert stale.exists()
+
+
+def test_verify_reports_a_dead_or_foreign_writers_temp_segment(tmp_path):
+    """Only a live writer of this machine's own temp file is skipped; a live pid under another machine's
+    tag is someone else's process, and its file is reported (gc removes it under the exclusive lock)."""
+    import os
+
+    from featurestore.segments import SegmentSet
+
+    segset = SegmentSet(tmp_path / "set")
+    segset.write(["a" * 32], {"pooled": np.zeros((1, 2), np.float32)})
+    mine = segset.folder / f".seg-x.h5.{os.getpid()}-abcd1234-{__import__('featurestore._io', fromlist=['x']).writer_tag()}.tmp"
+    mine.write_bytes(b"partial")
+    assert segset.verify() == []
+    foreign = segset.folder / f".seg-y.h5.{os.getpid()}-abcd1234-ffffffff.tmp"
+    foreign.write_bytes(b"partial")
+    assert [p.path for p in segset.verify()] == [str(foreign)]
+
+
+def test_a_reader_that_loses_a_race_with_a_replacement_reads_the_new_dataset(store, tmp_path, monkeypatch):
+    """The manifest `dataset.json` named is removed by a replacement between the reader's two reads:
+    the reader reads `dataset.json` again and gets the new dataset, whole."""
+    from pathlib import Path
+
+    from featurestore import datasets as D
+
+    add_dataset(store, "words", read_manifest_file(_jsonl(tmp_path / "w6.jsonl", 6)), root=None, source="t")
+    real = Path.read_bytes
+    raced = []
+
+    def read_bytes(path):
+        if path.name.startswith("manifest.") and not raced:
+            raced.append(path)
+            monkeypatch.setattr(Path, "read_bytes", real)
+            add_dataset(store, "words", read_manifest_file(_jsonl(tmp_path / "w3.jsonl", 3)), root=None,
+                        source="t", replace=True)
+            monkeypatch.setattr(Path, "read_bytes", read_bytes)
+        return real(path)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    ds = D.get_dataset(store, "words")
+    monkeypatch.undo()
+    assert raced and len(ds.manifest) == 3 and ds.info["n_items"] == 3
+
+
+def test_a_first_add_that_meets_a_competing_first_add_is_refused_and_keeps_the_other(store, tmp_path, monkeypatch):
+    """Two first adds of one name: the one that takes the lock second finds the dataset registered
+    meanwhile and refuses (no --replace), leaving the other's manifest in place."""
+    from featurestore import datasets as D
+
+    real = D.add_content_keys
+    competed = []
+
+    def hashing_while_another_add_finishes(df, progress=None):
+        out = real(df, progress)
+        if not competed:
+            competed.append(1)
+            add_dataset(store, "words", read_manifest_file(_jsonl(tmp_path / "w3.jsonl", 3)), root=None, source="t")
+        return out
+    monkeypatch.setattr(D, "add_content_keys", hashing_while_another_add_finishes)
+    with pytest.raises(D.DatasetError, match="already exists"):
+        add_dataset(store, "words", read_manifest_file(_jsonl(tmp_path / "w6.jsonl", 6)), root=None, source="t")
+    monkeypatch.undo()
+    assert len(D.get_dataset(store, "words").manifest) == 3 and fs_cli(store, "verify").exit_code == 0
+
+
+def test_verify_waits_for_an_add_between_its_manifest_and_its_dataset_json(store, tmp_path, monkeypatch):
+    import threading
+
+    from featurestore import datasets as D
+    from featurestore.verify import verify_store
+
+    add_dataset(store, "words", read_manifest_file(_jsonl(tmp_path / "w6.jsonl", 6)), root=None, source="t")
+    real = D.write_json_atomic
+    seen: dict = {}
+
+    def verify_meanwhile(path, obj):
+        if path.name == "dataset.json":  # the new manifest is published, not yet named: verify runs now
+            t = threading.Thread(target=lambda: seen.setdefault("problems", verify_store(store)))
+            t.start()
+            t.join(0.5)
+            seen["waited"] = t.is_alive()
+            seen["thread"] = t
+        return real(path, obj)
+    monkeypatch.setattr(D, "write_json_atomic", verify_meanwhile)
+    add_dataset(store, "words", read_manifest_file(_jsonl(tmp_path / "w3.jsonl", 3)), root=None, source="t",
+                replace=True)
+    seen["thread"].join(60)
+    assert seen["waited"] and seen["problems"] == []

@@ -267,9 +267,15 @@ def test_bad_input_fails_before_training(demo_store, tmp_path):
     info = demo_store.dataset_dir("demo") / "dataset.json"
     saved = info.read_text()
     try:  # a manifest label outside the recorded label set
+        from featurestore.datasets import info_digest
+
         doc = json.loads(saved)
         doc["label_set"] = ["negative", "positive"]
-        info.write_text(json.dumps(doc))
+        info.write_text(json.dumps(doc))  # edited by hand: dataset.json no longer matches its own hash
+        r = fs(demo_store, "train-head", "--method", "mlp", "--dataset", "demo", "--features", "text=minilm",
+               "--target", "label")
+        assert r.exit_code == 8 and "info_sha256" in r.output
+        info.write_text(json.dumps({**doc, "info_sha256": info_digest(doc)}))  # resealed: the label check's turn
         r = fs(demo_store, "train-head", "--method", "mlp", "--dataset", "demo", "--features", "text=minilm",
                "--target", "label")
         assert r.exit_code == 5 and "outside" in r.output and "neutral" in r.output
