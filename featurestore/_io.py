@@ -197,14 +197,22 @@ def publish_folder(tmp: Path, target: Path, *, overwrite: bool = True) -> None:
     non-empty folder, as a plain `os.replace` does)."""
     tmp, target = Path(tmp), Path(target)
     fsync_tree(tmp)
-    if not overwrite or not target.exists():
-        os.replace(tmp, target)
-        _settle(target.parent)
-        return
-    if exchange(tmp, target):  # tmp now holds the old folder
-        _settle(target.parent)
-        _rmtree(tmp)
-        return
+    try:
+        if not overwrite or not target.exists():
+            os.replace(tmp, target)
+            _settle(target.parent)
+            return
+        if exchange(tmp, target):  # tmp now holds the old folder
+            _settle(target.parent)
+            _rmtree(tmp)
+            return
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EBUSY):  # the target is a mount point: no rename can replace it
+            _rmtree(tmp)
+            raise IntegrityError(f"cannot publish {target}: it is a mount point or on another filesystem than "
+                                 f"{target.parent} ({os.strerror(exc.errno)}), so it cannot be replaced "
+                                 "atomically; unmount it or choose another name") from None
+        raise
     old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{OLD_SUFFIX}")
     os.replace(target, old)
     try:

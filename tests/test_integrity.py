@@ -1180,3 +1180,23 @@ def test_verify_waits_for_an_add_between_its_manifest_and_its_dataset_json(store
                 replace=True)
     seen["thread"].join(60)
     assert seen["waited"] and seen["problems"] == []
+
+
+def test_a_folder_that_cannot_be_renamed_over_is_one_clear_error(tmp_path, monkeypatch):
+    """A target that is a mount point (EXDEV / EBUSY from the rename) used to surface as an unexpected
+    error; it is one IntegrityError naming the target, and the temporary folder is removed."""
+    import errno
+
+    from featurestore import _io
+    from featurestore.errors import IntegrityError
+
+    tmp, target = tmp_path / ".run.tmp", tmp_path / "run"
+    tmp.mkdir()
+    (tmp / "f").write_text("x")
+
+    def cross_device(a, b):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(a), None, str(b))
+    monkeypatch.setattr(_io.os, "replace", cross_device)
+    with pytest.raises(IntegrityError, match="mount point"):
+        _io.publish_folder(tmp, target)
+    assert not tmp.exists() and not target.exists()
