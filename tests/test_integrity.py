@@ -1200,3 +1200,23 @@ def test_a_folder_that_cannot_be_renamed_over_is_one_clear_error(tmp_path, monke
     with pytest.raises(IntegrityError, match="mount point"):
         _io.publish_folder(tmp, target)
     assert not tmp.exists() and not target.exists()
+
+
+def test_a_folder_whose_dataset_json_was_lost_takes_a_plain_add(trained):
+    """verify says to add the dataset again; that add needs no --replace (nothing is registered) and
+    leaves the folder as a fresh add would."""
+    folder = trained.dataset_dir("words")
+    info = json.loads((folder / "dataset.json").read_text())
+    (folder / "dataset.json").unlink()
+    (folder / info["manifest_file"]).rename(folder / "manifest.parquet")  # as a legacy store has it
+    assert "fs datasets add words" in fs_cli(trained, "verify").output
+    df = pl.read_parquet(folder / "manifest.parquet").select("item_id", "text", "label", "split")
+    csv = _write_csv(df.rename({"item_id": "id"}), trained.root / "w.csv")
+    add_dataset(trained, "words", read_manifest_file(csv), root=None, source="t")
+    assert fs_cli(trained, "verify").exit_code == 0
+    assert sorted(p.name for p in folder.glob("manifest*.parquet")) == [get_dataset(trained, "words").info["manifest_file"]]
+
+
+def _write_csv(df, path):
+    df.write_csv(path)
+    return path

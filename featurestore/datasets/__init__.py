@@ -200,8 +200,9 @@ def info_digest(info: dict) -> str:
 
 
 def is_registered(folder: Path) -> bool:
-    """A dataset is there once its `dataset.json` is (a legacy store's `manifest.parquet` counts too)."""
-    return (folder / "dataset.json").exists() or (folder / LEGACY_MANIFEST).exists()
+    """A dataset is there once its `dataset.json` is: a manifest without one (a first add killed, or a
+    lost dataset.json) registers nothing, and the next add, which replaces it, needs no --replace."""
+    return (folder / "dataset.json").exists()
 
 
 def stale_manifests(folder: Path, info: dict | None) -> list[Path]:
