@@ -300,17 +300,20 @@ def write_checksums(folder: Path, names: Iterable[str]) -> None:
     write_json_atomic(folder / CHECKSUMS, {"sha256": {n: sha256_file(folder / n) for n in sorted(names)}})
 
 
-def check_checksums(folder: Path) -> list[str] | None:
-    """Problems with the files `checksums.json` lists (None when the folder has no checksums)."""
+def check_checksums(folder: Path, prefix: str = "") -> list[str] | None:
+    """Problems with the files `checksums.json` lists (None when the folder has no checksums); with
+    `prefix`, only the entries under that sub-folder (`fold-0/`)."""
     folder = Path(folder)
     if not (folder / CHECKSUMS).is_file():
         return None
     try:
         recorded = read_json(folder / CHECKSUMS)["sha256"]
     except (IntegrityError, KeyError, TypeError) as exc:
-        return [f"{CHECKSUMS} is damaged ({exc})"]
+        return [f"{folder / CHECKSUMS if prefix else CHECKSUMS} is damaged ({exc})"]
     problems = []
     for name, digest in sorted(recorded.items()):
+        if not name.startswith(prefix):
+            continue
         path = folder / name
         if not path.is_file():
             problems.append(f"{name} is missing")
@@ -354,23 +357,9 @@ def require_intact(folder: Path, fix: str) -> None:
 def _checked_by_an_ancestor(folder: Path, levels: int = 3) -> list[str]:
     """Problems with the files under `folder` that the nearest enclosing `checksums.json` (up to
     `levels` folders up) lists, as `<relative path>/<name>`; none where no ancestor has one."""
-    for up in range(1, levels + 1):
-        root = folder.parents[up - 1]
-        if (root / CHECKSUMS).is_file():
-            prefix = folder.relative_to(root).as_posix() + "/"
-            try:
-                recorded = read_json(root / CHECKSUMS)["sha256"]
-            except (IntegrityError, KeyError, TypeError) as exc:
-                return [f"{root / CHECKSUMS} is damaged ({exc})"]
-            problems = []
-            for name, digest in sorted(recorded.items()):
-                if not name.startswith(prefix):
-                    continue
-                path = root / name
-                if not path.is_file():
-                    problems.append(f"{name} is missing")
-                elif sha256_file(path) != digest:
-                    problems.append(f"{name} does not match its recorded SHA-256 (damaged or replaced)")
+    for root in folder.parents[:levels]:
+        problems = check_checksums(root, prefix=folder.relative_to(root).as_posix() + "/")
+        if problems is not None:
             return problems
     return []
 
