@@ -465,3 +465,197 @@ def test_files_linked_from_outside_the_root_need_allow_outside_root(tmp_path):
                              "--allow-outside-root"])
     assert ok.exit_code == 0, ok.output
     assert "2 items" in ok.output
+
+
+# ---- every documented code, written out by hand from the datasets' own documentation ----------
+# (docs/datasets.md quotes it); the expected values below never come from the layouts' tables.
+def _touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+
+
+def _by_id(df: pl.DataFrame) -> dict:
+    return {r["item_id"]: r for r in df.iter_rows(named=True)}
+
+
+def test_raf_db_every_class_code_and_original_images(tmp_path):
+    root = tmp_path / "RAF"
+    # RAF-DB basic README: 1 Surprise, 2 Fear, 3 Disgust, 4 Happiness, 5 Sadness, 6 Anger, 7 Neutral
+    lines = [f"train_0000{k}.jpg {k}" for k in range(1, 8)] + ["test_0001.jpg 2", "test_0002.jpg 3"]
+    (root / "EmoLabel").mkdir(parents=True)
+    (root / "EmoLabel/list_patition_label.txt").write_text("\n".join(lines) + "\n")
+    for line in lines:
+        name = line.split()[0]
+        _touch(root / f"Image/aligned/{name[:-4]}_aligned.jpg")
+        _touch(root / f"Image/original/{name}")
+    by = _by_id(read_layout("raf-db", root).df)
+    assert {k: r["label"] for k, r in by.items()} == {
+        "train_00001": "surprise", "train_00002": "fear", "train_00003": "disgust", "train_00004": "happiness",
+        "train_00005": "sadness", "train_00006": "anger", "train_00007": "neutral",
+        "test_0001": "fear", "test_0002": "disgust"}
+    assert {k: r["split"] for k, r in by.items() if k.startswith("test")} == {"test_0001": "test", "test_0002": "test"}
+    orig = _by_id(read_layout("raf-db", root, options={"images": "original"}).df)
+    assert orig["train_00001"]["image"].endswith("Image/original/train_00001.jpg")
+    assert by["train_00001"]["image"].endswith("Image/aligned/train_00001_aligned.jpg")
+
+
+def test_affectnet_every_expression_code_and_va_bounds(tmp_path):
+    root = tmp_path / "AffectNet"
+    header = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "facial_landmarks",
+              "expression", "valence", "arousal"]
+    # AffectNet: 0 Neutral, 1 Happy, 2 Sad, 3 Surprise, 4 Fear, 5 Disgust, 6 Anger, 7 Contempt, 8 None,
+    # 9 Uncertain, 10 No-Face; valence/arousal on [-1, 1], -2 = not annotated
+    va = {0: (-1.0, 1.0), 1: (1.0, -1.0), 2: (-2, -2), 3: (0.0, 0.0)}
+    rows = [[f"1/{c}.jpg", 0, 0, 10, 10, "", c, *va.get(c, (0.1, 0.2))] for c in range(11)]
+    _csv(root / "Manually_Annotated_file_lists/training.csv", header, rows)
+    for r in rows:
+        _touch(root / "Manually_Annotated_Images" / r[0])
+    by = _by_id(read_layout("affectnet", root).df)
+    raw = ["neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger", "contempt", "none",
+           "uncertain", "no-face"]
+    assert [by[f"1/{c}.jpg"]["expression_raw"] for c in range(11)] == raw
+    assert [by[f"1/{c}.jpg"]["label"] for c in range(11)] == raw[:8] + [None, None, None]
+    assert (by["1/0.jpg"]["valence"], by["1/0.jpg"]["arousal"]) == (-1.0, 1.0)  # the bounds are in range
+    assert (by["1/1.jpg"]["valence"], by["1/1.jpg"]["arousal"]) == (1.0, -1.0)
+    assert by["1/2.jpg"]["valence"] is None and by["1/2.jpg"]["arousal"] is None
+    assert (by["1/3.jpg"]["valence"], by["1/3.jpg"]["arousal"]) == (0.0, 0.0)
+
+
+def test_fer2013_every_emotion_code_and_usage(tmp_path):
+    root = tmp_path / "fer"
+    usage = ["Training", "PublicTest", "PrivateTest", "Training", "PublicTest", "PrivateTest", "Training"]
+    rows = [[code, " ".join([str(code * 30)] * (48 * 48)), usage[code]] for code in range(7)]
+    _csv(root / "fer2013.csv", ["emotion", "pixels", "Usage"], rows)
+    df = read_layout("fer2013", root, workdir=tmp_path / "work").df
+    # FER2013: 0=Angry, 1=Disgust, 2=Fear, 3=Happy, 4=Sad, 5=Surprise, 6=Neutral;
+    # Training -> train, PublicTest -> val, PrivateTest -> test
+    assert df["item_id"].to_list() == [f"fer{i:05d}" for i in range(7)]
+    assert df["label"].to_list() == ["anger", "disgust", "fear", "happiness", "sadness", "surprise", "neutral"]
+    assert df["split"].to_list() == ["train", "val", "test", "train", "val", "test", "train"]
+
+
+def test_ravdess_every_emotion_code_and_name_field(tmp_path):
+    root = tmp_path / "RAVDESS"
+    # modality-channel-emotion-intensity-statement-repetition-actor; emotion 01 neutral, 02 calm, 03 happy,
+    # 04 sad, 05 angry, 06 fearful, 07 disgust, 08 surprised
+    for e in range(1, 9):
+        _touch(root / f"Actor_01/03-01-0{e}-01-01-01-01.wav")
+    _touch(root / "Actor_03/03-02-03-02-02-01-03.wav")  # song, strong, "Dogs ...", first repetition, actor 3
+    _touch(root / "Actor_04/03-01-04-01-01-02-04.wav")  # speech, normal, "Kids ...", second repetition, actor 4
+    by = _by_id(read_layout("ravdess", root).df)
+    assert {e: by[f"01-0{e}-01-01-01-01"]["label"] for e in range(1, 9)} == {
+        1: "neutral", 2: "calm", 3: "happy", 4: "sad", 5: "angry", 6: "fearful", 7: "disgust", 8: "surprised"}
+    song = by["02-03-02-02-01-03"]
+    assert (song["vocal_channel"], song["label"], song["intensity"], song["statement"], song["repetition"],
+            song["group"], song["gender"]) == ("song", "happy", "strong", "Dogs are sitting by the door", 1,
+                                               "actor03", "male")
+    speech = by["01-04-01-01-02-04"]
+    assert (speech["statement"], speech["repetition"], speech["gender"]) == ("Kids are talking by the door", 2,
+                                                                             "female")
+    assert read_layout("ravdess", root, options={"channel": "song"}).df["item_id"].to_list() == ["02-03-02-02-01-03"]
+
+
+def test_crema_d_every_emotion_and_level_code(tmp_path):
+    root = tmp_path / "CREMA-D"
+    # actor_sentence_emotion_level: ANG anger, DIS disgust, FEA fear, HAP happy, NEU neutral, SAD sad;
+    # LO low, MD medium, HI high, XX unspecified
+    names_ = ["1001_DFA_ANG_LO", "1001_DFA_DIS_MD", "1001_DFA_FEA_HI", "1001_DFA_HAP_XX", "1002_TSI_NEU_XX",
+              "1002_ITS_SAD_MD"]
+    for n in names_:
+        _touch(root / f"AudioWAV/{n}.wav")
+    by = _by_id(read_layout("crema-d", root).df)
+    assert {n: (by[n]["label"], by[n]["intensity"]) for n in names_} == {
+        "1001_DFA_ANG_LO": ("anger", "low"), "1001_DFA_DIS_MD": ("disgust", "medium"),
+        "1001_DFA_FEA_HI": ("fear", "high"), "1001_DFA_HAP_XX": ("happy", "unspecified"),
+        "1002_TSI_NEU_XX": ("neutral", "unspecified"), "1002_ITS_SAD_MD": ("sad", "medium")}
+    assert by["1002_TSI_NEU_XX"]["transcript"] == "The surface is slick"
+    assert by["1002_TSI_NEU_XX"]["group"] == "actor1002"
+
+
+def test_iemocap_rare_codes_dominance_scale_ends_and_test_session(tmp_path):
+    root = tmp_path / "IEMOCAP_full_release"
+    data = {3: [("Ses03F_impro01_F000", "fea", 5.0, 1.0, 2.0, ["Fear"], "Oh no."),
+                ("Ses03F_impro01_M000", "sur", 3.0, 5.0, 4.0, ["Surprise", "Excited"], "Really?"),
+                ("Ses03F_impro01_F001", "dis", 2.0, 2.0, 1.0, ["Disgust"], "Ugh."),
+                ("Ses03F_impro01_M001", "oth", 3.0, 3.0, 5.0, ["Other"], "Hm.")],
+            4: [("Ses04M_script01_1_F000", "exc", 4.0, 4.0, 3.0, ["Excited"], "Yes!")]}
+    _iemocap(root, data, missing="")
+    by = _by_id(read_layout("iemocap", root, options={"test_session": "3"}).df)
+    # codes: fea fear, sur surprise, dis disgust, oth other, exc excitement
+    assert {k: r["label"] for k, r in by.items()} == {
+        "Ses03F_impro01_F000": "fear", "Ses03F_impro01_M000": "surprise", "Ses03F_impro01_F001": "disgust",
+        "Ses03F_impro01_M001": "other", "Ses04M_script01_1_F000": "excitement"}
+    assert {k: r["split"] for k, r in by.items()} == {
+        "Ses03F_impro01_F000": "test", "Ses03F_impro01_M000": "test", "Ses03F_impro01_F001": "test",
+        "Ses03F_impro01_M001": "test", "Ses04M_script01_1_F000": "train"}
+    fear = by["Ses03F_impro01_F000"]  # 1-5 -> [-1, 1]: 1 -> -1, 2 -> -0.5, 3 -> 0, 4 -> 0.5, 5 -> 1
+    assert (fear["valence"], fear["arousal"], fear["dominance"]) == (1.0, -1.0, -0.5)
+    assert by["Ses03F_impro01_M000"]["dominance"] == 0.5 and by["Ses03F_impro01_M001"]["dominance"] == 1.0
+    assert by["Ses03F_impro01_F001"]["dominance"] == -1.0
+    assert by["Ses03F_impro01_M000"]["labels"] == ["excitement", "surprise"]  # evaluators: Surprise; Excited
+    assert by["Ses04M_script01_1_F000"]["labels"] == ["excitement"]
+
+
+def test_meld_cp1252_csv_and_unknown_sentiment(tmp_path):
+    root = tmp_path / "MELD.Raw"
+    header = "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID,Season,Episode\r\n"
+    body = ("1,\"He\u2019s at the caf\u00e9 \u2013 \u201cnow\u201d.\",Joey,Joy,Positive,0,0,1,1\r\n"
+            "2,Hmm.,Ross,Neutral,unsure,0,1,1,1\r\n")
+    (root).mkdir()
+    (root / "train_sent_emo.csv").write_bytes((header + body).encode("cp1252"))
+    for u in (0, 1):
+        _touch(root / f"train_splits/dia0_utt{u}.mp4")
+    by = _by_id(read_layout("meld", root).df)
+    assert by["train/dia0_utt0"]["text"] == "He\u2019s at the caf\u00e9 \u2013 \u201cnow\u201d."
+    assert by["train/dia0_utt0"]["label"] == "joy" and by["train/dia0_utt1"]["label"] == "neutral"
+    sent = _by_id(read_layout("meld", root, options={"label": "sentiment"}).df)
+    assert sent["train/dia0_utt0"]["label"] == "positive"
+    assert sent["train/dia0_utt1"]["label"] is None  # not one of the three sentiments
+
+
+@pytest.mark.parametrize("layout", ["mosi", "mosei"])
+def test_mmsa_polarity_thresholds_and_valence_scale(tmp_path, layout):
+    root = tmp_path / layout
+    scores = {"a": -3.0, "b": -0.4, "c": 0.0, "d": 0.4, "e": 3.0}
+    header = ["video_id", "clip_id", "text", "label", "annotation", "mode", "happy", "sad", "anger", "surprise",
+              "disgust", "fear"]
+    rows = [["vid", c, f"t{c}", s, "Neutral", "train", 2.5, 0, 0, 0, 0, 1.5] for c, s in scores.items()]
+    _csv(root / "label.csv", header, rows)
+    for c in scores:
+        _touch(root / f"Raw/vid/{c}.mp4")
+
+    def labels(**opt):
+        df = read_layout(layout, root, options=opt).df
+        return {r["item_id"][-1]: r["label"] for r in df.iter_rows(named=True)}
+    # polarity2: negative < 0 <= non-negative; polarity3: by the sign
+    assert labels() == {"a": "negative", "b": "negative", "c": "non-negative", "d": "non-negative",
+                        "e": "non-negative"}
+    assert labels(label="polarity3") == {"a": "negative", "b": "negative", "c": "neutral", "d": "positive",
+                                         "e": "positive"}
+    by = _by_id(read_layout(layout, root).df)
+    assert by["vid/a"]["valence"] == -1.0 and by["vid/e"]["valence"] == 1.0 and by["vid/c"]["valence"] == 0.0
+    if layout == "mosei":  # intensities on [0, 3] kept as given
+        assert by["vid/a"]["happy_intensity"] == 2.5 and by["vid/a"]["fear_intensity"] == 1.5
+        assert by["vid/a"]["labels"] == ["happy", "fear"]
+
+
+def test_mafw_split_follows_split_fold_and_a_clip_in_two_test_lists_keeps_the_first(tmp_path):
+    root = tmp_path / "MAFW"
+    base = root / "Train & Test Set/single/no_caption"
+    clips = {f"{i:05d}": (i - 1) // 2 + 1 for i in range(1, 11)}  # two clips per fold
+    for fold in range(1, 6):
+        test = [c for c, f in clips.items() if f == fold] + (["00001"] if fold == 4 else [])
+        (base / f"set_{fold}").mkdir(parents=True)
+        (base / f"set_{fold}/test.txt").write_text("".join(f"{c}.mp4 anger\n" for c in test))
+        (base / f"set_{fold}/train.txt").write_text(
+            "".join(f"{c}.mp4 anger\n" for c, f in clips.items() if f != fold and c not in test))
+    for c in clips:
+        _touch(root / f"data/clips/{c}.mp4")
+    res = read_layout("mafw", root)
+    by = _by_id(res.df)
+    assert sorted(k for k, r in by.items() if r["split"] == "test") == ["00001", "00002"]
+    assert sorted(k for k, r in by.items() if r["split"] == "train") == [f"{i:05d}" for i in range(3, 11)]
+    assert by["00001"]["fold"] == "1"  # also in fold 4's test list: recorded, kept in the first
+    assert any("00001" in p["reason"] for p in res.report["layout"]["problems"])
+    three = _by_id(read_layout("mafw", root, options={"split_fold": "3"}).df)
+    assert sorted(k for k, r in three.items() if r["split"] == "test") == ["00005", "00006"]
