@@ -457,3 +457,11 @@ def test_concept_section_on_a_small_real_store(store, demo_df, minilm, tmp_path,
     assert set(heads_) == {"concept", "concept (no_selectivity)", "concept (no_generalisation)", "concept (lam=0)",
                            "mlp", "linear"}
     assert all(0 <= r["accuracy"] <= 1 and "uar" in r and r["seed"] == 0 for r in heads_.values())
+
+
+def test_concept_defaults_are_the_documented_ones():
+    """docs/concepts.md section 4: lambda 0.5, k 8 features per modality, mode replay, epochs 40, batch 64."""
+    from featurestore.heads.concept import ConceptConfig
+
+    c = ConceptConfig()
+    assert (c.lam, c.k, c.mode, c.epochs, c.batch_size) == (0.5, 8, "replay", 40, 64)

@@ -169,3 +169,43 @@ def test_a_validation_set_keeps_the_state_of_least_log_loss():
     assert np.log(p).mean() == pytest.approx(seq["best_val"], abs=1e-4)  # what it kept is what it scored best
     last = SCL(**{**FAST, "seq_epochs": seq["best_turn"] // 2}).fit(X, y)  # the same run, stopped there
     np.testing.assert_allclose(last.predict_proba(Xv), head.predict_proba(Xv), atol=1e-5)
+
+
+def _first_joint_loss(monkeypatch, *, trip: float, orth: float, **kw) -> float:
+    """The loss of the first joint step with the triplet term and each modality's orthogonality term
+    replaced by constants (plus 0 x a feature, so gradients flow): the rest of that step is the same
+    for every call (same seed, same first batch)."""
+    import featurestore.heads.scl as scl_mod
+
+    seen = []
+    monkeypatch.setattr(scl_mod, "triplet_loss", lambda emo, *a, **k: emo.sum() * 0 + trip)
+    monkeypatch.setattr(SCL, "_orth", lambda self, emo, non: emo.sum() * 0 + orth)
+    real_step = SCL._step
+
+    def step(self, opt, sched, loss):
+        seen.append(float(loss.detach()))
+        return real_step(self, opt, sched, loss)
+
+    monkeypatch.setattr(SCL, "_step", step)
+    X, y, _ = unpaired(70, 60)
+    SCL(**{**FAST, "joint_epochs": 1, "seq_epochs": 0, **kw}).fit(X, y)
+    return seen[0]
+
+
+def test_joint_stage_is_eq4_task_plus_beta1_triplet_plus_beta2_orth_per_modality(monkeypatch):
+    """docs/concepts.md: joint (eq. 4) = sum_m CE_m + beta1 L_contrast + beta2 sum_m L_orth_m (2 modalities
+    here); gamma belongs to the sequential stage only."""
+    kw = dict(beta1=0.3, beta2=0.07, gamma=0.9)
+    base = _first_joint_loss(monkeypatch, trip=0.0, orth=0.0, **kw)
+    with_trip = _first_joint_loss(monkeypatch, trip=1.0, orth=0.0, **kw)
+    with_orth = _first_joint_loss(monkeypatch, trip=0.0, orth=1.0, **kw)
+    assert with_trip - base == pytest.approx(0.3, abs=1e-5)
+    assert with_orth - base == pytest.approx(2 * 0.07, abs=1e-5)
+
+
+def test_scl_defaults_are_the_documented_ones():
+    """docs/concepts.md: beta1 0.05, beta2 0.1, gamma 0.1, alpha 0.2, joint_epochs 10, seq_epochs 100, cycle 1e,
+    orth_normalize and orth_reduction=mean by default."""
+    c = SCL()
+    assert (c.alpha, c.beta1, c.beta2, c.gamma) == (0.2, 0.05, 0.1, 0.1)
+    assert (c.joint_epochs, c.seq_epochs, c.cycle, c.orth_normalize, c.orth_reduction) == (10, 100, "1e", True, "mean")

@@ -765,3 +765,39 @@ def test_two_fits_with_the_same_seed_give_the_same_model_on_two_threads():
         torch.set_num_threads(before)
     np.testing.assert_array_equal(fits[0].logits(Xv), fits[1].logits(Xv))
     assert all(torch.equal(a, b) for a, b in zip(fits[0].net_.state_dict().values(), fits[1].net_.state_dict().values()))
+
+
+def test_umbe_defaults_are_the_documented_ones():
+    """docs/heads.md ("umbe"): pool 32, prompt_length 64, top_k 5, l1 0.01, sff mlp, scale 100, balanced
+    weights undone by shift=undo, Adam at 2e-3, plateau 0.6 / 3 / 1e-7, 40 epochs, patience 8, drop_prob 0.3,
+    two stages."""
+    c = U.UMBEConfig()
+    assert (c.pool_size, c.prompt_length, c.top_k, c.l1, c.sff, c.scale) == (32, 64, 5, 0.01, "mlp", 100.0)
+    assert (c.class_weight, c.shift, c.select) == ("balanced", "undo", "primary")
+    assert (c.lr, c.weight_decay, c.lr_factor, c.lr_patience, c.min_lr) == (2e-3, 0.0, 0.6, 3, 1e-7)
+    assert (c.epochs, c.patience, c.drop_prob, c.stages, c.ema, c.stop_train_acc) == (40, 8, 0.3, 2, 0.0, 0.0)
+
+
+def test_shifted_softmax_is_p_times_prior_to_minus_tau_renormalised_by_loops():
+    """docs/heads.md: `p x prior^-tau` renormalised, on the logits, in float64."""
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(5, 3)) * 4
+    prior = np.array([0.6, 0.3, 0.1])
+    for tau in (-1.0, -0.5, 0.75):
+        for i in range(5):
+            e = [np.exp(z[i, c]) * prior[c] ** (-tau) for c in range(3)]
+            np.testing.assert_allclose(U.shifted_softmax(z, prior, tau)[i], [v / sum(e) for v in e], rtol=1e-12)
+
+
+def test_logits_are_scale_times_the_cosine_of_the_query_with_each_class_feature_eq5():
+    """Eq. 5/14 (docs: logits = `scale` (100) x cosine(F_fusion, class feature))."""
+    head, net, batch = bare_net(12, 3, 2, scale=37.0)
+    net.eval()
+    with torch.no_grad():
+        logits, q, idx = net(batch)
+        feats = net.class_features(idx).double().numpy()
+    q = q.double().numpy()
+    for b in range(len(q)):
+        for c in range(len(CLASSES)):
+            cos = q[b] @ feats[b, c] / (np.linalg.norm(q[b]) * np.linalg.norm(feats[b, c]))
+            assert float(logits[b, c]) == pytest.approx(37.0 * cos, rel=1e-4, abs=1e-4)

@@ -281,3 +281,108 @@ def test_bad_input_fails_before_training(demo_store, tmp_path):
         assert r.exit_code == 5 and "outside" in r.output and "neutral" in r.output
     finally:
         info.write_text(saved)
+
+
+# ---- the code's loss terms and the documented defaults, against loops ---------------------------
+def test_kl_mean_reduction_with_softmax_target_is_klDivLoss_mean_by_loops():
+    """docs/heads.md: the code's KL is `KLDivLoss(reduction='mean')` (mean over items *and* classes)
+    with the softmax of the multi-hot labels as target; unlabelled items drop out."""
+    y = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.float64)
+    log_p = torch.log_softmax(torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)), -1)
+    terms = []
+    for i in (0, 1, 3):
+        e = [math.exp(float(v)) for v in y[i]]
+        t = [v / sum(e) for v in e]
+        terms += [t[c] * (math.log(t[c]) - float(log_p[i, c])) for c in range(4)]
+    want = sum(terms) / len(terms)  # mean over the 3 labelled items x 4 classes
+    got = float(losses.kl_multilabel(log_p, y, target="softmax", reduction="mean"))
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_code_prior_is_the_l2_norm_over_the_batch_of_log_prob_differences_by_loops():
+    """docs/heads.md: eta (code) = sum_jl M_jl ||log p_j - log p_l||_2 / B, the norm over the batch."""
+    g = torch.Generator().manual_seed(5)
+    B, K = 6, 4
+    log_p = torch.log_softmax(torch.randn(B, K, dtype=torch.float64, generator=g) * 2, -1)
+    M = torch.randn(K, K, dtype=torch.float64, generator=g)
+    want = 0.0
+    for j in range(K):
+        for l in range(K):
+            sq = sum((float(log_p[b, j]) - float(log_p[b, l])) ** 2 for b in range(B))
+            want += float(M[j, l]) * math.sqrt(sq)
+    assert float(losses.correlation_prior_code(log_p, M)) == pytest.approx(want / B, rel=1e-9)
+
+
+def _member(**kw):
+    import types
+
+    base = dict(lam=0.3, kl_target="softmax", kl_weight=7.0, prior=True, prior_form="code", prior_weight=0.5,
+                contrast="va", views=2, normalize=True, tau=0.6, delta=0.4, meta_={"dims": {"text": 5, "audio": 3}})
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+@pytest.mark.parametrize("kw", [{}, {"prior_form": "paper", "kl_target": "normalized", "lam": 0.8}, {"views": 1}])
+def test_stack_loss_is_lam_cl_plus_one_minus_lam_times_kl_and_prior_by_loops(kw):
+    """docs/heads.md: total = lam * sum_m L_CL_m + (1 - lam) * (kl_weight * KL + prior_weight * eta),
+    L_CL_m on L2-normalised H_m rows (normalize=true)."""
+    from featurestore.heads.univa import UniVA
+
+    rng = np.random.default_rng(7)
+    B, K = 7, 3
+    h = _member(**kw)
+    y = np.array([[1, 0, 0], [0, 1, 1], [1, 0, 0], [0, 0, 1], [1, 1, 0], [0, 1, 0], [0, 0, 1]], np.float64)
+    log_p = np.log(rng.dirichlet(np.ones(K), B))
+    M = rng.normal(size=(K, K))
+    H = {m: rng.normal(size=(B, d)) * 3 for m, d in (("text", 4), ("audio", 4))}
+    va = {"text": rng.uniform(-0.5, 0.5, (B, 2)), "audio": rng.uniform(-0.5, 0.5, (B, 2))}
+    present = {"text": np.ones(B, bool), "audio": rng.random(B) > 0.3}
+    f32 = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731 (float32, as training runs)
+    log_p, M, H, va = (np.float32(log_p).astype(np.float64), np.float32(M).astype(np.float64),
+                       {m: np.float32(v).astype(np.float64) for m, v in H.items()},
+                       {m: np.float32(v).astype(np.float64) for m, v in va.items()})
+    batch = {"y": f32(y)}
+    for m in H:
+        batch[f"m.{m}"] = f32(present[m])
+        batch[f"va.{m}"] = f32(va[m])
+    got = UniVA._stack_loss([h], [0], f32(log_p)[None], {m: f32(v)[None] for m, v in H.items()},
+                            None, batch, f32(M)[None])
+    # the reference, written out
+    cl = 0.0
+    for m in H:
+        unit = H[m] / np.linalg.norm(H[m], axis=1, keepdims=True)
+        cl += loop_contrastive(unit, va[m], present[m], h.delta, h.tau, h.views)
+    p = np.exp(log_p)
+    kl_terms = []
+    for i in range(B):
+        t = np.exp(y[i]) / np.exp(y[i]).sum() if h.kl_target == "softmax" else y[i] / y[i].sum()
+        kl_terms += [t[c] * (math.log(t[c]) - log_p[i, c]) if t[c] > 0 else 0.0 for c in range(K)]
+    kl = sum(kl_terms) / (B * K)
+    if h.prior_form == "code":
+        eta = sum(M[j, l] * math.sqrt(sum((log_p[b, j] - log_p[b, l]) ** 2 for b in range(B)))
+                  for j in range(K) for l in range(K)) / B
+    else:
+        eta = sum(M[j, l] * (p[b, j] - p[b, l]) ** 2 for b in range(B) for j in range(K) for l in range(K)) / B
+    want = h.lam * cl + (1 - h.lam) * (h.kl_weight * kl + h.prior_weight * eta)
+    assert float(got[0]) == pytest.approx(want, rel=1e-4)
+
+
+def test_univa_defaults_are_the_documented_ones():
+    """docs/heads.md's table and list: kl_weight 1000, softmax target, code prior learnt, lam 0.2, tau 0.6,
+    delta 0.1, 2 views, normalize on, zeta auto."""
+    from featurestore.heads.univa import UniVAConfig
+
+    c = UniVAConfig()
+    assert (c.kl_weight, c.kl_target, c.prior, c.prior_form, c.learn_m, c.prior_weight) == \
+        (1000.0, "softmax", True, "code", True, 1.0)
+    assert (c.lam, c.tau, c.delta, c.views, c.normalize, c.zeta, c.contrast) == (0.2, 0.6, 0.1, 2, True, "auto", "va")
+    assert (c.dropout, c.pooled_layers, c.hidden, c.batch_size, c.epochs) == (0.4, 2, 256, 64, 30)
+
+
+def test_va_pairs_are_positive_strictly_below_delta_eq3():
+    """Eq. 3 / docs: positives are pairs whose VA distance is *below* delta; exactly delta is not one."""
+    va = torch.tensor([[0.0, 0.0], [0.0, 0.25], [0.5, 0.0], [0.0, 0.125]], dtype=torch.float64)
+    pos, ok = losses.va_pairs(va, 0.25)
+    want = [[math.dist(a, b) < 0.25 for b in va.tolist()] for a in va.tolist()]
+    assert pos.tolist() == want and ok.all()
+    assert not pos[0, 1] and pos[0, 3]  # 0.25 apart: not a pair; 0.125: a pair
