@@ -68,3 +68,14 @@ class GPUSampler:
     @property
     def mean(self) -> float | None:
         return statistics.fmean(self.samples) if self.samples else None
+
+
+def size_args(doc: str, *, rows: int = 200_000, dim: int = 384, repeat: int = 3):
+    """`--rows`, `--dim` and `--repeat` of a benchmark over an N x D array, parsed (`doc`: its docstring)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=rows)
+    ap.add_argument("--dim", type=int, default=dim)
+    ap.add_argument("--repeat", type=int, default=repeat)
+    return ap.parse_args()

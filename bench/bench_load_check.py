@@ -5,23 +5,18 @@
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import best_of
+from _common import best_of, size_args
 
 import featurestore.memory.memory as memory_module
 from featurestore.memory import Memory
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
+    args = size_args(__doc__)
     x = np.random.default_rng(0).standard_normal((args.rows, args.dim), dtype=np.float32)
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         mem = Memory(args.dim, memory_module.MemoryConfig(exact_max=args.rows))  # flat: the raw vectors

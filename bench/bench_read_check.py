@@ -5,12 +5,12 @@ first time in a process (each segment hashed and compared with its name) and aga
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import size_args
 
 import featurestore.segments as segments
 from featurestore.hashing import content_key
@@ -18,11 +18,7 @@ from featurestore.segments import SegmentSet
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
+    args = size_args(__doc__)
     data = np.random.default_rng(0).standard_normal((args.rows, args.dim), dtype=np.float32).astype(np.float16)
     keys = [content_key("text", f"item {i}") for i in range(args.rows)]
     with tempfile.TemporaryDirectory(dir=".") as tmp:

@@ -21,8 +21,9 @@ from .errors import DiskFullError, IntegrityError, LockedError
 
 __all__ = ["TMP_SUFFIX", "tmp_path", "publish", "write_json_atomic", "write_bytes_atomic", "read_json",
            "file_lock", "json_safe", "disk_full", "raise_if_disk_full", "CHECKSUMS", "write_checksums",
-           "check_checksums", "require_intact", "regular_file_bytes", "NotRegularFile", "sha256_file", "try_lock", "cleaned_on_failure", "writer_alive", "fsync_dir",
-           "fsync_tree", "exchange", "publish_folder", "OLD_SUFFIX", "swapped_out_target", "writer_tag", "writer_running_here"]
+           "check_checksums", "require_intact", "check_regular", "regular_file_bytes", "NotRegularFile",
+           "sha256_file", "try_lock", "cleaned_on_failure", "writer_alive", "writer_running_here", "fsync_dir",
+           "fsync_tree", "exchange", "publish_folder", "OLD_SUFFIX", "swapped_out_target", "writer_tag"]
 
 TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"  # `.X.<id>.old`: the previous X, moved aside while a new X is published
@@ -54,17 +55,19 @@ def writer_tag() -> str:
     return _TAG[0]
 
 
-def writer_alive(tmp: Path) -> bool:
-    """Whether the process that named temp file `tmp` may still be running (unknown: assume so). A
-    name written on another machine or in another pid namespace (its tag is not ours) is unknown;
-    a name without a tag (written before tags existed) is judged by its pid here."""
-    stem = tmp.name[: -len(TMP_SUFFIX)]
-    parts = stem.rsplit(".", 1)[-1].split("-")
-    pid = parts[0]
-    if not pid.isdigit() or (len(parts) >= 3 and parts[2] != writer_tag()):
-        return True
+def _local_writer(tmp: Path) -> int | None:
+    """The pid that named temp file `tmp`, if that pid means a process here: None for a name written on
+    another machine or in another pid namespace (its tag is not ours), or with no pid. A name without
+    a tag (written before tags existed) is taken as local."""
+    parts = tmp.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1].split("-")
+    if not parts[0].isdigit() or (len(parts) >= 3 and parts[2] != writer_tag()):
+        return None
+    return int(parts[0])
+
+
+def _running(pid: int) -> bool:
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -72,13 +75,17 @@ def writer_alive(tmp: Path) -> bool:
     return True
 
 
+def writer_alive(tmp: Path) -> bool:
+    """Whether the process that named temp file `tmp` may still be running (unknown: assume so)."""
+    pid = _local_writer(tmp)
+    return pid is None or _running(pid)
+
+
 def writer_running_here(tmp: Path) -> bool:
     """Whether temp file `tmp` was named by a process of this machine and pid namespace that is still
     running (a job at work: its file is not a leftover). Unknown writers count as not running."""
-    parts = tmp.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1].split("-")
-    if not parts[0].isdigit() or (len(parts) >= 3 and parts[2] != writer_tag()):
-        return False
-    return writer_alive(tmp)
+    pid = _local_writer(tmp)
+    return pid is not None and _running(pid)
 
 
 def disk_full(exc: BaseException) -> bool:
@@ -329,9 +336,10 @@ class NotRegularFile(OSError):
         super().__init__(errno.EINVAL, "not a regular file (a FIFO, socket or device)", str(path))
 
 
-def regular_file_bytes(path) -> bytes:
-    """The bytes of the regular file at `path` (symlinks followed); NotRegularFile for anything else,
-    before any read (a FIFO would block the job forever)."""
+def check_regular(path) -> None:
+    """That `path` (symlinks followed) is a regular file, without reading it: IsADirectoryError for a
+    folder, NotRegularFile for a FIFO, socket or device (a read could block a job forever), and the
+    stat's own OSError (missing, a symlink loop, ...)."""
     import stat
 
     mode = os.stat(path).st_mode
@@ -339,6 +347,11 @@ def regular_file_bytes(path) -> bytes:
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     if not stat.S_ISREG(mode):
         raise NotRegularFile(path)
+
+
+def regular_file_bytes(path) -> bytes:
+    """The bytes of the regular file at `path`, checked by `check_regular` before any read."""
+    check_regular(path)
     return Path(path).read_bytes()
 
 

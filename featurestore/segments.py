@@ -28,7 +28,7 @@ import hashlib
 import io
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -191,14 +191,24 @@ class SegmentSet:
             doc.setdefault(key, empty)
         return doc
 
+    def _catalogue_lock(self):
+        return file_lock(self.folder / ".catalogue.lock", f"catalogue of {self.folder}", wait=True)
+
     @contextlib.contextmanager
-    def update_catalogue(self) -> Iterator[dict]:
-        """Read, change and atomically rewrite the catalogue, one process at a time."""
+    def update_catalogue(self, *, on_failure: Callable[[], None] | None = None) -> Iterator[dict]:
+        """Read, change and atomically rewrite the catalogue, one process at a time. `on_failure` runs,
+        still under the lock, if the rewrite fails (then the exception goes on)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        with file_lock(self.folder / ".catalogue.lock", f"catalogue of {self.folder}", wait=True):
+        with self._catalogue_lock():
             doc = self.catalogue()
             yield doc
-            write_json_atomic(self.catalogue_path, {**doc, _CATALOGUE_DIGEST: _catalogue_digest(doc)})
+            try:
+                write_json_atomic(self.catalogue_path, {**doc, _CATALOGUE_DIGEST: _catalogue_digest(doc)})
+            except BaseException:
+                if on_failure is not None:
+                    with contextlib.suppress(Exception):
+                        on_failure()
+                raise
 
     def adopt_orphans(self) -> list[str]:
         """Register sound segments missing from the catalogue (a job killed between publishing a
@@ -279,22 +289,18 @@ class SegmentSet:
         # the same name (the same bytes published again) cannot slip in between. If the catalogue
         # cannot be rewritten (a full disk), the segment is withdrawn again under the same lock, so a
         # failed write leaves no unregistered copy behind (a compaction's would be a whole extra set).
-        with file_lock(self.folder / ".catalogue.lock", f"catalogue of {self.folder}", wait=True):
-            doc = self.catalogue()
-            new_file = not final.exists()
+        new_file: list[Path] = []
+
+        def withdraw() -> None:  # only if the catalogue on disk does not name it (the rewrite may have
+            if new_file and final.name not in self.catalogue()["segments"]:  # landed, and a later fsync failed)
+                final.unlink(missing_ok=True)
+        with self.update_catalogue(on_failure=withdraw) as doc:
+            if not final.exists():
+                new_file.append(final)
             publish(tmp, final)
             doc["segments"][final.name] = {"rows": len(keys), "errors": len(errors), "sha256": digest}
             if final.name in doc["retired"]:  # the same bytes published again: live, not retired
                 doc["retired"].remove(final.name)
-            try:
-                write_json_atomic(self.catalogue_path, {**doc, _CATALOGUE_DIGEST: _catalogue_digest(doc)})
-            except BaseException:
-                # withdrawn only if the catalogue on disk does not name it (the rewrite may have landed
-                # and only the folder's fsync after it failed)
-                with contextlib.suppress(Exception):
-                    if new_file and final.name not in self.catalogue()["segments"]:
-                        final.unlink(missing_ok=True)
-                raise
         return final
 
     # ---- reading -------------------------------------------------------------------
@@ -439,8 +445,7 @@ class SegmentSet:
         two is never taken for an unregistered one (a read-only store is read without the lock)."""
         with contextlib.ExitStack() as stack:
             with contextlib.suppress(OSError):
-                stack.enter_context(file_lock(self.folder / ".catalogue.lock", f"catalogue of {self.folder}",
-                                              wait=True))
+                stack.enter_context(self._catalogue_lock())
             return self.catalogue(), {p.name for p in self._files()}
 
     def compact(self, *, attrs: Mapping | None = None) -> tuple[int, Path | None]:

@@ -54,6 +54,11 @@ def verify_store(store) -> list[dict]:
     return problems
 
 
+def _subfolders(root: Path) -> list[Path]:
+    """The folders under `root` (a store section), hidden ones (temporary, swapped out) left out."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+
+
 def _one_line(exc: Exception) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
@@ -95,8 +100,7 @@ def _unlisted_datasets(store):
     """Dataset folders whose dataset.json is gone: `list_datasets` does not list them, so nothing else
     checks them."""
     root = store.datasets_dir()
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-            if root.is_dir() else []:
+    for folder in _subfolders(root):
         if (folder / "dataset.json").exists():
             continue
         with _add_finished(store, folder.name):  # a first add between its manifest and its dataset.json
@@ -113,8 +117,7 @@ def gc_datasets(store, *, dry_run: bool = False) -> list[str]:
     """Remove the manifests no `dataset.json` names (see `stale_manifests`), each dataset under its lock."""
     removed = []
     root = store.datasets_dir()
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-            if root.is_dir() else []:
+    for folder in _subfolders(root):
         try:
             with dataset_lock(store, folder.name):
                 if not (folder / "dataset.json").exists():
@@ -135,8 +138,7 @@ def _spec_less_feature_sets(store):
     from .segments import CATALOGUE
 
     root = store.features_dir()
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-            if root.is_dir() else []:
+    for folder in _subfolders(root):
         if (folder / "spec.json").exists() or not (any(folder.glob("seg-*.h5")) or (folder / CATALOGUE).exists()):
             continue
         yield folder / "spec.json", ("spec.json is missing, so these features cannot be read; restore it from a "

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from featurestore import backbones, spec_cache
-from featurestore._io import NotRegularFile, disk_full, regular_file_bytes
+from featurestore._io import NotRegularFile, check_regular, disk_full, regular_file_bytes
 from featurestore.backbones.base import MODALITIES, Backbone, fingerprint_of, resolve_device
 from featurestore.claims import Claims
 from featurestore.config import field
@@ -159,17 +159,13 @@ def pending(rows, items: Sequence["_Item"], unreadable: Sequence[ErrorRecord], d
 
 def _unreadable_reason(modality: str, source: str) -> str:
     """Why an item that had no content key when the dataset was added cannot be read (as it is now)."""
-    import stat
-
     if modality == "text":
         return "empty text"
     try:
-        mode = os.stat(source).st_mode
-        if stat.S_ISDIR(mode):
-            return f"cannot read file '{source}': {os.strerror(errno.EISDIR)}"
-        if not stat.S_ISREG(mode):
-            return f"'{source}' is not a regular file (a FIFO, socket or device): list regular files only"
+        check_regular(source)
         os.close(os.open(source, os.O_RDONLY))
+    except NotRegularFile as exc:
+        return f"'{source}' is {exc.strerror}: list regular files only"
     except FileNotFoundError:
         return f"missing file: '{source}'"
     except OSError as exc:
@@ -469,7 +465,8 @@ def run(config: ExtractConfig, store: Store, *, backbone: Backbone | None = None
     remembered = spec_cache.lookup(store, bb)
     if remembered is not None:
         fs = FeatureSet(store, fingerprint_of(bb.name, remembered))
-        with fs.lock(shared=True, wait=config.wait, wait_option=True):  # a compaction in progress is found before any model load
+        # a compaction in progress is found before any model load
+        with fs.lock(shared=True, wait=config.wait, wait_option=True):
             if fs.exists() and not pending(fs, job.items, job.unreadable, config.dataset,
                                            retry_errors=config.retry_errors).todo:
                 return job.extract(fs, remembered)  # nothing to compute: no model needed

@@ -157,7 +157,7 @@ class _RayJob(_Job):
             fn_constructor_kwargs={"root": str(self.store.root.resolve()), "fingerprint": fs.fingerprint,
                                    "config": self.config, "device": device,
                                    "threads": max(1, int(opts.cpus_per_worker)),
-                                   "accounted": sorted(getattr(self, "accounted", ()))})
+                                   "accounted": sorted(self.accounted)})
 
 
 class _Encoder:

@@ -953,25 +953,14 @@ def test_a_segment_published_while_a_job_plans_is_not_computed_again(store, demo
     """Another job publishes rows for some of this job's inputs just after this job's `pending` has
     read the set: this job must still see them (it reads every segment it did not account for
     before claiming) and compute each input once; the set ends with no key twice."""
-    import numpy as np
-
-    from featurestore.jobs import extract as E
+    from _faults import publish_after_each_plan
 
     add_dataset(store, "d", demo_df.head(40), root=None, source="t")
     run(ExtractConfig(dataset="d", modality="text", backbone="minilm", limit=5), store, backbone=minilm)
     (fs,) = list_feature_sets(store)
-    real = E.pending
-    published = []  # every call (the spec-cache check, then the job's own) ends with another job publishing
-
-    def pending_then_another_job_publishes(rows, items, *a, **k):
-        work = real(rows, items, *a, **k)
-        keys = [it.key for it in work.todo[:10]]
-        published.extend(keys)
-        fs.segments.write(keys, {"pooled": np.ones((len(keys), fs.dim), fs.dtype)})
-        return work
-    monkeypatch.setattr(E, "pending", pending_then_another_job_publishes)
+    published = publish_after_each_plan(monkeypatch, fs)  # the spec-cache check's plan, then the job's own
     res = run(ExtractConfig(dataset="d", modality="text", backbone="minilm"), store, backbone=minilm)
-    monkeypatch.setattr(E, "pending", real)
+    monkeypatch.undo()
     unique = len(set(get_dataset(store, "d").manifest["text_key"].drop_nulls()))
     assert len(published) == len(set(published)) == 20
     assert res.computed == unique - 5 - 20  # before the fix: the last 10 were computed again

@@ -254,7 +254,8 @@ def test_ray_actors_read_a_segment_published_while_the_driver_planned(tmp_path, 
     """Another job publishes rows for some of the driver's planned inputs just after the driver's plan
     read the set; the actors start from the driver's accounted segments, so they read that segment
     before claiming and compute each input once (before: the actors' own later snapshot hid it)."""
-    from featurestore.jobs import extract as E
+    from _faults import publish_after_each_plan
+
     from featurestore.jobs._ray import RayOptions
     from featurestore.jobs.ray_extract import run as run_ray
 
@@ -262,17 +263,9 @@ def test_ray_actors_read_a_segment_published_while_the_driver_planned(tmp_path, 
     store = _fresh(tmp_path, words)
     run_local(ExtractConfig(dataset="words", modality="text", backbone="minilm", limit=5), store)
     fs = FeatureSet(store, ref.fingerprint)
-    real, published = E.pending, []
-
-    def pending_then_another_job_publishes(rows, items, *a, **k):
-        work = real(rows, items, *a, **k)
-        keys = [it.key for it in work.todo[:10]]
-        published.extend(keys)
-        fs.segments.write(keys, {"pooled": np.ones((len(keys), fs.dim), fs.dtype)})
-        return work
-    monkeypatch.setattr(E, "pending", pending_then_another_job_publishes)
+    published = publish_after_each_plan(monkeypatch, fs)
     res = run_ray(cfg, store, RayOptions(workers=2))
-    monkeypatch.setattr(E, "pending", real)
+    monkeypatch.undo()
     assert len(published) == len(set(published)) >= 10
     assert res.computed == N_WORDS - 5 - len(published)
     assert len(fs.index(refresh=True)._keys) == N_WORDS and fs.verify() == []
