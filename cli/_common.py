@@ -99,6 +99,12 @@ class FsGroup(click.Group):
         except BrokenPipeError:  # `fs ... | head`: the reader has gone, having read what it wanted
             _silence_stdout()
             ctx.exit(SIGPIPE_EXIT)
+        except KeyboardInterrupt:  # Ctrl-C: not a failure of the tool (click would say "Aborted!", exit 1)
+            if _debug(ctx):
+                traceback.print_exc()
+            click.echo(f"\ninterrupted: {command_path(ctx)} stopped; what it had published is kept and nothing "
+                       "half-written is used (`fs verify` checks the store); run it again to go on", err=True)
+            ctx.exit(INTERRUPTED_EXIT)
         except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into a line
             from featurestore._io import disk_full
 
@@ -124,6 +130,7 @@ class FsGroup(click.Group):
 
 UNEXPECTED_EXIT = 1
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped with Ctrl-C
 
 
 def _silence_stdout() -> None:

@@ -433,3 +433,36 @@ def test_a_full_disk_wrapped_by_a_library_is_exit_11_not_an_unexpected_error(tra
     res = invoke(trained, "train-head", "--method", "linear", "--dataset", "demo", "--features", "text=minilm",
                  "--target", "label", "-p", "epochs=1", code=11)
     assert "disk full writing" in res.output and "Traceback" not in res.output
+
+
+# ---- hostile input, CLI-wide (a pass over every command) ----------------------------------------
+INTERRUPT = BOOM.replace('raise ZeroDivisionError("the numbers ran out")', "raise KeyboardInterrupt")
+
+
+def test_ctrl_c_is_one_line_and_exit_130_not_aborted_exit_1(tmp_path):
+    res = subprocess.run([sys.executable, "-c", INTERRUPT, "boom"], capture_output=True, text=True, env=ENV,
+                         timeout=120)
+    assert res.returncode == 130, (res.returncode, res.stderr)
+    assert "Aborted" not in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("interrupted: fs boom stopped") and "fs verify" in res.stderr
+
+
+def test_sigint_in_the_middle_of_training_exits_130_and_leaves_the_store_verifiable(trained):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "featurestore.cli", "--store", str(trained), "train-head",
+                             "--method", "mlp", "--dataset", "demo", "--features", "text=minilm", "--target", "label",
+                             "-p", "epochs=100000", "-p", "patience=0", "--run-id", "interrupted"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen = []
+    while not (seen and seen[-1].startswith("training")) and len(seen) < 10:  # coverage warnings, then the loop
+        seen.append(proc.stderr.readline())
+    assert seen[-1].startswith("training"), seen
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err and "Aborted" not in err and "interrupted: fs train-head stopped" in err
+    assert not (trained / "heads" / "interrupted").exists()
+    assert not [p for p in (trained / "heads").iterdir() if p.name.startswith(".")]
+    assert "ok:" in fs_proc(trained, "verify", code=0).stdout
