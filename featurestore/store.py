@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from ._io import read_json, write_json_atomic
-from .errors import ConfigError, NotFoundError, StoreVersionError
+from .errors import ConfigError, IntegrityError, NotFoundError, StoreVersionError
 
 __all__ = ["FORMAT_VERSION", "ROW_FORMAT", "DEFAULT_ROOT", "Store", "open_store", "default_root", "check_name"]
 
@@ -94,7 +94,14 @@ class Store:
         if self.exists():
             self.check_version()
             return False
-        self.root.mkdir(parents=True, exist_ok=True)
+        if self.meta_path.exists():  # a folder (or a socket...) where store.json belongs
+            raise IntegrityError(f"{self.meta_path} is not a file; move it away (or pick another --store) and run "
+                                 "`fs init` again")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # the root, or a folder above it, is a file
+            raise ConfigError(f"store root {str(self.root)!r} cannot be created: it or a folder above it is a "
+                              "file; pass --store a folder path") from None
         write_json_atomic(self.meta_path, {
             "format": "featurestore",
             "format_version": FORMAT_VERSION,
@@ -106,7 +113,11 @@ class Store:
     def meta(self) -> dict:
         if not self.exists():
             raise NotFoundError(f"no store at {self.root}; create one with `fs --store {self.root} init`")
-        return read_json(self.meta_path)
+        meta = read_json(self.meta_path)
+        if not isinstance(meta, dict):
+            raise IntegrityError(f"{self.meta_path} is damaged (a JSON {type(meta).__name__}, not an object); restore "
+                                 "it from a backup")
+        return meta
 
     def check_version(self) -> None:
         meta = self.meta()

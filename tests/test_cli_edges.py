@@ -466,3 +466,17 @@ def test_sigint_in_the_middle_of_training_exits_130_and_leaves_the_store_verifia
     assert not (trained / "heads" / "interrupted").exists()
     assert not [p for p in (trained / "heads").iterdir() if p.name.startswith(".")]
     assert "ok:" in fs_proc(trained, "verify", code=0).stdout
+
+
+def test_a_store_root_that_cannot_be_a_store_is_one_clear_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    res = invoke(tmp_path / "afile" / "sub", "init", code=2)
+    assert "store root" in res.output and "afile" in res.output and "is a file" in res.output
+    (tmp_path / "s1" / "store.json").mkdir(parents=True)  # a folder where store.json belongs
+    res = invoke(tmp_path / "s1", "init", code=8)
+    assert "store.json is not a file" in res.output
+    (tmp_path / "s2").mkdir()
+    (tmp_path / "s2" / "store.json").write_text("[1, 2]\n")  # JSON, but not an object
+    for args in (["ls"], ["init"], ["verify"]):
+        res = invoke(tmp_path / "s2", *args, code=8)
+        assert "store.json is damaged (a JSON list, not an object)" in res.output
