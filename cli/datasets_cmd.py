@@ -125,7 +125,8 @@ def list_cmd(ctx, as_json):
 
 @datasets_group.command("show")
 @click.argument("name")
-@click.option("--head", default=5, show_default=True, help="Rows of the manifest to print.")
+@click.option("--head", default=5, show_default=True, type=click.IntRange(0), help="Rows of the manifest to print "
+              "(0: none).")
 @json_option
 @click.pass_context
 def show_cmd(ctx, name, head, as_json):
@@ -164,7 +165,7 @@ def _rows(ds, head: int) -> list[dict]:
                       "audio", "video")
             if ds.manifest[c].null_count() < len(ds.manifest)]
     rows = []
-    for r in ds.manifest.head(max(head, 0)).select(cols).iter_rows(named=True):
+    for r in ds.manifest.head(min(head, len(ds.manifest))).select(cols).iter_rows(named=True):
         if "labels" in r:
             r["labels"] = "|".join(r["labels"] or [])
         if isinstance(r.get("text"), str) and len(r["text"]) > 80:

@@ -480,3 +480,46 @@ def test_a_store_root_that_cannot_be_a_store_is_one_clear_line(tmp_path):
     for args in (["ls"], ["init"], ["verify"]):
         res = invoke(tmp_path / "s2", *args, code=8)
         assert "store.json is damaged (a JSON list, not an object)" in res.output
+
+
+@pytest.mark.parametrize("name, text", [
+    ("blank.csv", "item_id,text,label,split\na,hi,joy,\nb,yo,sad,train\n"),
+    ("blank.jsonl", '{"item_id": "a", "text": "hi", "label": "joy", "split": " "}\n'
+                    '{"item_id": "b", "text": "yo", "label": "sad", "split": "train"}\n'),
+])
+def test_a_row_without_a_split_is_named_and_leaves_nothing(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    root = tmp_path / "store"
+    invoke(root, "init")
+    res = fs_proc(root, "datasets", "add", "x", "--manifest", str(path), code=5)
+    line = one_clear_line(res)
+    assert "1 row(s) have an empty split, e.g. item 'a'" in line and "train, val, test" in line
+    assert not (root / "datasets" / "x").exists()
+    assert "ok:" in invoke(root, "verify").output
+
+
+def test_a_failed_add_leaves_no_half_registered_dataset(tmp_path, monkeypatch):
+    """Whatever fails while the manifest's facts are worked out, nothing is written: no folder with an
+    unnamed manifest and no dataset.json, which `fs verify` would report."""
+    import featurestore.datasets as datasets
+    from featurestore.errors import DatasetError
+
+    def broken(df):
+        raise DatasetError("the facts could not be worked out")
+    monkeypatch.setattr(datasets, "manifest_warnings", broken)
+    path = tmp_path / "m.csv"
+    path.write_text("item_id,text,label\na,hi,joy\nb,yo,sad\n")
+    root = tmp_path / "store"
+    assert "could not be worked out" in invoke(root, "datasets", "add", "x", "--manifest", str(path), code=5).output
+    assert not (root / "datasets" / "x").exists()
+    monkeypatch.undo()
+    assert "ok:" in invoke(root, "verify").output
+
+
+def test_datasets_show_head_takes_any_size_and_refuses_a_negative_one(trained):
+    out = invoke(trained, "datasets", "show", "other", "--head", "99999999999999999999").output
+    assert "first 3 items:" in out
+    assert len(json.loads(invoke(trained, "datasets", "show", "other", "--head", "99999999999999999999",
+                                 "--json").output)["rows"]) == 3
+    assert "--head" in invoke(trained, "datasets", "show", "other", "--head", "-1", code=2).output

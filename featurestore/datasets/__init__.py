@@ -234,6 +234,7 @@ def add_dataset(store: Store, name: str, df: pl.DataFrame, *, root: str | Path |
     elif any(df[m].null_count() < len(df) for m in FILE_MODALITIES):
         raise DatasetError(f"{source}: has file paths but no dataset root; pass --root DIR")
     df = add_content_keys(df, progress)
+    facts = {**_facts(df), "warnings": manifest_warnings(df)}  # before anything is written: a failure leaves nothing
     folder.mkdir(parents=True, exist_ok=True)
     with dataset_lock(store, name):
         _refuse_existing(store, name, folder, replace)  # another add may have registered it meanwhile
@@ -244,8 +245,8 @@ def add_dataset(store: Store, name: str, df: pl.DataFrame, *, root: str | Path |
         target = folder / f"manifest.{digest[:16]}.parquet"
         publish(tmp, target)
         info = {"name": name, "source": source, "root": str(Path(root).resolve()) if root else None,
-                "created_at": now_iso(), "manifest_file": target.name, "manifest_hash": digest, **_facts(df),
-                "warnings": manifest_warnings(df), **(extra_info or {})}
+                "created_at": now_iso(), "manifest_file": target.name, "manifest_hash": digest, **facts,
+                **(extra_info or {})}
         info["info_sha256"] = info_digest(info)
         write_json_atomic(folder / "dataset.json", info)  # the commit point
         for old in stale_manifests(folder, info) + [folder / CHECKSUMS]:

@@ -94,7 +94,12 @@ def normalise(df: pl.DataFrame, *, source: str, default_split: str | None = None
                            "(a text, or a path to an image, audio or video file)")
     if "split" not in df.columns:
         df = df.with_columns(split=pl.lit(default_split) if default_split else split_by_hash(df))
-    df = df.with_columns(pl.col("split").cast(pl.String).str.to_lowercase().replace(SPLIT_ALIASES))
+    df = df.with_columns(pl.col("split").cast(pl.String).str.strip_chars().str.to_lowercase().replace(SPLIT_ALIASES))
+    no_split = df.filter(pl.col("split").is_null() | (pl.col("split") == ""))
+    if len(no_split):
+        raise DatasetError(f"{source}: {len(no_split)} row(s) have an empty split, e.g. item "
+                           f"{no_split['item_id'][0]!r}; give every row a split (train, val, test) or drop the "
+                           "split column to have all of them assigned by hash")
     for col, dtype in CANONICAL.items():
         if col not in df.columns:
             df = df.with_columns(pl.lit(None, dtype=dtype).alias(col))
