@@ -17,7 +17,7 @@ import numpy as np
 
 from .backbones.base import MODALITIES
 from .datasets import Dataset, get_dataset
-from .errors import ConfigError, DatasetError
+from .errors import ConfigError
 from .features import FeatureSet, resolve_features
 from .store import Store
 
@@ -127,7 +127,7 @@ def load_split(store: Store, dataset: str | Dataset, split: str, features: str |
     ds = dataset if isinstance(dataset, Dataset) else get_dataset(store, dataset)
     rows = ds.split(split)
     if not len(rows) and not allow_empty:
-        raise DatasetError(f"dataset {ds.name!r} has no items in split {split!r}; splits: {', '.join(f'{k} ({v})' for k, v in ds.splits().items())}")
+        ds.check_splits([split])
     refs = parse_feature_refs(features, store)
     feats, masks, fps, keys, seqs = {}, {}, {}, {}, {}
     for mod, ref in refs.items():

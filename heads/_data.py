@@ -179,7 +179,7 @@ def prepare(store, dataset: str, features: str | Mapping[str, str], *, target: s
         raise ConfigError("evaluation split 'train' is what the head trains on; evaluate on a held-out split "
                           "(e.g. --eval-split test)")
     if not names.get("train"):
-        raise DatasetError(f"dataset {dataset!r} has no items in split 'train'; splits: {names}")
+        ds.check_splits(["train"])
     from featurestore.reader import resolve_refs
 
     features = resolve_refs(store, ds, features)  # once, the same fingerprints for every split
@@ -193,7 +193,7 @@ def prepare(store, dataset: str, features: str | Mapping[str, str], *, target: s
             if not names.get(split):
                 if split == val_name:
                     continue
-                raise DatasetError(f"dataset {dataset!r} has no items in split {split!r}; splits: {names}")
+                ds.check_splits([split])
             raw[split] = _load(store, ds, split, features, sequences=sequences, va=va)
         X, y, keep_idx, dropped[split], no_features[split] = usable(
             raw[split], target, classes, sequences=sequences, va=va, label_va=label_va)

@@ -114,6 +114,7 @@ class _Item:
 def plan(store: Store, config: ExtractConfig) -> tuple[list[_Item], list[ErrorRecord], int]:
     """Distinct inputs of the dataset in manifest order, items unreadable up front, row count."""
     ds = get_dataset(store, config.dataset)
+    ds.check_splits(config.splits)
     df = ds.select(config.splits, config.limit)
     m = config.modality
     if df[m].null_count() == len(df):

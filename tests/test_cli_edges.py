@@ -523,3 +523,16 @@ def test_datasets_show_head_takes_any_size_and_refuses_a_negative_one(trained):
     assert len(json.loads(invoke(trained, "datasets", "show", "other", "--head", "99999999999999999999",
                                  "--json").output)["rows"]) == 3
     assert "--head" in invoke(trained, "datasets", "show", "other", "--head", "-1", code=2).output
+
+
+@pytest.mark.parametrize("args", [
+    ["extract", "--dataset", "demo", "--modality", "text", "--backbone", "minilm", "--split", "nope"],
+    ["va", "score", "--dataset", "demo", "--modality", "text", "--scorer", "lexicon", "--split", "train",
+     "--split", "nope"],
+    ["train-head", "--method", "linear", "--dataset", "demo", "--features", "text=minilm", "--target", "label",
+     "--eval-split", "nope"],
+])
+def test_an_unknown_split_is_named_with_the_splits_there_are(trained, args):
+    out = " ".join(invoke(trained, *args, code=5).output.split())
+    assert "dataset 'demo' has no items in split 'nope'; splits: test (" in out and "train (" in out
+    assert "has no text inputs" not in out and "{" not in out

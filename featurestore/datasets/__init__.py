@@ -106,6 +106,17 @@ class Dataset:
     def splits(self) -> dict[str, int]:
         return self.info.get("splits", {})
 
+    def describe_splits(self) -> str:
+        """`test (642), train (5184), val (642)`: for messages."""
+        return ", ".join(f"{k} ({v})" for k, v in self.splits().items()) or "none"
+
+    def check_splits(self, splits) -> None:
+        """A split (`--split`) this dataset has no items in is an error naming the ones it has."""
+        for split in splits:
+            if not self.splits().get(split):
+                raise DatasetError(f"dataset {self.name!r} has no items in split {split!r}; splits: "
+                                   f"{self.describe_splits()}")
+
 
 TARGET_NAMES = ("label", "labels", "va")
 
