@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from featurestore.config import describe, parse_params
+from featurestore.config import SEED_MAX, describe, parse_params
 from featurestore.reader import parse_feature_refs
 from ._common import emit, get_store, json_option, params_option, threads_option, progress, table
 
@@ -19,7 +19,7 @@ def _metric_rows(metrics: dict) -> list[dict]:
               help="Cached features per modality: a backbone name (its fingerprint that covers the dataset) or a "
                    "fingerprint, e.g. text=minilm; the modality may be left out when the name has one.")
 @params_option
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the head and of validation carving.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX), help="Seed of the head and of validation carving.")
 @click.option("--target", default=None, type=click.Choice(["label", "labels", "va"]), metavar="label|labels|va",
               help="label: single-label (binary with two classes); labels: multi-label; va: regression. Default: the one target "
                    "the dataset has (fs datasets show); an error lists them when it has several.")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from featurestore.config import parse_params
+from featurestore.config import SEED_MAX, parse_params
 from featurestore.errors import ConfigError
 from featurestore.reader import parse_feature_refs
 from ._common import emit, get_store, json_option, params_option, progress, ray_config, ray_options, table, threads_option
@@ -24,7 +24,7 @@ from ._common import emit, get_store, json_option, params_option, progress, ray_
 @click.option("--storage", default="", help="Optuna storage URL (default: a journal file in the sweep folder).")
 @params_option
 @click.option("--metric", default="", help="Validation metric ranking the configurations (default: primary).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the heads, validation carving, sampling.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX), help="Seed of the heads, validation carving, sampling.")
 @click.option("--target", default=None, type=click.Choice(["label", "labels", "va"]), metavar="label|labels|va",
               help="label: single-label (binary with two classes); labels: multi-label; va: regression. Default: the one target "
                    "the dataset has (fs datasets show); an error lists them when it has several.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 import warnings
 from typing import Any, Mapping
@@ -15,7 +16,10 @@ from typing import Any, Mapping
 from . import __version__
 from .errors import ConfigError
 
-__all__ = ["field", "parse_params", "from_strings", "from_dict", "to_dict", "describe", "coerce"]
+__all__ = ["field", "parse_params", "from_strings", "from_dict", "to_dict", "describe", "coerce", "SEED_MAX"]
+
+SEED_MAX = 2**32 - 1  # numpy's generators take seeds in [0, 2**32) (torch and xgboost do too)
+_INT_LIMIT = 2**63  # what torch, numpy and xgboost hold in an int64
 
 
 def field(default: Any, help: str, **kwargs) -> Any:  # noqa: A002 - mirrors argparse
@@ -81,16 +85,35 @@ def coerce(value: Any, typ: Any, name: str) -> Any:
                 return False
             raise ValueError(value)
         if typ is int:
-            return int(float(value)) if "e" in value.lower() and float(value).is_integer() else int(value)
+            return _in_range(int(float(value)) if "e" in value.lower() and float(value).is_integer() else int(value),
+                             value, name)
         if typ is float:
-            return float(value)
+            return _finite(float(value), value, name)
         if typ is str:
             return value
         if typ is dict:
             return json.loads(value)
+    except ConfigError:
+        raise
     except (ValueError, json.JSONDecodeError):
         raise ConfigError(f"{name}={value!r} is not a valid {getattr(typ, '__name__', typ)}") from None
     return value
+
+
+def _in_range(number: int, value: str, name: str) -> int:
+    """A whole number a library can hold: a seed in [0, SEED_MAX], anything else within int64."""
+    if name == "seed" and not 0 <= number <= SEED_MAX:
+        raise ConfigError(f"seed={value!r} must be a whole number from 0 to {SEED_MAX}")
+    if abs(number) >= _INT_LIMIT:
+        raise ConfigError(f"{name}={value!r} is too large; give a whole number below 2**63")
+    return number
+
+
+def _finite(number: float, value: str, name: str) -> float:
+    """NaN and inf are no setting of any parameter (a NaN learning rate trains forever on NaN)."""
+    if not math.isfinite(number):
+        raise ConfigError(f"{name}={value!r} must be a finite number")
+    return number
 
 
 def from_strings(cls, params: Mapping[str, Any], *, what: str = "") -> Any:

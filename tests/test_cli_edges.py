@@ -536,3 +536,44 @@ def test_an_unknown_split_is_named_with_the_splits_there_are(trained, args):
     out = " ".join(invoke(trained, *args, code=5).output.split())
     assert "dataset 'demo' has no items in split 'nope'; splits: test (" in out and "train (" in out
     assert "has no text inputs" not in out and "{" not in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "99999999999999999999999"], "'--seed': 99999999999999999999999 is not in the range 0<=x<=4294967295"),
+    (["--seed", "-1", "--cv", "3"], "'--seed': -1 is not in the range"),  # numpy refused it mid-run (exit 1)
+    (["-p", "seed=99999999999999999999999"], "seed='99999999999999999999999' must be a whole number from 0 to "
+                                             "4294967295"),
+    (["-p", "seed=-5"], "seed='-5' must be a whole number from 0 to 4294967295"),
+    (["-p", "epochs=99999999999999999999999"], "epochs='99999999999999999999999' is too large"),
+    (["-p", "lr=1e400"], "lr='1e400' must be a finite number"),
+])
+def test_out_of_range_seeds_and_numbers_are_refused_before_training(trained, args, message):
+    res = invoke(trained, "train-head", "--method", "linear", "--dataset", "demo", "--features", "text=minilm",
+                 "--target", "label", *args, code=2)
+    assert message in " ".join(res.output.split()) and "training" not in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sweep", "--method", "linear", "--dataset", "demo", "--features", "text=minilm", "--target", "label",
+      "--grid", "lr=nan,1e-3"], "lr='nan' must be a finite number"),
+    (["sweep", "--method", "linear", "--dataset", "demo", "--features", "text=minilm", "--target", "label",
+      "--grid", "lr=1e-3", "--seed", "4294967296"], "'--seed': 4294967296 is not in the range"),
+    # a NaN learning rate was accepted: LoRA then trained on NaN for every epoch
+    (["lora", "train", "--backbone", "minilm", "--dataset", "demo", "--out", "a1", "-p", "lr=nan"],
+     "lr='nan' must be a finite number"),
+    (["lora", "train", "--backbone", "minilm", "--dataset", "demo", "--out", "a1", "-p", "alpha=inf"],
+     "alpha='inf' must be a finite number"),
+    # a NaN ridge alpha was accepted and saved a model that predicts NaN
+    (["va", "fit", "--dataset", "demo", "--features", "text=minilm", "--out", "v", "-p", "alpha=nan"],
+     "alpha='nan' must be a finite number"),
+    (["scl", "train", "--data", "demo:text=minilm", "-p", "lr=inf"], "lr='inf' must be a finite number"),
+    (["train-head", "--method", "xgboost", "--dataset", "demo", "--features", "text=minilm", "--target", "label",
+      "-p", "learning_rate=nan"], "learning_rate='nan' must be a finite number"),
+    (["extract", "--dataset", "demo", "--modality", "text", "--backbone", "minilm", "-p",
+      "max_length=99999999999999999999999"], "max_length='99999999999999999999999' is too large"),
+])
+def test_nan_inf_and_huge_parameters_are_refused_everywhere(trained, args, message):
+    res = invoke(trained, *args, code=2)
+    assert message in " ".join(res.output.split())
+    assert "training" not in res.output and "to compute" not in res.output
+    assert not (trained / "va" / "models" / "v").exists() and not (trained / "adapters" / "a1").exists()
