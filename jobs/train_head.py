@@ -165,6 +165,8 @@ def run(config: TrainHeadConfig, store: Store, *, log: Callable[[str], None] | N
         return run_cv(config, store, log=log, into=into, progress=progress, desc=desc)
     start = time.perf_counter()
     say = log or (lambda s: None)
+    if into is None and config.run_id:  # a bad or taken --run-id fails here, not after the training
+        _refuse_taken(store, config.run_id)
     head = make_head(config.method, config.params, config.seed)  # bad --param fails here, before any reading
     if isinstance(getattr(head, "device", None), str) and config.method != "xgboost":
         from featurestore.heads._engine import pick_device
@@ -262,11 +264,17 @@ def _new_run_id(method: str, dataset: str) -> str:
     return f"{method}-{dataset}-{stamp}-{uuid.uuid4().hex[:6]}"[:128]
 
 
-def _publish_run(store: Store, run_id: str, head: heads.Head, doc: dict, lineage: dict, evaluated,
-                 into: Path | None = None) -> Path:
-    final = into or store.heads_dir() / check_name(run_id, "run")
+def _refuse_taken(store: Store, run_id: str) -> Path:
+    """The folder a new run `run_id` gets; an invalid name or one a saved run has is an error."""
+    final = store.heads_dir() / check_name(run_id, "run")
     if final.exists():
         raise ConfigError(f"run {run_id!r} already exists in {store.heads_dir()}; choose another run id")
+    return final
+
+
+def _publish_run(store: Store, run_id: str, head: heads.Head, doc: dict, lineage: dict, evaluated,
+                 into: Path | None = None) -> Path:
+    final = into or _refuse_taken(store, run_id)
     tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         head.save(tmp)

@@ -577,3 +577,16 @@ def test_nan_inf_and_huge_parameters_are_refused_everywhere(trained, args, messa
     assert message in " ".join(res.output.split())
     assert "training" not in res.output and "to compute" not in res.output
     assert not (trained / "va" / "models" / "v").exists() and not (trained / "adapters" / "a1").exists()
+
+
+@pytest.mark.parametrize("run_id, message", [("lin", "run 'lin' already exists"), ("a b", "run name 'a b' is not valid"),
+                                             ("../x", "run name '../x' is not valid")])
+def test_train_head_refuses_a_bad_or_taken_run_id_before_training(trained, monkeypatch, run_id, message):
+    import featurestore.heads as heads
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before checking the run id")
+    monkeypatch.setattr(heads.get("linear"), "fit", no_training)
+    res = invoke(trained, "train-head", "--method", "linear", "--dataset", "demo", "--features", "text=minilm",
+                 "--target", "label", "--run-id", run_id, code=2)
+    assert message in res.output and "training" not in res.output
