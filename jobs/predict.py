@@ -282,5 +282,6 @@ def run(store: Store, run_id: str, inputs: list, *, device: str = "auto") -> dic
     good = [i for i in inputs if not isinstance(i, _BadLine)]
     answered = iter(p.predict(good) if good else [])
     results = [{"line": i.line, "error": i.error} if isinstance(i, _BadLine) else next(answered) for i in inputs]
-    return {"run": p.run, "method": p.head.name, "dataset": p.lineage.get("dataset"), "kind": p.kind,
+    datasets = p.lineage.get("dataset") or ", ".join(s["dataset"] for s in p.lineage.get("sources", []))  # scl: several
+    return {"run": p.run, "method": p.head.name, "dataset": datasets or None, "kind": p.kind,
             "fingerprints": p.fingerprints, "results": results}

@@ -378,7 +378,8 @@ def evaluate(run_id: str, dataset: str, store: Store, *, split: str = "test") ->
     data = load_split(store, dataset, split, lineage.get("fingerprints") or lineage["features"], sequences=seq)
     head._check_features(features_of(data, va_from_labels=False))  # wrong widths: a clear error before any work
     _check_labels(data, lineage, classes, run_id)
-    X, y, keep, no_target, no_features = usable(data, lineage["target"], classes, sequences=seq)
+    X, y, keep, no_target, no_features = usable(data, lineage.get("target") or "label", classes,  # scl: labels
+                                                sequences=seq)
     extra = {}
     if fold and dataset == lineage.get("dataset"):  # one fold: only the items it held out are unseen
         from .cv import held_out_rows
@@ -395,6 +396,13 @@ def evaluate(run_id: str, dataset: str, store: Store, *, split: str = "test") ->
                    "metrics": result, "stale": staleness(store, lineage), **extra})
 
 
+def trained_on(lineage: dict) -> str:
+    """The dataset(s) a run was trained on, for messages: 'demo', or an scl run's 'raf, meld'."""
+    if lineage.get("dataset"):
+        return repr(lineage["dataset"])
+    return ", ".join(repr(s["dataset"]) for s in lineage.get("sources", []) if s.get("dataset")) or "-"
+
+
 def _check_labels(data, lineage: dict, classes: list, run_id: str) -> None:
     """A run scores only the classes it was trained on: labels outside them are the run's limit, not a
     fault of the dataset, so say which run, which labels and what to do."""
@@ -407,7 +415,7 @@ def _check_labels(data, lineage: dict, classes: list, run_id: str) -> None:
         seen = {lab for lab in data.label if lab is not None}
     outside = sorted(seen - known)
     if outside:
-        raise ConfigError(f"run {run_id!r} was trained on dataset {lineage.get('dataset')!r} with classes "
+        raise ConfigError(f"run {run_id!r} was trained on dataset {trained_on(lineage)} with classes "
                           f"{', '.join(map(str, classes))}; dataset {data.dataset!r} split {data.split!r} has "
                           f"labels it cannot predict: {', '.join(map(str, outside[:10]))}"
                           f"{' ...' if len(outside) > 10 else ''}. Evaluate it on a dataset labelled with the "

@@ -590,3 +590,25 @@ def test_train_head_refuses_a_bad_or_taken_run_id_before_training(trained, monke
     res = invoke(trained, "train-head", "--method", "linear", "--dataset", "demo", "--features", "text=minilm",
                  "--target", "label", "--run-id", run_id, code=2)
     assert message in res.output and "training" not in res.output
+
+
+def test_an_scl_run_evaluates_and_predicts_naming_its_datasets(trained, tmp_path):
+    """`fs eval` of an `fs scl train` run was an unexpected KeyError 'target'; its accuracy here is checked
+    against `fs predict` on the same test texts, scored by hand; predict said 'scl on None'."""
+    import polars as pl
+
+    invoke(trained, "scl", "train", "--data", "demo:text=minilm", "--run", "scl-edge", "-p", "joint_epochs=2",
+           "-p", "seq_epochs=2", "-p", "width=32", "-p", "proj_width=16")
+    ev = json.loads(invoke(trained, "eval", "scl-edge", "--dataset", "demo", "--json").output)
+    manifest = next((trained / "datasets" / "demo").glob("manifest.*.parquet"))
+    rows = pl.read_parquet(manifest).head(80).filter(pl.col("split") == "test")  # the extracted test items
+    assert ev["n"] == len(rows) > 0
+    batch = tmp_path / "test.jsonl"
+    batch.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows["text"]))
+    pred = json.loads(invoke(trained, "predict", "scl-edge", "--batch", str(batch), "--json").output)
+    assert pred["dataset"] == "demo"
+    hits = sum(r["prediction"] == label for r, label in zip(pred["results"], rows["label"]))
+    assert ev["metrics"]["accuracy"] == pytest.approx(hits / len(rows))
+    assert "(scl on demo, single-label)" in invoke(trained, "predict", "scl-edge", "--text", "what a day").output
+    out = " ".join(invoke(trained, "eval", "scl-edge", "--dataset", "other", code=2).output.split())
+    assert "run 'scl-edge' was trained on dataset 'demo' with classes negative, neutral, positive" in out
