@@ -226,6 +226,8 @@ def run(config: QueryConfig, store: Store, *, kind: str = "", value: str = "", b
             lines = Path(batch_file).read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise NotFoundError(f"cannot read batch file {batch_file!r}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"batch file {batch_file!r} is not UTF-8 (byte {exc.start}); save it as UTF-8") from None
         return {"memory": q.spec["name"], "results": q.batch(lines), "warnings": q.warnings}
     return {"memory": q.spec["name"], "results": [{"input": {kind: value}, **q.one(kind, value)}],
             "warnings": q.warnings}

@@ -612,3 +612,18 @@ def test_an_scl_run_evaluates_and_predicts_naming_its_datasets(trained, tmp_path
     assert "(scl on demo, single-label)" in invoke(trained, "predict", "scl-edge", "--text", "what a day").output
     out = " ".join(invoke(trained, "eval", "scl-edge", "--dataset", "other", code=2).output.split())
     assert "run 'scl-edge' was trained on dataset 'demo' with classes negative, neutral, positive" in out
+
+
+def test_query_takes_any_k_and_refuses_a_batch_that_is_not_utf8(trained, tmp_path):
+    """`--k 99999999999999` was an unexpected MemoryError; a Latin-1 batch an unexpected UnicodeDecodeError
+    (fs predict already said 'not UTF-8')."""
+    invoke(trained, "scl", "train", "--data", "demo:text=minilm", "--run", "scl-q", "-p", "joint_epochs=1",
+           "-p", "seq_epochs=1", "-p", "width=16", "-p", "proj_width=8")
+    n = json.loads(invoke(trained, "memory", "build", "mq", "--from", "scl-q", "--json").output)["n"]
+    out = json.loads(invoke(trained, "query", "--memory", "mq", "--text", "what a day", "--k", "99999999999999",
+                            "--json").output)
+    assert len(out["results"][0]["neighbours"]) == n > 0
+    bad = tmp_path / "q.jsonl"
+    bad.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    res = invoke(trained, "query", "--memory", "mq", "--batch", str(bad), code=2)
+    assert f"batch file '{bad}' is not UTF-8 (byte 13); save it as UTF-8" in " ".join(res.output.split())

@@ -319,3 +319,16 @@ def test_a_swap_refused_by_a_sandbox_falls_back_to_the_two_renames(tmp_path, mon
     (a / "f").write_text("new")
     _io.publish_folder(a, b)
     assert (b / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_a_k_beyond_the_memory_returns_every_row_without_allocating_k():
+    """`fs query --k 99999999999999` was a MemoryError (faiss allocates [Q, k] results)."""
+    x, queries = np.split(clustered(43, seed=5), [40])
+    ids = np.arange(40) + 500
+    mem = Memory(32)
+    mem.add(ids, x, {})
+    scores, found = mem.search(queries, 99_999_999_999_999)
+    want_ids, want_scores = brute(x, ids, queries, 40)
+    assert found.shape == (3, 40)
+    np.testing.assert_array_equal(found, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)

@@ -147,7 +147,8 @@ class Memory:
 
     # ---- search --------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cosine scores `[Q, k]` and ids `[Q, k]` of the k nearest rows (id -1 where fewer)."""
+        """Cosine scores `[Q, k]` and ids `[Q, k]` of the k nearest rows (id -1 where fewer); a k beyond the
+        rows the memory holds is that many (`fs query --k 10**12` would allocate [Q, k] arrays)."""
         queries = _index.normalise(queries)
         if queries.shape[1] != self.dim:
             raise ConfigError(f"memory search: queries are {queries.shape[1]}-d, the memory holds {self.dim}-d vectors")
@@ -155,7 +156,7 @@ class Memory:
             raise ConfigError(f"k={k} must be at least 1")
         if self._search_index is None:
             self._search_index = self._make_search_index()
-        return self._search_index.search(queries, int(k))
+        return self._search_index.search(queries, min(int(k), max(len(self), 1)))
 
     def _make_search_index(self):
         if self.kind == "ivf":
