@@ -37,7 +37,7 @@ from ._common import emit, get_store, json_option, params_option, progress, ray_
                    "--export-best / --show-test.")
 @click.option("--limit", default=None, type=click.IntRange(1), metavar="N",
               help="Train at most N new configurations in this invocation (default: all that are left).")
-@click.option("--top", default=10, show_default=True, type=int, help="Rows of the leaderboard shown.")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="Rows of the leaderboard shown.")
 @click.option("--export-best", "export_path", type=click.Path(dir_okay=False),
               help="Write the best configuration as `fs train-head` takes it (JSON + command line).")
 @ray_options
@@ -112,7 +112,7 @@ def _say_exported(exported: dict | None, export_path: str | None) -> None:
 
 @sweep_group.command("show")
 @click.argument("sweep_id", metavar="ID")
-@click.option("--top", default=20, show_default=True, type=int)
+@click.option("--top", default=20, show_default=True, type=click.IntRange(0))
 @click.option("--export-best", "export_path", type=click.Path(dir_okay=False),
               help="Write the best configuration (and its test metrics, computed once) to this JSON file. "
                    "The test metrics come from training that configuration again (as long as one fit, "

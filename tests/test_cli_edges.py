@@ -627,3 +627,28 @@ def test_query_takes_any_k_and_refuses_a_batch_that_is_not_utf8(trained, tmp_pat
     bad.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
     res = invoke(trained, "query", "--memory", "mq", "--batch", str(bad), code=2)
     assert f"batch file '{bad}' is not UTF-8 (byte 13); save it as UTF-8" in " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("space, message", [
+    ("[1, 2]", "holds a JSON array; give one JSON object"),  # an unexpected TypeError
+    ("{}", "holds no parameter; give one JSON object"),  # said "--random and --optuna need --space FILE"
+    ('"lr"', "holds a JSON string; give one JSON object"),
+])
+def test_a_space_file_that_is_not_an_object_of_parameters_is_named(trained, tmp_path, space, message):
+    path = tmp_path / "space.json"
+    path.write_text(space)
+    res = invoke(trained, "sweep", "--method", "linear", "--dataset", "demo", "--features", "text=minilm",
+                 "--target", "label", "--random", "3", "--space", str(path), code=2)
+    assert f"space file {path} {message}" in " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "lr=1e-3", "--storage", "sqlite:///x.db"], "--storage 'sqlite:///x.db' is the Optuna study's "
+                                                           "database: it goes with --optuna N only"),
+    (["--grid", "lr=1e-3", "--top", "-1"], "'--top': -1 is not in the range x>=0"),
+])
+def test_sweep_options_that_would_be_ignored_are_refused(trained, args, message):
+    res = invoke(trained, "sweep", "--method", "linear", "--dataset", "demo", "--features", "text=minilm",
+                 "--target", "label", *args, code=2)
+    assert message in " ".join(res.output.split())
+    assert not list((trained / "sweeps").glob("*")) or "trained now" not in res.output

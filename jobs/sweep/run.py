@@ -61,6 +61,9 @@ class SweepConfig:
             raise ConfigError("--random and --optuna need a search space: --space FILE")
         if self.random < 0 or self.optuna < 0 or self.limit < 0:
             raise ConfigError("--random, --optuna and --limit must be >= 0")
+        if self.storage and not self.optuna:
+            raise ConfigError(f"--storage {self.storage!r} is the Optuna study's database: it goes with --optuna N "
+                              "only")
 
     @property
     def mode(self) -> str:

@@ -35,6 +35,9 @@ def parse_grid(text: str | list[str] | tuple[str, ...]) -> dict[str, list[str]]:
     return out
 
 
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
 def load_space(path: str | Path) -> dict:
     """A JSON space file: per param a list of choices or {"low", "high", "log": bool, "type": "float|int"}."""
     try:
@@ -43,6 +46,10 @@ def load_space(path: str | Path) -> dict:
         raise NotFoundError(f"space file {path} does not exist") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"space file {path} is not valid JSON: {exc}") from None
+    if not isinstance(space, dict) or not space:
+        what = "no parameter" if space in ({}, []) else f"a JSON {_JSON_TYPES.get(type(space), 'value')}"
+        raise ConfigError(f"space file {path} holds {what}; give one JSON object with per parameter a list of "
+                          'choices or {"low", "high"}, e.g. {"lr": {"low": 1e-4, "high": 1e-2, "log": true}}')
     return space
 
 
