@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -85,12 +86,15 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
 
 def _recipe_from(doc: dict, *, default_name: str, where: str) -> Recipe:
+    if not isinstance(doc, dict):
+        raise ConfigError(f"recipe {where} holds a {type(doc).__name__}, not one table (JSON object) of settings; "
+                          "see docs/lora.md for the keys a recipe has")
     known = {"name", "backbone", "model", "backbone_params", "device", "finetune", "lora", "extract", "heads",
              "memories", "trigger", "promote", "batch_size", "threads"}
     unknown = sorted(set(doc) - known)
     if unknown:
         raise ConfigError(f"recipe {where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    ft, trig, prom = doc.get("finetune") or {}, doc.get("trigger") or {}, doc.get("promote") or {}
+    ft, trig, prom = (_table(doc, t, where) for t in ("finetune", "trigger", "promote"))
     for table, keys in (("finetune", {"dataset", "target"}), ("trigger", {"min_new_labelled"}),
                         ("promote", {"metric", "rule", "min_delta"})):
         extra = sorted(set(doc.get(table) or {}) - keys)
@@ -98,15 +102,21 @@ def _recipe_from(doc: dict, *, default_name: str, where: str) -> Recipe:
             raise ConfigError(f"recipe {where}: unknown key(s) {extra} in [{table}]; known: {sorted(keys)}")
     if not doc.get("backbone") or not ft.get("dataset"):
         raise ConfigError(f"recipe {where} needs `backbone` and `finetune.dataset`")
-    dataset = ft["dataset"]
-    r = Recipe(name=check_name(str(doc.get("name") or default_name), "recipe"), backbone=doc["backbone"],
-               dataset=dataset, target=ft.get("target", "label"), model=doc.get("model", ""),
-               backbone_params=dict(doc.get("backbone_params") or {}), lora=dict(doc.get("lora") or {}),
-               extract=tuple(doc.get("extract") or [dataset]), heads=tuple(doc.get("heads") or ()),
-               memories=tuple(doc.get("memories") or ()), min_new_labelled=int(trig.get("min_new_labelled", 1)),
-               metric=str(prom.get("metric", "primary")), rule=str(prom.get("rule", "mean")),
-               min_delta=float(prom.get("min_delta", 0.0)), device=str(doc.get("device", "auto")),
-               batch_size=int(doc.get("batch_size", 64)), threads=int(doc.get("threads", 0)))
+    text = lambda key, value: _typed(value, str, key, where)  # noqa: E731
+    number = lambda key, value, kind: _typed(value, kind, key, where)  # noqa: E731
+    dataset = text("finetune.dataset", ft["dataset"])
+    r = Recipe(name=check_name(str(doc.get("name") or default_name), "recipe"), backbone=text("backbone", doc["backbone"]),
+               dataset=dataset, target=text("finetune.target", ft.get("target", "label")),
+               model=text("model", doc.get("model", "")), backbone_params=_table(doc, "backbone_params", where),
+               lora=_table(doc, "lora", where), extract=_names(doc, "extract", where) or (dataset,),
+               heads=_names(doc, "heads", where), memories=_names(doc, "memories", where),
+               min_new_labelled=number("trigger.min_new_labelled", trig.get("min_new_labelled", 1), int),
+               metric=text("promote.metric", prom.get("metric", "primary")),
+               rule=text("promote.rule", prom.get("rule", "mean")),
+               min_delta=number("promote.min_delta", prom.get("min_delta", 0.0), float),
+               device=text("device", doc.get("device", "auto")),
+               batch_size=number("batch_size", doc.get("batch_size", 64), int),
+               threads=number("threads", doc.get("threads", 0), int))
     if r.target not in ("label", "labels", "va"):
         raise ConfigError(f"recipe {where}: finetune.target {r.target!r} is not one of label, labels, va")
     if r.rule not in RULES:
@@ -117,6 +127,31 @@ def _recipe_from(doc: dict, *, default_name: str, where: str) -> Recipe:
     if r.min_new_labelled < 0:
         raise ConfigError(f"recipe {where}: trigger.min_new_labelled must be 0 or more")
     return r
+
+
+def _table(doc: dict, key: str, where: str) -> dict:
+    value = doc.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"recipe {where}: [{key}] must be a table (JSON object) of settings, got {value!r}")
+    return dict(value)
+
+
+def _names(doc: dict, key: str, where: str) -> tuple[str, ...]:
+    value = doc.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"recipe {where}: {key} must be a list of names, e.g. {key} = [\"a\", \"b\"], got {value!r}")
+    return tuple(value)
+
+
+def _typed(value, kind: type, key: str, where: str):
+    """A recipe value of the type its key takes: text, a whole number or a finite number (not a bool)."""
+    ok = isinstance(value, str) if kind is str else (
+        isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+        and math.isfinite(value))
+    if not ok:
+        what = {str: "text", int: "a whole number", float: "a finite number"}[kind]
+        raise ConfigError(f"recipe {where}: {key} must be {what}, got {value!r}")
+    return float(value) if kind is float else value
 
 
 # ---- state -------------------------------------------------------------------------------

@@ -652,3 +652,27 @@ def test_sweep_options_that_would_be_ignored_are_refused(trained, args, message)
                  "--target", "label", *args, code=2)
     assert message in " ".join(res.output.split())
     assert not list((trained / "sweeps").glob("*")) or "trained now" not in res.output
+
+
+GOOD_RECIPE = {"backbone": "minilm", "finetune": {"dataset": "demo"}, "heads": ["lin"]}
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ([GOOD_RECIPE], "holds a list, not one table (JSON object) of settings"),  # an unexpected AttributeError
+    ({**GOOD_RECIPE, "trigger": {"min_new_labelled": "abc"}},
+     "trigger.min_new_labelled must be a whole number, got 'abc'"),  # an unexpected ValueError
+    ({**GOOD_RECIPE, "trigger": "weekly"}, "[trigger] must be a table (JSON object) of settings, got 'weekly'"),
+    # a string where a list belongs was read letter by letter: "dataset 'd' is not in the store"
+    ({**GOOD_RECIPE, "extract": "demo"}, "extract must be a list of names, e.g. extract = [\"a\", \"b\"], got 'demo'"),
+    ({**GOOD_RECIPE, "heads": "lin"}, "heads must be a list of names"),
+    ({**GOOD_RECIPE, "heads": [5]}, "heads must be a list of names"),
+    ({**GOOD_RECIPE, "backbone": ["minilm"]}, "backbone must be text, got ['minilm']"),
+    ({**GOOD_RECIPE, "promote": {"min_delta": "nan"}}, "promote.min_delta must be a finite number, got 'nan'"),
+])
+def test_a_recipe_of_the_wrong_shape_is_named_key_by_key(tmp_path, recipe, message):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(recipe))
+    invoke(tmp_path / "store", "init")
+    for command in ("status", "run"):
+        res = invoke(tmp_path / "store", "refresh", command, str(path), code=2)
+        assert f"recipe {path}" in res.output and message in " ".join(res.output.split())
