@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from featurestore.config import parse_params
+from featurestore.errors import ConfigError
 from ._common import emit, get_store, json_option, params_option, progress, ray_config, ray_options
 
 FAILED_EXIT = 10  # the job finished, but some items could not be encoded
@@ -51,6 +52,9 @@ def extract_cmd(ctx, dataset, modality, backbone, model, adapter, params, batch_
     from featurestore.jobs.extract import ExtractConfig, run
 
     ray = ray_config(engine, address, workers, cpus_per_worker, gpus_per_worker)
+    if va_params and not va_scorer:
+        raise ConfigError(f"--va-param {va_params[0]} is a parameter of the --va scorer; add --va NAME (fs va list) "
+                          "or leave it out")
     store = get_store(ctx, create=True)
     p = parse_params(params)
     if model:

@@ -676,3 +676,10 @@ def test_a_recipe_of_the_wrong_shape_is_named_key_by_key(tmp_path, recipe, messa
     for command in ("status", "run"):
         res = invoke(tmp_path / "store", "refresh", command, str(path), code=2)
         assert f"recipe {path}" in res.output and message in " ".join(res.output.split())
+
+
+def test_va_param_without_va_is_refused_not_ignored(trained):
+    res = invoke(trained, "extract", "--dataset", "other", "--modality", "text", "--backbone", "minilm",
+                 "--va-param", "negation=0.5", code=2)
+    assert "--va-param negation=0.5 is a parameter of the --va scorer; add --va NAME" in res.output
+    assert "cache hit" not in res.output
