@@ -7,6 +7,7 @@ one regressor per dimension on the items where that dimension is known.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, Mapping
 
 import numpy as np
@@ -41,10 +42,18 @@ class XGBConfig(DecisionParams):
         from featurestore.devices import check_device
 
         check_device(self.device, "device")
-        if self.n_estimators < 1 or self.max_depth < 1 or self.learning_rate <= 0:
-            raise ConfigError("n_estimators and max_depth must be >= 1 and learning_rate > 0")
-        if not (0 < self.subsample <= 1 and 0 < self.colsample_bytree <= 1):
-            raise ConfigError("subsample and colsample_bytree must be in (0, 1]")
+        checks = [(self.n_estimators >= 1, "n_estimators", "must be at least 1"),
+                  (self.max_depth >= 1, "max_depth", "must be at least 1"),
+                  (0 < self.learning_rate < math.inf, "learning_rate", "must be a finite number > 0"),
+                  (0 < self.subsample <= 1, "subsample", "must be in (0, 1]"),
+                  (0 < self.colsample_bytree <= 1, "colsample_bytree", "must be in (0, 1]"),
+                  (0 <= self.min_child_weight < math.inf, "min_child_weight", "must be a finite number >= 0"),
+                  (0 <= self.reg_lambda < math.inf, "reg_lambda", "must be a finite number >= 0"),
+                  (self.early_stopping_rounds >= 0, "early_stopping_rounds", "must be 0 (never) or more"),
+                  (self.nthread >= 0, "nthread", "must be 0 (all) or more")]
+        bad = [f"{name}={getattr(self, name)} {rule}" for ok, name, rule in checks if not ok]
+        if bad:  # before any reading: xgboost itself refuses some of them only at the first round
+            raise ConfigError("; ".join(bad))
         super().__post_init__()
 
 

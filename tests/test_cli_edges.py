@@ -683,3 +683,17 @@ def test_va_param_without_va_is_refused_not_ignored(trained):
                  "--va-param", "negation=0.5", code=2)
     assert "--va-param negation=0.5 is a parameter of the --va scorer; add --va NAME" in res.output
     assert "cache hit" not in res.output
+
+
+@pytest.mark.parametrize("param, message", [
+    ("n_estimators=0", "n_estimators=0 must be at least 1"),  # said "n_estimators and max_depth must be >= 1 ..."
+    ("learning_rate=-1", "learning_rate=-1.0 must be a finite number > 0"),
+    ("subsample=2", "subsample=2.0 must be in (0, 1]"),
+    ("min_child_weight=-1", "min_child_weight=-1.0 must be a finite number >= 0"),  # an XGBoostError mid-run
+    ("reg_lambda=-1", "reg_lambda=-1.0 must be a finite number >= 0"),  # an XGBoostError mid-run
+    ("early_stopping_rounds=-1", "early_stopping_rounds=-1 must be 0 (never) or more"),
+])
+def test_xgboost_parameters_are_refused_one_by_one_before_training(trained, param, message):
+    res = invoke(trained, "train-head", "--method", "xgboost", "--dataset", "demo", "--features", "text=minilm",
+                 "--target", "label", "-p", param, code=2)
+    assert f"error: {message}\n" in res.output and "training" not in res.output
