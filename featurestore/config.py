@@ -36,6 +36,9 @@ def parse_params(items: typing.Iterable[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"parameter {item!r} is not of the form key=value")
+        if key.strip() in out:  # -p lr=1e-3 ... -p lr=1e-2: which one was meant?
+            raise ConfigError(f"parameter {key.strip()!r} is given twice ({out[key.strip()]!r} and {value.strip()!r}); "
+                              "give it once")
         out[key.strip()] = value.strip()
     return out
 

@@ -697,3 +697,14 @@ def test_xgboost_parameters_are_refused_one_by_one_before_training(trained, para
     res = invoke(trained, "train-head", "--method", "xgboost", "--dataset", "demo", "--features", "text=minilm",
                  "--target", "label", "-p", param, code=2)
     assert f"error: {message}\n" in res.output and "training" not in res.output
+
+
+@pytest.mark.parametrize("args", [
+    ["train-head", "--method", "linear", "--dataset", "demo", "--features", "text=minilm", "--target", "label",
+     "-p", "epochs=1", "-p", "epochs=2"],
+    ["extract", "--dataset", "demo", "--modality", "text", "--backbone", "minilm", "-p", "epochs=1", "-p", "epochs=2"],
+])
+def test_a_parameter_given_twice_is_refused_not_overridden(trained, args):
+    res = invoke(trained, *args, code=2)
+    assert "parameter 'epochs' is given twice ('1' and '2'); give it once" in res.output
+    assert "training" not in res.output and "saved run" not in res.output
