@@ -708,3 +708,14 @@ def test_a_parameter_given_twice_is_refused_not_overridden(trained, args):
     res = invoke(trained, *args, code=2)
     assert "parameter 'epochs' is given twice ('1' and '2'); give it once" in res.output
     assert "training" not in res.output and "saved run" not in res.output
+
+
+def test_a_lexicon_that_is_a_folder_or_has_no_ratings_is_named(trained, tmp_path):
+    score = ["va", "score", "--dataset", "other", "--modality", "text", "--scorer", "lexicon", "-p", "scale=0..1"]
+    res = invoke(trained, *score, "-p", f"lexicon={tmp_path}", code=2)
+    assert f"lexicon file '{tmp_path}' is a folder" in res.output  # said "does not exist"
+    words = tmp_path / "words.csv"
+    words.write_text("word,valence\nhappy,\nsad,\n")  # was taken: every item scored NaN, exit 0
+    res = invoke(trained, *score, "-p", f"lexicon={words}", code=2)
+    assert "holds 2 word(s) but no valence or arousal rating" in " ".join(res.output.split())
+    assert "scored" not in res.output

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Sequence
@@ -113,7 +114,8 @@ def read_lexicon(path: str | Path, *, scale: str, word_column: str = "", valence
     """Read a CSV/TSV lexicon and map its ratings from `scale` to [-1, 1]."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"lexicon file {str(path)!r} does not exist")
+        raise ConfigError(f"lexicon file {str(path)!r} " + ("is a folder; give the CSV/TSV file of word ratings"
+                                                           if path.is_dir() else "does not exist"))
     lo, hi = parse_range(scale, "scale")
     rows = _read_rows(path)
     header, body, first_line = _split_header(rows)
@@ -132,6 +134,9 @@ def read_lexicon(path: str | Path, *, scale: str, word_column: str = "", valence
                           f"not numbers: {shown}. Fix the rows, or declare the scale the file uses")
     if not entries:
         raise ConfigError(f"lexicon {str(path)!r} holds no words")
+    if not any(math.isfinite(v) for pair in entries.values() for v in pair):
+        raise ConfigError(f"lexicon {str(path)!r} holds {len(entries)} word(s) but no valence or arousal rating; "
+                          "give a CSV/TSV with a word column and rating columns (valence_column=, arousal_column=)")
     return Lexicon(entries, str(path), file_digest(path))
 
 
