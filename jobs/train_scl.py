@@ -77,6 +77,9 @@ def parse_data(entries, store: Store | None = None) -> list[tuple[str, dict[str,
         ds, sep, refs = str(entry).partition(":")
         if not sep or not ds or not refs.strip():
             raise ConfigError(f"--data {entry!r} should be DATASET:MODALITY=FEATURES, e.g. demo:text=minilm")
+        if any(ds == seen for seen, _ in out):  # its rows would be stacked twice, weighing it double
+            raise ConfigError(f"--data names dataset {ds!r} twice; give each dataset once, with all its modalities: "
+                              f"--data {ds}:text=...,image=...")
         out.append((ds, parse_feature_refs(refs, store) if store is not None else refs))
     return out
 
@@ -146,7 +149,7 @@ def run(config: TrainSCLConfig, store: Store, *, log: Callable[[str], None] = la
         eval_set = (Xv, yv) if (yv.y >= 0).any() else None
     params = dict(config.params)
     head = SCL(**params)
-    log(f"scl: {len(y)} rows, modalities {sorted(fps)}, {len(classes)} labels"
+    log(f"scl: {len(y)} rows, modalities {', '.join(sorted(fps))}, {len(classes)} labels"
         + (f"; the state of least {config.val_split} log-loss is kept" if eval_set else ""))
     from ._progress import epoch_progress
 

@@ -719,3 +719,13 @@ def test_a_lexicon_that_is_a_folder_or_has_no_ratings_is_named(trained, tmp_path
     res = invoke(trained, *score, "-p", f"lexicon={words}", code=2)
     assert "holds 2 word(s) but no valence or arousal rating" in " ".join(res.output.split())
     assert "scored" not in res.output
+
+
+def test_scl_train_refuses_a_dataset_given_twice_and_logs_no_list_repr(trained):
+    res = invoke(trained, "scl", "train", "--data", "demo:text=minilm", "--data", "demo:text=minilm", "--run", "s2",
+                 code=2)  # trained on every row twice
+    assert "--data names dataset 'demo' twice; give each dataset once" in res.output and "rows" not in res.output
+    res = CliRunner().invoke(cli, ["--store", str(trained), "scl", "train", "--data", "demo:text=minilm", "--run",
+                                   "s3", "-p", "joint_epochs=1", "-p", "seq_epochs=1", "-p", "width=16",
+                                   "-p", "proj_width=8"], catch_exceptions=False)
+    assert res.exit_code == 0 and "rows, modalities text, 3 labels" in res.stderr and "['" not in res.stderr
