@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from featurestore.config import SEED_MAX, describe, parse_params
+from featurestore.errors import ConfigError
 from featurestore.reader import parse_feature_refs
 from ._common import emit, get_store, json_option, params_option, threads_option, progress, table
 
@@ -46,6 +47,10 @@ def train_head_cmd(ctx, method, dataset, features, params, seed, target, val_fra
     store = get_store(ctx)
     params = parse_params(params)
     if memory:
+        from featurestore.heads import get as get_head
+
+        if "memory" not in get_head(method).param_names():  # else: "unknown parameter 'memory'", not typed as such
+            raise ConfigError(f"--memory is for heads that read a replay memory (concept); head {method!r} reads none")
         params["memory"] = memory
     if "memory" in params:
         from featurestore.memory import memory_folder

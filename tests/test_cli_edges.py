@@ -729,3 +729,10 @@ def test_scl_train_refuses_a_dataset_given_twice_and_logs_no_list_repr(trained):
                                    "s3", "-p", "joint_epochs=1", "-p", "seq_epochs=1", "-p", "width=16",
                                    "-p", "proj_width=8"], catch_exceptions=False)
     assert res.exit_code == 0 and "rows, modalities text, 3 labels" in res.stderr and "['" not in res.stderr
+
+
+def test_memory_for_a_head_that_reads_none_names_the_option(trained):
+    res = invoke(trained, "train-head", "--method", "linear", "--dataset", "demo", "--features", "text=minilm",
+                 "--target", "label", "--memory", "m", code=2)
+    assert "--memory is for heads that read a replay memory (concept); head 'linear' reads none" in res.output
+    assert "unknown parameter 'memory'" not in res.output
