@@ -736,3 +736,17 @@ def test_memory_for_a_head_that_reads_none_names_the_option(trained):
                  "--target", "label", "--memory", "m", code=2)
     assert "--memory is for heads that read a replay memory (concept); head 'linear' reads none" in res.output
     assert "unknown parameter 'memory'" not in res.output
+
+
+@pytest.mark.parametrize("name, text, line", [
+    ("ragged.csv", 'item_id,text,label\na,"hi, there",joy\nb,hello, world,sad\n', 3),
+    ("quoted.csv", 'item_id,text,label\na,"two\nlines",joy\nb,x,sad,extra\n', 4),  # a quoted newline counts
+    ("ragged.tsv", "item_id\ttext\tlabel\na\tx\ty\tz\n", 2),
+])
+def test_a_row_with_too_many_fields_names_its_line_without_polars_advice(tmp_path, name, text, line):
+    path = tmp_path / name
+    path.write_text(text)
+    res = invoke(tmp_path / "store", "datasets", "add", "x", "--manifest", str(path), code=5)
+    out = " ".join(res.output.split())
+    assert f"line {line} has 4 fields, the header 3; quote cells that hold a" in out
+    assert "truncate_ragged_lines" not in out and "Consider setting" not in out

@@ -49,16 +49,39 @@ def _read_delimited(path: Path, separator: str) -> pl.DataFrame:
                            f"(byte 0x{data[exc.start]:02x}); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
                            ) from None
     try:
-        return pl.read_csv(data, separator=separator, infer_schema_length=10000)
-    except pl.exceptions.ComputeError:
-        return pl.read_csv(data, separator=separator, infer_schema_length=None)
+        try:
+            return pl.read_csv(data, separator=separator, infer_schema_length=10000)
+        except pl.exceptions.ComputeError:
+            return pl.read_csv(data, separator=separator, infer_schema_length=None)
+    except pl.exceptions.PolarsError as exc:
+        ragged = _ragged_line(data, separator) if "more fields" in str(exc) else None
+        if not ragged:
+            raise
+        line, fields, header = ragged
+        held = "a tab" if separator == "\t" else 'a comma ("a, b")'
+        raise DatasetError(f"manifest {str(path)!r} line {line} has {fields} fields, the header {header}; quote cells "
+                           f"that hold {held} or fix the row") from None
+
+
+def _ragged_line(data: bytes, separator: str) -> tuple[int, int, int] | None:
+    """(line, fields, header fields) of the first row with more fields than the header, as the csv
+    module splits it (polars only says 'found more fields than defined in Schema'); None if none."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""), delimiter=separator)
+    header = next(reader, None)
+    for row in reader:
+        if header is not None and len(row) > len(header):
+            return reader.line_num, len(row), len(header)
+    return None
 
 
 def polars_reason(exc: Exception) -> str:
     """The reason in a polars error, on one line, without its advice about polars' own arguments
     (which a user of this tool cannot pass)."""
     text = str(exc)
-    for cut in ("You might want to try", "This error occurred", "Original error", "Resolved plan"):
+    for cut in ("You might want to try", "This error occurred", "Original error", "Resolved plan", "Consider setting"):
         if cut in text:
             text = text[: text.index(cut)]
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("- ")]
