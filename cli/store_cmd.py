@@ -12,7 +12,7 @@ from featurestore.store import FORMAT_VERSION
 from featurestore.va.inventory import model_rows, source_rows, va_facts
 from featurestore.verify import (TEMP_GRACE_S, artifact_dirs, feature_sets_on_disk, gc_store,
                                  refuse_if_not_compacted, unverified, verify_store)
-from ._common import emit, get_store, json_option, table
+from ._common import _fmt, emit, get_store, json_option, table
 
 
 @click.command("init")
@@ -114,7 +114,7 @@ def _print_nested(data: dict, indent: int = 0) -> None:
             click.echo(f"{pad}{k}:")
             click.echo("\n".join(pad + "  " + line for line in table(v).splitlines()))
         elif isinstance(v, (list, tuple)):
-            click.echo(f"{pad}{k}: {', '.join(map(str, v)) if v else '-'}")
+            click.echo(f"{pad}{k}: {', '.join(map(_fmt, v)) if v else '-'}")  # None as '-', as a table shows it
         else:
             click.echo(f"{pad}{k}: {'-' if v is None else v}")
 

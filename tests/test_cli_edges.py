@@ -750,3 +750,12 @@ def test_a_row_with_too_many_fields_names_its_line_without_polars_advice(tmp_pat
     out = " ".join(res.output.split())
     assert f"line {line} has 4 fields, the header 3; quote cells that hold a" in out
     assert "truncate_ragged_lines" not in out and "Consider setting" not in out
+
+
+def test_nested_info_shows_none_in_a_list_as_a_dash_not_a_repr(capsys):
+    """`fs va info MODEL` printed 'alpha: 316.2277660168379, None' for a model fitted on valence only."""
+    from featurestore.cli.store_cmd import _print_nested
+
+    _print_nested({"metrics": {"fit": {"alpha": [316.2277660168379, None]}}, "splits": ["train", "test"]})
+    out = capsys.readouterr().out
+    assert "    alpha: 316.2, -\n" in out and "splits: train, test\n" in out and "None" not in out
