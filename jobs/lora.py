@@ -7,7 +7,7 @@ under `store/adapters/<hash>/` (featurestore.adapters) with its metrics and line
 
 Reproducibility (what a bare peft + torch loop must do to get the same adapter):
 `torch.manual_seed(seed)`; `get_peft_model(base, LoraConfig(r, alpha, dropout, target_modules))`;
-the head built next (`linear`: one `nn.Linear`; `mlp`: Linear-ReLU-Dropout-Linear);
+the head built next (`linear`: one `nn.Linear`; `mlp`: Linear-ReLU-Dropout(0.1)-Linear);
 `AdamW([lora params (lr), head params (head_lr)], weight_decay)`; the model in train mode;
 epoch `e` visits train items in `np.random.default_rng([seed, e]).permutation(n)` order,
 in batches of `batch_size`; the loss is BCE-with-logits (labels), cross-entropy (label) or

@@ -381,3 +381,210 @@ def test_a_short_adapter_hash_prefix_is_refused_with_the_minimum_length(tmp_path
     assert find_adapter(store, "abababab")["hash"] == "ab" * 32
     with pytest.raises(NotFoundError, match="8 or more characters"):
         find_adapter(store, "abab")
+
+
+# ---- the training contract, against loops written from jobs/lora.py's docstring -----------------------------
+def tags(store, n=48, flip=None):
+    """Multi-label two-word texts: `lo` (first word in the first half), `even` (second word even); the items
+    with neither have no labels (and are not trained or validated on). `flip` swaps one item's labels."""
+    rng = np.random.default_rng(11)
+    rows = []
+    for i in range(n):
+        a, b = rng.integers(0, len(WORDS), 2)
+        labs = [t for t, on in (("lo", a < len(WORDS) // 2), ("even", b % 2 == 0)) if on]
+        if flip == i:
+            labs = ["even"] if labs == ["lo"] else ["lo"]
+        rows.append({"item_id": f"i{i}", "text": f"{WORDS[a]} {WORDS[b]}", "split": ("train", "train", "val", "test")[i % 4],
+                     "labels": labs or None})
+    return add_dataset(store, "tags", normalise(pl.DataFrame(rows), source="test"), root=None, source="test",
+                       replace=True)
+
+
+def tags_config(bert, **settings):
+    from featurestore.jobs.lora import LoraTrainConfig
+
+    # lr 0.1: the first epoch has the least validation loss, the second a higher one, and patience 1 stops there
+    s = {"epochs": 4, "patience": 1, "batch_size": 8, "seed": 2, "lr": 0.1, "head_lr": 0.1, "hidden": 16, **settings}
+    return LoraTrainConfig.build(backbone="hf-text", params={"model": str(bert / "a")}, dataset="tags",
+                                 target="labels", name="tags", settings=s, device="cpu")
+
+
+def bare_multilabel_loop(bert, store, *, seed=2, lr=0.1, epochs=4, patience=1, batch=8, hidden=16):
+    """The docstring's recipe, written out: the mlp head, BCE, the per-epoch orders, validation in eval mode
+    after each epoch (mean loss per item; `acc` of logits > 0, the multi-label primary metric), the epoch of least validation loss
+    kept, and a stop after `patience` epochs without a lower one."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModel, AutoTokenizer
+
+    df = get_dataset(store, "tags").manifest
+    classes = sorted({c for row in df["labels"].to_list() if row for c in row})
+
+    def part(split):
+        rows = [r for r in df.filter(pl.col("split") == split).iter_rows(named=True) if r["labels"]]
+        y = torch.tensor([[float(c in r["labels"]) for c in classes] for r in rows])
+        return [r["text"] for r in rows], y
+
+    (texts, y), (vtexts, vy) = part("train"), part("val")
+    tok = AutoTokenizer.from_pretrained(str(bert / "a"))
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModel.from_pretrained(str(bert / "a")),
+                           LoraConfig(r=6, lora_alpha=36, lora_dropout=0.2, target_modules=["query", "value"]))
+    head = torch.nn.Sequential(torch.nn.Linear(32, hidden), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+                               torch.nn.Linear(hidden, len(classes)))
+    opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr},
+                             {"params": list(head.parameters()), "lr": lr}], weight_decay=0.0)
+
+    def pooled(batch_texts):
+        b = tok(batch_texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        states = model(**b).last_hidden_state
+        m = b["attention_mask"].unsqueeze(-1).float()
+        return (states * m).sum(1) / m.sum(1)
+
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    history, best, best_loss, since = [], None, float("inf"), 0
+    for epoch in range(epochs):
+        model.train()
+        head.train()
+        order = np.random.default_rng([seed, epoch]).permutation(len(texts))
+        total = 0.0
+        for i in range(0, len(order), batch):
+            idx = order[i:i + batch]
+            loss = bce(head(pooled([texts[j] for j in idx])), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        model.eval()
+        head.eval()
+        with torch.no_grad():
+            z = torch.cat([head(pooled(vtexts[i:i + batch])) for i in range(0, len(vtexts), batch)])
+        val_loss = float(torch.stack([bce(z[i:i + batch], vy[i:i + batch]) * len(vy[i:i + batch])
+                                      for i in range(0, len(vy), batch)]).sum()) / len(vy)
+        pred, true = (z > 0).numpy(), vy.numpy().astype(bool)  # acc: per-item intersection over union
+        union = (pred | true).sum(1)
+        acc = float(np.where(union > 0, (pred & true).sum(1) / np.maximum(union, 1), 0.0).mean())
+        history.append({"epoch": epoch + 1, "train_loss": total / len(texts), "val_loss": val_loss,
+                        "val_primary": acc})
+        if val_loss < best_loss:
+            best_loss, since = val_loss, 0
+            best = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+        else:
+            since += 1
+            if since >= patience:
+                break
+    return classes, history, best
+
+
+def test_multilabel_mlp_training_with_early_stopping_equals_a_bare_loop(store, bert):
+    from featurestore.jobs.lora import run
+
+    tags(store)
+    res = run(tags_config(bert), store)
+    classes, history, best = bare_multilabel_loop(bert, store)
+    assert [h["epoch"] for h in history] == [1, 2]  # the premise: epoch 2 is worse and patience 1 stops there
+    meta = json.loads(Path(res.folder, "meta.json").read_text())
+    assert meta["classes"] == classes and meta["validation"] == {"carved": False, "split": "val"}
+    ours = res.metrics["history"]
+    assert [h["epoch"] for h in ours] == [1, 2]
+    for a, b in zip(ours, history):
+        for k in ("train_loss", "val_loss", "val_primary"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["epoch"], k)
+    assert res.metrics["best_epoch"] == 1 and res.metrics["val_loss"] == pytest.approx(history[0]["val_loss"], rel=1e-5)
+    saved = adapter_tensors(res.folder)  # the best epoch's adapter, not the last one's
+    assert set(saved) == set(best)
+    for k in best:
+        torch.testing.assert_close(saved[k], best[k], atol=1e-6, rtol=1e-5)
+
+
+def test_va_training_loss_is_the_mse_of_the_known_dimensions(store, bert):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel, AutoTokenizer
+
+    from featurestore.jobs.lora import LoraTrainConfig, run
+
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(32):
+        a, b = rng.integers(0, len(WORDS), 2)
+        v, ar = float(a / len(WORDS) * 2 - 1), float(b / len(WORDS) * 2 - 1)
+        known = ("both", "valence", "arousal", "none")[i % 4 if i < 24 else 0]  # a quarter have neither: dropped
+        rows.append({"item_id": f"i{i}", "text": f"{WORDS[a]} {WORDS[b]}", "split": ("train", "train", "val")[i % 3],
+                     "valence": v if known in ("both", "valence") else None,
+                     "arousal": ar if known in ("both", "arousal") else None})
+    add_dataset(store, "va", normalise(pl.DataFrame(rows), source="test"), root=None, source="test")
+    res = run(LoraTrainConfig.build(backbone="hf-text", params={"model": str(bert / "a")}, dataset="va", target="va",
+                                    name="va", settings={"epochs": 1, "batch_size": 4, "head": "linear", "seed": 4},
+                                    device="cpu"), store)
+
+    df = get_dataset(store, "va").manifest.filter(pl.col("split") == "train")
+    keep = [r for r in df.iter_rows(named=True) if r["valence"] is not None or r["arousal"] is not None]
+    texts = [r["text"] for r in keep]
+    y = torch.tensor([[np.nan if r[k] is None else r[k] for k in ("valence", "arousal")] for r in keep],
+                     dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(bert / "a"))
+    torch.manual_seed(4)
+    model = get_peft_model(AutoModel.from_pretrained(str(bert / "a")),
+                           LoraConfig(r=6, lora_alpha=36, lora_dropout=0.2, target_modules=["query", "value"]))
+    head = torch.nn.Linear(32, 2)
+    opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.requires_grad], "lr": 5e-4},
+                             {"params": list(head.parameters()), "lr": 1e-3}], weight_decay=0.0)
+    model.train()
+    total = 0.0
+    order = np.random.default_rng([4, 0]).permutation(len(texts))
+    for i in range(0, len(order), 4):
+        idx = order[i:i + 4]
+        b = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        m = b["attention_mask"].unsqueeze(-1).float()
+        pred = head((model(**b).last_hidden_state * m).sum(1) / m.sum(1))
+        yb = y[idx]
+        known = ~torch.isnan(yb)
+        loss = ((pred - torch.nan_to_num(yb)) ** 2 * known).sum() / known.sum()  # the mean over known entries
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(idx)
+    assert res.metrics["history"][0]["train_loss"] == pytest.approx(total / len(texts), rel=1e-5)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_at_epoch(n):
+    """A progress callback that interrupts training as epoch `n` (1-based) starts, as a kill would."""
+    def progress(total, desc, unit):
+        if desc.startswith(f"lora epoch {n}/"):
+            raise _Interrupt(desc)
+        return None
+    return progress
+
+
+def test_resume_continues_only_a_run_with_the_same_options_and_manifest(tmp_path, bert):
+    from featurestore.jobs.lora import run
+
+    killed = open_store(tmp_path / "killed", create=True)
+    tags(killed)
+    with pytest.raises(_Interrupt):  # the best epoch (1) is checkpointed; its successor had not run
+        run(tags_config(bert), killed, progress=_stop_at_epoch(2))
+    other_lr = run(tags_config(bert, lr=0.05), killed)
+    assert other_lr.resumed_from_epoch == 0  # other settings: a run of their own
+    tags(killed, flip=0)
+    relabelled = run(tags_config(bert), killed)
+    assert relabelled.resumed_from_epoch == 0  # other labels: a run of their own
+    tags(killed)
+    resumed = run(tags_config(bert), killed)
+    assert resumed.resumed_from_epoch == 1
+
+    whole = open_store(tmp_path / "whole", create=True)
+    tags(whole)
+    uninterrupted = run(tags_config(bert), whole)
+    assert resumed.metrics["history"] == uninterrupted.metrics["history"]  # optimiser moments and RNG restored
+    assert uninterrupted.metrics["best_epoch"] == 1 and resumed.hash == uninterrupted.hash  # the best epoch's adapter
+
+
+def test_settings_default_to_the_documented_values():
+    """docs/lora.md: rank 6, alpha 36, dropout 0.2 (the paper), lr 5e-4, 4 epochs, the mlp head, targets per model."""
+    from featurestore.jobs.lora import LoraSettings
+
+    s = LoraSettings()
+    assert (s.r, s.alpha, s.dropout, s.lr, s.epochs, s.head, s.targets) == (6, 36, 0.2, 5e-4, 4, "mlp", ())
