@@ -588,3 +588,154 @@ def test_settings_default_to_the_documented_values():
 
     s = LoraSettings()
     assert (s.r, s.alpha, s.dropout, s.lr, s.epochs, s.head, s.targets) == (6, 36, 0.2, 5e-4, 4, "mlp", ())
+
+
+# ---- the refresh's decisions, against values computed here ----------------------------------------------------
+def test_trigger_counts_the_labelled_items_added_since_the_last_refresh_even_a_kept_one(frozen_store, bert, tmp_path):
+    from featurestore.jobs.refresh import run, status
+
+    store, _ = frozen_store
+    r = recipe(tmp_path, bert, min_new=5, min_delta=1.0)  # never promotes
+    assert status(r, store)["trigger"] == {"labelled_now": 40, "labelled_at_last_refresh": None, "added": 40,
+                                           "min_new_labelled": 5, "fires": True}
+    first = run(r, store)  # fired by the trigger, not forced
+    assert first.ran and first.promoted is False
+    again = run(r, store)  # a kept refresh counts as the last refresh too: nothing new since
+    assert not again.ran and again.message.startswith("nothing to do: 0 labelled item(s) added")
+    toy(store, extra=5)  # exactly the minimum added
+    assert status(r, store)["trigger"] == {"labelled_now": 45, "labelled_at_last_refresh": 40, "added": 5,
+                                           "min_new_labelled": 5, "fires": True}
+    toy(store, extra=4)
+    assert not status(r, store)["trigger"]["fires"]
+
+
+def test_the_decision_is_the_validation_change_and_never_the_test_change(frozen_store, bert, tmp_path):
+    import dataclasses
+
+    from featurestore.jobs.refresh import run
+    from featurestore.jobs.train_head import evaluate
+
+    store, _ = frozen_store
+    # a strong fine-tune: on this toy its retrained head gains on validation and loses on test
+    r = recipe(tmp_path, bert, lora={"epochs": 2, "batch_size": 8, "head": "linear", "seed": 1, "lr": 0.1,
+                                     "head_lr": 0.05})
+    first = run(r, store, force=True, stop_after="heads")
+    after = f"base.r{first.id}"
+    primary = json.loads((store.heads_dir() / "base" / "metrics.json").read_text())["primary"]
+    delta = {split: evaluate(after, "toy", store, split=split)["metrics"][primary]
+             - evaluate("base", "toy", store, split=split)["metrics"][primary] for split in ("val", "test")}
+    assert delta["val"] > 0 > delta["test"], delta  # the premise that tells the splits and the signs apart
+    # resumed at `decide` with a bar between the two: validation must decide
+    done = run(dataclasses.replace(r, min_delta=delta["val"] / 2), store)
+    assert done.id == first.id and done.promoted, done.reason
+    assert f"{delta['val']:+.4f}" in done.reason and "> min_delta" in done.reason
+    rows = pl.read_parquet(Path(done.report) / "report.parquet")
+    deciding = rows.filter(pl.col("decides"))
+    assert deciding["split"].to_list() == ["val"] and deciding["metric"].to_list() == [primary]
+    assert deciding["delta"][0] == pytest.approx(delta["val"])
+    tested = rows.filter((pl.col("split") == "test") & (pl.col("metric") == primary))
+    assert tested["delta"][0] == pytest.approx(delta["test"])
+
+
+def test_promotion_rules_against_hand_computed_changes():
+    from featurestore.jobs.refresh import Recipe, _rule
+
+    def decide(rule, deltas, min_delta=0.0):
+        return _rule(Recipe("r", "hf-text", "toy", "label", heads=("a",), rule=rule, min_delta=min_delta), deltas)[0]
+
+    deltas = [0.5, -0.25]  # mean +0.125 (binary fractions: the boundaries are exact)
+    assert decide("mean", deltas) and not decide("mean", deltas, 0.125)  # the mean must be above min_delta
+    assert not decide("all", deltas) and decide("all", [0.5, 0.25], 0.125) and not decide("all", [0.5, 0.125], 0.125)
+    assert decide("any", deltas) and not decide("any", deltas, 0.5) and not decide("any", [-0.25, 0.0])
+
+
+def test_a_refresh_retrains_each_run_from_its_saved_config(frozen_store, bert, tmp_path):
+    from featurestore.jobs.extract import ExtractConfig, run as extract
+    from featurestore.jobs.refresh import run
+    from featurestore.jobs.train_head import TrainHeadConfig, run as train
+
+    store, frozen = frozen_store
+    rows = get_dataset(store, "toy").manifest.select("item_id", "text", "label").with_columns(
+        split=pl.Series(["train", "train", "train", "test", "holdout"] * 8))  # no val: validation is carved
+    add_dataset(store, "toy2", normalise(rows, source="test"), root=None, source="test")
+    assert extract(ExtractConfig(dataset="toy2", backbone="hf-text", params={"model": str(bert / "a")}, device="cpu"),
+                   store).fingerprint == frozen
+    train(TrainHeadConfig(method="mlp", dataset="toy2", features={"text": frozen}, target="label", seed=4,
+                          val_fraction=0.25, eval_split="holdout", run_id="base2", params={"epochs": 15, "hidden": 16}),
+          store)
+    r = recipe(tmp_path, bert, heads=("base2",), extract=["toy", "toy2"])
+    res = run(r, store, force=True, stop_after="heads")
+    new = json.loads((store.root / "refresh" / "r" / "pending.json").read_text())["done"]
+    run_id = new["heads"]["base2"]
+    assert run_id == f"base2.r{res.id}"
+
+    def saved(run):
+        folder = store.heads_dir() / run
+        return json.loads((folder / "config.json").read_text()), json.loads((folder / "lineage.json").read_text())
+
+    (old_cfg, old), (new_cfg, lin) = saved("base2"), saved(run_id)
+    assert new_cfg["head"] == old_cfg["head"] == "mlp" and new_cfg["params"] == old_cfg["params"]
+    assert old_cfg["params"]["epochs"] == 15 and old_cfg["params"]["hidden"] == 16
+    for key in ("dataset", "target", "seed", "eval_split", "validation", "classes"):
+        assert lin[key] == old[key], key
+    assert (old["seed"], old["eval_split"], old["validation"]["fraction"]) == (4, "holdout", 0.25)
+    assert lin["fingerprints"] == {"text": new["extract"]["fingerprint"]} != old["fingerprints"]
+
+
+def test_a_kept_refresh_never_removes_features_that_existed_before_it(frozen_store, bert, tmp_path):
+    from featurestore.adapters import find_adapter
+    from featurestore.features import FeatureSet
+    from featurestore.jobs.extract import ExtractConfig, run as extract
+    from featurestore.jobs.refresh import run
+
+    store, _ = frozen_store
+    r = recipe(tmp_path, bert, min_delta=1.0)  # never promotes
+    first = run(r, store, force=True)
+    assert first.promoted is False and not FeatureSet(store, first.fingerprint).exists()  # the candidate went
+    # the user extracts with the kept adapter: by its hash, and from a copy of its folder (the same adapter)
+    mine = extract(ExtractConfig(dataset="toy", backbone="hf-text", params={"model": str(bert / "a"),
+                                                                            "adapter": first.adapter}, device="cpu"),
+                   store)
+    shutil.copytree(find_adapter(store, first.adapter)["folder"], tmp_path / "copy")
+    copied = extract(ExtractConfig(dataset="toy", backbone="hf-text", params={"model": str(bert / "a"),
+                                                                              "adapter": str(tmp_path / "copy")},
+                                   device="cpu"), store)
+    assert mine.fingerprint == first.fingerprint and copied.fingerprint == mine.fingerprint and copied.cache_hit
+    # the same refresh again trains the same adapter (stored once, its first meta kept) and the same features
+    second = run(r, store, force=True)
+    assert second.promoted is False and second.adapter == first.adapter and second.fingerprint == mine.fingerprint
+    assert find_adapter(store, first.adapter)["name"] == f"r-{first.id}"
+    assert FeatureSet(store, mine.fingerprint).exists()  # the user's features stay
+
+
+def test_a_refresh_killed_after_recording_its_outcome_is_not_recorded_twice(frozen_store, bert, tmp_path):
+    from featurestore.jobs.refresh import run, status
+
+    store, _ = frozen_store
+    r = recipe(tmp_path, bert, min_new=5)  # promotes (min_delta -1)
+    pending = store.root / "refresh" / "r" / "pending.json"
+    run(r, store, force=True, stop_after="report")
+    left = pending.read_text()
+    toy(store, extra=4)  # labelled while the refresh ran: they count towards the next one
+    done = run(r, store)  # writes state.json, then removes pending.json
+    assert done.promoted and not pending.exists()
+    assert status(r, store)["trigger"]["added"] == 4
+    pending.write_text(left)  # as if killed between the two
+    again = run(r, store)
+    assert not again.ran and not pending.exists()
+    state = json.loads((store.root / "refresh" / "r" / "state.json").read_text())
+    assert len(state["history"]) == 1 and state["current"]["heads"]["base"] == done.heads["base"]
+    assert state["retired_runs"] == ["base"] and status(r, store)["refreshes"] == 1
+
+
+def test_a_stored_adapter_name_means_the_newest_of_that_name(tmp_path):
+    from featurestore.adapters import find_adapter, list_adapters
+
+    store = open_store(tmp_path / "s", create=True)
+    made = {"ff" * 8: "2026-01-01T00:00:00", "aa" * 8: "2026-03-01T00:00:00", "cc" * 8: "2026-02-01T00:00:00"}
+    for digest, created in made.items():
+        folder = store.adapters_dir() / digest
+        folder.mkdir(parents=True)
+        (folder / "meta.json").write_text(json.dumps({"name": "same", "created_at": created}))
+    assert [a["hash"] for a in list_adapters(store)] == ["ff" * 8, "cc" * 8, "aa" * 8]  # oldest first
+    assert find_adapter(store, "same")["hash"] == "aa" * 8
