@@ -143,6 +143,27 @@ def test_bad_lora_inputs(store, bert):
     assert not (store.adapters_dir()).exists() or not any(store.adapters_dir().glob("[!.]*"))
 
 
+def test_bad_lora_settings_are_refused_with_the_value(tmp_path, bert):
+    from featurestore.adapters import publish_adapter
+    from featurestore.jobs.lora import LoraSettings, LoraTrainConfig
+
+    for bad, match in (({"dropout": 1.0}, r"dropout=1.0: need .*0 <= dropout < 1"), ({"r": 0}, r"r=0"),
+                       ({"alpha": 0.0}, r"alpha=0.0"), ({"lr": 0.0}, r"lr=0.0.* must be positive"),
+                       ({"head_lr": -1.0}, r"head_lr=-1.0"), ({"weight_decay": -0.1}, "weight_decay >= 0"),
+                       ({"head": "gru"}, "head='gru' must be one of"), ({"max_train": -1}, "max_train=-1")):
+        with pytest.raises(ConfigError, match=match):
+            LoraSettings(**bad)
+    assert LoraSettings(dropout=0.0).dropout == 0.0
+    with pytest.raises(ConfigError, match="fine-tunes the base model; do not pass an adapter"):
+        LoraTrainConfig.build(backbone="hf-text", params={"model": str(bert / "a"), "adapter": "x"}, dataset="toy")
+    store = open_store(tmp_path / "s", create=True)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"lacks \['adapter_model.safetensors'\]; it is not a peft adapter folder"):
+        publish_adapter(store, tmp_path / "half", {})
+    assert not store.adapters_dir().exists() or not any(store.adapters_dir().iterdir())
+
+
 def test_stored_adapter_by_name_in_extract_and_the_refusals(store, bert, tmp_path):
     from featurestore.jobs.extract import ExtractConfig, run as extract
     from featurestore.jobs.lora import run
@@ -269,7 +290,13 @@ def test_recipe_errors_come_before_any_work(frozen_store, bert, tmp_path):
         run(dataclasses.replace(r, target="labels"), store, force=True)
     with pytest.raises(ConfigError, match="unknown key"):
         recipe(tmp_path, bert, schedule="hourly")
-    assert not store.adapters_dir().exists()
+    with pytest.raises(ConfigError, match="unknown parameter 'rank'"):
+        run(recipe(tmp_path, bert, lora={"rank": 4}), store, force=True)
+    with pytest.raises(ConfigError, match="dropout=1.0"):
+        run(recipe(tmp_path, bert, lora={"dropout": 1.0}), store, force=True)
+    with pytest.raises(ConfigError, match="min_new_labelled must be 0 or more"):
+        recipe(tmp_path, bert, min_new=-1)
+    assert not store.adapters_dir().exists() and not (store.root / "refresh" / "r" / "pending.json").exists()
 
 
 def test_refresh_promotes_then_rolls_back_then_gc_keeps_what_is_used(frozen_store, bert, tmp_path):
