@@ -282,6 +282,16 @@ def test_lora_adapter_changes_fingerprint_and_output(roberta_dir, tmp_path):
     texts = ["i am happy", "we are sad"]
     p, q = plain.encode(texts).pooled, tuned.encode(texts).pooled
     assert np.isfinite(q).all() and not np.allclose(p, q, atol=1e-4)
+    # merged into the weights (no LoRA layers left to run), and the function peft's own unmerged model computes
+    assert not any("lora_" in name for name, _ in tuned.model.named_modules())
+    from transformers import AutoTokenizer
+
+    batch = AutoTokenizer.from_pretrained(roberta_dir)(texts, padding=True, truncation=True, max_length=128,
+                                                       return_tensors="pt")
+    with torch.no_grad():
+        states = lora.eval()(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    np.testing.assert_allclose(q, ((states * mask).sum(1) / mask.sum(1)).numpy(), rtol=1e-4, atol=1e-5)
 
 
 FINE_TUNABLE = ["hf-text", "clip-text", "clip-image", "clap-audio", "wav2vec2", "hubert", "wavlm"]
