@@ -237,3 +237,54 @@ def test_xgboost_auto_device_needs_a_cuda_build_of_xgboost(monkeypatch):
         X._device("cuda")
     monkeypatch.setattr(xgboost, "build_info", lambda: {"USE_CUDA": True})
     assert X._device("auto") == "cuda" and X._device("cuda:1") == "cuda:1"
+
+
+XGB_PARAMS = {"n_estimators": 80, "max_depth": 3, "learning_rate": 0.25, "subsample": 0.7, "colsample_bytree": 0.6,
+              "min_child_weight": 2.0, "reg_lambda": 5.0, "early_stopping_rounds": 3, "seed": 11, "nthread": 1,
+              "device": "cpu"}
+
+
+@pytest.mark.parametrize("kind", ["single", "binary", "multi", "va"])
+def test_xgboost_is_xgboost_train_with_the_documented_mapping(kind):
+    """`xgboost` against `xgboost.train` called by hand: every parameter under xgboost's own name
+    (eta, lambda, ...), the objective of the target kind, absent modalities as NaN (missing), early
+    stopping on the validation split, and predictions from the best round's trees."""
+    import xgboost as xgb
+
+    X, y = synthetic(kind, n=200)
+    Xv, yv = synthetic(kind, n=80, seed=1)
+    Xt, _ = synthetic(kind, n=60, seed=2)
+    if kind == "va":  # arousal known on about half the items (NaN elsewhere), so each dimension has its rows
+        for t, s in ((y, 3), (yv, 4)):
+            r = np.random.default_rng(s)
+            t.y[:, 1] = np.where(r.random(len(t)) < 0.5, t.y[:, 0] * 0.5 + r.normal(0, 0.3, len(t)), np.nan)
+    extra = {"multi_strategy": "multi_output_tree"} if kind == "multi" else {}
+    head = heads.create("xgboost", **XGB_PARAMS, **extra).fit(X, y, eval_set=(Xv, yv))
+
+    def matrix(F):  # modalities in sorted order, NaN where absent
+        return np.concatenate([np.where(F.masks[m][:, None], F.pooled[m], np.nan) for m in sorted(F.pooled)], 1)
+
+    params = {"max_depth": 3, "eta": 0.25, "subsample": 0.7, "colsample_bytree": 0.6, "min_child_weight": 2.0,
+              "lambda": 5.0, "seed": 11, "nthread": 1, "tree_method": "hist", "device": "cpu",
+              **{"single": {"objective": "multi:softprob", "num_class": 3},
+                 "binary": {"objective": "binary:logistic"},
+                 "multi": {"objective": "binary:logistic", "multi_strategy": "multi_output_tree"},
+                 "va": {"objective": "reg:squarederror"}}[kind]}
+    labels = [(y.y[:, d], yv.y[:, d]) for d in range(2)] if kind == "va" else [(y.y, yv.y)]
+    outs, stopped = [], []
+    dt = xgb.DMatrix(matrix(Xt), missing=np.nan)
+    for lab, lab_v in labels:
+        rows = np.isfinite(lab) if lab.ndim == 1 else np.ones(len(lab), bool)
+        vrows = np.isfinite(lab_v) if lab_v.ndim == 1 else np.ones(len(lab_v), bool)
+        ref = xgb.train(params, xgb.DMatrix(matrix(X)[rows], label=lab[rows].astype(np.float32), missing=np.nan),
+                        num_boost_round=80, early_stopping_rounds=3, verbose_eval=False,
+                        evals=[(xgb.DMatrix(matrix(Xv)[vrows], label=lab_v[vrows].astype(np.float32), missing=np.nan),
+                                "val")])
+        rounds = ref.best_iteration + 1
+        stopped.append(rounds < 80)
+        outs.append(ref.predict(dt, iteration_range=(0, rounds)))
+        assert not np.allclose(outs[-1], ref.predict(dt)), "the rounds after the best one must change predictions"
+    assert any(stopped)  # early stopping fired, so the rounds kept matter
+    want = {"single": lambda: outs[0], "binary": lambda: np.c_[1 - outs[0], outs[0]],
+            "multi": lambda: outs[0], "va": lambda: np.stack(outs, 1)}[kind]()
+    np.testing.assert_allclose(head.predict_proba(Xt), want, rtol=1e-6, atol=1e-7)
