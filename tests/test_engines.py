@@ -304,3 +304,54 @@ def test_task_loss_is_torchs_loss_per_configuration(kind):
     got = task_loss(out, y, kind)
     torch.testing.assert_close(got, torch.stack(ref), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(task_loss(out[1], y, kind), ref[1], rtol=1e-6, atol=1e-7)
+
+
+def test_train_loop_early_stopping_and_best_weights_against_a_hand_written_loop():
+    """`train_loop`'s selection on validation against a loop written by hand with torch.optim.AdamW on
+    the same batches: `patience` counts epochs without a strictly better score (a tie is not better),
+    the weights kept are the first best epoch's, `best_epoch` is 1-based, and validation sees the
+    network in eval mode (dropout off, so it draws no random numbers the training would have used)."""
+    import copy
+
+    from featurestore.heads._torch import TorchParams, train_loop
+
+    torch.manual_seed(0)
+    x, y, xv = torch.randn(24, 4), torch.randn(24, 1), torch.randn(10, 4)
+    start = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 1))
+    loss = lambda m, b: (m(b["x"]) - b["y"]).pow(2).mean()  # noqa: E731
+    script = [0.1, 0.5, 0.5, 0.3, 0.2, 0.9, 0.9]  # epoch 3 ties epoch 2, and epochs 3-4 are 2 without a better one
+    seen = []
+
+    def score(m):
+        seen.append(m(xv).detach().clone())
+        return script[len(seen) - 1]
+
+    params = TorchParams(epochs=7, batch_size=8, lr=0.05, weight_decay=1e-3, patience=2, seed=3)
+    model = copy.deepcopy(start)
+    torch.manual_seed(5)  # the dropout draws
+    hist = train_loop(model, loss, TensorSet({"x": x, "y": y}, 24), params=params, device=torch.device("cpu"),
+                      val_score=score)
+
+    ref = copy.deepcopy(start)
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=1e-3)
+    torch.manual_seed(5)
+    outs, states = [], []
+    batches = _batches(24, 8, 3, 4)
+    for epoch in range(4):
+        ref.train()
+        for _ in range(3):
+            idx = next(batches)
+            opt.zero_grad()
+            loss(ref, {"x": x[idx], "y": y[idx]}).backward()
+            opt.step()
+        ref.eval()
+        with torch.no_grad():
+            outs.append(ref(xv))
+        states.append(copy.deepcopy(ref.state_dict()))
+    assert hist["epochs_run"] == 4 and hist["best_epoch"] == 2 and hist["val_score"] == script[:4]
+    for got, want in zip(seen, outs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, states[1][k], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(states[1]["3.weight"], states[3]["3.weight"])  # the restore is visible
+    assert not model.training
