@@ -288,3 +288,44 @@ def test_xgboost_is_xgboost_train_with_the_documented_mapping(kind):
     want = {"single": lambda: outs[0], "binary": lambda: np.c_[1 - outs[0], outs[0]],
             "multi": lambda: outs[0], "va": lambda: np.stack(outs, 1)}[kind]()
     np.testing.assert_allclose(head.predict_proba(Xt), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["mlp", "linear"])
+def test_mlp_and_linear_predict_with_the_documented_network_and_their_best_validation_epoch(name):
+    """The saved network, applied by hand as docs/heads.md describes it: each modality standardised
+    with the mean and std of the training rows where it is present (zeros where absent), the presence
+    flags after them, then `layers` blocks of Linear(hidden)-GELU (dropout is off at prediction) and a
+    linear output; softmax. And the epoch kept is the one whose recorded validation score is the best,
+    which is the score the returned head gets on that split."""
+    import torch
+    from scipy.special import softmax
+    from scipy.stats import norm
+
+    X, y = synthetic("single", n=240)
+    Xv, yv = synthetic("single", n=90, seed=1)
+    Xt, _ = synthetic("single", n=50, seed=2)
+    X.pooled["audio"] = X.pooled["audio"] * 3 + 5  # the absent rows' zeros would move these statistics
+    Xv.pooled["audio"], Xt.pooled["audio"] = Xv.pooled["audio"] * 3 + 5, Xt.pooled["audio"] * 3 + 5
+    params = {"epochs": 15, "patience": 0, "hidden": 16, "layers": 3, "dropout": 0.3} if name == "mlp" else \
+        {"epochs": 15, "patience": 0}
+    head = heads.create(name, **params).fit(X, y, eval_set=(Xv, yv))
+    parts, flags = [], []
+    for m in sorted(X.pooled):
+        present = X.pooled[m][X.masks[m]]
+        z = (Xt.pooled[m] - present.mean(0)) / present.std(0)
+        parts.append(np.where(Xt.masks[m][:, None], z, 0))
+        flags.append(Xt.masks[m][:, None].astype(float))
+    h = np.concatenate(parts + flags, 1)
+    layers = [(m.weight.detach().numpy().astype(np.float64), m.bias.detach().numpy().astype(np.float64))
+              for m in head.net_.modules() if isinstance(m, torch.nn.Linear)]
+    hidden = params.get("layers", 0)
+    assert [W.shape for W, _ in layers] == ([(16, h.shape[1])] + [(16, 16)] * (hidden - 1) + [(3, 16)] if hidden
+                                            else [(3, h.shape[1])])
+    for W, b in layers[:-1]:
+        a = h @ W.T + b
+        h = a * norm.cdf(a)  # GELU (exact)
+    W, b = layers[-1]
+    np.testing.assert_allclose(head.predict_proba(Xt), softmax(h @ W.T + b, 1), rtol=1e-4, atol=1e-5)
+    scores = head.history_["val_score"]
+    assert head.history_["best_epoch"] == int(np.argmax(scores)) + 1 and len(set(scores)) > 1
+    assert head.score(Xv, yv) == pytest.approx(max(scores), abs=1e-9)
