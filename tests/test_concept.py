@@ -63,6 +63,39 @@ def test_no_generalisation_draws_one_pool_member_and_means_cover_every_member():
     assert ok.tolist() == [True, True, False]
 
 
+def test_no_generalisation_picks_one_available_modality_at_random_then_one_of_its_rows():
+    """docs/concepts.md: one random feature of one random available modality. Class `a` has 5 image rows
+    and 2 text rows: each modality is picked about half the time (not by row count, 5:2, and not always
+    the first), and every row of the picked modality comes up."""
+    bank, groups = small_bank()
+    one, valid = bank.sample(np.zeros(4000, np.int64), np.random.default_rng(2), mode="no_generalisation")
+    image = np.isclose(one[:, None], groups[("image", "a")][None], atol=1e-6).all(2)  # [N, 5]
+    text = np.isclose(one[:, None], groups[("text", "a")][None], atol=1e-6).all(2)  # [N, 2]
+    assert valid.all() and (image.any(1) ^ text.any(1)).all()
+    assert 0.45 < image.any(1).mean() < 0.55  # binomial sd 0.008
+    assert image.any(0).all() and text.any(0).all()
+
+
+def test_a_class_with_an_empty_pool_falls_back_to_all_its_rows_with_a_warning():
+    """docs/concepts.md: a class whose pool is empty in every modality uses all its rows (as
+    no_selectivity), with a warning; a class with a pool keeps to it."""
+    from featurestore.memory import Memory
+
+    rng = np.random.default_rng(5)
+    sad, happy = rng.normal(size=(4, 3)), rng.normal(size=(6, 3))
+    x = np.concatenate([sad, happy])
+    mem = Memory(3, spec={"name": "t", "coarse_map": {}})
+    mem.add(np.arange(10), x, {"modality": ["text"] * 10, "class": ["sad"] * 4 + ["happy"] * 6,
+                               "pool": [False] * 4 + [True, False] * 3, "correct": [True] * 10,
+                               "confidence": [1.0] * 10})
+    with pytest.warns(UserWarning, match="'sad' has an empty replay pool"):
+        bank = ConceptBank.from_memory(mem, ["sad", "happy"])
+    assert bank.fallbacks == {"sad": "all rows"} and bank.counts.tolist() == [[4, 3]]
+    means, valid = bank.means()
+    np.testing.assert_allclose(means, [sad.mean(0), happy[::2].mean(0)], rtol=1e-5, atol=1e-6)
+    assert valid.all()
+
+
 def memory_of(groups: dict, *, pool_every: int = 2):
     """A real Memory holding `(modality, class) -> raw vectors`; every `pool_every`-th row of a group in its pool."""
     from featurestore.memory import Memory
@@ -145,6 +178,33 @@ def test_concept_loss_is_eq7_and_eq8_by_loops():
         assert float(got[c]) == pytest.approx(ce + lam[c] * l_s, rel=1e-6)
 
 
+def test_an_absent_modality_contributes_zeros_to_the_concept_guided_feature(tmp_path):
+    """concept.py / docs: with several modalities the per-modality features are concatenated and fused,
+    an absent modality contributing zeros. So an item without audio scores the same whatever the audio
+    encoder's weights are, and an item with audio does not."""
+    import torch
+
+    rng = np.random.default_rng(8)
+    folder = str(memory_of({("text", c): rng.normal(size=(6, 8)) for c in ("happy", "sad", "anger")},
+                           pool_every=1).save(tmp_path / "m"))
+    n = 90
+    yy = np.arange(n) % 3
+    X = Features({"text": (rng.normal(size=(n, 10)) + yy[:, None]).astype(np.float32),
+                  "audio": rng.normal(size=(n, 4)).astype(np.float32)},
+                 {"text": np.ones(n, bool), "audio": np.arange(n) % 2 == 0})
+    y = Targets(kind="single", y=yy, classes=["happy", "sad", "anger"])
+    head = create("concept", memory=folder, epochs=2, hidden=16, device="cpu").fit(X, y)
+    before_f, before_p = head.concept_features(X), head.predict_proba(X)
+    with torch.no_grad():
+        for p in head.net_.enc["audio"].parameters():
+            p.add_(1.0)
+    after_f, after_p = head.concept_features(X), head.predict_proba(X)
+    absent = ~X.masks["audio"]
+    np.testing.assert_allclose(after_f[absent], before_f[absent], atol=1e-6)
+    np.testing.assert_allclose(after_p[absent], before_p[absent], atol=1e-6)
+    assert not np.allclose(after_f[~absent], before_f[~absent], atol=1e-3)
+
+
 def test_each_ablation_switch_changes_the_training_loss(tmp_path):
     rng = np.random.default_rng(7)
     centres = rng.normal(size=(3, 8))
@@ -161,7 +221,7 @@ def test_each_ablation_switch_changes_the_training_loss(tmp_path):
 
     base = first_loss()
     assert first_loss() == base  # seeded: a difference below is the switch's
-    for switch in ({"mode": "no_selectivity"}, {"mode": "no_generalisation"}, {"lam": 0.0}):
+    for switch in ({"mode": "no_selectivity"}, {"mode": "no_generalisation"}, {"lam": 0.0}, {"k": 1}):
         assert abs(first_loss(**switch) - base) > 1e-3 * base, switch
 
 
