@@ -90,6 +90,9 @@ def test_new_inputs_run_the_backbone_and_match_extraction(trained):
     store = open_store(root)
     got = {w: predict(store, runs[w], NEW) for w in ("single", "multi")}  # before they are in the store
     assert all(r["cached"] == {"text": False} for rs in got.values() for r in rs)
+    from featurestore.jobs.predict import Predictor
+
+    fresh = Predictor(store, runs["single"]).features([{"text": t} for t in NEW])[0].pooled["text"]
     fs(root, "datasets", "add", "new", "--manifest", str(folder / "new.csv"))
     run(ExtractConfig(dataset="new", modality="text", backbone="minilm"), store)
     for which, rs in got.items():
@@ -98,6 +101,10 @@ def test_new_inputs_run_the_backbone_and_match_extraction(trained):
         np.testing.assert_allclose([[r["scores"][c] for c in classes] for r in rs], want, atol=2e-3)
     again = predict(store, runs["single"], NEW[0])
     assert again[0]["cached"] == {"text": True}
+    # fresh rows went through the storage dtype (float16) as extraction writes them: the same numbers
+    stored = _reference(store, runs["single"], "new", "test")[0].features["text"]
+    np.testing.assert_array_equal(fresh, fresh.astype(np.float16).astype(np.float32))
+    np.testing.assert_allclose(fresh, stored, atol=2e-3)
 
 
 def test_cli_predict(trained, tmp_path):
@@ -236,3 +243,31 @@ def test_a_fold_of_one_seed_of_a_seeds_cv_run_and_an_exact_name_that_prefixes_an
     # `sc` is a run and a prefix of `sc2`: the exact name wins
     assert "holds one run per seed" in fs(root, "predict", "sc", "--text", "x", code=2).output
     assert fs(root, "predict", "sc2", "--text", "x").output.startswith("run sc2 ")
+
+
+def test_answers_go_to_their_own_inputs_in_order(trained):
+    """A refused input before a good one leaves the good one its own answer; a modality some inputs do not
+    give is read for the others row by row; multi-label predictions list the labels above the run's
+    threshold, highest score first."""
+    from featurestore.jobs.predict import Predictor, predict
+    from featurestore.store import open_store
+
+    root, runs, _ = trained
+    store = open_store(root)
+    alone = predict(store, runs["single"], "what a lovely day")[0]
+    got = predict(store, runs["single"], [{"image": "x.png"}, {"text": "what a lovely day"}])
+    assert "error" in got[0] and "prediction" not in got[0]
+    assert got[1]["prediction"] == alone["prediction"] and got[1]["scores"] == pytest.approx(alone["scores"], abs=1e-6)
+    p = Predictor(store, runs["single"])
+    data, _, _ = _reference(store, runs["single"], "words", "test")
+    text = pl.read_csv(root.parent / "words.csv").filter(pl.col("split") == "test")["text"][0]
+    pooled, present, _, cached, errors = p._modality_rows("text", [None, text])
+    assert present.tolist() == [False, True] and cached == [False, True] and errors == [None, None]
+    np.testing.assert_array_equal(pooled[1], data.features["text"][0])
+    multi = Predictor(store, runs["multi"])
+    t = multi.head.decision_threshold()
+    classes = multi.classes
+    scores = np.full(len(classes), t / 2)
+    scores[:3] = [min(t + 0.01, 0.99), min(t + 0.03, 0.995), min(t + 0.02, 0.992)]  # three above, out of order
+    answer = multi.answer(scores)
+    assert answer["prediction"] == [classes[1], classes[2], classes[0]] and answer["threshold"] == t
