@@ -1,8 +1,9 @@
 """`xgboost`: gradient-boosted trees from the xgboost library, on the GPU when torch sees one.
 
 Absent modalities are NaN, which xgboost treats as missing values natively. Multi-label
-targets use xgboost's multi-output trees (one output per label, binary logistic); VA trains
-one regressor per dimension on the items where that dimension is known.
+targets train one booster with one binary-logistic output per label: by default one tree per label
+per round (`multi_strategy=one_output_per_tree`), or vector-leaf trees shared by every label
+(`multi_output_tree`). VA trains one regressor per dimension on the items where that dimension is known.
 """
 from __future__ import annotations
 
