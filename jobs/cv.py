@@ -19,6 +19,7 @@ import math
 import shutil
 import time
 import uuid
+from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -182,6 +183,20 @@ def fold_rows(cs: CVSet, cv: str | int, *, seed: int, val_fraction: float) -> li
     return out
 
 
+def group_leak_warning(folds: list[dict], cv) -> str:
+    """A warning when `--cv K` spread a manifest group (a speaker, a session) over several held-out folds:
+    K folds are stratified by class, not by group, so a head is then tested on a speaker it trained on."""
+    if parse_cv(cv) in ("group", "fold"):
+        return ""
+    spread = Counter(g for f in folds for g in f["held_out_groups"])
+    shared = sum(1 for n in spread.values() if n > 1)
+    if not shared:
+        return ""
+    return (f"warning: --cv {cv} folds are stratified by class, not by group: {shared} of {len(spread)} manifest "
+            "groups (speakers, sessions) have items in more than one held-out fold, so a fold is tested on groups "
+            "it trained on; --cv group holds out whole groups")
+
+
 FOLDS_FILE = "folds.parquet"
 
 
@@ -208,6 +223,7 @@ def run_cv(config, store: Store, *, log: Callable[[str], None] | None = None, in
                           f"it supports {sorted(probe.supports)}")
     folds = fold_rows(cs, config.cv, seed=config.seed, val_fraction=config.val_fraction)
     warned = coverage_warnings(cs, config.dataset)  # once the folds are sound: a refused run says one line
+    warned += [m for m in [group_leak_warning(folds, config.cv)] if m]
     for message in warned:
         say(message)
     cv_kind = parse_cv(config.cv)

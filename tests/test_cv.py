@@ -125,6 +125,7 @@ def test_leave_one_group_out_never_validates_on_the_held_out_group(grouped_store
     result = run(TrainHeadConfig(method="linear", dataset="demo", features={"text": "minilm"}, cv="group", target="label",
                                  params={"epochs": "3"}), grouped_store)
     assert len(seen) == 3
+    assert not [w for w in result.warnings if "manifest groups" in w]
     doc = json.loads((result.folder / "metrics.json").read_text())
     lineage = json.loads((result.folder / "lineage.json").read_text())
     for (offered, validated), fold in zip(seen, lineage["folds"]):
@@ -145,6 +146,16 @@ def test_cli_prints_a_fold_table(grouped_store):
     lines = out.output.splitlines()
     assert any(line.startswith("mean") and "+-" in line for line in lines)
     assert sum(line.split()[0] in ("0", "1", "2") for line in lines if line.strip()) == 3
+    # K folds are stratified by class, so the 3 speaker groups each have items in all 3 held-out folds
+    assert "3 of 3 manifest groups" in out.output and "--cv group holds out whole groups" in out.output
+
+
+def test_group_leak_warning_counts_groups_held_out_in_more_than_one_fold():
+    folds = [{"held_out_groups": ["a", "b"]}, {"held_out_groups": ["b", "c"]}, {"held_out_groups": ["d"]}]
+    assert "1 of 4 manifest groups" in cv_job.group_leak_warning(folds, 3)
+    assert cv_job.group_leak_warning([{"held_out_groups": ["a"]}, {"held_out_groups": ["b"]}], 2) == ""
+    assert cv_job.group_leak_warning(folds, "group") == "" and cv_job.group_leak_warning(folds, "fold") == ""
+    assert cv_job.group_leak_warning([{"held_out_groups": []}, {"held_out_groups": []}], 2) == ""  # no groups
 
 
 # ---- fs sweep --cv -----------------------------------------------------------------------
@@ -183,6 +194,7 @@ def test_cli_sweep_cv_prints_the_fold_std(grouped_store):
                                    "--cv", "3"], catch_exceptions=False)
     assert out.exit_code == 0, out.output
     assert "val_uar_std" in out.output and "--cv 3" in out.output
+    assert "3 of 3 manifest groups" in out.output
     bad = CliRunner().invoke(cli, ["--store", str(grouped_store.root), "sweep", "--method", "linear", "--dataset",
                                    "demo", "--features", "text=minilm", "--target", "label", "--grid", "lr=1e-3", "--cv", "one"])
     assert bad.exit_code != 0 and "--cv" in bad.output and "Traceback" not in bad.output

@@ -150,9 +150,11 @@ def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None 
                   "eval_split": config.eval_split, "metric": metric}
     if config.cv:
         definition.update(cv=data.cv, eval_split="held-out folds")
+    from ..cv import group_leak_warning
     from ..train_head import coverage_warnings, dropped_message
 
-    warned = [m for m in coverage_warnings(data, config.dataset) + [dropped_message(data, config.dataset)] if m]
+    leak = [group_leak_warning(data.folds, config.cv)] if config.cv else []
+    warned = [m for m in coverage_warnings(data, config.dataset) + [dropped_message(data, config.dataset)] + leak if m]
     for message in warned:
         say(message)
     ident = {k: v for k, v in definition.items() if k not in ("kind", "metric")}
