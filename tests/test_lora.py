@@ -627,6 +627,7 @@ def test_trigger_counts_the_labelled_items_added_since_the_last_refresh_even_a_k
                                            "min_new_labelled": 5, "fires": True}
     first = run(r, store)  # fired by the trigger, not forced
     assert first.ran and first.promoted is False
+    assert json.loads((Path(first.report) / "summary.json").read_text())["forced"] is False
     again = run(r, store)  # a kept refresh counts as the last refresh too: nothing new since
     assert not again.ran and again.message.startswith("nothing to do: 0 labelled item(s) added")
     toy(store, extra=5)  # exactly the minimum added
@@ -639,7 +640,7 @@ def test_trigger_counts_the_labelled_items_added_since_the_last_refresh_even_a_k
 def test_the_decision_is_the_validation_change_and_never_the_test_change(frozen_store, bert, tmp_path):
     import dataclasses
 
-    from featurestore.jobs.refresh import run
+    from featurestore.jobs.refresh import run, status
     from featurestore.jobs.train_head import evaluate
 
     store, _ = frozen_store
@@ -662,6 +663,13 @@ def test_the_decision_is_the_validation_change_and_never_the_test_change(frozen_
     assert deciding["delta"][0] == pytest.approx(delta["val"])
     tested = rows.filter((pl.col("split") == "test") & (pl.col("metric") == primary))
     assert tested["delta"][0] == pytest.approx(delta["test"])
+    # what the records say: the promoted adapter, its features and runs are current; the refresh was forced
+    summary = json.loads((Path(done.report) / "summary.json").read_text())
+    assert (summary["promoted"], summary["forced"], summary["adapter"], summary["fingerprint"], summary["heads"]) == (
+        True, True, done.adapter, done.fingerprint, {"base": after})
+    current = status(r, store)["current"]
+    assert (current["adapter"], current["fingerprint"], current["heads"]) == (done.adapter, done.fingerprint,
+                                                                               {"base": after})
 
 
 def test_promotion_rules_against_hand_computed_changes():
