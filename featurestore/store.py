@@ -50,6 +50,9 @@ def now_iso(precise: bool = False) -> str:
 class Store:
     """A store root on local disk. Cheap to construct; `open_store` checks the version."""
 
+    # the folders of the store's sections (datasets/ ... refresh/): each must be a folder where it exists
+    SECTIONS = ("datasets", "features", "heads", "memory", "adapters", "sweeps", "cache", "va", "va_models", "refresh")
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
 
@@ -135,6 +138,12 @@ class Store:
                 f"{__version__} reads version {FORMAT_VERSION} only. Use a matching featurestore "
                 "release, or extract into a new store"
             )
+        not_folders = [str(self.root / s) for s in self.SECTIONS if (self.root / s).exists()
+                       and not (self.root / s).is_dir()]
+        if not_folders:  # every listing would read as empty and every save fail half-way
+            raise IntegrityError(f"{', '.join(not_folders)} {'is a file' if len(not_folders) == 1 else 'are files'} "
+                                 "where the store keeps a folder; move it away and restore the folder from a backup "
+                                 "(or remove the file to start that section empty)")
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"

@@ -759,3 +759,19 @@ def test_nested_info_shows_none_in_a_list_as_a_dash_not_a_repr(capsys):
     _print_nested({"metrics": {"fit": {"alpha": [316.2277660168379, None]}}, "splits": ["train", "test"]})
     out = capsys.readouterr().out
     assert "    alpha: 316.2, -\n" in out and "splits: train, test\n" in out and "None" not in out
+
+
+def test_a_file_where_a_store_section_belongs_stops_every_command_with_one_line(trained, tmp_path):
+    """heads/ replaced by a file: verify said 'ok', runs listed none, train-head trained and then failed
+    with an unexpected NotADirectoryError."""
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(trained, root)
+    shutil.rmtree(root / "heads")
+    (root / "heads").write_text("x")
+    for args in (["verify"], ["runs"], ["train-head", "--method", "linear", "--dataset", "demo", "--features",
+                                        "text=minilm", "--target", "label", "-p", "epochs=1"]):
+        res = invoke(root, *args, code=8)
+        assert f"{root / 'heads'} is a file where the store keeps a folder" in " ".join(res.output.split())
+        assert "training" not in res.output
