@@ -51,7 +51,23 @@ def verify_store(store) -> list[dict]:
     problems += [{"path": str(t), "message": "temporary file left by a killed or failed job; `fs gc` removes it"}
                  for t in stray_temp_files(store)]
     checked(store.root, lambda: _verify_va(store))
+    checked(store.root, lambda: _files_among_folders(store))
     return problems
+
+
+_ONE_FOLDER_EACH = {"datasets": "dataset", "features": "feature set", "heads": "run", "memory": "memory",
+                    "adapters": "adapter", "sweeps": "sweep", "va": "VA source", "va_models": "VA model"}
+
+
+def _files_among_folders(store):
+    """A plain file where a section keeps one folder per item (heads/lin a file): what it replaced is
+    missing, and listings skip it silently."""
+    for section, what in _ONE_FOLDER_EACH.items():
+        root = store.root / section
+        for p in (sorted(root.iterdir()) if root.is_dir() else []):
+            if not p.name.startswith(".") and not p.is_dir():
+                yield p, (f"is a file where {section}/ keeps one folder per {what}: not a {what}, and no {what} of "
+                          f"this name can be saved; move it away (restore the {what} from a backup if it was one)")
 
 
 def _subfolders(root: Path) -> list[Path]:

@@ -775,3 +775,20 @@ def test_a_file_where_a_store_section_belongs_stops_every_command_with_one_line(
         res = invoke(root, *args, code=8)
         assert f"{root / 'heads'} is a file where the store keeps a folder" in " ".join(res.output.split())
         assert "training" not in res.output
+
+
+def test_a_file_where_a_dataset_run_or_memory_folder_belongs_is_reported(trained, tmp_path):
+    """heads/lin and datasets/demo replaced by files: verify said 'ok'; datasets add demo was an
+    unexpected FileExistsError."""
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(trained, root)
+    for folder in (root / "heads" / "lin", root / "datasets" / "demo"):
+        shutil.rmtree(folder)
+        folder.write_text("x")
+    out = invoke(root, "verify", code=8).output
+    assert f"PROBLEM {root / 'heads' / 'lin'}: is a file where heads/ keeps one folder per run" in out
+    assert f"PROBLEM {root / 'datasets' / 'demo'}: is a file where datasets/ keeps one folder per dataset" in out
+    res = invoke(root, "datasets", "add", "demo", "--builtin", "demo", code=8)
+    assert f"{root / 'datasets' / 'demo'} is a file where dataset 'demo' would be registered" in res.output

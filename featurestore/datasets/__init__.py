@@ -239,6 +239,9 @@ def add_dataset(store: Store, name: str, df: pl.DataFrame, *, root: str | Path |
     itself (`info_sha256`), replaces the old one by rename. A kill at any moment leaves the old
     dataset or the new one, whole; the manifest it left unnamed is removed by the next add or `fs gc`."""
     folder = store.dataset_dir(check_name(name, "dataset"))
+    if folder.exists() and not folder.is_dir():
+        raise IntegrityError(f"{folder} is a file where dataset {name!r} would be registered; move it away "
+                             "(`fs verify` lists such files)")
     _refuse_existing(store, name, folder, replace)
     if root is not None:
         df = resolve_paths(df, Path(root), allow_outside_root=allow_outside_root, source=source)
