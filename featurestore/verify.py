@@ -52,6 +52,7 @@ def verify_store(store) -> list[dict]:
                  for t in stray_temp_files(store)]
     checked(store.root, lambda: _verify_va(store))
     checked(store.root, lambda: _files_among_folders(store))
+    checked(store.sweeps_dir(), lambda: _verify_records(store))
     return problems
 
 
@@ -68,6 +69,34 @@ def _files_among_folders(store):
             if not p.name.startswith(".") and not p.is_dir():
                 yield p, (f"is a file where {section}/ keeps one folder per {what}: not a {what}, and no {what} of "
                           f"this name can be saved; move it away (restore the {what} from a backup if it was one)")
+
+
+def _verify_records(store):
+    """Sweeps (`sweep.json`, every part, `results.parquet`, `best_test.json`) and refreshes (`state.json`,
+    `pending.json`, each refresh's `summary.json` and `report.parquet`) against their seals
+    (featurestore/sealed.py): a flipped digit would otherwise be ranked, reused or acted on."""
+    from .sealed import json_problem, table_problem
+
+    def records(folder: Path, sealed_json, tables, fix: str):
+        for path in [folder / name for name in sealed_json if (folder / name).is_file()]:
+            problem = json_problem(path)
+            if problem:
+                yield path, f"damaged ({problem}); {fix}"
+        for path in [folder / name for name in tables if (folder / name).is_file()]:
+            problem = table_problem(path)
+            if problem:
+                yield path, f"damaged ({problem}); {fix}"
+
+    for folder in _subfolders(store.sweeps_dir()):
+        parts = [f"parts/{p.name}" for p in sorted((folder / "parts").glob("part-*.parquet"))]
+        yield from records(folder, ("sweep.json", "best_test.json"), [*parts, "results.parquet"],
+                           "delete it and run the sweep command again (a part: that configuration is trained again)")
+    for recipe in _subfolders(store.root / "refresh"):
+        yield from records(recipe, ("state.json", "pending.json"), (), "restore it from a backup (a refresh acts on "
+                           "it: until then run no `fs refresh` of this recipe)")
+        for one in _subfolders(recipe):
+            yield from records(one, ("summary.json",), ("report.parquet",), "delete it: it is this refresh's "
+                               "report only (state.json keeps the outcome)")
 
 
 def _subfolders(root: Path) -> list[Path]:

@@ -32,8 +32,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from featurestore._io import file_lock, read_json, write_json_atomic
+from featurestore._io import file_lock, read_json
 from featurestore.errors import ConfigError, DatasetError, NotFoundError
+from featurestore.sealed import read_sealed_json, seal_rows, write_sealed_json
 from featurestore.store import Store, check_name, now_iso
 
 __all__ = ["Recipe", "load_recipe", "check_recipe", "trigger_state", "run", "status", "RefreshResult",
@@ -159,21 +160,25 @@ def _dir(store: Store, name: str) -> Path:
     return store.root / "refresh" / check_name(name, "recipe")
 
 
+_RECORD_FIX = ("restore it from a backup (`fs verify` lists every damaged file); a refresh acts on it, so none of "
+               "this recipe runs until then")
+
+
 def _state(store: Store, name: str) -> dict:
     path = _dir(store, name) / "state.json"
     if path.is_file():
-        return read_json(path)
+        return read_sealed_json(path, _RECORD_FIX)
     return {"recipe": name, "current": {"adapter": None, "fingerprint": None, "heads": {}}, "labelled_at_last": None,
             "last": None, "history": [], "retired_runs": []}
 
 
 def _pending(store: Store, name: str) -> dict | None:
     path = _dir(store, name) / "pending.json"
-    return read_json(path) if path.is_file() else None
+    return read_sealed_json(path, _RECORD_FIX) if path.is_file() else None
 
 
 def _save_pending(store: Store, name: str, pending: dict) -> None:
-    write_json_atomic(_dir(store, name) / "pending.json", pending)
+    write_sealed_json(_dir(store, name) / "pending.json", pending)
 
 
 # ---- checks before any work ----------------------------------------------------------------
@@ -470,11 +475,12 @@ class _Refresh:
         folder.mkdir(parents=True, exist_ok=True)
         d = self.pending["done"]
         rows = [{**row, "refresh": self.id, "promoted": d["decide"]["promoted"]} for row in d["decide"]["rows"]]
-        df = pl.DataFrame(rows)
-        from featurestore._io import publish, tmp_path
+        df = pl.DataFrame(seal_rows(rows))
+        from featurestore._io import cleaned_on_failure, publish, tmp_path
 
         tmp = tmp_path(folder / "report.parquet")
-        df.write_parquet(tmp)
+        with cleaned_on_failure(tmp, folder / "report.parquet"):
+            df.write_parquet(tmp)
         publish(tmp, folder / "report.parquet")
         deciding = next((row["metric"] for row in rows if row["decides"]), None)
         _plot(df.filter(pl.col("metric") == deciding), folder,
@@ -484,7 +490,7 @@ class _Refresh:
                    "adapter": d["finetune"]["hash"], "adapter_metrics": d["finetune"]["metrics"],
                    "fingerprint": d["extract"]["fingerprint"], "heads": d["heads"], "memories": d["memories"],
                    "forced": self.pending.get("forced", False), "seconds": self.pending["seconds"]}
-        write_json_atomic(folder / "summary.json", summary)
+        write_sealed_json(folder / "summary.json", summary)
         return {"folder": str(folder), "summary": summary}
 
     def finish(self) -> None:
@@ -501,7 +507,7 @@ class _Refresh:
         state["last"] = {k: summary[k] for k in ("id", "finished_at", "promoted", "reason", "adapter", "fingerprint")}
         state["history"] = (state.get("history") or []) + [state["last"]]
         folder = _dir(self.store, self.r.name)
-        write_json_atomic(folder / "state.json", state)
+        write_sealed_json(folder / "state.json", state)
         (folder / "pending.json").unlink(missing_ok=True)
 
 
@@ -601,7 +607,7 @@ def in_use(store: Store) -> dict[str, list[str]]:
     root = store.root / "refresh"
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         if (folder / "pending.json").is_file():
-            fp = (read_json(folder / "pending.json")["done"].get("extract") or {}).get("fingerprint")
+            fp = (_pending(store, folder.name)["done"].get("extract") or {}).get("fingerprint")
             if fp:
                 users.setdefault(fp, []).append(f"refresh {folder.name} (in progress)")
     return users

@@ -774,3 +774,41 @@ def test_a_stored_adapter_name_means_the_newest_of_that_name(tmp_path):
         (folder / "meta.json").write_text(json.dumps({"name": "same", "created_at": created}))
     assert [a["hash"] for a in list_adapters(store)] == ["ff" * 8, "cc" * 8, "aa" * 8]  # oldest first
     assert find_adapter(store, "same")["hash"] == "aa" * 8
+
+
+# ---- torture: hash seeds, damaged adapters, checkpoints and refresh records ---------------------------
+def test_a_damaged_refresh_record_is_refused_and_verify_reports_it(frozen_store, bert, tmp_path):
+    """state.json, pending.json and a refresh's report were trusted as read: a changed digit in
+    `labelled_at_last` fired the trigger (a whole refresh ran, exit 0), and `fs verify` never looked at
+    refresh/. They are sealed now: `fs refresh` and `status` refuse them (exit 8), verify names them."""
+    from _cli import fs as fs_cli
+
+    from featurestore.errors import IntegrityError
+    from featurestore.jobs.refresh import run, status
+
+    store, _ = frozen_store
+    r = recipe(tmp_path, bert, fmt="json", min_new=5)
+    done = run(r, store, force=True)
+    assert fs_cli(store.root, "verify").output.startswith("ok")
+    state = store.root / "refresh" / "r" / "state.json"
+    clean = state.read_text()
+    state.write_text(clean.replace('"labelled_at_last": 40', '"labelled_at_last": 10'))
+    for job in (lambda: run(r, store), lambda: status(r, store)):
+        with pytest.raises(IntegrityError, match="state.json is damaged"):
+            job()
+    problems = json.loads(fs_cli(store.root, "verify", "--json", code=8).output)["problems"]
+    assert [Path(p["path"]).name for p in problems] == ["state.json"]
+    state.write_text(clean)
+    report = Path(done.report) / "report.parquet"
+    table = pl.read_parquet(report)
+    table.with_columns(pl.col("after") + 0.5).write_parquet(report)
+    problems = json.loads(fs_cli(store.root, "verify", "--json", code=8).output)["problems"]
+    assert [Path(p["path"]).name for p in problems] == ["report.parquet"]
+    report.unlink()
+
+    strict = recipe(tmp_path, bert, fmt="json", name="s")
+    run(strict, store, force=True, stop_after="extract")  # as if killed after the extraction
+    pending = store.root / "refresh" / "s" / "pending.json"
+    pending.write_text(pending.read_text().replace('"forced": true', '"forced": false'))
+    with pytest.raises(IntegrityError, match="pending.json is damaged"):
+        run(strict, store)

@@ -450,3 +450,41 @@ def test_a_sweep_on_partly_extracted_features_warns_and_is_a_new_sweep_once_the_
     assert second["warnings"] == [] and second["sweep"] != first["sweep"] and second["trained_now"] == 2
     again = json.loads(fs_ok(root, *args).output)
     assert again["sweep"] == second["sweep"] and again["trained_now"] == 0
+
+
+# ---- a damaged result is refused, a killed Optuna sweep resumes into the same study ------------------
+def test_a_damaged_sweep_file_is_refused_by_show_list_a_rerun_and_verify(demo_store, tmp_path):
+    """A part whose value changed (a flipped bit in a parquet data page still reads) was ranked by `show`
+    and reused by a rerun, and `fs verify` did not look at sweeps; a truncated part was an unexpected
+    error (exit 1). Each sweep file is now checked against its seal: exit 8 naming the file."""
+    import shutil
+
+    store_root = tmp_path / "store"
+    shutil.copytree(demo_store.root, store_root)
+    from featurestore.store import open_store
+
+    store = open_store(store_root)
+    args = ["sweep", "--method", "mlp", *BASE, *QUICK, "--grid", "lr=2e-3,4e-3", "--json"]
+    first = json.loads(fs(store, *args).output)
+    folder = store.sweeps_dir() / first["sweep"]
+    part = sorted((folder / "parts").glob("part-*.parquet"))[0]
+    clean = part.read_bytes()
+    df = pl.read_parquet(part)
+    df.with_columns(pl.col("val_uar") + 0.25).write_parquet(part)  # what a flipped bit in the value does
+    for command in (["sweep", "show", first["sweep"]], ["sweep", "list"], args):
+        res = fs(store, *command)
+        assert res.exit_code == 8 and part.name in res.output and "Traceback" not in res.output, (command, res.output)
+    res = fs(store, "verify", "--json")
+    assert res.exit_code == 8 and any(part.name in p["path"] for p in json.loads(res.output)["problems"])
+    part.write_bytes(clean[: len(clean) // 2])  # truncated: unreadable
+    res = fs(store, "sweep", "show", first["sweep"])
+    assert res.exit_code == 8 and part.name in res.output
+    part.unlink()  # what the message says: the configuration is trained again, to the same row
+    again = json.loads(fs(store, *args).output)
+    assert again["trained_now"] == 1 and pl.read_parquet(part)["val_uar"].to_list() == df["val_uar"].to_list()
+    assert fs(store, "verify").exit_code == 0
+
+    definition = folder / "sweep.json"
+    definition.write_text(definition.read_text().replace('"uar"', '"acc"'))  # ranks by another metric, silently
+    res = fs(store, "sweep", "show", first["sweep"])
+    assert res.exit_code == 8 and "sweep.json" in res.output

@@ -11,14 +11,16 @@ from typing import Any
 import numpy as np
 
 import featurestore.heads as heads
-from featurestore._io import json_safe, publish, read_json, tmp_path, write_json_atomic
+from featurestore._io import cleaned_on_failure, json_safe, publish, tmp_path, write_json_atomic
 from featurestore.errors import NotFoundError
+from featurestore.sealed import read_sealed_json, read_sealed_table, seal_rows, write_sealed_json
 from featurestore.heads import metrics
 from featurestore.heads._data import prepare
 from featurestore.store import Store, check_name, now_iso
 
 __all__ = ["LOWER_IS_BETTER", "config_id", "sweep_folder", "read_results", "write_table", "rank", "leaderboard",
-           "show", "list_sweeps", "export_best", "best_test", "scalar", "jsonable", "digest", "short"]
+           "show", "list_sweeps", "export_best", "best_test", "scalar", "jsonable", "digest", "short", "read_part",
+           "write_part", "read_definition", "write_definition"]
 
 LOWER_IS_BETTER = {"hamming_loss"}
 
@@ -39,18 +41,50 @@ def config_id(params: dict) -> str:
     return digest(jsonable(params), 16)
 
 
+_PART_FIX = "delete it and run the sweep command again: that configuration is trained again (`fs verify` lists every damaged file)"
+
+
+def read_definition(folder: Path) -> dict:
+    """A sweep's `sweep.json` (checked against its seal)."""
+    return read_sealed_json(Path(folder) / "sweep.json", "delete the sweep folder and run the sweep again "
+                            "(`fs verify` lists every damaged file)")
+
+
+def write_definition(folder: Path, definition: dict) -> None:
+    write_sealed_json(Path(folder) / "sweep.json", definition)
+
+
+def read_part(path: Path):
+    """One finished configuration's part (a one-row DataFrame), checked against its row's seal: a damaged
+    part is refused, never ranked or reused."""
+    from featurestore.errors import IntegrityError
+
+    df = read_sealed_table(path, _PART_FIX)
+    if df.height != 1:
+        raise IntegrityError(f"{path} is damaged (holds {df.height} rows, a part holds one); {_PART_FIX}")
+    return df
+
+
+def write_part(target: Path, row: dict) -> None:
+    """Publish one configuration's row, sealed, as its own parquet part (atomically)."""
+    import polars as pl
+
+    write_table(pl.DataFrame(seal_rows([row])), target)
+
+
 def read_results(folder: Path):
     import polars as pl
 
     parts = sorted((folder / "parts").glob("part-*.parquet"))
     if not parts:
         return pl.DataFrame()
-    return pl.concat([pl.read_parquet(p) for p in parts], how="diagonal_relaxed").sort("trial")
+    return pl.concat([read_part(p) for p in parts], how="diagonal_relaxed").sort("trial")
 
 
 def write_table(table, target: Path) -> None:
     tmp = tmp_path(target)
-    table.write_parquet(tmp)
+    with cleaned_on_failure(tmp, target):  # a full disk: one DiskFullError naming the file, no temp file left
+        table.write_parquet(tmp)
     publish(tmp, target)
 
 
@@ -79,7 +113,7 @@ def leaderboard(table, definition: dict, top: int = 10) -> list[dict]:
 
 def show(store: Store, sweep_id: str) -> tuple[dict, Any]:
     folder = sweep_folder(store, sweep_id)
-    definition = read_json(folder / "sweep.json")
+    definition = read_definition(folder)
     return definition, read_results(folder)
 
 
@@ -89,7 +123,7 @@ def list_sweeps(store: Store) -> list[dict]:
     if not root.is_dir():
         return rows
     for folder in sorted(p for p in root.iterdir() if (p / "sweep.json").is_file()):
-        d = read_json(folder / "sweep.json")
+        d = read_definition(folder)
         table = read_results(folder)
         board = leaderboard(table, d, 1)
         best = board[0] if board else {}
@@ -136,14 +170,14 @@ def best_test(store: Store, definition: dict, params: dict) -> dict:
     cached = folder / "best_test.json"
     cid = config_id(params)
     if cached.is_file():
-        doc = read_json(cached)
+        doc = read_sealed_json(cached, "delete it: the next --export-best or --show-test computes it again")
         if doc.get("config_id") == cid:
             return doc["metrics"]
     if definition.get("cv"):
         from ..cv import best_test_cv
 
         result = best_test_cv(store, definition, params)
-        write_json_atomic(cached, json_safe({"config_id": cid, "split": "held-out folds", "metrics": result,
+        write_sealed_json(cached, json_safe({"config_id": cid, "split": "held-out folds", "metrics": result,
                                              "computed_at": now_iso()}))
         return result
     cls = heads.get(definition["method"])
@@ -157,7 +191,7 @@ def best_test(store: Store, definition: dict, params: dict) -> dict:
     Xte, yte = data.splits[definition.get("eval_split", "test")]
     result = {k: v for k, v in metrics.evaluate(yte, head.predict(Xte), head.predict_proba(Xte)).items()
               if isinstance(v, (int, float))}
-    write_json_atomic(cached, json_safe({"config_id": cid, "split": definition.get("eval_split", "test"),
+    write_sealed_json(cached, json_safe({"config_id": cid, "split": definition.get("eval_split", "test"),
                                          "metrics": result, "computed_at": now_iso()}))
     return result
 

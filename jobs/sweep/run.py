@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 import featurestore.heads as heads
-from featurestore._io import file_lock, json_safe, publish, tmp_path, write_json_atomic
+from featurestore._io import file_lock, json_safe
 from featurestore.config import field
 from featurestore.errors import ConfigError
 from featurestore.heads import metrics
@@ -20,8 +20,8 @@ from featurestore.heads._data import prepare
 from featurestore.reader import parse_feature_refs
 from featurestore.store import Store, now_iso
 from .plots import plot_sweep
-from .results import LOWER_IS_BETTER, config_id, jsonable, leaderboard, read_results, scalar, short, write_table, \
-    digest
+from .results import LOWER_IS_BETTER, config_id, jsonable, leaderboard, read_definition, read_part, read_results, scalar, \
+    short, write_definition, write_part, write_table, digest
 from .._progress import Counter, epoch_progress
 from .space import check_space, expand_grid, parse_grid, sample_random, suggest, validate
 
@@ -166,7 +166,9 @@ def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None 
     definition = {**definition, "id": sweep_id, "features": refs, "swept": sorted(swept)}
     with file_lock(store.sweeps_dir() / f".{sweep_id}.lock", f"sweep {sweep_id}"):
         if not (folder / "sweep.json").is_file():
-            write_json_atomic(folder / "sweep.json", {**definition, "created_at": now_iso()})
+            write_definition(folder, {**definition, "created_at": now_iso()})
+        else:
+            read_definition(folder)  # a damaged definition is refused before anything is trained or reused
         (folder / "parts").mkdir(parents=True, exist_ok=True)
         # `runner_cls`: the same interface, training elsewhere (`--engine ray`: jobs/ray_sweep.py)
         if config.cv:
@@ -221,9 +223,7 @@ class _Runner:
         path = self.part_path(params)
         if not path.is_file():
             return None
-        import polars as pl
-
-        return pl.read_parquet(path).to_dicts()[0]
+        return read_part(path).to_dicts()[0]
 
     def budget(self) -> int:
         return self.limit - self.trained if self.limit else 1 << 62
@@ -304,12 +304,7 @@ class _Runner:
 
     def _write_row(self, params: dict, row: dict) -> None:
         """Publish one configuration's result row (its own parquet part, atomically) and count it."""
-        import polars as pl
-
-        target = self.part_path(params)
-        tmp = tmp_path(target)
-        pl.DataFrame([row]).write_parquet(tmp)
-        publish(tmp, target)
+        write_part(self.part_path(params), row)
         if self.counter is not None:
             self.counter.done(1, row.get(f"val_{self.metric}"))
 
