@@ -488,3 +488,63 @@ def test_a_damaged_sweep_file_is_refused_by_show_list_a_rerun_and_verify(demo_st
     definition.write_text(definition.read_text().replace('"uar"', '"acc"'))  # ranks by another metric, silently
     res = fs(store, "sweep", "show", first["sweep"])
     assert res.exit_code == 8 and "sweep.json" in res.output
+
+
+class _Killed(Exception):
+    """Stands for SIGKILL at an exact point of a sweep (the process dies: nothing after it runs)."""
+
+
+def _after(n: int, real):
+    calls = []
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        if len(calls) > n:
+            raise _Killed()
+        return real(*a, **k)
+    return wrapped
+
+
+@pytest.mark.parametrize("where,n", [("proposing", 6), ("training", 5), ("telling", 6), ("telling", 2)])
+def test_an_optuna_sweep_killed_anywhere_resumes_into_what_an_uninterrupted_one_gives(demo_store, tmp_path,
+                                                                                      monkeypatch, where, n):
+    """Killed while a round was proposed, trained or told, the resumed sweep went on differently from an
+    uninterrupted one: the killed round's trials were failed and TPE reseeded past every trial, failed ones
+    included, so other configurations were drawn. Now a killed round is finished (or, killed before it
+    ran, proposed again by a sampler seeded by the finished trials), so the same study results."""
+    import importlib
+    import shutil
+
+    import optuna
+
+    from featurestore.store import open_store
+
+    sweep_run = importlib.import_module("featurestore.jobs.sweep.run")  # the module (`sweep.run` is the job)
+
+    monkeypatch.setattr(sweep_run, "OPTUNA_BATCH", 4)  # rounds of 4 trials: 4, 4, 4, 2 (TPE proper after 10)
+    (tmp_path / "space.json").write_text(json.dumps({"lr": {"low": 1e-4, "high": 1e-2, "log": True},
+                                                     "dropout": {"low": 0.0, "high": 0.5}}))
+    config = sweep_job.SweepConfig(method="mlp", dataset="demo", features={"text": "minilm"}, target="label",
+                                   optuna=14, space=json.loads((tmp_path / "space.json").read_text()),
+                                   params={"epochs": 2, "hidden": 16, "batch_size": 32})
+    stores = {}
+    for name in ("whole", "killed"):
+        shutil.copytree(demo_store.root, tmp_path / name)
+        stores[name] = open_store(tmp_path / name)
+        shutil.rmtree(stores[name].sweeps_dir(), ignore_errors=True)
+    whole = sweep_job.run(config, stores["whole"])
+
+    with monkeypatch.context() as m:
+        if where == "proposing":  # the 7th suggestion: in the second round, after 2 of its trials were proposed
+            m.setattr(sweep_run, "suggest", _after(n, sweep_run.suggest))
+        elif where == "training":  # the 6th part published: the second round half trained
+            m.setattr(sweep_run, "write_part", _after(n, sweep_run.write_part))
+        else:  # a round's trials half told
+            m.setattr(optuna.study.Study, "tell", _after(n, optuna.study.Study.tell))
+        with pytest.raises(_Killed):
+            sweep_job.run(config, stores["killed"])
+    resumed = sweep_job.run(config, stores["killed"])
+
+    def rows(res):
+        return res.table.select("config_id", "lr", "dropout", "val_uar", "epochs").sort("config_id").to_dicts()
+    assert rows(resumed) == rows(whole) and resumed.table.height == 14

@@ -334,25 +334,56 @@ def _run_optuna(runner: _Runner, config: SweepConfig, space: dict, fixed: dict, 
 
         storage = JournalStorage(JournalFileBackend(str(folder / "optuna.journal")))
     direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
-    study = optuna.create_study(study_name=sweep_id, storage=storage, direction=direction, load_if_exists=True)
-    # a resumed study reseeds TPE past its history, so it does not replay the first session's draws
-    study = optuna.load_study(study_name=sweep_id, storage=storage, sampler=optuna.samplers.TPESampler(
-        seed=config.seed + len(study.get_trials(deepcopy=False))))
+    optuna.create_study(study_name=sweep_id, storage=storage, direction=direction, load_if_exists=True)
+    study = optuna.load_study(study_name=sweep_id, storage=storage)
+
+    def complete() -> int:
+        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    def run_round(trials: list, configs: list) -> bool:
+        """Train (or read back) the round's configurations and tell the study; False when --limit stopped it."""
+        ok = [i for i, c in enumerate(configs) if c is not None]
+        rows = runner.train([configs[i] for i in ok], [trials[i].number for i in ok])
+        for i, t in enumerate(trials):
+            row = rows[ok.index(i)] if i in ok else None
+            value = None if row is None else row.get(f"val_{metric}")
+            if value is None or not math.isfinite(value):
+                study.tell(t.number, state=TrialState.FAIL)
+            else:
+                study.tell(t.number, value)
+        return not any(rows[j] is None for j in range(len(ok)))
+
+    def checked(params: dict) -> dict | None:
+        try:
+            return validate(runner.cls, {**fixed, **params})
+        except ConfigError:
+            return None
+
+    done = complete()
+    runner.reused += done  # finished trials of an earlier session: the study holds them, nothing reruns
+    if done:
+        runner.say(f"{done} trial(s) already finished, not rerun")
+    runner.total = max(0, min(config.optuna - done, runner.budget()))
     if not config.storage:  # we hold the sweep's lock: a RUNNING trial in the local journal was killed
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study.tell(t.number, state=TrialState.FAIL)
-    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    runner.reused += complete  # finished trials of an earlier session: the study holds them, nothing reruns
-    if complete:
-        runner.say(f"{complete} trial(s) already finished, not rerun")
-    runner.total = max(0, min(config.optuna - complete, runner.budget()))
+        killed = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if killed and all(set(t.params) == set(space) for t in killed):
+            # killed after its round was proposed: finish that round (its finished parts are read back), so
+            # the study goes on exactly as an uninterrupted one would
+            if not run_round(killed, [checked(t.params) for t in killed]):
+                return
+        else:  # killed while the round was being proposed: none of it ran; it is proposed again, identically
+            for t in killed:
+                study.tell(t.number, state=TrialState.FAIL)
     while True:
-        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        done = complete()
         per_round = getattr(runner, "optuna_batch", 0) or (OPTUNA_BATCH if getattr(runner.cls, "stacked", False)
                                                            else 1)
         want = min(config.optuna - done, per_round, runner.budget())
         if want <= 0:
             return
+        # each round's sampler is seeded by the seed and the finished trials before it, so a killed and resumed
+        # sweep proposes what an uninterrupted one does, and a later session never replays an earlier one's draws
+        study.sampler = optuna.samplers.TPESampler(seed=config.seed + done)
         trials = [study.ask() for _ in range(want)]
         configs = []
         for t in trials:
@@ -360,14 +391,5 @@ def _run_optuna(runner: _Runner, config: SweepConfig, space: dict, fixed: dict, 
                 configs.append(validate(runner.cls, {**fixed, **suggest(t, space)}))
             except ConfigError:
                 configs.append(None)
-        ok = [i for i, c in enumerate(configs) if c is not None]
-        rows = runner.train([configs[i] for i in ok], [trials[i].number for i in ok])
-        for i, t in enumerate(trials):
-            row = rows[ok.index(i)] if i in ok else None
-            value = None if row is None else row.get(f"val_{metric}")
-            if value is None or not math.isfinite(value):
-                study.tell(t, state=TrialState.FAIL)
-            else:
-                study.tell(t, value)
-        if any(rows[j] is None for j in range(len(ok))):  # the job limit stopped training
+        if not run_round(trials, configs):  # the job limit stopped training
             return
