@@ -23,7 +23,8 @@ __all__ = ["TMP_SUFFIX", "tmp_path", "publish", "write_json_atomic", "write_byte
            "file_lock", "json_safe", "disk_full", "raise_if_disk_full", "CHECKSUMS", "write_checksums",
            "check_checksums", "require_intact", "check_regular", "regular_file_bytes", "NotRegularFile",
            "sha256_file", "try_lock", "cleaned_on_failure", "writer_alive", "writer_running_here", "fsync_dir",
-           "fsync_tree", "exchange", "publish_folder", "OLD_SUFFIX", "swapped_out_target", "writer_tag"]
+           "fsync_tree", "exchange", "publish_folder", "OLD_SUFFIX", "swapped_out_target", "writer_tag",
+           "read_checked_json"]
 
 TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"  # `.X.<id>.old`: the previous X, moved aside while a new X is published
@@ -365,6 +366,26 @@ def require_intact(folder: Path, fix: str) -> None:
         problems = _checked_by_an_ancestor(folder)
     if problems:
         raise IntegrityError(f"{folder} is damaged ({'; '.join(problems)}); {fix}")
+
+
+def read_checked_json(path: Path, fix: str) -> Any:
+    """A JSON file of a saved artifact (a run's metrics.json, a memory's spec.json, an adapter's meta.json...),
+    checked first against the SHA-256 its folder's `checksums.json` (or, for a fold or seed of a bigger
+    run, the run's) records for it: a changed digit is still valid JSON, and listings would show it.
+    One IntegrityError naming the file and `fix` when it does not match; a file no checksums.json lists
+    (saved by an older featurestore) is read as it is."""
+    path = Path(path)
+    for root in path.parents[:4]:
+        if (root / CHECKSUMS).is_file():
+            try:
+                recorded = read_json(root / CHECKSUMS)["sha256"]
+            except (KeyError, TypeError):
+                raise IntegrityError(f"{root / CHECKSUMS} is damaged (no sha256 table); {fix}") from None
+            name = path.relative_to(root).as_posix()
+            if name in recorded and sha256_file(path) != recorded[name]:
+                raise IntegrityError(f"{path} does not match its recorded SHA-256 (damaged or replaced); {fix}")
+            break
+    return read_json(path)
 
 
 def _checked_by_an_ancestor(folder: Path, levels: int = 3) -> list[str]:

@@ -20,13 +20,13 @@ import shutil
 import uuid
 from pathlib import Path
 
-from ._io import publish_folder, read_json, write_checksums, write_json_atomic
+from ._io import publish_folder, read_checked_json, write_checksums, write_json_atomic
 from .errors import BackboneError, ConfigError, NotFoundError
 from .hashing import file_digest, spec_digest
 from .store import Store
 
 __all__ = ["PEFT_FILES", "META", "adapter_digest", "publish_adapter", "list_adapters", "find_adapter",
-           "resolve_adapter", "adapter_meta", "check_base", "check_loadable"]
+           "resolve_adapter", "adapter_meta", "adapter_config", "check_base", "check_loadable"]
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 META = "meta.json"
@@ -66,9 +66,18 @@ def publish_adapter(store: Store, staged: Path, meta: dict) -> tuple[str, Path]:
     return digest, final
 
 
+_FIX = "train it again with `fs lora train`, or delete its folder (`fs verify` lists every damaged file)"
+
+
 def adapter_meta(folder: Path) -> dict:
+    """An adapter's meta.json, checked against its checksums.json (a changed digit is refused)."""
     path = Path(folder) / META
-    return read_json(path) if path.is_file() else {}
+    return read_checked_json(path, _FIX) if path.is_file() else {}
+
+
+def adapter_config(folder: Path) -> dict:
+    """peft's adapter_config.json of a stored adapter, checked against its checksums.json."""
+    return read_checked_json(Path(folder) / "adapter_config.json", _FIX)
 
 
 def list_adapters(store: Store) -> list[dict]:

@@ -24,12 +24,13 @@ def coverage(store, dataset) -> list[dict]:
 
 def memory_rows(store) -> list[dict]:
     """One row per replay memory: name, scl run, size, index kind, modalities, creation time."""
-    from ._io import read_json
+    from ._io import read_checked_json
     from .memory import list_memories, memory_path
 
     rows = []
     for name in list_memories(store):
-        spec = read_json(memory_path(store, name) / "spec.json")
+        spec = read_checked_json(memory_path(store, name) / "spec.json",
+                                 "rebuild the memory with `fs memory build ... --replace`")
         rows.append({"name": name, "run": spec.get("run"), "n": spec["index"]["n"], "kind": spec["index"]["kind"],
                      "modalities": sorted(spec.get("fingerprints", {})), "created_at": spec.get("created_at")})
     return rows

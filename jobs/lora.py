@@ -516,8 +516,10 @@ def list_lora(store: Store) -> list[dict]:
 
 
 def show_lora(store: Store, ref: str) -> dict:
+    from featurestore.adapters import adapter_config
+
     meta = find_adapter(store, ref)
-    cfg = json.loads((Path(meta["folder"]) / "adapter_config.json").read_text())
+    cfg = adapter_config(meta["folder"])
     return {**meta, "adapter_config": {k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules",
                                                                "peft_version", "base_model_name_or_path")}}
 

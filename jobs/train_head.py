@@ -24,7 +24,8 @@ import numpy as np
 
 import featurestore.heads as heads
 from featurestore import __version__
-from featurestore._io import check_checksums, json_safe, require_intact, publish_folder, read_json, write_checksums, write_json_atomic
+from featurestore._io import (check_checksums, json_safe, require_intact, publish_folder, read_checked_json, read_json,
+                              write_checksums, write_json_atomic)
 from featurestore.config import field
 from featurestore.errors import ConfigError, FeatureStoreError, IntegrityError, NotFoundError
 from featurestore.features import superseded_by
@@ -245,6 +246,9 @@ def coverage_warnings(data, dataset: str) -> list[str]:
     return out
 
 
+_RUN_FIX = "run `fs verify`, then delete the run and train it again (fs train-head)"
+
+
 def load_head(folder: Path, loader=None) -> heads.Head:
     """A saved head, or one IntegrityError naming the folder when its files are damaged (checked against
     its checksums.json first: damaged weights can still load)."""
@@ -332,10 +336,10 @@ def list_runs(store: Store, *, folds: bool = False) -> list[dict]:
     `cv`), and with `folds` each of its folds follows as `RUN/fold-<k>`."""
     rows = []
     for folder in _run_dirs(store):
-        try:
-            lineage = read_json(folder / "lineage.json")
-            doc = read_json(folder / "metrics.json")
-        except (OSError, json.JSONDecodeError, IntegrityError):
+        try:  # a damaged file is refused (one line naming it), never listed from or silently left out
+            lineage = read_checked_json(folder / "lineage.json", _RUN_FIX)
+            doc = read_checked_json(folder / "metrics.json", _RUN_FIX)
+        except FileNotFoundError:  # removed while we listed (a rejected refresh candidate)
             continue
         stale = staleness(store, lineage)
         if doc.get("seeds"):

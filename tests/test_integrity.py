@@ -1209,3 +1209,30 @@ def test_a_folder_whose_dataset_json_was_lost_takes_a_plain_add(trained):
 def _write_csv(df, path):
     df.write_csv(path)
     return path
+
+
+def _change_a_digit(path):
+    """The first digit of the file changed (0->1, 1->2, others down by one): still valid JSON, as a flipped
+    bit in a number often is."""
+    text = path.read_text()
+    i = next(i for i, c in enumerate(text) if c.isdigit())
+    path.write_text(text[:i] + {"0": "1", "1": "2"}.get(text[i], str(int(text[i]) - 1)) + text[i + 1:])
+
+
+@pytest.mark.parametrize("name,damage,command", [
+    ("heads/r1/metrics.json", _change_a_digit, ["runs"]),
+    ("heads/r1/metrics.json", lambda p: p.write_text("{" + p.read_text()), ["runs"]),
+    ("heads/r1/lineage.json", _change_a_digit, ["ls"]),
+    ("memory/m1/spec.json", _change_a_digit, ["memory", "list"]),
+    ("va_models/v1/metrics.json", _change_a_digit, ["va", "models"]),
+    ("va_models/v1/config.json", _change_a_digit, ["va", "info", "v1"]),
+])
+def test_listings_refuse_a_damaged_record_instead_of_showing_or_hiding_it(trained, name, damage, command):
+    """`fs runs`, `fs ls`, `fs memory list`, `fs va models` and `fs va info` read these files without their
+    checksums: a changed digit was shown as the run's score (exit 0), and a run whose metrics.json no
+    longer parsed was silently left out of `fs runs`. Now: one line naming the file, exit 8."""
+    path = trained.root / name
+    damage(path)
+    res = fs_cli(trained, *command)
+    assert res.exit_code == 8, (command, res.output)
+    assert res.output.strip().splitlines()[-1].startswith("error: ") and path.name in res.output

@@ -190,6 +190,7 @@ def test_stored_adapter_by_name_in_extract_and_the_refusals(store, bert, tmp_pat
     cfg.update(peft_version="99.0.0", target_modules=["attention_v99"])
     (odd / "adapter_config.json").write_text(json.dumps(cfg))
     (odd / "meta.json").unlink()
+    (odd / "checksums.json").unlink()  # a foreign adapter: none of our files (a stale checksums.json is damage)
     with pytest.raises(BackboneError, match=rf"saved by peft 99.0.0 .*installed peft {peft.__version__}"):
         extract(ExtractConfig(dataset="toy", backbone="hf-text", params={"model": str(bert / "a"), "adapter": str(odd)},
                               device="cpu"), store)
@@ -812,3 +813,38 @@ def test_a_damaged_refresh_record_is_refused_and_verify_reports_it(frozen_store,
     pending.write_text(pending.read_text().replace('"forced": true', '"forced": false'))
     with pytest.raises(IntegrityError, match="pending.json is damaged"):
         run(strict, store)
+
+
+def _flip_in_tensor(path: Path, prefix: str) -> None:
+    """Flip an exponent bit of the first float of the first tensor named `prefix...` of a safetensors file."""
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = sorted(k for k in header if k.startswith(prefix))[0]
+    raw[8 + n + header[name]["data_offsets"][0] + 3] ^= 0x20
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_stored_adapter_is_refused_by_extract_list_show_and_verify(store, bert):
+    """Weights with a flipped bit still load: `fs extract --adapter` merged them and computed rows (exit 0);
+    a changed digit in meta.json was listed by `fs lora list` and `show`. Each is now refused (exit 8)."""
+    from _cli import fs as fs_cli
+
+    from featurestore.errors import IntegrityError
+    from featurestore.jobs.extract import ExtractConfig, run as extract
+    from featurestore.jobs.lora import run
+
+    toy(store)
+    res = run(lora_config(bert), store)
+    folder = Path(res.folder)
+    _flip_in_tensor(folder / "adapter_model.safetensors", "base_model")
+    with pytest.raises(IntegrityError, match="adapter_model.safetensors does not match"):
+        extract(ExtractConfig(dataset="toy", backbone="hf-text", params={"model": str(bert / "a"), "adapter": "t1"},
+                              device="cpu"), store)
+    meta = folder / "meta.json"
+    meta.write_text(meta.read_text().replace('"r": 6', '"r": 8'))
+    for command in (["lora", "list"], ["lora", "show", "t1"]):
+        out = fs_cli(store.root, *command, code=8).output
+        assert "meta.json does not match its recorded SHA-256" in out
+    problems = json.loads(fs_cli(store.root, "verify", "--json", code=8).output)["problems"]
+    assert {Path(p["path"]).name for p in problems} == {res.hash}

@@ -46,6 +46,10 @@ def apply_adapter(model: Any, adapter: str, *, what: str) -> Any:
         return model
     if not Path(adapter).is_dir():
         raise BackboneError(f"{what}: adapter folder {adapter!r} does not exist")
+    from .._io import require_intact
+
+    # a stored adapter's files against its checksums.json: flipped weights still load, and would be merged
+    require_intact(Path(adapter), "train it again with `fs lora train` (`fs verify` lists every damaged file)")
     from peft import PeftModel
 
     from ..adapters import check_loadable

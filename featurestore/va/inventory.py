@@ -5,6 +5,9 @@ from __future__ import annotations
 __all__ = ["source_rows", "model_rows", "va_info", "va_facts"]
 
 
+_FIX = "refit it with `fs va fit ... --replace` (`fs verify` lists every damaged file)"
+
+
 def source_rows(store) -> list[dict]:
     from .cache import list_va_sets
 
@@ -13,12 +16,12 @@ def source_rows(store) -> list[dict]:
 
 
 def model_rows(store) -> list[dict]:
-    from .._io import read_json
+    from .._io import read_checked_json
     from .learned import CONFIG, METRICS, list_models, models_root
 
     rows = []
     for name in list_models(store):
-        info, metrics = read_json(models_root(store) / name / CONFIG), read_json(models_root(store) / name / METRICS)
+        info, metrics = (read_checked_json(models_root(store) / name / f, _FIX) for f in (CONFIG, METRICS))
         test = metrics.get("test", {})
         rows.append({"model": name, "kind": info["params"]["kind"], "modality": info["modality"],
                      "fingerprint": info["fingerprint"], "dataset": info["fitted_on"]["dataset"],
@@ -29,7 +32,7 @@ def model_rows(store) -> list[dict]:
 
 def va_info(store, name: str) -> dict:
     """Facts about a VA source or a fitted VA model; {} when `name` is neither."""
-    from .._io import read_json
+    from .._io import read_checked_json
     from .cache import VASet
     from .learned import CONFIG, METRICS, list_models, models_root
 
@@ -38,7 +41,7 @@ def va_info(store, name: str) -> dict:
         return {"spec": vs.spec, "stats": vs.stats(), "errors_sample": [e.__dict__ for e in vs.errors()[:20]]}
     if name in list_models(store):
         folder = models_root(store) / name
-        return {"model": read_json(folder / CONFIG), "metrics": read_json(folder / METRICS)}
+        return {"model": read_checked_json(folder / CONFIG, _FIX), "metrics": read_checked_json(folder / METRICS, _FIX)}
     return {}
 
 
