@@ -45,6 +45,7 @@ def publish_adapter(store: Store, staged: Path, meta: dict) -> tuple[str, Path]:
     missing = [n for n in PEFT_FILES if not (staged / n).is_file()]
     if missing:
         raise ConfigError(f"{staged} lacks {missing}; it is not a peft adapter folder")
+    _canonical_config(staged / PEFT_FILES[0])
     digest = adapter_digest(staged)
     final = store.adapters_dir() / digest
     if (final / META).is_file():
@@ -64,6 +65,21 @@ def publish_adapter(store: Store, staged: Path, meta: dict) -> tuple[str, Path]:
         raise
     shutil.rmtree(staged, ignore_errors=True)
     return digest, final
+
+
+def _canonical_config(path: Path) -> None:
+    """Sort the module lists of peft's adapter_config.json: peft keeps them as Python sets and writes them in
+    their iteration order, which changes with PYTHONHASHSEED from one process to the next, so the same
+    weights would get another hash (and extraction another fingerprint) at random."""
+    cfg = json.loads(path.read_text())
+    changed = False
+    for key in ("target_modules", "exclude_modules"):
+        value = cfg.get(key)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value) and value != sorted(value):
+            cfg[key] = sorted(value)
+            changed = True
+    if changed:
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True))  # the layout peft writes
 
 
 _FIX = "train it again with `fs lora train`, or delete its folder (`fs verify` lists every damaged file)"

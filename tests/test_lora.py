@@ -848,3 +848,35 @@ def test_a_damaged_stored_adapter_is_refused_by_extract_list_show_and_verify(sto
         assert "meta.json does not match its recorded SHA-256" in out
     problems = json.loads(fs_cli(store.root, "verify", "--json", code=8).output)["problems"]
     assert {Path(p["path"]).name for p in problems} == {res.hash}
+
+
+def _hash_seeds_with_other_set_orders() -> tuple[str, str]:
+    """Two PYTHONHASHSEED values under which the set {'query', 'value'} iterates in different orders."""
+    seen: dict[str, str] = {}
+    for seed in range(50):
+        out = subprocess.run([sys.executable, "-c", "print(list({'query', 'value'}))"], capture_output=True,
+                             text=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout
+        seen.setdefault(out, str(seed))
+        if len(seen) == 2:
+            return tuple(seen.values())
+    pytest.skip("no two hash seeds order the set differently")
+
+
+def test_the_adapter_hash_does_not_depend_on_the_process_hash_seed(tmp_path, bert):
+    """peft writes target_modules (a set) in iteration order, which follows PYTHONHASHSEED: the same
+    training in two processes gave two adapter hashes half of the time (a new adapter folder and a new
+    fingerprint for identical weights). The stored config lists them sorted."""
+    hashes = []
+    for i, seed in enumerate(_hash_seeds_with_other_set_orders()):
+        store = open_store(tmp_path / f"s{i}", create=True)
+        toy(store, n=16)
+        res = subprocess.run([sys.executable, "-m", "featurestore.cli", "--store", str(store.root), "lora", "train",
+                              "--backbone", "hf-text", "--model", str(bert / "a"), "--dataset", "toy", "--target",
+                              "label", "--out", "t1", "--device", "cpu", "-p", "epochs=1", "-p", "head=linear",
+                              "--json"], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-2000:]
+        hashes.append(json.loads(res.stdout)["hash"])
+    assert hashes[0] == hashes[1]
+    cfg = json.loads((store.adapters_dir() / hashes[-1] / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["query", "value"]
