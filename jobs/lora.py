@@ -31,11 +31,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from featurestore import __version__, backbones
-from featurestore._io import file_lock, publish, tmp_path
+from featurestore._io import cleaned_on_failure, file_lock, publish, tmp_path
 from featurestore.adapters import find_adapter, list_adapters, publish_adapter
 from featurestore.config import field, from_strings, to_dict
 from featurestore.datasets import get_dataset
-from featurestore.errors import BadItemError, ConfigError, DatasetError
+from featurestore.errors import BadItemError, ConfigError, DatasetError, IntegrityError
 from featurestore.hashing import spec_digest
 from featurestore.store import Store, check_name, now_iso
 
@@ -296,16 +296,40 @@ def _save_ckpt(path: Path, tensors: dict, opt, info: dict) -> None:
     flat["rng.torch"] = torch.get_rng_state()
     info = {**info, "param_groups": state["param_groups"]}
     tmp = tmp_path(path)
-    save_file(flat, str(tmp), metadata={"info": json.dumps(info)})
+    with cleaned_on_failure(tmp, path):
+        save_file(flat, str(tmp), metadata={"info": json.dumps(info), "sha256": _tensors_digest(flat, info)})
     publish(tmp, path)
 
 
+def _tensors_digest(tensors: dict, info: dict) -> str:
+    """SHA-256 over the checkpoint's tensors (name, dtype, shape, bytes) and its info: a flipped bit in
+    the saved moments or weights would otherwise be resumed from without a word."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256(json.dumps(info, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _load_ckpt(path: Path) -> tuple[dict, dict]:
+    """The checkpoint's tensors and info; IntegrityError when it is damaged (unreadable, or not matching the
+    SHA-256 recorded in it when it was written)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as fh:
-        info = json.loads(fh.metadata()["info"])
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            info = json.loads(meta["info"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors, JSON and key errors of a damaged file
+        raise IntegrityError(f"{path} cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
+    if "sha256" in meta and meta["sha256"] != _tensors_digest(tensors, info):
+        raise IntegrityError(f"{path} does not match the SHA-256 recorded in it")
     return tensors, info
 
 
@@ -368,8 +392,15 @@ def _train(config, store, bb, train, val, classes, validation, manifest_hash, wo
     ckpt = work / "checkpoint.safetensors"
     start, best, history, resumed = 0, {"epoch": -1, "val_loss": float("inf")}, [], 0
     best_state = None
+    loaded = None
     if ckpt.is_file():
-        tensors, info = _load_ckpt(ckpt)
+        try:
+            loaded = _load_ckpt(ckpt)
+        except IntegrityError as exc:  # only progress is lost: training again from the start gives the same adapter
+            log(f"warning: the LoRA checkpoint is damaged ({exc}); training again from the first epoch")
+            ckpt.unlink(missing_ok=True)
+    if loaded is not None:
+        tensors, info = loaded
         _restore(model, head, tensors)
         _restore_opt(opt, tensors, info)
         torch.set_rng_state(tensors["rng.torch"])

@@ -880,3 +880,35 @@ def test_the_adapter_hash_does_not_depend_on_the_process_hash_seed(tmp_path, ber
     assert hashes[0] == hashes[1]
     cfg = json.loads((store.adapters_dir() / hashes[-1] / "adapter_config.json").read_text())
     assert cfg["target_modules"] == ["query", "value"]
+
+
+def test_a_damaged_lora_checkpoint_is_not_resumed_from(tmp_path, bert, monkeypatch):
+    """A killed training resumed from its checkpoint as it found it: a flipped bit in the saved LoRA weights
+    went into the adapter. The checkpoint carries the SHA-256 of its tensors; a damaged one is dropped
+    (only progress is lost) and the training gives what an uninterrupted one gives."""
+    from featurestore.jobs import lora
+
+    settings = {"epochs": 3, "patience": 3, "batch_size": 8, "head": "linear", "seed": 2}
+    whole = open_store(tmp_path / "whole", create=True)
+    toy(whole, n=24)
+    uninterrupted = lora.run(lora_config(bert, **settings), whole)
+    killed = open_store(tmp_path / "killed", create=True)
+    toy(killed, n=24)
+    real, saves = lora._save_ckpt, []
+
+    def save_then_die(*a, **k):
+        real(*a, **k)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # as if killed right after the second epoch's checkpoint
+    with monkeypatch.context() as m:
+        m.setattr(lora, "_save_ckpt", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            lora.run(lora_config(bert, **settings), killed)
+    (ckpt,) = (killed.adapters_dir() / ".work").glob("*/checkpoint.safetensors")
+    _flip_in_tensor(ckpt, "lora.")
+    lines = []
+    resumed = lora.run(lora_config(bert, **settings), killed, log=lines.append)
+    assert resumed.hash == uninterrupted.hash and resumed.resumed_from_epoch == 0
+    assert any("checkpoint is damaged" in line for line in lines), lines
+    assert resumed.metrics["history"] == uninterrupted.metrics["history"]
