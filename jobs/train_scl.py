@@ -166,12 +166,12 @@ def run(config: TrainSCLConfig, store: Store, *, log: Callable[[str], None] = la
                "sources": [{"dataset": s.dataset, "split": config.split, "modalities": sorted(s.fingerprints),
                             "manifest_hash": s.manifest_hash} for s in train],
                "fingerprints": fps, "derived": derived, "classes": classes, "config": to_dict(config)}
-    _save_run(head, folder, metrics, lineage)
     written = {}
-    if config.write_features:
+    if config.write_features:  # before the run is published: a run in heads/ always has all of its features
         for m, fp in fps.items():
             written[m] = write_derived(store, head, m, fp, name, progress=progress)
             log(f"scl: {m} features {derived[m]}: {written[m]} rows written")
+    _save_run(head, folder, metrics, lineage)
     return TrainSCLResult(name, str(folder), h, derived, written, metrics, round(time.perf_counter() - t0, 3))
 
 

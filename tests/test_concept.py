@@ -302,6 +302,37 @@ def test_scl_run_writes_derived_features_that_verify_and_read(trained):
     assert verify_store(store) == []
 
 
+def test_an_scl_run_killed_while_writing_its_features_is_not_left_published(tmp_path, demo_df, minilm,
+                                                                              monkeypatch):
+    """The run folder was published before its derived features were written: killed in between (here,
+    after the text features and before the image ones), the run stood with features missing, `fs verify`
+    said nothing, the same command refused it (the run exists) and `fs memory build` built from what
+    was there. Now the features come first: the killed run is absent and the same command completes it."""
+    from featurestore.jobs import train_scl as scl
+    from featurestore.store import open_store
+
+    store = open_store(tmp_path / "store", create=True)
+    image_fp = build_store(store, demo_df, minilm, tmp_path)
+    config = scl.TrainSCLConfig(data=("words:text=minilm", f"faces:image={image_fp}"), run="s1",
+                                params={"joint_epochs": "1", "seq_epochs": "2", "width": "16", "proj_width": "16",
+                                        "batch_size": "32", "device": "cpu"})
+    real = scl.write_derived
+
+    def killed_at_the_image_features(store_, head, modality, *a, **k):
+        if modality == "image":
+            raise KeyboardInterrupt  # as if SIGKILL: nothing after this point runs
+        return real(store_, head, modality, *a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(scl, "write_derived", killed_at_the_image_features)
+        with pytest.raises(KeyboardInterrupt):
+            scl.run(config, store)
+    assert not (store.heads_dir() / "s1").exists()
+    result = scl.run(config, store)  # the same command: trains again and writes what is missing
+    assert result.written == {"text": 0, "image": 168}  # the text rows were already there (same encoder)
+    faces = load_split(store, "faces", "train", {"image": result.derived["image"]})
+    assert faces.masks["image"].all()
+
+
 def test_memory_holds_both_datasets_with_pools(trained):
     store, result, memory, _ = trained
     mem = open_memory(store, "m1")
