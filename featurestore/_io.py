@@ -201,15 +201,21 @@ def publish_folder(tmp: Path, target: Path, *, overwrite: bool = True) -> None:
     `fs verify` reports and `fs gc` puts back (verify.restore_swapped_out).
 
     `overwrite=False` (callers that refuse an existing target): only the one rename, never a swap,
-    so a target that appeared since the caller's check is not replaced (the rename fails on a
-    non-empty folder, as a plain `os.replace` does)."""
+    so a target that appeared since the caller's check (another job of the same name) is not replaced:
+    FileExistsError, which the caller turns into its "already exists" error."""
     tmp, target = Path(tmp), Path(target)
     fsync_tree(tmp)
     try:
         if not overwrite or not target.exists():
-            os.replace(tmp, target)
-            _settle(target.parent)
-            return
+            try:
+                os.replace(tmp, target)
+                _settle(target.parent)
+                return
+            except OSError as exc:  # ENOTEMPTY/EEXIST: another job published `target` since the caller looked
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                if not overwrite:
+                    raise FileExistsError(errno.EEXIST, "published meanwhile by another job", str(target)) from None
         if exchange(tmp, target):  # tmp now holds the old folder
             _settle(target.parent)
             _rmtree(tmp)

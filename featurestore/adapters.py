@@ -60,6 +60,8 @@ def publish_adapter(store: Store, staged: Path, meta: dict) -> tuple[str, Path]:
         if final.exists():  # a half-removed leftover without meta.json
             shutil.rmtree(final)
         publish_folder(tmp, final, overwrite=False)  # fsyncs the tree, then adapters/
+    except FileExistsError:  # the same weights, published meanwhile by another job: that copy is the adapter
+        shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -206,7 +206,7 @@ def run_cv(config, store: Store, *, log: Callable[[str], None] | None = None, in
     (into run folder `into` when given: a seed of a `--seeds` run, published with its parent).
     `progress`: a bar per fold's training (`desc` prefixes its label)."""
     from ._progress import epoch_progress
-    from .train_head import TrainResult, _new_run_id, coverage_warnings, make_head
+    from .train_head import TrainResult, _new_run_id, coverage_warnings, make_head, run_exists
 
     start = time.perf_counter()
     say = log or (lambda s: None)
@@ -230,7 +230,7 @@ def run_cv(config, store: Store, *, log: Callable[[str], None] | None = None, in
     run_id = config.run_id or _new_run_id(config.method, config.dataset)
     final = into or store.heads_dir() / check_name(run_id, "run")
     if final.exists():
-        raise ConfigError(f"run {run_id!r} already exists in {store.heads_dir()}; choose another run id")
+        raise run_exists(store, run_id)
     tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
     per_fold, records = [], []
     held_out_fold = np.full(len(y), -1, np.int64)
@@ -267,6 +267,9 @@ def run_cv(config, store: Store, *, log: Callable[[str], None] | None = None, in
         _write_folds(tmp / FOLDS_FILE, cs, held_out_fold)
         write_checksums(tmp, [str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*")) if p.is_file()])
         publish_folder(tmp, final, overwrite=False)  # fsyncs the tree, then heads/
+    except FileExistsError:  # another job of the same --run-id published first
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise run_exists(store, run_id, raced=True) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

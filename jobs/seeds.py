@@ -16,7 +16,6 @@ from typing import Callable
 
 from featurestore import __version__
 from featurestore._io import json_safe, publish_folder, write_checksums, write_json_atomic
-from featurestore.errors import ConfigError
 from featurestore.store import Store, check_name, now_iso
 from featurestore.heads import metrics
 
@@ -31,14 +30,14 @@ def seed_list(seed: int, n: int) -> list[int]:
 
 def run_seeds(config, store: Store, *, log: Callable[[str], None] | None = None, progress=None):
     """Run `config` once per seed into one run folder; return a TrainResult whose metrics are the means."""
-    from .train_head import TrainResult, _new_run_id, run
+    from .train_head import TrainResult, _new_run_id, run, run_exists
 
     start = time.perf_counter()
     say = log or (lambda s: None)
     run_id = config.run_id or _new_run_id(config.method, config.dataset)
     final = store.heads_dir() / check_name(run_id, "run")
     if final.exists():
-        raise ConfigError(f"run {run_id!r} already exists in {store.heads_dir()}; choose another run id")
+        raise run_exists(store, run_id)
     tmp = store.heads_dir() / f".{run_id}.{uuid.uuid4().hex[:8]}.tmp"
     seeds = seed_list(config.seed, config.seeds)
     per_seed, lineages, kind = [], {}, None
@@ -69,6 +68,9 @@ def run_seeds(config, store: Store, *, log: Callable[[str], None] | None = None,
         write_json_atomic(tmp / "lineage.json", json_safe(lineage))
         write_checksums(tmp, ["metrics.json", "lineage.json"])
         publish_folder(tmp, final, overwrite=False)  # fsyncs the tree, then heads/
+    except FileExistsError:  # another job of the same --run-id published first
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise run_exists(store, run_id, raced=True) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -272,7 +272,7 @@ def _refuse_taken(store: Store, run_id: str) -> Path:
     """The folder a new run `run_id` gets; an invalid name or one a saved run has is an error."""
     final = store.heads_dir() / check_name(run_id, "run")
     if final.exists():
-        raise ConfigError(f"run {run_id!r} already exists in {store.heads_dir()}; choose another run id")
+        raise run_exists(store, run_id)
     return final
 
 
@@ -289,10 +289,19 @@ def _publish_run(store: Store, run_id: str, head: heads.Head, doc: dict, lineage
              dataset=lineage.get("dataset", ""), split=split, metrics=doc.get(split) or {})
         write_checksums(tmp, [p.name for p in tmp.iterdir() if p.is_file()])  # checked by `fs verify`
         publish_folder(tmp, final, overwrite=False)  # fsyncs the tree, then heads/
+    except FileExistsError:  # another job of the same --run-id published first
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise run_exists(store, run_id, raced=True) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def run_exists(store: Store, run_id: str, *, raced: bool = False) -> ConfigError:
+    """The error for a run id that is taken (`raced`: by another job that saved it while this one trained)."""
+    how = " (another job saved it while this one trained; that run is kept)" if raced else ""
+    return ConfigError(f"run {run_id!r} already exists in {store.heads_dir()}{how}; choose another run id")
 
 
 # ---- plots -------------------------------------------------------------------------

@@ -1236,3 +1236,28 @@ def test_listings_refuse_a_damaged_record_instead_of_showing_or_hiding_it(traine
     res = fs_cli(trained, *command)
     assert res.exit_code == 8, (command, res.output)
     assert res.output.strip().splitlines()[-1].startswith("error: ") and path.name in res.output
+
+
+def test_two_trainings_of_one_run_id_at_once_keep_the_first_and_refuse_the_second(trained, monkeypatch):
+    """Two `train-head --run-id R` at once: both passed the "already exists" check before training, and the
+    one that published second died on the rename with `OSError: [Errno 39] Directory not empty` (exit 1).
+    Now it is the usual one-line refusal (exit 2); the first run stays whole and no temp folder is left."""
+    from featurestore.jobs import train_head
+
+    real, other = train_head.plot, []
+
+    def another_job_publishes_meanwhile(folder, *a, **k):
+        final = folder.parent / "r2"
+        if not other:  # the other job saves run r2 while this one writes its plots
+            other.append("started")
+            other.append(fs_cli(trained, "train-head", "--method", "linear", "--dataset", "words", "--features",
+                                "text=minilm", "--target", "label", "--run-id", "r2").exit_code)
+            other.append((final / "model.safetensors").read_bytes())
+        return real(folder, *a, **k)
+    monkeypatch.setattr(train_head, "plot", another_job_publishes_meanwhile)
+    res = fs_cli(trained, "train-head", "--method", "mlp", "--dataset", "words", "--features", "text=minilm",
+                 "--target", "label", "--run-id", "r2")
+    assert other[1] == 0 and res.exit_code == 2, res.output
+    assert res.output.strip().splitlines()[-1].startswith("error: run 'r2' already exists")
+    assert (trained.heads_dir() / "r2" / "model.safetensors").read_bytes() == other[2]
+    assert not list(trained.heads_dir().glob(".*.tmp")) and fs_cli(trained, "verify").exit_code == 0
