@@ -12,7 +12,6 @@ The run folder is written under a temporary name and renamed into place when com
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
 import time
