@@ -24,7 +24,7 @@ __all__ = ["TMP_SUFFIX", "tmp_path", "publish", "write_json_atomic", "write_byte
            "check_checksums", "require_intact", "check_regular", "regular_file_bytes", "NotRegularFile",
            "sha256_file", "try_lock", "cleaned_on_failure", "writer_alive", "writer_running_here", "fsync_dir",
            "fsync_tree", "exchange", "publish_folder", "OLD_SUFFIX", "swapped_out_target", "writer_tag",
-           "read_checked_json"]
+           "read_checked_json", "write_parquet"]
 
 TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"  # `.X.<id>.old`: the previous X, moved aside while a new X is published
@@ -268,6 +268,18 @@ def write_bytes_atomic(target: Path, data: bytes | memoryview) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
     publish(tmp, target)
+
+
+def write_parquet(df, path: Path, **options) -> None:
+    """`df.write_parquet(path)`, encoded in memory first and written with Python's I/O: on a full disk polars
+    reports a failed footer write as "Invalid thrift: transport error", without the errno, so the disk
+    being full was not recognised (an unexpected error, exit 1, instead of DiskFullError, exit 11)."""
+    import io
+
+    buf = io.BytesIO()
+    df.write_parquet(buf, **options)
+    with open(path, "wb") as fh:
+        fh.write(buf.getbuffer())
 
 
 def write_json_atomic(target: Path, obj: Any) -> None:

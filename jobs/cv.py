@@ -285,8 +285,10 @@ def _write_folds(path, cs: CVSet, held_out_fold: np.ndarray) -> None:
     each item of the cross-validated dataset with the one fold head that never saw it."""
     import polars as pl
 
-    pl.DataFrame({"item_id": [str(i) for i in cs.item_ids], "split": [str(s) for s in cs.source_split],
-                  "held_out_fold": held_out_fold}).write_parquet(path)
+    from featurestore._io import write_parquet
+
+    write_parquet(pl.DataFrame({"item_id": [str(i) for i in cs.item_ids], "split": [str(s) for s in cs.source_split],
+                                "held_out_fold": held_out_fold}), path)
 
 
 # ---- cross-validated runs after training: listing and evaluation -----------------------------

@@ -410,7 +410,7 @@ class _Refresh:
                                  "before": b[split][name], "after": a[split][name],
                                  "delta": a[split][name] - b[split][name]})
         promoted, reason = _rule(self.r, deltas)
-        self.log(("promoting" if promoted else "keeping the current adapter: ") + reason)
+        self.log(("promoting: " if promoted else "keeping the current adapter: ") + reason)
         return {"promoted": promoted, "reason": reason, "rows": rows}
 
     # 6
@@ -476,11 +476,11 @@ class _Refresh:
         d = self.pending["done"]
         rows = [{**row, "refresh": self.id, "promoted": d["decide"]["promoted"]} for row in d["decide"]["rows"]]
         df = pl.DataFrame(seal_rows(rows))
-        from featurestore._io import cleaned_on_failure, publish, tmp_path
+        from featurestore._io import cleaned_on_failure, publish, tmp_path, write_parquet
 
         tmp = tmp_path(folder / "report.parquet")
         with cleaned_on_failure(tmp, folder / "report.parquet"):
-            df.write_parquet(tmp)
+            write_parquet(df, tmp)
         publish(tmp, folder / "report.parquet")
         deciding = next((row["metric"] for row in rows if row["decides"]), None)
         _plot(df.filter(pl.col("metric") == deciding), folder,

@@ -1261,3 +1261,18 @@ def test_two_trainings_of_one_run_id_at_once_keep_the_first_and_refuse_the_secon
     assert res.output.strip().splitlines()[-1].startswith("error: run 'r2' already exists")
     assert (trained.heads_dir() / "r2" / "model.safetensors").read_bytes() == other[2]
     assert not list(trained.heads_dir().glob(".*.tmp")) and fs_cli(trained, "verify").exit_code == 0
+
+
+@pytest.mark.slow
+def test_parquet_written_on_a_full_disk_is_disk_full_not_an_unexpected_error(tiny_disk):
+    """polars reports a parquet write whose footer meets a full disk as "Invalid thrift: transport error",
+    without the errno: a sweep table (and a memory's metadata, a refresh report, a --cv run's folds, a
+    manifest) written there was an unexpected error (exit 1). Through _io.write_parquet it is exit 11."""
+    from featurestore.errors import DiskFullError
+    from featurestore.jobs.sweep.results import write_table
+
+    table = pl.DataFrame({"trial": list(range(2000)), "params": [f'{{"lr": {i}}}' for i in range(2000)]})
+    fill(tiny_disk, 0)
+    with pytest.raises(DiskFullError, match="disk full writing .*results.parquet"):
+        write_table(table, tiny_disk / "results.parquet")
+    assert not temp_files(tiny_disk) and not (tiny_disk / "results.parquet").exists()

@@ -11,7 +11,7 @@ from typing import Callable
 
 import polars as pl
 
-from .._io import CHECKSUMS, cleaned_on_failure, file_lock, publish, read_json, tmp_path, write_json_atomic
+from .._io import CHECKSUMS, cleaned_on_failure, file_lock, publish, read_json, tmp_path, write_json_atomic, write_parquet
 from ..backbones.base import MODALITIES
 from ..errors import ConfigError, DatasetError, IntegrityError, NotFoundError
 from ..hashing import file_digest
@@ -254,7 +254,7 @@ def add_dataset(store: Store, name: str, df: pl.DataFrame, *, root: str | Path |
         _refuse_existing(store, name, folder, replace)  # another add may have registered it meanwhile
         tmp = tmp_path(folder / LEGACY_MANIFEST)
         with cleaned_on_failure(tmp, folder / LEGACY_MANIFEST):
-            df.write_parquet(tmp, statistics=False)
+            write_parquet(df, tmp, statistics=False)
             digest = file_digest(tmp)
         target = folder / f"manifest.{digest[:16]}.parquet"
         publish(tmp, target)

@@ -26,7 +26,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from .._io import publish_folder, raise_if_disk_full, read_json, require_intact, write_checksums, write_json_atomic
+from .._io import (publish_folder, raise_if_disk_full, read_json, require_intact, write_checksums, write_json_atomic,
+                   write_parquet)
 from ..config import field, from_dict, to_dict
 from ..errors import ConfigError, IntegrityError, NotFoundError
 from ..store import now_iso
@@ -187,7 +188,7 @@ class Memory:
         tmp.mkdir()
         try:
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
-            self.meta.write_parquet(tmp / META_FILE)
+            write_parquet(self.meta, tmp / META_FILE)
             write_json_atomic(tmp / SPEC_FILE, {**self.spec, "index": self.info(), "saved_at": now_iso()})
             write_checksums(tmp, [INDEX_FILE, META_FILE, SPEC_FILE])  # checked by `fs verify`
             publish_folder(tmp, folder)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 import featurestore.heads as heads
-from featurestore._io import cleaned_on_failure, json_safe, publish, tmp_path, write_json_atomic
+from featurestore._io import cleaned_on_failure, json_safe, publish, tmp_path, write_json_atomic, write_parquet
 from featurestore.errors import NotFoundError
 from featurestore.sealed import read_sealed_json, read_sealed_table, seal_rows, write_sealed_json
 from featurestore.heads import metrics
@@ -84,7 +84,7 @@ def read_results(folder: Path):
 def write_table(table, target: Path) -> None:
     tmp = tmp_path(target)
     with cleaned_on_failure(tmp, target):  # a full disk: one DiskFullError naming the file, no temp file left
-        table.write_parquet(tmp)
+        write_parquet(table, tmp)
     publish(tmp, target)
 
 
