@@ -241,7 +241,7 @@ def read_batch(path: str | Path) -> list[dict | str]:
     file, one text per line. A line that is not an object is kept as an error for that line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = regular_file_bytes(path).decode("utf-8").splitlines()  # a FIFO would block the read forever
     except OSError as exc:
         raise NotFoundError(f"cannot read batch file {str(path)!r}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:

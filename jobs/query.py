@@ -220,14 +220,15 @@ def _parse_line(line: str) -> tuple[str, str]:
 
 def run(config: QueryConfig, store: Store, *, kind: str = "", value: str = "", batch_file: str = "") -> dict:
     """The job behind `fs query`: one input, or every line of a JSONL file."""
-    q = Querier(store, config.memory, k=config.k, device=config.device)
-    if batch_file:
+    if batch_file:  # read before the memory and models load
         try:
-            lines = Path(batch_file).read_text(encoding="utf-8").splitlines()
+            lines = regular_file_bytes(batch_file).decode("utf-8").splitlines()  # a FIFO would block forever
         except OSError as exc:
             raise NotFoundError(f"cannot read batch file {batch_file!r}: {exc.strerror}") from None
         except UnicodeDecodeError as exc:
             raise ConfigError(f"batch file {batch_file!r} is not UTF-8 (byte {exc.start}); save it as UTF-8") from None
+    q = Querier(store, config.memory, k=config.k, device=config.device)
+    if batch_file:
         return {"memory": q.spec["name"], "results": q.batch(lines), "warnings": q.warnings}
     return {"memory": q.spec["name"], "results": [{"input": {kind: value}, **q.one(kind, value)}],
             "warnings": q.warnings}

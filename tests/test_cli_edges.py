@@ -792,3 +792,18 @@ def test_a_file_where_a_dataset_run_or_memory_folder_belongs_is_reported(trained
     assert f"PROBLEM {root / 'datasets' / 'demo'}: is a file where datasets/ keeps one folder per dataset" in out
     res = invoke(root, "datasets", "add", "demo", "--builtin", "demo", code=8)
     assert f"{root / 'datasets' / 'demo'} is a file where dataset 'demo' would be registered" in res.output
+
+
+@pytest.mark.parametrize("args", [
+    ["predict", "lin", "--batch", "{fifo}"],
+    ["query", "--memory", "none-yet", "--batch", "{fifo}"],
+    ["sweep", "--method", "linear", "--dataset", "demo", "--features", "text=minilm", "--target", "label",
+     "--random", "2", "--space", "{fifo}"],
+])
+def test_a_fifo_given_as_an_input_file_is_refused_not_read_forever(trained, tmp_path, args):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    res = fs_proc(trained, *[a.format(fifo=fifo) for a in args])  # hung until killed (TimeoutExpired)
+    line = one_clear_line(res)
+    assert str(fifo) in line and "not a regular file (a FIFO, socket or device)" in line
+    assert res.returncode in (2, 4)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featurestore._io import regular_file_bytes
 from featurestore.config import from_strings
 from featurestore.errors import ConfigError, NotFoundError
 
@@ -41,10 +42,12 @@ _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", boo
 def load_space(path: str | Path) -> dict:
     """A JSON space file: per param a list of choices or {"low", "high", "log": bool, "type": "float|int"}."""
     try:
-        space = json.loads(Path(path).read_text())
+        space = json.loads(regular_file_bytes(path))  # a FIFO would block the read forever
     except FileNotFoundError:
         raise NotFoundError(f"space file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
+    except OSError as exc:
+        raise ConfigError(f"space file {path} cannot be read: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"space file {path} is not valid JSON: {exc}") from None
     if not isinstance(space, dict) or not space:
         what = "no parameter" if space in ({}, []) else f"a JSON {_JSON_TYPES.get(type(space), 'value')}"
