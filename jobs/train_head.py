@@ -25,7 +25,7 @@ import featurestore.heads as heads
 from featurestore import __version__
 from featurestore._io import (check_checksums, json_safe, require_intact, publish_folder, read_checked_json, read_json,
                               write_checksums, write_json_atomic)
-from featurestore.config import field
+from featurestore.config import SEED_MAX, field
 from featurestore.errors import ConfigError, FeatureStoreError, IntegrityError, NotFoundError
 from featurestore.features import superseded_by
 from featurestore.reader import parse_feature_refs
@@ -34,6 +34,9 @@ from featurestore.heads import metrics
 from featurestore.heads._data import TARGETS, features_of, prepare, usable
 
 __all__ = ["TrainHeadConfig", "TrainResult", "run", "evaluate", "list_runs", "run_folder", "make_head"]
+
+
+MAX_SEEDS = 10_000  # --seeds N
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,9 @@ class TrainHeadConfig:
     def __post_init__(self):
         if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
             raise ConfigError(f"--seeds {self.seeds!r} must be a whole number >= 1 (the runs to average)")
+        if self.seeds > MAX_SEEDS or self.seed + self.seeds - 1 > SEED_MAX:  # one run each, planned up front
+            raise ConfigError(f"--seeds {self.seeds} from --seed {self.seed} is too many: at most {MAX_SEEDS:,} "
+                              f"seeds, the last at most {SEED_MAX}")
         check_request(self.dataset, self.target, self.cv)
 
 

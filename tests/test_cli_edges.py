@@ -807,3 +807,25 @@ def test_a_fifo_given_as_an_input_file_is_refused_not_read_forever(trained, tmp_
     line = one_clear_line(res)
     assert str(fifo) in line and "not a regular file (a FIFO, socket or device)" in line
     assert res.returncode in (2, 4)
+
+
+@pytest.mark.parametrize("args, code, message", [
+    # an OverflowError from polars (exit 1)
+    (["extract", "--dataset", "other", "--modality", "text", "--backbone", "minilm", "--limit",
+      "99999999999999999999"], 0, "cache hit: all 3 inputs"),
+    (["va", "score", "--dataset", "other", "--modality", "text", "--scorer", "lexicon", "--limit",
+      "99999999999999999999"], 0, "3 scored"),
+    # planned up front: --seeds 1e20 was killed for memory, --random 1e20 never finished drawing
+    (["train-head", "--method", "linear", "--dataset", "demo", "--features", "text=minilm", "--target", "label",
+      "--seeds", "99999999999999999999"], 2, "--seeds 99999999999999999999 from --seed 0 is too many: at most 10,000"),
+    (["train-head", "--method", "linear", "--dataset", "demo", "--features", "text=minilm", "--target", "label",
+      "--seed", "4294967294", "--seeds", "3"], 2, "the last at most 4294967295"),
+    (["sweep", "--method", "linear", "--dataset", "demo", "--features", "text=minilm", "--target", "label",
+      "--random", "99999999999999999999", "--space", "{space}"], 2,
+     "--random 99999999999999999999 is more configurations than one sweep draws (at most 1,000,000)"),
+])
+def test_huge_counts_are_taken_or_refused_at_once(trained, tmp_path, args, code, message):
+    space = tmp_path / "space.json"
+    space.write_text('{"lr": [0.001]}')
+    res = fs_proc(trained, *[a.format(space=space) for a in args], code=code)
+    assert message in " ".join((res.stdout + res.stderr).split()) and "Traceback" not in res.stderr

@@ -98,7 +98,7 @@ class Dataset:
         df = self.manifest
         if splits:
             df = df.filter(df["split"].is_in(list(splits)))
-        return df.head(limit) if limit else df
+        return df.head(min(limit, len(df))) if limit else df  # polars overflows on a limit beyond int64
 
     def split(self, name: str) -> pl.DataFrame:
         return self.manifest.filter(pl.col("split") == name)

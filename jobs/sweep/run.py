@@ -31,6 +31,9 @@ CHUNK = 64  # configurations per stack at most
 OPTUNA_BATCH = 16  # trials asked of TPE at once (trained as one stack where the head allows)
 
 
+MAX_TRIALS = 1_000_000  # --random / --optuna N
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
     method: str = field("mlp", "registered head name (fs heads list)")
@@ -61,6 +64,9 @@ class SweepConfig:
             raise ConfigError("--random and --optuna need a search space: --space FILE")
         if self.random < 0 or self.optuna < 0 or self.limit < 0:
             raise ConfigError("--random, --optuna and --limit must be >= 0")
+        if max(self.random, self.optuna) > MAX_TRIALS:  # the draws are made up front: 10**20 never ends
+            raise ConfigError(f"--{'random' if self.random else 'optuna'} {max(self.random, self.optuna)} is more "
+                              f"configurations than one sweep draws (at most {MAX_TRIALS:,})")
         if self.storage and not self.optuna:
             raise ConfigError(f"--storage {self.storage!r} is the Optuna study's database: it goes with --optuna N "
                               "only")
