@@ -25,8 +25,10 @@ def _set_threads(ctx: click.Context, param: click.Parameter, value: int) -> int:
     return value
 
 
+MAX_THREADS = 1024  # torch takes an int32; far more threads than cores only slows training down
+
 threads_option = click.option(
-    "--threads", type=click.IntRange(0), default=0, show_default=True, envvar="FS_THREADS", metavar="N",
+    "--threads", type=click.IntRange(0, MAX_THREADS), default=0, show_default=True, envvar="FS_THREADS", metavar="N",
     expose_value=False, callback=_set_threads,
     help="CPU threads torch trains with (also $FS_THREADS; 0: torch's default, every core). On a CPU "
          "that other jobs are using, 1 avoids oversubscribed threads, which made training 2-13x slower "

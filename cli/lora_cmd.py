@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from featurestore.config import describe, parse_params
-from ._common import emit, get_store, json_option, params_option, progress, table
+from ._common import MAX_THREADS, emit, get_store, json_option, params_option, progress, table
 
 
 @click.group("lora")
@@ -23,7 +23,7 @@ def lora_group() -> None:
 @click.option("--backbone-param", "bb_params", multiple=True, metavar="KEY=VALUE",
               help="A backbone parameter (pooling, max_length, ...); repeat for several.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] (CUDA uses autocast).")
-@click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0, MAX_THREADS),
               help="CPU threads for torch (0: every core).")
 @json_option
 @click.pass_context

@@ -829,3 +829,13 @@ def test_huge_counts_are_taken_or_refused_at_once(trained, tmp_path, args, code,
     space.write_text('{"lr": [0.001]}')
     res = fs_proc(trained, *[a.format(space=space) for a in args], code=code)
     assert message in " ".join((res.stdout + res.stderr).split()) and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["train-head", "--method", "linear", "--dataset", "demo", "--features", "text=minilm", "--target", "label"],
+    ["lora", "train", "--backbone", "minilm", "--dataset", "demo", "--out", "a1"],
+])
+def test_a_huge_thread_count_is_refused_by_the_option(trained, args):
+    """torch.set_num_threads(1e20) was an unexpected 'Overflow when unpacking long long'."""
+    res = invoke(trained, *args, "--threads", "99999999999999999999", code=2)
+    assert "'--threads': 99999999999999999999 is not in the range 0<=x<=1024" in res.output
