@@ -548,3 +548,25 @@ def test_an_optuna_sweep_killed_anywhere_resumes_into_what_an_uninterrupted_one_
     def rows(res):
         return res.table.select("config_id", "lr", "dropout", "val_uar", "epochs").sort("config_id").to_dicts()
     assert rows(resumed) == rows(whole) and resumed.table.height == 14
+
+
+def test_a_sweep_with_parts_from_before_rows_were_sealed_reads_and_verifies(demo_store, tmp_path):
+    """A sweep begun by an older featurestore (parts without row_sha256) and continued by this one:
+    results.parquet gathers both, the old rows with a null digest, and `fs verify` called it damaged."""
+    import shutil
+
+    from featurestore.store import open_store
+
+    shutil.copytree(demo_store.root, tmp_path / "store")
+    store = open_store(tmp_path / "store")
+    (tmp_path / "space.json").write_text(json.dumps({"lr": {"low": 1e-3, "high": 1e-2, "log": True}}))
+    args = ["sweep", "--method", "mlp", *BASE, *QUICK, "--space", str(tmp_path / "space.json"), "--json"]
+    folder = store.sweeps_dir() / json.loads(fs(store, *args, "--random", "1").output)["sweep"]
+    (part,) = (folder / "parts").glob("part-*.parquet")
+    pl.read_parquet(part).drop("row_sha256").write_parquet(part)  # as an older featurestore wrote it
+    more = json.loads(fs(store, *args, "--random", "2").output)  # the same sweep, one more configuration
+    assert more["trained_now"] == 1 and more["sweep"] == folder.name
+    table = pl.read_parquet(store.sweeps_dir() / more["sweep"] / "results.parquet")
+    assert table["row_sha256"].null_count() == 1 and table.height == 2
+    res = fs(store, "verify")
+    assert res.exit_code == 0, res.output
