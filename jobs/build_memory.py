@@ -144,7 +144,11 @@ def run(config: BuildMemoryConfig, store: Store, *, log=lambda s: None, progress
 
         stage("saving")
         with file_lock(store.memory_dir() / f".{config.name}.lock", f"memory {config.name}"):
-            mem.save(folder)
+            try:
+                mem.save(folder, overwrite=config.replace)
+            except FileExistsError:  # another build of the same name saved it while this one built
+                raise ConfigError(f"memory {config.name!r} already exists ({folder}; another job saved it while this "
+                                  "one built, and it is kept); pass --replace to rebuild it") from None
         if bar is not None:
             bar.update(bar.total - bar.n)
     finally:

@@ -171,11 +171,15 @@ def run(config: TrainSCLConfig, store: Store, *, log: Callable[[str], None] = la
         for m, fp in fps.items():
             written[m] = write_derived(store, head, m, fp, name, progress=progress)
             log(f"scl: {m} features {derived[m]}: {written[m]} rows written")
-    _save_run(head, folder, metrics, lineage)
+    try:
+        _save_run(head, folder, metrics, lineage, overwrite=config.replace)
+    except FileExistsError:  # another `scl train --run` of the same name saved it while this one trained
+        raise ConfigError(f"run {name!r} already exists in {store.heads_dir()} (another job saved it while this one "
+                          "trained; it is kept); pass --replace or another --run") from None
     return TrainSCLResult(name, str(folder), h, derived, written, metrics, round(time.perf_counter() - t0, 3))
 
 
-def _save_run(head: SCL, folder, metrics: dict, lineage: dict) -> None:
+def _save_run(head: SCL, folder, metrics: dict, lineage: dict, *, overwrite: bool = True) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -183,7 +187,7 @@ def _save_run(head: SCL, folder, metrics: dict, lineage: dict) -> None:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
         write_checksums(tmp, [p.name for p in tmp.iterdir() if p.is_file()])  # checked by `fs verify`
-        publish_folder(tmp, folder)
+        publish_folder(tmp, folder, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -330,12 +330,17 @@ def fit(config: FitConfig, store: Store, *, log: Callable[[str], None] = lambda 
             "fitted_on": {"dataset": ds.name, "manifest_hash": ds.manifest_hash,
                           "train_splits": list(config.train_splits), "test_split": config.test_split,
                           "n_train": n_train}}
-    _save(folder, model.tensors(), info, {"test": metrics, "train": train_metrics, "fit": model.fit_info()})
+    try:
+        _save(folder, model.tensors(), info, {"test": metrics, "train": train_metrics, "fit": model.fit_info()},
+              overwrite=config.replace)
+    except FileExistsError:  # another `va fit --out` of the same name saved its model while this one fitted
+        raise ConfigError(f"VA model {config.out!r} already exists in {store.root} (another job saved it while this "
+                          "one fitted; that model is kept); pass --replace to overwrite it") from None
     return FitResult(config.out, str(folder), params.kind, fs.fingerprint, fs.modality, n_train, metrics,
                      train_metrics, model.fit_info(), time.perf_counter() - t0)
 
 
-def _save(folder, tensors: dict, info: dict, metrics: dict) -> None:
+def _save(folder, tensors: dict, info: dict, metrics: dict, *, overwrite: bool = True) -> None:
     """Build the whole model folder (weights, metrics.json, config.json, checksums.json over the three)
     under a hidden temporary name beside it, and only then publish it as one unit (`_io.publish_folder`:
     a new model by one rename, a replaced one by an atomic exchange of the two folders, after which the
@@ -357,7 +362,7 @@ def _save(folder, tensors: dict, info: dict, metrics: dict) -> None:
         write_json_atomic(tmp / METRICS, metrics)
         write_json_atomic(tmp / CONFIG, info)
         write_checksums(tmp, [WEIGHTS, METRICS, CONFIG])
-        publish_folder(tmp, folder)  # one rename, or an atomic exchange with the old folder (then deleted)
+        publish_folder(tmp, folder, overwrite=overwrite)  # one rename, or an atomic exchange with the old one
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise_if_disk_full(exc, folder)

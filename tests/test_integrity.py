@@ -1276,3 +1276,27 @@ def test_parquet_written_on_a_full_disk_is_disk_full_not_an_unexpected_error(tin
     with pytest.raises(DiskFullError, match="disk full writing .*results.parquet"):
         write_table(table, tiny_disk / "results.parquet")
     assert not temp_files(tiny_disk) and not (tiny_disk / "results.parquet").exists()
+
+
+def test_a_va_model_saved_by_another_job_meanwhile_is_kept_without_replace(trained, monkeypatch):
+    """Two `va fit --out V` at once (no --replace): both passed the "already exists" check, and the second
+    to publish died with `OSError: Directory not empty` (exit 1), or, had it gone on, replaced the first
+    without --replace. Now it is the usual refusal (exit 2) and the first model stays."""
+    from featurestore.jobs import va
+
+    real, other = va.write_checksums, []
+
+    def another_job_saves_meanwhile(folder, names):
+        if not other:
+            other.append("started")
+            other.append(fs_cli(trained, "va", "fit", "--dataset", "words", "--features", "text=minilm", "--out", "v2",
+                                "--test-split", "", "-p", "kind=mlp").exit_code)
+            other.append((trained.root / "va_models" / "v2" / "model.safetensors").read_bytes())
+        return real(folder, names)
+    monkeypatch.setattr(va, "write_checksums", another_job_saves_meanwhile)
+    res = fs_cli(trained, "va", "fit", "--dataset", "words", "--features", "text=minilm", "--out", "v2",
+                 "--test-split", "")
+    assert other[1] == 0 and res.exit_code == 2, res.output
+    assert "already exists" in res.output.strip().splitlines()[-1]
+    assert (trained.root / "va_models" / "v2" / "model.safetensors").read_bytes() == other[2]
+    assert not list((trained.root / "va_models").glob(".*.tmp")) and fs_cli(trained, "verify").exit_code == 0

@@ -178,8 +178,9 @@ class Memory:
         return {"dim": self.dim, "n": len(self), "kind": self.kind, "nprobe": self.nprobe,
                 "recall_at_10": self.recall, "config": to_dict(self.config)}
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the whole memory to a new folder and publish it at `folder`."""
+    def save(self, folder: str | Path, *, overwrite: bool = True) -> Path:
+        """Write the whole memory to a new folder and publish it at `folder` (replacing one there, unless
+        not `overwrite`: then FileExistsError, as `_io.publish_folder`)."""
         import faiss
 
         folder = Path(folder)
@@ -191,7 +192,7 @@ class Memory:
             write_parquet(self.meta, tmp / META_FILE)
             write_json_atomic(tmp / SPEC_FILE, {**self.spec, "index": self.info(), "saved_at": now_iso()})
             write_checksums(tmp, [INDEX_FILE, META_FILE, SPEC_FILE])  # checked by `fs verify`
-            publish_folder(tmp, folder)
+            publish_folder(tmp, folder, overwrite=overwrite)
         except Exception as exc:
             raise_if_disk_full(exc, folder)
             raise
