@@ -24,7 +24,7 @@ __all__ = ["TMP_SUFFIX", "tmp_path", "publish", "write_json_atomic", "write_byte
            "check_checksums", "require_intact", "check_regular", "regular_file_bytes", "NotRegularFile",
            "sha256_file", "try_lock", "cleaned_on_failure", "writer_alive", "writer_running_here", "fsync_dir",
            "fsync_tree", "exchange", "publish_folder", "OLD_SUFFIX", "swapped_out_target", "writer_tag",
-           "read_checked_json", "write_parquet"]
+           "read_checked_json", "require_recorded", "write_parquet"]
 
 TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"  # `.X.<id>.old`: the previous X, moved aside while a new X is published
@@ -392,6 +392,14 @@ def read_checked_json(path: Path, fix: str) -> Any:
     run, the run's) records for it: a changed digit is still valid JSON, and listings would show it.
     One IntegrityError naming the file and `fix` when it does not match; a file no checksums.json lists
     (saved by an older featurestore) is read as it is."""
+    require_recorded(path, fix)
+    return read_json(path)
+
+
+def require_recorded(path: Path, fix: str) -> None:
+    """That one file of a saved artifact matches the SHA-256 the nearest enclosing `checksums.json` (up to
+    three folders up) records for it; one IntegrityError naming it and `fix` otherwise. A file that no
+    checksums.json lists is not checked."""
     path = Path(path)
     for root in path.parents[:4]:
         if (root / CHECKSUMS).is_file():
@@ -402,8 +410,7 @@ def read_checked_json(path: Path, fix: str) -> Any:
             name = path.relative_to(root).as_posix()
             if name in recorded and sha256_file(path) != recorded[name]:
                 raise IntegrityError(f"{path} does not match its recorded SHA-256 (damaged or replaced); {fix}")
-            break
-    return read_json(path)
+            return
 
 
 def _checked_by_an_ancestor(folder: Path, levels: int = 3) -> list[str]:

@@ -323,6 +323,9 @@ def held_out_rows(folder, fold: int, item_ids) -> np.ndarray:
     """Positions in `item_ids` of the items fold `fold` of the run in `folder` held out."""
     import polars as pl
 
+    from featurestore._io import require_recorded
+
+    require_recorded(folder / FOLDS_FILE, "run `fs verify`, then train the run again")  # which items each fold held out
     table = pl.read_parquet(folder / FOLDS_FILE)
     mine = set(table.filter(pl.col("held_out_fold") == fold)["item_id"].to_list())
     return np.flatnonzero([str(i) in mine for i in item_ids])
@@ -336,11 +339,13 @@ def evaluate_cv(folder, run_id: str, dataset: str, store: Store, *, split: str =
     probabilities)."""
     import polars as pl
 
-    from featurestore._io import read_json
+    from featurestore._io import read_json, require_intact
     from featurestore.reader import load_split
     from featurestore.heads._data import features_of
     from .train_head import _check_labels, load_head, staleness
 
+    # every file: the fold heads, and the lineage and folds.parquet that say which head predicts which item
+    require_intact(folder, "run `fs verify`, then train the run again")
     lineage = read_json(folder / "lineage.json")
     dirs = fold_dirs(folder)
     hs = [load_head(d) for d in dirs]

@@ -23,7 +23,7 @@ import numpy as np
 
 import featurestore.heads as heads
 from featurestore import __version__
-from featurestore._io import (check_checksums, json_safe, require_intact, publish_folder, read_checked_json, read_json,
+from featurestore._io import (check_checksums, json_safe, require_intact, publish_folder, read_checked_json,
                               write_checksums, write_json_atomic)
 from featurestore.config import SEED_MAX, field
 from featurestore.errors import ConfigError, FeatureStoreError, IntegrityError, NotFoundError
@@ -390,7 +390,7 @@ def evaluate(run_id: str, dataset: str, store: Store, *, split: str = "test") ->
         return evaluate_cv(folder, run_id, dataset, store, split=split)
     fold = "/" in run_id and folder.name.startswith("fold-")  # a seed of a --seeds run is a whole run
     head = load_head(folder)
-    lineage = read_json((folder.parent if fold else folder) / "lineage.json")
+    lineage = read_checked_json((folder.parent if fold else folder) / "lineage.json", _RUN_FIX)
     classes = list(head.meta_.get("classes", []))
     seq = bool(head.meta_.get("seq_dims"))
     data = load_split(store, dataset, split, lineage.get("fingerprints") or lineage["features"], sequences=seq)

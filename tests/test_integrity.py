@@ -1300,3 +1300,23 @@ def test_a_va_model_saved_by_another_job_meanwhile_is_kept_without_replace(train
     assert "already exists" in res.output.strip().splitlines()[-1]
     assert (trained.root / "va_models" / "v2" / "model.safetensors").read_bytes() == other[2]
     assert not list((trained.root / "va_models").glob(".*.tmp")) and fs_cli(trained, "verify").exit_code == 0
+
+
+@pytest.mark.parametrize("damage", ["changed fold", "corrupt"])
+def test_a_damaged_folds_table_of_a_cv_run_is_refused_by_eval(trained, damage):
+    """`fs eval` of a --cv run (out-of-fold: folds.parquet says which fold head predicts which item) and of
+    RUN/fold-K read folds.parquet without its checksum: a changed fold number scored items with heads that
+    had trained on them (exit 0), a corrupt file was an unexpected error (exit 1). Now exit 8."""
+    res = fs_cli(trained, "train-head", "--method", "linear", "--dataset", "words", "--features", "text=minilm",
+                 "--target", "label", "--cv", "3", "--run-id", "cvr", "-p", "epochs=2")
+    assert res.exit_code == 0, res.output
+    path = trained.heads_dir() / "cvr" / "folds.parquet"
+    if damage == "changed fold":
+        pl.read_parquet(path).with_columns((pl.col("held_out_fold") + 1) % 3).write_parquet(path)
+    else:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+    for args in (["eval", "cvr", "--dataset", "words"], ["eval", "cvr/fold-0", "--dataset", "words"]):
+        res = fs_cli(trained, *args)
+        assert res.exit_code == 8 and "folds.parquet does not match" in res.output, (args, res.output)
