@@ -11,7 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ._io import OLD_SUFFIX, TMP_SUFFIX, check_checksums, fsync_dir, read_json, swapped_out_target
+from ._io import CHECKSUMS, OLD_SUFFIX, TMP_SUFFIX, check_checksums, fsync_dir, read_json, swapped_out_target
 from .datasets import (dataset_lock, get_dataset, info_digest, list_datasets, manifest_name,
                        stale_manifests)
 from .errors import FeatureStoreError, IntegrityError, LockedError
@@ -44,7 +44,7 @@ def verify_store(store) -> list[dict]:
     checked(store.features_dir(), lambda: _spec_less_feature_sets(store))
     checked(store.root, lambda: _missing_feature_sets(store))
     for folder in artifact_dirs(store):
-        checked(folder, lambda: [(folder, m) for m in check_checksums(folder) or []])
+        checked(folder, lambda: _artifact_problems(folder))
     problems += [{"path": str(old), "message": f"{target.name} is missing: a job replacing it was killed after moving "
                                                 f"the previous copy here; `fs gc` puts this copy back as {target}"}
                  for old, target in swapped_out(store)]
@@ -97,6 +97,15 @@ def _verify_records(store):
         for one in _subfolders(recipe):
             yield from records(one, ("summary.json",), ("report.parquet",), "delete it: it is this refresh's "
                                "report only (state.json keeps the outcome)")
+
+
+def _artifact_problems(folder: Path):
+    """A saved artifact's files against its checksums.json, and those of every part of it with a
+    checksums.json of its own (each `seed-S/` of a `--seeds` run: the run's own lists only its files)."""
+    out = [(folder, m) for m in check_checksums(folder) or []]
+    for part in sorted(p.parent for p in folder.rglob(CHECKSUMS) if p.parent != folder):
+        out += [(part, m) for m in check_checksums(part) or []]
+    return out
 
 
 def _subfolders(root: Path) -> list[Path]:

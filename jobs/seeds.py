@@ -66,7 +66,8 @@ def run_seeds(config, store: Store, *, log: Callable[[str], None] | None = None,
                    "created_at": now_iso(), "featurestore": __version__}
         write_json_atomic(tmp / "metrics.json", json_safe(doc))
         write_json_atomic(tmp / "lineage.json", json_safe(lineage))
-        write_checksums(tmp, ["metrics.json", "lineage.json"])
+        # each seed-S/ has its own checksums.json; listing those here makes a lost one a finding too
+        write_checksums(tmp, ["metrics.json", "lineage.json", *[f"seed-{s}/checksums.json" for s in seeds]])
         publish_folder(tmp, final, overwrite=False)  # fsyncs the tree, then heads/
     except FileExistsError:  # another job of the same --run-id published first
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from featurestore._io import write_checksums
+from featurestore._io import read_json, require_intact, write_checksums
 from featurestore.backbones.base import fingerprint_of
 from featurestore.config import field, to_dict
 from featurestore.errors import ConfigError, NotFoundError
@@ -198,7 +198,8 @@ def load_run(store: Store, run: str) -> tuple[SCL, dict]:
     lineage_path = folder / "lineage.json"
     if not lineage_path.is_file():
         raise NotFoundError(f"no scl run {run!r} in {store.heads_dir()} (train one with `fs scl train`)")
-    lineage = json.loads(lineage_path.read_text())
+    require_intact(folder, f"run `fs verify`, then train it again (fs scl train --run {run} --replace)")
+    lineage = read_json(lineage_path)
     if lineage.get("kind") != "scl":
         raise ConfigError(f"run {run!r} is a {lineage.get('kind')!r} run, not an scl run")
     head = load_head(folder, SCL.load)

@@ -1320,3 +1320,37 @@ def test_a_damaged_folds_table_of_a_cv_run_is_refused_by_eval(trained, damage):
     for args in (["eval", "cvr", "--dataset", "words"], ["eval", "cvr/fold-0", "--dataset", "words"]):
         res = fs_cli(trained, *args)
         assert res.exit_code == 8 and "folds.parquet does not match" in res.output, (args, res.output)
+
+
+@pytest.mark.parametrize("damage", ["flip", "lose checksums"])
+def test_verify_checks_each_seed_of_a_seeds_run(trained, damage):
+    """A `--seeds` run's checksums.json lists only its metrics and lineage; each seed-S/ has its own, and
+    `fs verify` never read those: a flipped byte in a seed's weights (or its checksums.json gone) passed."""
+    res = fs_cli(trained, "train-head", "--method", "linear", "--dataset", "words", "--features", "text=minilm",
+                 "--target", "label", "--seeds", "2", "--run-id", "sr", "-p", "epochs=2")
+    assert res.exit_code == 0 and fs_cli(trained, "verify").exit_code == 0, res.output
+    seed = trained.heads_dir() / "sr" / "seed-1"
+    if damage == "flip":
+        _flip_last(seed / "model.safetensors")
+    else:
+        (seed / "checksums.json").unlink()
+    res = fs_cli(trained, "verify", "--json")
+    assert res.exit_code == 8, res.output
+    assert any("seed-1" in p["path"] + p["message"] for p in json.loads(res.output)["problems"])
+
+
+def test_a_damaged_scl_run_is_refused_by_memory_build(trained, tmp_path):
+    """`fs memory build --from RUN` read the run's lineage.json with json.loads before any check: damaged, it
+    was 'fs memory failed: JSONDecodeError' (exit 1); a changed value would have been used. Now exit 8."""
+    from featurestore.jobs.train_scl import load_run
+    from featurestore.errors import IntegrityError
+
+    res = fs_cli(trained, "scl", "train", "--data", "words:text=minilm", "--run", "s1", "-p", "joint_epochs=1",
+                 "-p", "seq_epochs=1", "-p", "width=16", "-p", "proj_width=16")
+    assert res.exit_code == 0, res.output
+    lineage = trained.heads_dir() / "s1" / "lineage.json"
+    lineage.write_text("{" + lineage.read_text())
+    res = fs_cli(trained, "memory", "build", "m2", "--from", "s1")
+    assert res.exit_code == 8 and "lineage.json does not match" in res.output, res.output
+    with pytest.raises(IntegrityError, match="lineage.json does not match"):
+        load_run(trained, "s1")
