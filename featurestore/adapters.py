@@ -15,12 +15,10 @@ Nothing here imports torch or peft except `check_loadable`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
-from ._io import publish_folder, read_checked_json, write_checksums, write_json_atomic
+from ._io import publish_folder, read_checked_json, tmp_path, write_checksums, write_json_atomic
 from .errors import BackboneError, ConfigError, NotFoundError
 from .hashing import file_digest, spec_digest
 from .store import Store
@@ -51,7 +49,7 @@ def publish_adapter(store: Store, staged: Path, meta: dict) -> tuple[str, Path]:
     if (final / META).is_file():
         shutil.rmtree(staged, ignore_errors=True)
         return digest, final
-    tmp = store.adapters_dir() / f".{digest}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    tmp = tmp_path(final)  # names this process: gc and verify leave a running job's folder alone
     try:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(staged, tmp, ignore=shutil.ignore_patterns("*.tmp", "README.md"))

@@ -11,7 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
-from ._io import CHECKSUMS, OLD_SUFFIX, TMP_SUFFIX, check_checksums, fsync_dir, read_json, swapped_out_target
+from ._io import (CHECKSUMS, OLD_SUFFIX, TMP_SUFFIX, check_checksums, fsync_dir, read_json, swapped_out_target,
+                  writer_running_here)
 from .datasets import (dataset_lock, get_dataset, info_digest, list_datasets, manifest_name,
                        stale_manifests)
 from .errors import FeatureStoreError, IntegrityError, LockedError
@@ -401,12 +402,16 @@ def restore_swapped_out(store, *, dry_run: bool = False) -> list[tuple[Path, Pat
 
 def stray_temp_files(store, *, older_than: float = 0.0) -> list[Path]:
     """Temporary files and folders (`.*.tmp`, and `.*.old` whose original is in place) outside the
-    segment sets, which report their own."""
+    segment sets, which report their own. One whose name says a process of this machine that is still
+    running wrote it is a job at work (a `--seeds` or `--cv` run fills its folder for as long as it trains),
+    not a leftover, whatever its age."""
     now, out = time.time(), []
     for path in _hidden_leftovers(store):
         target = swapped_out_target(path)
         if target is not None and not os.path.lexists(target):
             continue  # the only copy of X: restored by gc, never removed
+        if path.name.endswith(TMP_SUFFIX) and writer_running_here(path):
+            continue
         try:
             if now - path.lstat().st_mtime >= older_than:
                 out.append(path)

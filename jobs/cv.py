@@ -18,14 +18,13 @@ import json
 import math
 import shutil
 import time
-import uuid
 from collections import Counter
 from typing import Callable
 
 import numpy as np
 
 from featurestore import __version__
-from featurestore._io import json_safe, publish_folder, write_checksums, write_json_atomic
+from featurestore._io import json_safe, publish_folder, tmp_path, write_checksums, write_json_atomic
 from featurestore.datasets import get_dataset
 from featurestore.errors import ConfigError, DatasetError
 from featurestore.features import resolve_features
@@ -231,7 +230,7 @@ def run_cv(config, store: Store, *, log: Callable[[str], None] | None = None, in
     final = into or store.heads_dir() / check_name(run_id, "run")
     if final.exists():
         raise run_exists(store, run_id)
-    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = tmp_path(final)  # names this process: gc and verify leave a running job's folder alone
     per_fold, records = [], []
     held_out_fold = np.full(len(y), -1, np.int64)
     try:

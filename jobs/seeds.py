@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-import uuid
 from typing import Callable
 
 from featurestore import __version__
-from featurestore._io import json_safe, publish_folder, write_checksums, write_json_atomic
+from featurestore._io import json_safe, publish_folder, tmp_path, write_checksums, write_json_atomic
 from featurestore.store import Store, check_name, now_iso
 from featurestore.heads import metrics
 
@@ -38,7 +37,7 @@ def run_seeds(config, store: Store, *, log: Callable[[str], None] | None = None,
     final = store.heads_dir() / check_name(run_id, "run")
     if final.exists():
         raise run_exists(store, run_id)
-    tmp = store.heads_dir() / f".{run_id}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = tmp_path(final)  # names this process: gc and verify leave a running job's folder alone
     seeds = seed_list(config.seed, config.seeds)
     per_seed, lineages, kind = [], {}, None
     try:

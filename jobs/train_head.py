@@ -23,7 +23,7 @@ import numpy as np
 
 import featurestore.heads as heads
 from featurestore import __version__
-from featurestore._io import (check_checksums, json_safe, require_intact, publish_folder, read_checked_json,
+from featurestore._io import (check_checksums, json_safe, require_intact, publish_folder, tmp_path, read_checked_json,
                               write_checksums, write_json_atomic)
 from featurestore.config import SEED_MAX, field
 from featurestore.errors import ConfigError, FeatureStoreError, IntegrityError, NotFoundError
@@ -284,7 +284,7 @@ def _refuse_taken(store: Store, run_id: str) -> Path:
 def _publish_run(store: Store, run_id: str, head: heads.Head, doc: dict, lineage: dict, evaluated,
                  into: Path | None = None) -> Path:
     final = into or _refuse_taken(store, run_id)
-    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = tmp_path(final)  # names this process: gc and verify leave a running job's folder alone
     try:
         head.save(tmp)
         write_json_atomic(tmp / "metrics.json", json_safe(doc))

@@ -14,12 +14,11 @@ import dataclasses
 import json
 import shutil
 import time
-import uuid
 from typing import Any, Callable
 
 import numpy as np
 
-from featurestore._io import read_json, require_intact, write_checksums
+from featurestore._io import read_json, require_intact, tmp_path, write_checksums
 from featurestore.backbones.base import fingerprint_of
 from featurestore.config import field, to_dict
 from featurestore.errors import ConfigError, NotFoundError
@@ -181,7 +180,7 @@ def run(config: TrainSCLConfig, store: Store, *, log: Callable[[str], None] = la
 
 def _save_run(head: SCL, folder, metrics: dict, lineage: dict, *, overwrite: bool = True) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = tmp_path(folder)  # names this process: gc and verify leave a running job's folder alone
     try:
         head.save(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

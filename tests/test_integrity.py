@@ -1354,3 +1354,26 @@ def test_a_damaged_scl_run_is_refused_by_memory_build(trained, tmp_path):
     assert res.exit_code == 8 and "lineage.json does not match" in res.output, res.output
     with pytest.raises(IntegrityError, match="lineage.json does not match"):
         load_run(trained, "s1")
+
+
+def test_gc_and_verify_leave_the_folder_of_a_running_seeds_run_alone(trained, monkeypatch):
+    """A `--seeds` (or `--cv`) run fills a hidden temporary folder for as long as it trains. Once that
+    folder was 10 minutes old, `fs gc` removed it under the running job, which then failed with
+    'FileNotFoundError: ... seed-0/checksums.json' (exit 1, the training lost); `fs verify` reported it as
+    left by a killed job. The folder names its writer now, and a running writer's folder is not touched."""
+    from featurestore import verify
+    from featurestore.jobs import train_head
+
+    monkeypatch.setattr(verify, "TEMP_GRACE_S", 0)  # as if each seed took more than 10 minutes
+    real, seen = train_head.run, []
+
+    def train_then_gc_and_verify(config, store, **kw):
+        result = real(config, store, **kw)
+        seen.append((verify.gc_store(store)["removed_temp_files"], verify.verify_store(store)))
+        return result
+    monkeypatch.setattr(train_head, "run", train_then_gc_and_verify)
+    res = fs_cli(trained, "train-head", "--method", "linear", "--dataset", "words", "--features", "text=minilm",
+                 "--target", "label", "--seeds", "2", "--run-id", "sr", "-p", "epochs=2")
+    assert res.exit_code == 0, res.output
+    assert seen and all(removed == [] and problems == [] for removed, problems in seen), seen
+    assert fs_cli(trained, "eval", "sr/seed-0", "--dataset", "words").exit_code == 0

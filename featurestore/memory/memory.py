@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -26,8 +25,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from .._io import (publish_folder, raise_if_disk_full, read_json, require_intact, write_checksums, write_json_atomic,
-                   write_parquet)
+from .._io import (publish_folder, raise_if_disk_full, read_json, require_intact, tmp_path, write_checksums,
+                   write_json_atomic, write_parquet)
 from ..config import field, from_dict, to_dict
 from ..errors import ConfigError, IntegrityError, NotFoundError
 from ..store import now_iso
@@ -185,7 +184,7 @@ class Memory:
 
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = tmp_path(folder)  # names this process: gc and verify leave a running job's folder alone
         tmp.mkdir()
         try:
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
