@@ -63,7 +63,8 @@ def _kind(kind: str) -> str:
 def _prediction(r: dict) -> str:
     p = r["prediction"]
     if r["kind"] == "va":
-        return f"valence {p['valence']:+.3f}, arousal {p['arousal']:+.3f}"
+        return ", ".join(f"{d} {p[d]:+.3f}" if p[d] is not None else f"{d} - (no {d} labels in training)"
+                         for d in ("valence", "arousal"))
     if r["kind"] == "multi":
         labels = ", ".join(p) if p else "(no label above the threshold)"
         return f"{labels}  (threshold {r['threshold']:.2f})"

@@ -218,6 +218,9 @@ class Head(abc.ABC):
 
     def _set_meta(self, X: Features, y: Targets, **extra: Any) -> None:
         self.meta_ = {"dims": X.dims(), "kind": y.kind, "classes": list(y.classes), **extra}
+        if y.kind == "va":  # a dimension with no known training value has an untrained output: never reported
+            known = np.isfinite(np.asarray(y.y, np.float64)).any(0)
+            self.meta_["va_trained"] = {"valence": bool(known[0]), "arousal": bool(known[1])}
 
     # ---- decisions -------------------------------------------------------------------
     def configured_threshold(self) -> float | None:

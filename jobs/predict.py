@@ -193,7 +193,9 @@ class Predictor:
     def answer(self, proba: np.ndarray) -> dict:
         """One input's scores -> its prediction, in the run's terms."""
         if self.kind == "va":
-            return {"prediction": {"valence": float(proba[0]), "arousal": float(proba[1])}}
+            trained = self.head.meta_.get("va_trained", {})  # absent (a run saved before it): both reported
+            return {"prediction": {d: float(v) if trained.get(d, True) else None
+                                   for d, v in zip(("valence", "arousal"), proba)}}
         scores = {c: float(p) for c, p in zip(self.classes, proba)}
         if self.kind == "multi":
             t = self.head.decision_threshold()
