@@ -29,8 +29,6 @@ __all__ = ["SweepConfig", "SweepResult", "run", "CHUNK", "OPTUNA_BATCH"]
 
 CHUNK = 64  # configurations per stack at most
 OPTUNA_BATCH = 16  # trials asked of TPE at once (trained as one stack where the head allows)
-
-
 MAX_TRIALS = 1_000_000  # --random / --optuna N
 
 
@@ -158,7 +156,6 @@ def run(config: SweepConfig, store: Store, *, log: Callable[[str], None] | None 
         definition.update(cv=data.cv, eval_split="held-out folds")
     from ..cv import group_leak_warning
     from ..train_head import coverage_warnings, dropped_message
-
     leak = [group_leak_warning(data.folds, config.cv)] if config.cv else []
     warned = [m for m in coverage_warnings(data, config.dataset) + [dropped_message(data, config.dataset)] + leak if m]
     for message in warned:
