@@ -570,3 +570,34 @@ def test_a_sweep_with_parts_from_before_rows_were_sealed_reads_and_verifies(demo
     assert table["row_sha256"].null_count() == 1 and table.height == 2
     res = fs(store, "verify")
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("damage", ["changed value", "flipped key"])
+def test_a_damaged_optuna_journal_is_refused_and_deleting_it_rebuilds_the_study(demo_store, tmp_path, damage):
+    """optuna.journal was used as read: a changed value steered TPE (the next proposals changed without a
+    word), a flipped byte in a key was 'fs sweep failed: KeyError' (exit 1). Now the journal is read and
+    checked against the parts first (exit 8, naming it), and deleting it rebuilds the same study."""
+    import shutil
+
+    from featurestore.store import open_store
+
+    shutil.copytree(demo_store.root, tmp_path / "store")
+    store = open_store(tmp_path / "store")
+    (tmp_path / "space.json").write_text(json.dumps({"lr": {"low": 1e-4, "high": 1e-2, "log": True}}))
+    args = ["sweep", "--method", "mlp", *BASE, *QUICK, "--space", str(tmp_path / "space.json"), "--seed", "7",
+            "--json"]
+    first = json.loads(fs(store, *args, "--optuna", "3").output)
+    journal = store.sweeps_dir() / first["sweep"] / "optuna.journal"
+    text = journal.read_text()
+    if damage == "changed value":
+        at = text.index('"values":[') + len('"values":[')
+        journal.write_text(text[:at] + "0.9" + text[at + 3:])
+    else:
+        raw = bytearray(text.encode())
+        raw[raw.index(b'"values"') + 2] ^= 0x40
+        journal.write_bytes(bytes(raw))
+    res = fs(store, *args, "--optuna", "4")
+    assert res.exit_code == 8 and "optuna.journal is damaged" in res.output, res.output
+    journal.unlink()
+    again = json.loads(fs(store, *args, "--optuna", "3").output)
+    assert again["trained_now"] == 0 and again["leaderboard"] == first["leaderboard"]

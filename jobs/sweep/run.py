@@ -14,7 +14,7 @@ import numpy as np
 import featurestore.heads as heads
 from featurestore._io import file_lock, json_safe
 from featurestore.config import field
-from featurestore.errors import ConfigError
+from featurestore.errors import ConfigError, IntegrityError
 from featurestore.heads import metrics
 from featurestore.heads._data import prepare
 from featurestore.reader import parse_feature_refs
@@ -331,14 +331,35 @@ def _run_optuna(runner: _Runner, config: SweepConfig, space: dict, fixed: dict, 
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if storage is None:
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        storage = JournalStorage(JournalFileBackend(str(folder / "optuna.journal")))
+    journal = folder / "optuna.journal" if storage is None else None
     direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
-    optuna.create_study(study_name=sweep_id, storage=storage, direction=direction, load_if_exists=True)
-    study = optuna.load_study(study_name=sweep_id, storage=storage)
+    rebuild = "delete it and run the sweep again: the study is rebuilt, identically, from the finished parts"
+    try:  # the whole journal is read here; later calls read only what this process appends
+        if journal is not None:
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalFileBackend
+
+            storage = JournalStorage(JournalFileBackend(str(journal)))
+        optuna.create_study(study_name=sweep_id, storage=storage, direction=direction, load_if_exists=True)
+        study = optuna.load_study(study_name=sweep_id, storage=storage)
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    except OSError:  # a full disk, a lock: not the journal's content
+        raise
+    except Exception as exc:  # noqa: BLE001 - optuna raises KeyError, ValueError... on a damaged journal
+        if journal is None:
+            raise
+        raise IntegrityError(f"{journal} is damaged ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "
+                             f"{rebuild}") from None
+    for t in finished:  # a changed value would steer TPE without a word: each must be its part's
+        try:
+            params = validate(runner.cls, {**fixed, **t.params})
+        except ConfigError:
+            continue
+        row = runner.finished(params)
+        if row is not None and row.get(f"val_{metric}") != t.value:
+            where = journal or "the Optuna storage"
+            raise IntegrityError(f"{where} is damaged: trial {t.number} has value {t.value!r}, its part "
+                                 f"{runner.part_path(params).name} {row.get(f'val_{metric}')!r}; {rebuild}")
 
     def complete() -> int:
         return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
