@@ -780,13 +780,14 @@ def test_a_kill_anywhere_in_datasets_add_replace_leaves_the_old_or_the_new_datas
         add_dataset(store, "words", read_manifest_file(_jsonl(tmp_path / "w3.jsonl", 3)), root=None, source="t",
                     replace=True)
     monkeypatch.undo()
+    from featurestore import verify
+
+    monkeypatch.setattr(verify, "writer_running_here", lambda path: False)  # the killed process is gone
     expected = 3 if at == "cleanup" else 6
     ds = D.get_dataset(store, "words")
     assert len(ds.manifest) == expected and ds.info["n_items"] == expected
     assert fs_cli(store, "datasets", "show", "words").exit_code == 0
     files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-    # the step raised in this process, which is still running: its temp file would read as a job at work
-    monkeypatch.setattr("featurestore.verify.writer_running_here", lambda path: False)  # as after a real kill
     res = fs_cli(store, "verify", "--json")
     if at == "manifest":  # nothing new reached its final name: only the killed job's temp file is reported
         assert res.exit_code == 8 and len(files) == 2, (files, res.output)

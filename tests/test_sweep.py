@@ -520,8 +520,9 @@ def test_an_optuna_sweep_killed_anywhere_resumes_into_what_an_uninterrupted_one_
     from featurestore.store import open_store
 
     sweep_run = importlib.import_module("featurestore.jobs.sweep.run")  # the module (`sweep.run` is the job)
+    study = importlib.import_module("featurestore.jobs.sweep.study")
 
-    monkeypatch.setattr(sweep_run, "OPTUNA_BATCH", 4)  # rounds of 4 trials: 4, 4, 4, 2 (TPE proper after 10)
+    monkeypatch.setattr(study, "OPTUNA_BATCH", 4)  # rounds of 4 trials: 4, 4, 4, 2 (TPE proper after 10)
     (tmp_path / "space.json").write_text(json.dumps({"lr": {"low": 1e-4, "high": 1e-2, "log": True},
                                                      "dropout": {"low": 0.0, "high": 0.5}}))
     config = sweep_job.SweepConfig(method="mlp", dataset="demo", features={"text": "minilm"}, target="label",
@@ -536,7 +537,7 @@ def test_an_optuna_sweep_killed_anywhere_resumes_into_what_an_uninterrupted_one_
 
     with monkeypatch.context() as m:
         if where == "proposing":  # the 7th suggestion: in the second round, after 2 of its trials were proposed
-            m.setattr(sweep_run, "suggest", _after(n, sweep_run.suggest))
+            m.setattr(study, "suggest", _after(n, study.suggest))
         elif where == "training":  # the 6th part published: the second round half trained
             m.setattr(sweep_run, "write_part", _after(n, sweep_run.write_part))
         else:  # a round's trials half told
