@@ -623,7 +623,7 @@ def test_kill_storm_leaves_byte_identical_rows_and_a_clean_verify(tmp_path, demo
 
     from featurestore.store import open_store
 
-    n, batch = 200, 4
+    n, batch = 320, 4  # 80 segments: 24 kills of at most 2 segments each (plus a random delay) never reach the end
     stores = {name: open_store(tmp_path / name, create=True) for name in ("storm", "clean")}
     for s in stores.values():
         add_dataset(s, "d", demo_df.head(n), root=None, source="t")
