@@ -402,14 +402,10 @@ def require_recorded(path: Path, fix: str) -> None:
     checksums.json lists is not checked."""
     path = Path(path)
     for root in path.parents[:4]:
-        if (root / CHECKSUMS).is_file():
-            try:
-                recorded = read_json(root / CHECKSUMS)["sha256"]
-            except (KeyError, TypeError):
-                raise IntegrityError(f"{root / CHECKSUMS} is damaged (no sha256 table); {fix}") from None
-            name = path.relative_to(root).as_posix()
-            if name in recorded and sha256_file(path) != recorded[name]:
-                raise IntegrityError(f"{path} does not match its recorded SHA-256 (damaged or replaced); {fix}")
+        problems = check_checksums(root, prefix=path.relative_to(root).as_posix())  # that entry alone
+        if problems is not None:
+            if problems:
+                raise IntegrityError(f"{path} is damaged ({'; '.join(problems)}); {fix}")
             return
 
 
